@@ -1,0 +1,126 @@
+"""Task schema and labels table: every rule and every bad-input case with the error it gets."""
+import numpy as np
+import pytest
+
+from tongue_nb.tasks import LabelError, SchemaError, Task, TaskSchema, default_schema, load_labels, load_schema
+
+
+def write(folder, csv_text, schema=None, images=()):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "labels.csv").write_text(csv_text)
+    (schema or default_schema()).to_yaml(folder / "tasks.yaml")
+    for name in images:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"x")
+    return folder
+
+
+def test_default_schema_roundtrip(tmp_path):
+    schema = default_schema()
+    assert schema.names == ["shape", "coat"]
+    assert schema["shape"].n_outputs == 3 and schema["coat"].kind == "multiclass"
+    again = load_schema(schema.to_yaml(tmp_path / "tasks.yaml"))
+    assert again == schema
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"name": "coat", "kind": "multiclass", "labels": ["a", "a"]}, "task 'coat': label 'a' is named twice"),
+    ({"name": "coat", "kind": "multiclass", "labels": []}, "task 'coat': the label list is empty"),
+    ({"name": "coat", "kind": "ordinal", "labels": ["a", "b"]}, "task 'coat': unknown kind 'ordinal'"),
+    ({"name": "coat", "kind": "multiclass", "labels": ["a"]}, "task 'coat': a multiclass task needs at least two"),
+    ({"name": "coat", "kind": "binary", "labels": ["a", "b"]}, "task 'coat': a binary task has exactly one label"),
+    ({"name": "coat", "kind": "multiclass", "labels": ["a", "b"], "weight": -1}, "task 'coat': weight must be"),
+    ({"name": "coat", "kind": "multiclass", "labels": ["a", "b"], "colour": 1}, "task 'coat': unknown key"),
+])
+def test_bad_schema_names_the_task(tmp_path, entry, message):
+    import yaml
+    path = tmp_path / "tasks.yaml"
+    path.write_text(yaml.safe_dump({"tasks": [entry]}))
+    with pytest.raises(SchemaError, match=message):
+        load_schema(path)
+
+
+def test_duplicate_task_names_refused():
+    with pytest.raises(SchemaError, match="repeated: coat"):
+        TaskSchema((Task("coat", "binary", ("x",)), Task("coat", "binary", ("y",))))
+
+
+def test_combined_score_weights_and_missing_tasks():
+    schema = TaskSchema((Task("a", "binary", ("a",), 1.0), Task("b", "binary", ("b",), 3.0)))
+    assert schema.combined_score({"a": 0.2, "b": 0.6}) == pytest.approx(0.5)
+    assert schema.combined_score({"a": 0.2, "b": None}) == pytest.approx(0.2)
+
+
+def test_labels_parse_all_kinds_and_missing(tmp_path):
+    schema = TaskSchema((
+        Task("shape", "multilabel", ("spots", "cracks", "teethmarks"), 0.5),
+        Task("coat", "multiclass", ("greasy", "rotten", "nospecialgreasy"), 0.5),
+        Task("fissure", "binary", ("fissure",)),
+    ))
+    csv = ("image,mask,group,split,weight,shape,coat,fissure\n"
+           "a.png,,p1,train,1.0,spots;cracks,greasy,yes\n"
+           "b.png,,p1,,0.5,none,,0\n"
+           "c.png,,,test,,,Rotten,\n")
+    folder = write(tmp_path / "d", csv, schema, images=["a.png", "b.png", "c.png"])
+    labels = load_labels(folder, schema)
+    assert list(labels.table["group"]) == ["p1", "p1", "c.png"]
+    assert list(labels.table["split"]) == ["train", "", "test"]
+    assert labels.table["weight"].tolist() == [1.0, 0.5, 1.0]
+    np.testing.assert_array_equal(labels.targets["shape"][:2], [[1, 1, 0], [0, 0, 0]])
+    assert np.isnan(labels.targets["shape"][2]).all()  # empty cell = missing, not "none"
+    assert labels.targets["coat"].tolist() == [0, -1, 1]
+    assert labels.targets["fissure"][:2, 0].tolist() == [1.0, 0.0] and np.isnan(labels.targets["fissure"][2, 0])
+    assert labels.labelled_counts() == {"shape": 2, "coat": 2, "fissure": 2}
+
+
+def test_one_column_per_label(tmp_path):
+    csv = "image,shape.spots,shape.cracks,shape.teethmarks,coat\na.png,1,0,,greasy\n"
+    labels = load_labels(write(tmp_path / "d", csv, images=["a.png"]))
+    row = labels.targets["shape"][0]
+    assert row[:2].tolist() == [1.0, 0.0] and np.isnan(row[2])
+
+
+@pytest.mark.parametrize("csv, message", [
+    ("image,shape,coat\na.png,spots,purple\n", "line 2, column 'coat': unknown label 'purple'"),
+    ("image,shape,coat\na.png,holes,greasy\n", "line 2, column 'shape': unknown label 'holes'"),
+    ("image,shape\na.png,spots\n", "task column 'coat' is absent"),
+    ("image,shape,coat\na.png,spots,greasy\na.png,cracks,rotten\n", "line 3: image 'a.png' is listed twice"),
+    ("image,shape,coat\n../x.png,spots,greasy\n", "line 2, column 'image': path '../x.png' leaves the dataset"),
+    ("image,shape,coat\n/etc/passwd,spots,greasy\n", "absolute path"),
+    ("image,shape,coat\n", "header but no rows"),
+    ("", "the file is empty"),
+    ("img,shape,coat\na.png,spots,greasy\n", "no 'image' column"),
+    ("image,shape,coat,split\na.png,spots,greasy,holdout\n", "column 'split': 'holdout' is not one of"),
+    ("image,shape,coat,weight\na.png,spots,greasy,heavy\n", "column 'weight': 'heavy' is not a number"),
+])
+def test_bad_labels_get_clear_errors(tmp_path, csv, message):
+    folder = write(tmp_path / "d", csv, images=["a.png"])
+    with pytest.raises(LabelError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_labels(folder)
+
+
+def test_non_utf8_csv_names_line(tmp_path):
+    folder = write(tmp_path / "d", "", images=["a.png"])
+    (folder / "labels.csv").write_bytes("image,shape,coat\na.png,spots,greasy\nb\xe9.png,none,rotten\n".encode("latin-1"))
+    with pytest.raises(LabelError, match="line 3: not UTF-8"):
+        load_labels(folder)
+
+
+def test_contradictory_row_and_missing_image(tmp_path):
+    csv = ("image,shape,coat\n"
+           "a.png,spots,greasy;rotten\n"     # two classes in a multiclass task
+           "b.png,none;cracks,greasy\n"      # 'none' and a label
+           "gone.png,spots,greasy\n"         # image file missing
+           "c.png,cracks,rotten\n")
+    folder = write(tmp_path / "d", csv, images=["a.png", "b.png", "c.png"])
+    with pytest.raises(LabelError, match="3 problem"):
+        load_labels(folder)
+    report = load_labels(folder, on_problem="report")
+    assert report.problems["row"].tolist() == [2, 3, 4]
+    assert "expected exactly one class" in report.problems["problem"][0]
+    # reported rows stay, the contradictory label becomes missing: never relabelled
+    assert report.targets["coat"].tolist() == [-1, 0, 0, 1]
+    assert np.isnan(report.targets["shape"][1]).all()
+    dropped = load_labels(folder, on_problem="drop")
+    assert dropped.table["image"].tolist() == ["c.png"]
+    assert dropped.targets["coat"].tolist() == [1]

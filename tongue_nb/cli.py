@@ -1,0 +1,147 @@
+"""The `tongue-nb` command line: thin wrappers over the functions the notebooks call."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+log = logging.getLogger("tongue_nb")
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from tongue_nb.synth import make_synthetic
+
+    out = make_synthetic(args.out, n=args.n, size=args.size, seed=args.seed, missing=args.missing)
+    print(f"synthetic dataset: {out} ({args.n} images, {args.size} px)")
+    return 0
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from tongue_nb.importers import import_tonguexpert
+
+    out = import_tonguexpert(args.db_dir, args.out, labels=args.labels, link=args.link)
+    print(f"TonguExpert ({args.labels} labels) imported into {out}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from tongue_nb.params import load_params
+    from tongue_nb.trainer import train
+
+    values = {"backbone": args.backbone, "out_dir": args.out}
+    if args.data is not None:
+        values["data_dir"] = args.data
+    if args.resume:
+        values["resume"] = True
+    params = load_params(files=args.file or (), overrides=args.set or (), **values)
+    summary = train(params)
+    fixed = summary["final_metrics_fixed"]["combined_score"]
+    thr = summary["final_metrics_thresholded"]["combined_score"]
+    print(f"{params.out_dir}: test combined score {fixed:.4f} (fixed), {thr:.4f} (thresholded)")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from tongue_nb.compare import compare_backbones, recommendations
+
+    table = compare_backbones(args.data or "", args.backbones, out_dir=args.out, steps=args.steps,
+                              batch_size=args.batch_size, image_size=args.image_size, seed=args.seed,
+                              pretrained=args.pretrained, device=args.device)
+    with_cols = [c for c in ("backbone", "params_m", "val_loss", "train_samples_per_s", "infer_samples_per_s",
+                             "peak_memory_mb", "error") if c in table.columns]
+    print(table[with_cols].to_string(index=False))
+    print(json.dumps(recommendations(table), indent=2))
+    failed = "error" in table.columns and table["error"].fillna("").astype(str).str.len().gt(0).any()
+    return 1 if failed else 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from tongue_nb.sweep import default_backbones, run_sweep
+
+    result = run_sweep(args.data or "", args.backbones or default_backbones(args.file),
+                       params_file=args.file, overrides=args.set or (), out_dir=args.out,
+                       reports_dir=args.reports, compare=not args.no_compare)
+    print(result.describe() if hasattr(result, "describe") else result)
+    return 0 if result.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="tongue-nb", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write the built-in synthetic tongue dataset")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--n", type=int, default=500, help="number of images (default 500)")
+    p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--missing", type=float, default=0.0, help="fraction of task labels left empty (default 0)")
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("import-tonguexpert", help="turn the TonguExpert layout into labels.csv + tasks.yaml")
+    p.add_argument("db_dir", help="the TonguExpertDatabase folder")
+    p.add_argument("out", help="output dataset folder")
+    p.add_argument("--labels", choices=["manual", "predicted"], default="manual",
+                   help="manual (L1, sparse) or predicted (L2, complete) labels")
+    p.add_argument("--link", choices=["symlink", "copy"], default="symlink",
+                   help="how images enter the dataset folder (default symlink)")
+    p.set_defaults(func=_cmd_import)
+
+    p = sub.add_parser("train", help="train one backbone and write its run folder")
+    p.add_argument("--data", help="dataset folder (default: the built-in synthetic set)")
+    p.add_argument("--backbone", required=True, help="short name (see list) or any timm model name")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("-f", "--file", action="append", help="parameter YAML file (repeatable; later files win)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one parameter (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("compare", help="compare backbones on the same short training budget")
+    p.add_argument("--data", help="dataset folder (default: the built-in synthetic set)")
+    p.add_argument("--backbones", nargs="+", required=True, help="backbone names")
+    p.add_argument("--out", help="folder for comparison.csv / comparison.json")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps per backbone (default 20)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pretrained", action="store_true", help="start from pretrained weights")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("sweep", help="one training notebook per backbone, then HTML reports")
+    p.add_argument("--data", help="dataset folder (default: the built-in synthetic set)")
+    p.add_argument("-f", "--file", help="recipe YAML applied to every backbone (e.g. params/smoke.yaml)")
+    p.add_argument("--backbones", nargs="+", help="backbone names (default: the recipe's list or the seed's)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one parameter (repeatable)")
+    p.add_argument("--out", default=None, help="sweep folder (default runs/sweep-<date>)")
+    p.add_argument("--reports", default="reports", help="HTML reports folder (default reports/)")
+    p.add_argument("--no-compare", action="store_true", help="skip the model comparison")
+    p.set_defaults(func=_cmd_sweep)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; bad input exits 2 with a one-line reason."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("tongue-nb: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, NotADirectoryError, PermissionError) as exc:
+        # One line: the first line of the message names the file/row/parameter; details follow when verbose.
+        message = str(exc).strip() or type(exc).__name__
+        if args.verbose:
+            log.exception("failed")
+        print(f"tongue-nb {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
