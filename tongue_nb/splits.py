@@ -1,0 +1,192 @@
+"""Deterministic, group-aware, multi-task stratified train/val/test split, and per-split label statistics."""
+from __future__ import annotations
+
+import logging
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+def _where(table: pd.DataFrame, i: int) -> str:
+    """'line N' (labels.csv line) when the table knows it, else 'row N' (0-based position)."""
+    if "row" in table.columns:
+        return f"labels.csv line {int(table['row'].iloc[i])}"
+    return f"row {i}"
+
+
+def _given_splits(table: pd.DataFrame) -> np.ndarray:
+    """The table's `split` column normalised ('' = to be assigned), each value checked."""
+    n = len(table)
+    if "split" not in table.columns:
+        return np.full(n, "", dtype=object)
+    out = np.empty(n, dtype=object)
+    for i, v in enumerate(table["split"]):
+        s = "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v).strip().lower()
+        if s not in ("",) + SPLITS:
+            raise ValueError(f"{_where(table, i)}, column 'split': {v!r} is not one of {', '.join(SPLITS)} (or empty)")
+        out[i] = s
+    return out
+
+
+def _groups(table: pd.DataFrame) -> np.ndarray:
+    """Group id per row: the `group` column, else the sample id (each sample its own group)."""
+    n = len(table)
+    fallback = table["id"] if "id" in table.columns else (table["image"] if "image" in table.columns else None)
+    base = [str(x) for x in fallback] if fallback is not None else [f"#{i}" for i in range(n)]
+    if "group" not in table.columns:
+        return np.asarray(base, dtype=object)
+    out = []
+    for g, b in zip(table["group"], base):
+        empty = g is None or (isinstance(g, float) and np.isnan(g)) or str(g).strip() == ""
+        out.append(b if empty else str(g).strip())
+    return np.asarray(out, dtype=object)
+
+
+def label_matrix(targets: Mapping[str, np.ndarray], schema) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """Per-row 0/1 indicator [N, L] of every (task, label value) to stratify on; missing labels are all-zero.
+
+    Multiclass: one column per class. Binary and multilabel: a positive and a negative column per
+    label, so that a label that is nearly always present has its rare negatives spread too.
+    """
+    cols: list[np.ndarray] = []
+    names: list[tuple[str, str]] = []
+    for task in schema:
+        y = np.asarray(targets[task.name])
+        if task.kind == "multiclass":
+            for j, lab in enumerate(task.labels):
+                cols.append(y == j)
+                names.append((task.name, lab))
+        else:
+            y = y.reshape(len(y), task.n_outputs)
+            for j, lab in enumerate(task.labels):
+                col = y[:, j]
+                cols.append(col > 0.5)
+                names.append((task.name, lab))
+                cols.append(col <= 0.5)  # NaN compares False: missing stays out of both columns
+                names.append((task.name, f"not {lab}"))
+    n = len(next(iter(targets.values()))) if targets else 0
+    mat = np.stack(cols, axis=1).astype(np.float64) if cols else np.zeros((n, 0))
+    return mat, names
+
+
+def make_split(table: pd.DataFrame, targets: Mapping[str, np.ndarray], schema, seed: int = 0,
+               val_fraction: float = 0.15, test_fraction: float = 0.15) -> np.ndarray:
+    """Assign "train"/"val"/"test" per row: honours a given `split`, keeps each `group` whole, stratifies every task.
+
+    Greedy iterative stratification over groups: groups holding the rarest label values go first (larger
+    groups before smaller), each to the split furthest below its target count for the group's rarest
+    label value, then for all its labels, then for its size. Val and test aim for at least one example of
+    every label value that has enough examples. Deterministic for a seed (the seed only breaks ties).
+    """
+    for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not (isinstance(f, (int, float)) and 0.0 <= f < 1.0):
+            raise ValueError(f"{name} must be a number in [0, 1), got {f!r}")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(f"val_fraction + test_fraction must be < 1 (the rest is train), got "
+                         f"{val_fraction} + {test_fraction}")
+    n = len(table)
+    for name, arr in targets.items():
+        if len(arr) != n:
+            raise ValueError(f"targets[{name!r}] has {len(arr)} rows but the table has {n}")
+    given = _given_splits(table)
+    groups = _groups(table)
+    codes, uniques = pd.factorize(pd.Series(groups, dtype=object), sort=True)
+    n_groups = len(uniques)
+
+    # A group's split: the one given on any of its rows; two different given splits is a leak we refuse.
+    group_split = np.full(n_groups, -1, dtype=np.int64)
+    for i in np.flatnonzero(given != ""):
+        s = SPLITS.index(given[i])
+        g = codes[i]
+        if group_split[g] not in (-1, s):
+            other = next(j for j in np.flatnonzero(codes == g) if given[j] and given[j] != given[i])
+            raise ValueError(f"group {uniques[g]!r} is given two splits: {given[other]!r} on {_where(table, other)} "
+                             f"and {given[i]!r} on {_where(table, i)}; a group must stay in one split")
+        group_split[g] = s
+
+    y, _ = label_matrix(targets, schema)
+    n_labels = y.shape[1]
+    per_group = np.zeros((n_groups, n_labels))
+    np.add.at(per_group, codes, y)
+    sizes = np.bincount(codes, minlength=n_groups).astype(np.float64)
+    totals = per_group.sum(axis=0)
+
+    frac = np.array([1.0 - val_fraction - test_fraction, val_fraction, test_fraction])
+    active = frac > 0
+    desired = frac[:, None] * totals[None, :]
+    # Rare label values: make sure each active val/test split aims for at least one example when the
+    # label has an example to spare for every active split; train takes the rest.
+    enough = totals >= active.sum()
+    for s in (1, 2):
+        if active[s]:
+            desired[s] = np.where(enough & (totals > 0), np.maximum(desired[s], 1.0), desired[s])
+    desired[0] = np.maximum(totals - desired[1] - desired[2], 0.0)
+    desired_size = frac * n
+
+    current = np.zeros((3, n_labels))
+    cur_size = np.zeros(3)
+    for g in np.flatnonzero(group_split >= 0):
+        current[group_split[g]] += per_group[g]
+        cur_size[group_split[g]] += sizes[g]
+
+    rng = np.random.default_rng(seed)
+    tiebreak = rng.random(n_groups)
+    free = np.flatnonzero(group_split < 0)
+    has = per_group > 0
+    rarity = np.where(has, totals[None, :], np.inf).min(axis=1) if n_labels else np.full(n_groups, np.inf)
+    # lexsort: last key is primary -> rarest label first, then larger groups, then the seeded tiebreak
+    order = free[np.lexsort((tiebreak[free], -sizes[free], rarity[free]))]
+    split_tiebreak = rng.random((n_groups, 3))
+    safe_totals = np.maximum(totals, 1.0)
+    for g in order:
+        labs = np.flatnonzero(has[g])
+        if labs.size:
+            rarest = labs[np.argmin(totals[labs])]
+            primary = desired[:, rarest] - current[:, rarest]
+            secondary = ((desired[:, labs] - current[:, labs]) * per_group[g, labs] / safe_totals[labs]).sum(axis=1)
+        else:
+            primary = np.zeros(3)
+            secondary = np.zeros(3)
+        size_deficit = (desired_size - cur_size) / max(n, 1)
+        keys = np.stack([split_tiebreak[g], size_deficit, secondary, primary])
+        keys[:, ~active] = -np.inf  # a split with fraction 0 never receives anything
+        best = np.lexsort(keys)[-1]  # the largest (primary, secondary, size deficit, random)
+        group_split[g] = best
+        current[best] += per_group[g]
+        cur_size[best] += sizes[g]
+
+    out = np.asarray([SPLITS[s] for s in group_split[codes]], dtype=object)
+    counts = {s: int((out == s).sum()) for s in SPLITS}
+    log.info("split: %s (%d groups, %d rows given)", counts, n_groups, int((given != "").sum()))
+    return out.astype(str)
+
+
+def split_stats(table: pd.DataFrame, targets: Mapping[str, np.ndarray], schema, split) -> pd.DataFrame:
+    """Per split, task and label: count of samples with it, samples missing it, samples labelled, fraction."""
+    split = np.asarray(split, dtype=object)
+    if len(split) != len(table):
+        raise ValueError(f"split has {len(split)} entries but the table has {len(table)} rows")
+    rows = []
+    for s in SPLITS:
+        sel = split == s
+        for task in schema:
+            y = np.asarray(targets[task.name])[sel]
+            if task.kind == "multiclass":
+                labelled = int((y >= 0).sum())
+                for j, lab in enumerate(task.labels):
+                    c = int((y == j).sum())
+                    rows.append((s, task.name, lab, c, int(sel.sum()) - labelled, labelled))
+            else:
+                y = y.reshape(len(y), task.n_outputs)
+                for j, lab in enumerate(task.labels):
+                    col = y[:, j]
+                    labelled = int((~np.isnan(col)).sum())
+                    rows.append((s, task.name, lab, int((col > 0.5).sum()), int(np.isnan(col).sum()), labelled))
+    df = pd.DataFrame(rows, columns=["split", "task", "label", "count", "missing", "labelled"])
+    df["fraction"] = np.where(df["labelled"] > 0, df["count"] / df["labelled"].clip(lower=1), np.nan)
+    return df
