@@ -124,3 +124,12 @@ def test_contradictory_row_and_missing_image(tmp_path):
     dropped = load_labels(folder, on_problem="drop")
     assert dropped.table["image"].tolist() == ["c.png"]
     assert dropped.targets["coat"].tolist() == [1]
+
+
+def test_none_is_a_valid_multiclass_class_but_not_a_multilabel_label(tmp_path):
+    schema = TaskSchema((Task("fissure", "multiclass", ("none", "light", "severe")),))
+    labels = load_labels(write(tmp_path / "d", "image,fissure\na.png,none\nb.png,severe\n", schema,
+                               images=["a.png", "b.png"]), schema)
+    assert labels.targets["fissure"].tolist() == [0, 2]
+    with pytest.raises(SchemaError, match="'none' cannot be a label name"):
+        Task("shape", "multilabel", ("none", "spots"))

@@ -60,7 +60,8 @@ class Task:
                 raise SchemaError(f"{where}: label names must be non-empty strings (got {label!r})")
             if label.lower() in seen:
                 raise SchemaError(f"{where}: label {label!r} is named twice")
-            if label.lower() in NONE_WORDS or ";" in label or ":" in label:
+            if ";" in label or ":" in label or (self.kind != "multiclass" and label.lower() in NONE_WORDS):
+                # 'none' is a fine class of a multiclass task; in a multilabel cell it means "no label applies".
                 raise SchemaError(f"{where}: {label!r} cannot be a label name (reserved word or separator)")
             seen.add(label.lower())
         if self.kind == "binary" and len(self.labels) != 1:
@@ -390,12 +391,14 @@ def load_labels(data_dir: str | Path, schema: TaskSchema | None = None, labels_f
                 continue
             parts = [p.strip() for p in text.split(";") if p.strip()]
             unknown = [p for p in parts if p.lower() not in lookup and p.lower() not in NONE_WORDS]
+            if task.kind == "multiclass":
+                unknown = [p for p in parts if p.lower() not in lookup]
             if unknown:
                 raise LabelError(f"{path}: line {lines[i]}, column {src!r}: unknown label {unknown[0]!r} for "
                                  f"{task.kind} task {task.name!r}; expected one of {list(task.labels)}"
                                  + (" or 'none'" if task.kind == "multilabel" else "") + " (empty = missing)")
             idx = sorted({lookup[p.lower()] for p in parts if p.lower() in lookup})
-            says_none = any(p.lower() in NONE_WORDS for p in parts)
+            says_none = any(p.lower() in NONE_WORDS and p.lower() not in lookup for p in parts)
             if task.kind == "multiclass":
                 if len(idx) > 1 or says_none:
                     problems.append(dict(row=int(lines[i]), image=images[i], column=src,

@@ -1,0 +1,135 @@
+"""Tests of the built-in synthetic tongue dataset."""
+import csv
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tongue_nb import default_schema, load_labels, load_schema
+from tongue_nb import synth
+
+
+def _rows(root: Path) -> list[dict]:
+    with open(root / "labels.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> Path:
+    return synth.make_synthetic(tmp_path_factory.mktemp("syn") / "d", n=60, size=64, seed=3)
+
+
+def test_layout_loads_with_the_seed_schema(small):
+    assert load_schema(small / "tasks.yaml") == default_schema()
+    labels = load_labels(small)  # on_problem="error": any bad cell or missing file would raise
+    assert len(labels) == 60 and labels.problems.empty
+    assert list(_rows(small)[0]) == ["image", "mask", "group", "shape", "coat"]
+    for rel_img, rel_mask in zip(labels.table["image"], labels.table["mask"]):
+        img, mask = Image.open(small / rel_img), np.asarray(Image.open(small / rel_mask))
+        assert img.size == (64, 64) and img.mode == "RGB"
+        assert set(np.unique(mask)) <= {0, 255}
+        assert 0.08 < (mask > 0).mean() < 0.5  # a tongue, not the whole frame
+
+
+def test_every_class_present_and_imbalanced(small):
+    labels = load_labels(small)
+    shape, coat = labels.targets["shape"], labels.targets["coat"]
+    assert np.all((shape.sum(0) > 0) & (shape.sum(0) < len(shape)))
+    counts = np.bincount(coat, minlength=3)
+    assert counts.min() > 0 and counts[0] > counts[1]  # greasy most common, rotten rarest
+
+
+def test_groups_have_one_to_three_photos_with_identical_labels(small):
+    by_group: dict[str, list[dict]] = {}
+    for r in _rows(small):
+        by_group.setdefault(r["group"], []).append(r)
+    sizes = [len(v) for v in by_group.values()]
+    assert min(sizes) >= 1 and max(sizes) <= 3 and max(sizes) > 1
+    for rows in by_group.values():
+        assert len({(r["shape"], r["coat"]) for r in rows}) == 1
+
+
+def test_deterministic_bytes_for_a_seed(tmp_path):
+    a = synth.make_synthetic(tmp_path / "a", n=12, size=48, seed=7)
+    b = synth.make_synthetic(tmp_path / "b", n=12, size=48, seed=7)
+    c = synth.make_synthetic(tmp_path / "c", n=12, size=48, seed=8)
+    assert _digest(a) == _digest(b)
+    assert _digest(a) != _digest(c)
+
+
+def test_missing_fraction_per_task_independent(tmp_path):
+    root = synth.make_synthetic(tmp_path / "m", n=40, size=32, seed=1, missing=0.25)
+    rows = _rows(root)
+    empty = {t: {i for i, r in enumerate(rows) if r[t] == ""} for t in ("shape", "coat")}
+    assert len(empty["shape"]) == 10 and len(empty["coat"]) == 10
+    assert empty["shape"] != empty["coat"]
+    labels = load_labels(root)
+    assert np.isnan(labels.targets["shape"]).all(1).sum() == 10
+    assert (labels.targets["coat"] == -1).sum() == 10
+
+
+def _tongue_stats(root: Path) -> list[dict]:
+    """Per image: label cells and simple colour statistics inside the mask."""
+    out = []
+    for r in _rows(root):
+        img = np.asarray(Image.open(root / r["image"]), dtype=np.float32)
+        m = np.asarray(Image.open(root / r["mask"])) > 127
+        px = img[m]
+        # "Dark red": red clearly above green/blue and dark overall (spots, cracks).
+        dark_red = ((px[:, 0] < 150) & (px[:, 0] > px[:, 1] + 40)).mean()
+        # The coat lies on the centre: look at the middle of the mask's bounding box there.
+        ys, xs = np.nonzero(m)
+        y0, y1, x0, x1 = ys.min(), ys.max(), xs.min(), xs.max()
+        cy = slice(y0 + (y1 - y0) * 3 // 10, y0 + (y1 - y0) * 6 // 10)
+        cx = slice(x0 + (x1 - x0) // 3, x1 - (x1 - x0) // 3)
+        whiteness = img[cy, cx].min(axis=2).mean()  # a white/yellow coat raises the weakest channel
+        grey = img[cy, cx].mean(axis=2)
+        texture = np.abs(np.diff(grey, axis=1)).mean()  # granular curd: strong pixel-to-pixel changes
+        out.append(dict(shape=r["shape"], coat=r["coat"], dark_red=dark_red, white=whiteness, texture=texture))
+    return out
+
+
+def test_labels_are_drawn_in(tmp_path):
+    """The label features change the pixels in the direction they should (what a CNN can learn)."""
+    stats = _tongue_stats(synth.make_synthetic(tmp_path / "v", n=120, size=96, seed=0))
+    def mean(key, cond):
+        vals = [s[key] for s in stats if cond(s)]
+        assert vals, "every group needs samples"
+        return float(np.mean(vals))
+    marks = lambda s: "spots" in s["shape"] or "cracks" in s["shape"]  # noqa: E731
+    assert mean("dark_red", marks) > 2 * mean("dark_red", lambda s: not marks(s))
+    assert mean("white", lambda s: s["coat"] == "greasy") > mean("white", lambda s: s["coat"] == "nospecialgreasy") + 10
+    assert mean("texture", lambda s: s["coat"] == "rotten") > 1.15 * mean("texture", lambda s: s["coat"] != "rotten")
+
+
+@pytest.mark.parametrize("kwargs, word", [({"n": 0}, "n must"), ({"size": 8}, "size must"),
+                                          ({"seed": -1}, "seed must"), ({"missing": 1.0}, "missing must")])
+def test_bad_parameters_are_refused(tmp_path, kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        synth.make_synthetic(tmp_path / "x", **kwargs)
+
+
+def test_refuses_to_overwrite(small):
+    with pytest.raises(FileExistsError, match="already holds a dataset"):
+        synth.make_synthetic(small, n=4, size=32)
+
+
+def test_ensure_synthetic_builds_once_in_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("TONGUE_NB_CACHE", str(tmp_path / "cache"))
+    where = synth.default_synthetic_dir(n=8, size=32, seed=2)
+    assert str(where).startswith(str(tmp_path / "cache"))
+    first = synth.ensure_synthetic(n=8, size=32, seed=2)
+    assert first == where and len(load_labels(first)) == 8
+    stamp = (first / "labels.csv").stat().st_mtime_ns
+    assert synth.ensure_synthetic(n=8, size=32, seed=2) == first
+    assert (first / "labels.csv").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert not [p for p in where.parent.iterdir() if p.name.startswith(".")]  # no temporary left over
+    with pytest.raises(FileExistsError, match="other settings"):
+        synth.ensure_synthetic(n=9, size=32, seed=2, out_dir=first)
