@@ -1,0 +1,45 @@
+"""Every params/<backbone>.yaml loads through params.load_params and holds the seed's settings."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tongue_nb.params import TrainParams, load_params
+
+PARAMS_DIR = Path(__file__).resolve().parents[1] / "params"
+SHORT_NAMES = ["convnext_tiny", "convnext_small", "convnext_base", "convnext_large", "swin_tiny",
+               "swin_small", "swin_base", "swin_large", "vit_base", "vit_large"]
+
+
+@pytest.mark.parametrize("path", sorted(PARAMS_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_params_file_loads_and_only_overrides_defaults(path: Path) -> None:
+    params = load_params([path])
+    raw = yaml.safe_load(path.read_text()) or {}
+    defaults = TrainParams()
+    # A parameter file only changes defaults: every key it sets is a real field with a new value.
+    for key, value in raw.items():
+        assert getattr(params, key) == getattr(load_params(**{key: value}), key)
+        # `backbone` names the file's model even where it is the default (convnext_tiny).
+        assert key == "backbone" or getattr(params, key) != getattr(defaults, key), \
+            f"{path.name}: {key} repeats the default"
+
+
+@pytest.mark.parametrize("name", SHORT_NAMES)
+def test_one_file_per_short_name(name: str) -> None:
+    params = load_params([PARAMS_DIR / f"{name}.yaml"])
+    assert params.backbone == name
+
+
+def test_seed_document_settings() -> None:
+    def get(name: str) -> TrainParams:
+        return load_params([PARAMS_DIR / f"{name}.yaml"])
+
+    assert get("convnext_base").batch_size == 16
+    cl = get("convnext_large")
+    assert (cl.batch_size, cl.stage2_lr_backbone, cl.stage2_lr_head, cl.stage2_epochs) == (8, 2e-5, 1e-4, 40)
+    sb = get("swin_base")
+    assert (sb.batch_size, sb.stage2_lr_backbone, sb.stage2_epochs) == (16, 3e-5, 40)
+    sl = get("swin_large")
+    assert (sl.batch_size, sl.batch_size * sl.accumulation_steps) == (4, 16)
+    vl = get("vit_large")
+    assert (vl.batch_size, vl.accumulation_steps) == (2, 8)

@@ -1,0 +1,433 @@
+"""Classical baseline: colour and texture statistics of the tongue region + gradient boosting per task.
+
+The features are cheap, fixed, and need no GPU, so the baseline tells a user how much a deep
+backbone really adds over "the colour of the tongue". Its probabilities follow the models'
+contract (binary `[N, 1]`, multilabel `[N, L]`, multiclass `[N, C]`), so `metrics.compute_metrics`
+and `metrics.tune_thresholds` read them unchanged.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.ensemble import HistGradientBoostingClassifier
+
+from tongue_nb.tasks import Task, TaskSchema
+
+log = logging.getLogger(__name__)
+
+BACKBONE_NAME = "classical-baseline"
+PERCENTILES = (10, 25, 50, 75, 90)
+COLOUR_CHANNELS = ("R", "G", "B", "H", "S", "V", "L", "a", "b")
+COLOUR_STATS = ("mean", "std") + tuple(f"p{q}" for q in PERCENTILES)
+TEXTURE_STATS = ("grad_mean", "grad_std", "local_var_mean", "laplacian_energy", "edge_density")
+LBP_BINS = 9  # number of brighter neighbours out of 8: a rotation-invariant, very coarse LBP
+EDGE_THRESHOLD = 0.1  # gradient magnitude (grey in [0, 1]) above which a pixel counts as an edge
+CHUNK = 128  # images per vectorised chunk: bounds the float working set (~128 x S x S x 9 floats)
+
+
+def feature_names() -> list[str]:
+    """Names of the columns `extract_features` returns, in order."""
+    names = [f"{c}_{s}" for c in COLOUR_CHANNELS for s in COLOUR_STATS]
+    names += list(TEXTURE_STATS)
+    names += [f"lbp_{k}" for k in range(LBP_BINS)]
+    names.append("region_fraction")
+    return names
+
+
+def _rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
+    """RGB in [0, 1] -> HSV in [0, 1], hue rotated by half a turn (see below)."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    v = rgb.max(axis=-1)
+    c = v - rgb.min(axis=-1)
+    safe_c = np.where(c > 0, c, 1.0)
+    h = np.where(v == r, ((g - b) / safe_c) % 6.0,
+                 np.where(v == g, (b - r) / safe_c + 2.0, (r - g) / safe_c + 4.0)) / 6.0
+    h = np.where(c > 0, h, 0.0)
+    # Tongues are red, and red sits on the hue wrap-around (0 == 1): shifting by 0.5 puts reddish
+    # hues in the middle of the range so that means and percentiles are not split across the wrap.
+    h = (h + 0.5) % 1.0
+    s = np.where(v > 0, c / np.where(v > 0, v, 1.0), 0.0)
+    return np.stack([h, s, v], axis=-1)
+
+
+def _rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """sRGB in [0, 1] -> CIE Lab (D65), L in [0, 100]."""
+    lin = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    m = np.array([[0.4124564, 0.3575761, 0.1804375],
+                  [0.2126729, 0.7151522, 0.0721750],
+                  [0.0193339, 0.1191920, 0.9503041]], dtype=rgb.dtype)
+    xyz = lin @ m.T
+    xyz = xyz / np.array([0.95047, 1.0, 1.08883], dtype=rgb.dtype)
+    eps = 216 / 24389
+    f = np.where(xyz > eps, np.cbrt(xyz), (24389 / 27 * xyz + 16) / 116)
+    L = 116 * f[..., 1] - 16
+    a = 500 * (f[..., 0] - f[..., 1])
+    b = 200 * (f[..., 1] - f[..., 2])
+    return np.stack([L, a, b], axis=-1)
+
+
+def _masked_stats(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Per image and channel: mean, std and percentiles over the masked pixels.
+
+    values `[n, P, C]`, mask `[n, P]` (at least one True per image) -> `[n, C, 2 + len(PERCENTILES)]`.
+    """
+    w = mask[..., None].astype(values.dtype)
+    count = w.sum(axis=1)  # [n, 1]
+    mean = (values * w).sum(axis=1) / count
+    var = (((values - mean[:, None, :]) ** 2) * w).sum(axis=1) / count
+    # Percentiles of a ragged set per image, vectorised: push the excluded pixels to +inf, sort,
+    # then read the order statistic at q * (count - 1) with linear interpolation (numpy's default).
+    ordered = np.sort(np.where(mask[..., None], values, np.inf), axis=1)
+    n_valid = count[:, 0]
+    pcts = []
+    for q in PERCENTILES:
+        pos = (q / 100.0) * (n_valid - 1)
+        lo = np.floor(pos).astype(np.int64)
+        hi = np.minimum(lo + 1, n_valid.astype(np.int64) - 1)
+        frac = (pos - lo)[:, None]
+        v_lo = np.take_along_axis(ordered, lo[:, None, None].repeat(values.shape[2], axis=2), axis=1)[:, 0]
+        v_hi = np.take_along_axis(ordered, hi[:, None, None].repeat(values.shape[2], axis=2), axis=1)[:, 0]
+        pcts.append(v_lo + (v_hi - v_lo) * frac)
+    return np.stack([mean, np.sqrt(var)] + pcts, axis=-1)
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+    """3x3 binary erosion of `[n, H, W]` masks (outside the image counts as background)."""
+    p = np.pad(mask, ((0, 0), (1, 1), (1, 1)), constant_values=False)
+    h, w = mask.shape[1:]
+    out = np.ones_like(mask)
+    for dy in range(3):
+        for dx in range(3):
+            out &= p[:, dy:dy + h, dx:dx + w]
+    return out
+
+
+def _texture_features(grey: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Gradient, local variance, Laplacian, edge density and a coarse LBP histogram inside the mask.
+
+    grey `[n, H, W]` in [0, 1], mask `[n, H, W]` -> `[n, len(TEXTURE_STATS) + LBP_BINS]`.
+    """
+    n, h, w = grey.shape
+    p = np.pad(grey, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    # The 3x3 neighbourhood as 9 shifted views: every statistic below is a sum of these views.
+    nb = [p[:, dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)]
+    centre = nb[4]
+    gx = (nb[5] - nb[3]) / 2.0
+    gy = (nb[7] - nb[1]) / 2.0
+    grad = np.sqrt(gx * gx + gy * gy)
+    lap = nb[1] + nb[3] + nb[5] + nb[7] - 4.0 * centre
+    mean3 = sum(nb) / 9.0
+    local_var = sum(v * v for v in nb) / 9.0 - mean3 * mean3
+    brighter = sum((nb[k] > centre).astype(np.int64) for k in range(9) if k != 4)
+
+    # Texture is measured away from the region's border: the step between tongue and blanked
+    # background would otherwise dominate every gradient statistic.
+    inner = _erode(mask)
+    empty = inner.reshape(n, -1).sum(axis=1) == 0
+    inner[empty] = mask[empty]  # tiny regions: fall back to the region itself
+    flat = inner.reshape(n, -1)
+    cnt = flat.sum(axis=1).astype(grey.dtype)
+
+    def mmean(a: np.ndarray) -> np.ndarray:
+        return (a.reshape(n, -1) * flat).sum(axis=1) / cnt
+
+    g_mean = mmean(grad)
+    g_std = np.sqrt(np.maximum(mmean(grad * grad) - g_mean ** 2, 0.0))
+    feats = [g_mean, g_std, mmean(np.maximum(local_var, 0.0)), mmean(lap * lap), mmean((grad > EDGE_THRESHOLD).astype(grey.dtype))]
+    codes = brighter.reshape(n, -1)
+    hist = np.stack([((codes == k) & flat).sum(axis=1) for k in range(LBP_BINS)], axis=1).astype(grey.dtype)
+    hist /= cnt[:, None]
+    return np.concatenate([np.stack(feats, axis=1), hist], axis=1)
+
+
+def extract_features(images: np.ndarray, masks: np.ndarray | None = None) -> np.ndarray:
+    """Colour/texture feature matrix `[N, len(feature_names())]` (float32) of uint8 images `[N, S, S, 3]`.
+
+    The region is `masks` (bool or 0/255 `[N, S, S]`) when given; otherwise every pixel that is not
+    pure black, since the cache's blanked background (crop mode with blanking) is exactly 0.
+    An image whose region is empty uses all of its pixels.
+    """
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be uint8 [N, H, W, 3], got shape {images.shape}")
+    if images.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 (as in the image cache), got dtype {images.dtype}")
+    if masks is not None:
+        masks = np.asarray(masks)
+        if masks.shape != images.shape[:3]:
+            raise ValueError(f"masks must have shape {images.shape[:3]} (one per image), got {masks.shape}")
+    n = images.shape[0]
+    out = np.empty((n, len(feature_names())), dtype=np.float32)
+    for start in range(0, n, CHUNK):
+        sl = slice(start, min(start + CHUNK, n))
+        rgb = images[sl].astype(np.float32) / 255.0
+        if masks is None:
+            region = images[sl].max(axis=-1) > 0
+        else:
+            region = masks[sl] > (127 if masks.dtype == np.uint8 else 0)
+        empty = ~region.reshape(region.shape[0], -1).any(axis=1)
+        if empty.any():
+            log.debug("%d image(s) with an empty tongue region: using the whole image", int(empty.sum()))
+            region[empty] = True
+        m, h, w, _ = rgb.shape
+        colour = np.concatenate([rgb, _rgb_to_hsv(rgb), _rgb_to_lab(rgb)], axis=-1).reshape(m, h * w, 9)
+        cstats = _masked_stats(colour, region.reshape(m, h * w)).reshape(m, -1)
+        grey = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        tex = _texture_features(grey, region)
+        frac = region.reshape(m, -1).mean(axis=1, dtype=np.float32)[:, None]
+        out[sl] = np.concatenate([cstats, tex, frac], axis=1)
+    return out
+
+
+class ColourTextureBaseline(BaseEstimator):
+    """Colour/texture statistics of the tongue region, one gradient-boosting classifier per task (label)."""
+
+    def __init__(self, max_iter: int = 200, learning_rate: float = 0.1, max_leaf_nodes: int = 15,
+                 min_samples_leaf: int = 20, l2_regularization: float = 0.0,
+                 class_weight: str | None = "balanced", early_stopping: bool | str = "auto",
+                 random_state: int | None = 0) -> None:
+        self.max_iter = max_iter
+        self.learning_rate = learning_rate
+        self.max_leaf_nodes = max_leaf_nodes
+        self.min_samples_leaf = min_samples_leaf
+        self.l2_regularization = l2_regularization
+        self.class_weight = class_weight
+        self.early_stopping = early_stopping
+        self.random_state = random_state
+
+    def _classifier(self) -> HistGradientBoostingClassifier:
+        if self.class_weight not in (None, "balanced"):
+            raise ValueError(f"class_weight must be None or 'balanced', got {self.class_weight!r}")
+        return HistGradientBoostingClassifier(
+            max_iter=self.max_iter, learning_rate=self.learning_rate, max_leaf_nodes=self.max_leaf_nodes,
+            min_samples_leaf=self.min_samples_leaf, l2_regularization=self.l2_regularization,
+            class_weight=self.class_weight, early_stopping=self.early_stopping, random_state=self.random_state)
+
+    def fit(self, images: np.ndarray, masks: np.ndarray | None, targets: Mapping[str, np.ndarray],
+            schema: TaskSchema, sample_weight: np.ndarray | None = None) -> "ColourTextureBaseline":
+        """Extract features from uint8 images `[N, S, S, 3]` (region from `masks` or non-black pixels) and fit."""
+        return self.fit_features(extract_features(images, masks), targets, schema, sample_weight)
+
+    def fit_features(self, X: np.ndarray, targets: Mapping[str, np.ndarray], schema: TaskSchema,
+                     sample_weight: np.ndarray | None = None) -> "ColourTextureBaseline":
+        """Fit on a precomputed feature matrix (from `extract_features`); missing labels are left out per task."""
+        X = np.asarray(X, dtype=np.float32)
+        if X.ndim != 2:
+            raise ValueError(f"X must be a 2-D feature matrix, got shape {X.shape}")
+        n = X.shape[0]
+        if sample_weight is not None:
+            sample_weight = np.asarray(sample_weight, dtype=np.float64)
+            if sample_weight.shape != (n,):
+                raise ValueError(f"sample_weight must have shape ({n},), got {sample_weight.shape}")
+        models: dict[str, list] = {}
+        for task in schema:
+            if task.name not in targets:
+                raise KeyError(f"targets has no entry for task {task.name!r}; it has {sorted(targets)}")
+            y = np.asarray(targets[task.name])
+            if y.shape[0] != n:
+                raise ValueError(f"targets[{task.name!r}] has {y.shape[0]} rows, the features have {n}")
+            if task.kind == "multiclass":
+                models[task.name] = [self._fit_one(X, y.astype(np.int64), y >= 0, sample_weight, task, task.labels)]
+            else:
+                if y.ndim != 2 or y.shape[1] != task.n_outputs:
+                    raise ValueError(f"targets[{task.name!r}] must be [N, {task.n_outputs}] for a {task.kind} task, "
+                                     f"got {y.shape}")
+                models[task.name] = [self._fit_one(X, y[:, j], ~np.isnan(y[:, j]), sample_weight, task, (lab,))
+                                     for j, lab in enumerate(task.labels)]
+        self.schema_ = schema
+        self.models_ = models
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def _fit_one(self, X: np.ndarray, y: np.ndarray, keep: np.ndarray, sample_weight: np.ndarray | None,
+                 task: Task, labels: Sequence[str]) -> HistGradientBoostingClassifier | np.ndarray:
+        """One classifier, or the constant class frequencies when the labelled rows hold a single class."""
+        y = y[keep].astype(np.int64)
+        n_out = len(labels) if task.kind == "multiclass" else 2
+        if len(y) == 0:
+            raise ValueError(f"task {task.name!r} ({', '.join(labels)}): no labelled training samples")
+        present = np.unique(y)
+        if len(present) < 2:
+            # A gradient-boosting classifier cannot be fit on one class; predicting the training
+            # frequencies is the honest constant model.
+            log.warning("task %r (%s): only class %s in the training labels; predicting it constantly",
+                        task.name, ", ".join(labels), present.tolist())
+            return np.bincount(y, minlength=n_out).astype(np.float64) / len(y)
+        clf = self._classifier()
+        clf.fit(X[keep], y, sample_weight=None if sample_weight is None else sample_weight[keep])
+        return clf
+
+    def predict_proba(self, images: np.ndarray, masks: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Per-task probabilities in the models' format: binary `[N, 1]`, multilabel `[N, L]`, multiclass `[N, C]`."""
+        return self.predict_proba_features(extract_features(images, masks))
+
+    def predict_proba_features(self, X: np.ndarray) -> dict[str, np.ndarray]:
+        """`predict_proba` on a precomputed feature matrix."""
+        if not hasattr(self, "models_"):
+            raise RuntimeError("ColourTextureBaseline is not fitted yet; call fit() first")
+        X = np.asarray(X, dtype=np.float32)
+        if X.ndim != 2 or X.shape[1] != self.n_features_in_:
+            raise ValueError(f"X must be [N, {self.n_features_in_}], got {X.shape}")
+        out: dict[str, np.ndarray] = {}
+        for task in self.schema_:
+            cols = [self._proba_one(m, X, len(task.labels) if task.kind == "multiclass" else 2)
+                    for m in self.models_[task.name]]
+            if task.kind == "multiclass":
+                out[task.name] = cols[0].astype(np.float32)
+            else:
+                out[task.name] = np.stack([c[:, 1] for c in cols], axis=1).astype(np.float32)
+        return out
+
+    @staticmethod
+    def _proba_one(model: HistGradientBoostingClassifier | np.ndarray, X: np.ndarray, n_out: int) -> np.ndarray:
+        if isinstance(model, np.ndarray):
+            return np.broadcast_to(model, (X.shape[0], n_out)).copy()
+        p = model.predict_proba(X)
+        # Classes absent from training get probability 0, in the schema's column order.
+        full = np.zeros((X.shape[0], n_out), dtype=np.float64)
+        full[:, model.classes_.astype(np.int64)] = p
+        return full
+
+
+# ---------------------------------------------------------------------------- run folder
+
+def _split_indices(labels, seed: int, val_fraction: float, test_fraction: float) -> dict[str, np.ndarray]:
+    """Row indices of train/val/test from the project's deterministic split."""
+    from tongue_nb import splits
+
+    split = np.asarray(splits.make_split(labels.table, labels.targets, labels.schema, seed=seed,
+                                         val_fraction=val_fraction, test_fraction=test_fraction))
+    return {name: np.flatnonzero(split == name) for name in ("train", "val", "test")}
+
+
+def _prediction_table(schema: TaskSchema, table, probs: Mapping[str, np.ndarray], targets: Mapping[str, np.ndarray],
+                      thresholds: Mapping[str, Sequence[float]], split_name: str):
+    """predictions.csv rows of one split, in the trained runs' column layout (docs/internals.md)."""
+    import pandas as pd
+
+    cols: dict[str, object] = {"id": table["id"].to_numpy(), "split": split_name,
+                               "image": table["image"].to_numpy(), "group": table["group"].to_numpy()}
+    for task in schema:
+        p, t = probs[task.name], targets[task.name]
+        if task.kind == "multiclass":
+            names = np.array(task.labels, dtype=object)
+            for j, lab in enumerate(task.labels):
+                cols[f"p:{task.name}:{lab}"] = p[:, j]
+            cols[f"true:{task.name}"] = np.where(t >= 0, names[np.clip(t, 0, None)], "")
+            cols[f"pred:{task.name}"] = names[p.argmax(axis=1)]
+            continue
+        thr = thresholds.get(task.name, [0.5] * task.n_outputs)
+        for j, lab in enumerate(task.labels):
+            key = f"{task.name}:{lab}"
+            cols[f"p:{key}"] = p[:, j]
+            # Missing truth stays an empty cell, as in trained runs; ints otherwise.
+            missing = np.isnan(t[:, j])
+            cols[f"true:{key}"] = pd.Series(np.where(missing, 0, t[:, j]).astype(int), dtype="Int64").mask(missing)
+            cols[f"pred:{key}"] = (p[:, j] >= 0.5).astype(int)
+            cols[f"pred_t:{key}"] = (p[:, j] >= float(thr[j])).astype(int)
+    return pd.DataFrame(cols)
+
+
+def fit_baseline_run(data_dir: str | Path, out_dir: str | Path, image_size: int = 128, seed: int = 0,
+                     crop: str = "crop_blank", tasks: str | Path | None = None, class_weight: str | None = "balanced",
+                     max_iter: int = 200, val_fraction: float = 0.15, test_fraction: float = 0.15,
+                     on_problem: str = "error", experiment_name: str = "", num_threads: int = 0) -> dict:
+    """Fit the baseline on the train split and write a run folder like a trained run's; return the summary.
+
+    Thresholds are tuned on the validation split and applied to the test split (never tuned on the
+    split they are reported on); `final_metrics_*` are test-split metrics. `num_threads` > 0 caps
+    the OpenMP threads of the boosting (0 = library default: all cores).
+    """
+    if num_threads:
+        from threadpoolctl import threadpool_limits
+
+        # OpenMP workers spin-wait; on a shared machine, fewer threads are often much faster.
+        with threadpool_limits(limits=int(num_threads)):
+            return fit_baseline_run(data_dir, out_dir, image_size=image_size, seed=seed, crop=crop, tasks=tasks,
+                                    class_weight=class_weight, max_iter=max_iter, val_fraction=val_fraction,
+                                    test_fraction=test_fraction, on_problem=on_problem,
+                                    experiment_name=experiment_name, num_threads=0)
+    import pandas as pd
+    import yaml
+
+    from tongue_nb import cache, metrics
+    from tongue_nb.runio import atomic_write_json, atomic_write_text
+    from tongue_nb.tasks import load_labels, load_schema
+
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    schema = load_schema(tasks) if tasks else None
+    labels = load_labels(data_dir, schema=schema, on_problem=on_problem)
+    schema = labels.schema
+    idx = _split_indices(labels, seed, val_fraction, test_fraction)
+    for name in ("train", "val", "test"):
+        if len(idx[name]) == 0:
+            raise ValueError(f"{data_dir}: the {name} split is empty; the baseline needs train, val and test samples")
+    t0 = time.perf_counter()
+    images = cache.build_cache(labels, image_size, crop=crop).images
+    t_cache = time.perf_counter() - t0
+    # Features once for every sample; blanked background (crop_blank) marks the tongue region, and
+    # without blanking the whole (cropped) image is the region.
+    t0 = time.perf_counter()
+    feats = extract_features(images)
+    t_feat = time.perf_counter() - t0
+    sub = {name: {k: v[rows] for k, v in labels.targets.items()} for name, rows in idx.items()}
+    weights = labels.table["weight"].to_numpy(np.float64)
+
+    est = ColourTextureBaseline(max_iter=max_iter, class_weight=class_weight, random_state=seed)
+    t0 = time.perf_counter()
+    est.fit_features(feats[idx["train"]], sub["train"], schema, sample_weight=weights[idx["train"]])
+    t_fit = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    probs = {name: est.predict_proba_features(feats[rows]) for name, rows in idx.items() if name != "train"}
+    t_pred = time.perf_counter() - t0
+
+    thresholds = metrics.tune_thresholds(schema, probs["val"], sub["val"])
+    fixed = metrics.compute_metrics(schema, probs["test"], sub["test"])
+    tuned = metrics.compute_metrics(schema, probs["test"], sub["test"], thresholds=thresholds)
+    tuned["thresholds"] = thresholds
+    val_fixed = metrics.compute_metrics(schema, probs["val"], sub["val"])
+
+    name = experiment_name or f"{time.strftime('%Y%m%d')}-{BACKBONE_NAME}-{image_size}"
+    out.mkdir(parents=True, exist_ok=True)
+    run_params = {"backbone": BACKBONE_NAME, "data_dir": str(data_dir), "tasks": str(tasks or ""),
+                  "image_size": image_size, "crop": crop, "seed": seed, "val_fraction": val_fraction,
+                  "test_fraction": test_fraction, "on_problem": on_problem, "experiment_name": name,
+                  "estimator": est.get_params()}
+    atomic_write_text(out / "params.yaml", yaml.safe_dump(run_params, sort_keys=False))
+    atomic_write_text(out / "tasks.yaml", yaml.safe_dump(schema.as_dict(), sort_keys=False))
+    split_col = np.full(len(labels.table), "", dtype=object)
+    for split_name, rows in idx.items():
+        split_col[rows] = split_name
+    atomic_write_text(out / "split.csv", pd.DataFrame({"id": labels.table["id"], "split": split_col})
+                      .query("split != ''").to_csv(index=False))
+    preds = pd.concat([_prediction_table(schema, labels.table.iloc[idx[s]].reset_index(drop=True), probs[s], sub[s],
+                                         thresholds, s) for s in ("val", "test")], ignore_index=True)
+    atomic_write_text(out / "predictions.csv", preds.to_csv(index=False))
+    n_eval = len(idx["val"]) + len(idx["test"])
+    summary = {
+        "experiment_name": name,
+        "backbone": BACKBONE_NAME,
+        "timm_name": None,
+        "params_m": None,  # not a neural network: no parameter count to compare
+        "image_size": image_size,
+        "counts": {s: int(len(r)) for s, r in idx.items()},
+        "best_epoch": None,
+        "val_metrics_fixed": val_fixed,
+        "final_metrics_fixed": fixed,
+        "final_metrics_thresholded": tuned,
+        "timings": {"cache_s": t_cache, "features_s": t_feat, "fit_s": t_fit, "predict_s": t_pred,
+                    "total_s": time.perf_counter() - t_start},
+        "train_samples_per_s": len(idx["train"]) / max(t_fit, 1e-9),
+        "eval_samples_per_s": n_eval / max(t_pred + t_feat * n_eval / len(labels.table), 1e-9),
+        "n_features": int(feats.shape[1]),
+    }
+    atomic_write_json(out / "summary.json", summary)
+    log.info("baseline run %s: test combined score %.3f fixed, %.3f thresholded", out,
+             fixed["combined_score"], tuned["combined_score"])
+    return summary
