@@ -5,7 +5,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import Sequence
 
 log = logging.getLogger("tongue_nb")
@@ -50,12 +49,21 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     table = compare_backbones(args.data or "", args.backbones, out_dir=args.out, steps=args.steps,
                               batch_size=args.batch_size, image_size=args.image_size, seed=args.seed,
                               pretrained=args.pretrained, device=args.device)
-    with_cols = [c for c in ("backbone", "params_m", "val_loss", "train_samples_per_s", "infer_samples_per_s",
+    with_cols = [c for c in ("backbone", "params_total_m", "val_loss", "train_samples_per_s", "infer_samples_per_s",
                              "peak_memory_mb", "error") if c in table.columns]
     print(table[with_cols].to_string(index=False))
     print(json.dumps(recommendations(table), indent=2))
     failed = "error" in table.columns and table["error"].fillna("").astype(str).str.len().gt(0).any()
     return 1 if failed else 0
+
+
+def _cmd_baseline(args: argparse.Namespace) -> int:
+    from tongue_nb.baseline import fit_baseline_run
+
+    summary = fit_baseline_run(args.data or "", args.out, image_size=args.image_size, seed=args.seed)
+    print(f"{args.out}: test combined score {summary['final_metrics_fixed']['combined_score']:.4f} (fixed), "
+          f"{summary['final_metrics_thresholded']['combined_score']:.4f} (thresholded)")
+    return 0
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
@@ -111,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", action="store_true", help="start from pretrained weights")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("baseline", help="fit the classical colour/texture baseline and write its run folder")
+    p.add_argument("--data", help="dataset folder (default: the built-in synthetic set)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0, help="split seed (use the trained runs' seed to compare)")
+    p.set_defaults(func=_cmd_baseline)
 
     p = sub.add_parser("sweep", help="one training notebook per backbone, then HTML reports")
     p.add_argument("--data", help="dataset folder (default: the built-in synthetic set)")
