@@ -1,0 +1,214 @@
+"""Report helpers on small hand-made run folders in the docs/internals.md format, and notebooks 04/05 through papermill."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from tongue_nb import report
+from tongue_nb.synth import make_synthetic
+from tongue_nb.tasks import default_schema
+
+SCHEMA = default_schema()
+SHAPE = SCHEMA["shape"].labels
+COAT = SCHEMA["coat"].labels
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return make_synthetic(tmp_path_factory.mktemp("data") / "syn", n=24, size=32, seed=1)
+
+
+def write_run(run_dir: Path, data_dir: Path, seed: int, skill: float, backbone: str = "test_convnext") -> Path:
+    """A run folder as the trainer writes it; `skill` mixes the truth into the probabilities."""
+    rng = np.random.default_rng(seed)
+    labels = pd.read_csv(data_dir / "labels.csv", dtype=str, keep_default_na=False)
+    rows = labels.iloc[:20].reset_index(drop=True)
+    split = np.array(["val"] * 10 + ["test"] * 10)
+    table = pd.DataFrame({"id": rows["image"], "split": split, "image": rows["image"], "group": rows["group"]})
+    for label in SHAPE:
+        true = np.array([float(label in s.split(";")) for s in rows["shape"]])
+        true[3] = np.nan  # one missing label
+        p = np.clip(skill * np.nan_to_num(true) + (1 - skill) * rng.random(20), 0, 1)
+        table[f"p:shape:{label}"] = p
+        table[f"true:shape:{label}"] = pd.Series(true).map(lambda v: "" if np.isnan(v) else str(int(v)))
+        table[f"pred:shape:{label}"] = (p >= 0.5).astype(int)
+        table[f"pred_t:shape:{label}"] = (p >= 0.4).astype(int)
+    onehot = np.array([[float(c == v) for c in COAT] for v in rows["coat"]])
+    p = skill * onehot + (1 - skill) * rng.dirichlet(np.ones(3), 20)
+    p /= p.sum(1, keepdims=True)
+    for i, c in enumerate(COAT):
+        table[f"p:coat:{c}"] = p[:, i]
+    true = rows["coat"].copy()
+    true[5] = ""
+    table["true:coat"] = true
+    table["pred:coat"] = [COAT[i] for i in p.argmax(1)]
+    run_dir.mkdir(parents=True)
+    table.to_csv(run_dir / "predictions.csv", index=False)
+    SCHEMA.to_yaml(run_dir / "tasks.yaml")
+    (run_dir / "params.yaml").write_text(yaml.safe_dump({"backbone": backbone, "data_dir": str(data_dir)}))
+    pd.DataFrame({"epoch": [1, 2, 3], "stage": [1, 2, 2], "train_loss": [1.0, 0.8, 0.6], "val_loss": [1.1, 0.9, 0.8],
+                  "val_combined_score": [0.3, 0.4 * skill + 0.2, 0.5 * skill + 0.2],
+                  "val_shape_macro_f1": [0.3, 0.4, 0.5], "val_coat_macro_f1": [0.2, 0.3, 0.4]}).to_csv(run_dir / "history.csv", index=False)
+
+    def block(c: float) -> dict:
+        return {"combined_score": c, "tasks": {
+            "shape": {"kind": "multilabel", "primary": c + 0.05, "n": 9, "macro_f1": c + 0.05,
+                      "per_label": {lab: {"f1": c, "precision": c, "recall": c, "auroc": None, "support": 3} for lab in SHAPE}},
+            "coat": {"kind": "multiclass", "primary": c - 0.05, "n": 9, "macro_f1": c - 0.05, "accuracy": c,
+                     "balanced_accuracy": c, "per_class_f1": {k: c for k in COAT}, "confusion_matrix": [[1, 0, 0]] * 3}}}
+
+    summary = {"experiment_name": f"run-{backbone}", "backbone": backbone, "params_m": 1.5, "best_epoch": 3,
+               "final_metrics_fixed": block(0.4 * skill + 0.2), "final_metrics_thresholded": dict(block(0.5 * skill + 0.2), thresholds={"shape": [0.4, 0.4, 0.4]}),
+               "timings": {"train_seconds": 12.5}, "train_samples_per_s": 33.0, "peak_memory_mb": 400}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory, data_dir) -> Path:
+    root = tmp_path_factory.mktemp("sweep")
+    write_run(root / "runs" / "good", data_dir, 0, 0.9, "good")
+    write_run(root / "runs" / "weak", data_dir, 1, 0.3, "weak")
+    (root / "runs" / "broken").mkdir()  # a failed run: no summary
+    (root / "failures.json").write_text(json.dumps([{"backbone": "broken", "stage": "train", "error_type": "ValueError",
+                                                     "message": "unknown backbone 'broken'", "cell_index": 3, "cell_source": "model = ..."}]))
+    return root
+
+
+def test_load_run_reads_contract_files(sweep_dir):
+    run = report.load_run(sweep_dir / "runs" / "good")
+    assert run.schema == SCHEMA and run.params["backbone"] == "good" and len(run.history) == 3
+    probs, targets, rows = report.arrays(run, "test")
+    assert probs["shape"].shape == (10, 3) and probs["coat"].shape == (10, 3) and len(rows) == 10
+    assert targets["coat"].dtype == np.int64 and targets["shape"].dtype == np.float32
+    _, val_targets, _ = report.arrays(run, "val")
+    assert np.isnan(val_targets["shape"][3]).all() and (targets["coat"] >= 0).all()  # missing rows stay missing
+    assert report.arrays(run, "val")[1]["coat"][5] == -1
+
+
+def test_load_run_errors_name_the_file(tmp_path, sweep_dir):
+    with pytest.raises(FileNotFoundError, match="summary.json"):
+        report.load_run(tmp_path)
+    bad = tmp_path / "bad"
+    import shutil
+
+    shutil.copytree(sweep_dir / "runs" / "good", bad)
+    table = pd.read_csv(bad / "predictions.csv", dtype=str, keep_default_na=False)
+    table.loc[2, "p:coat:rotten"] = "oops"
+    table.to_csv(bad / "predictions.csv", index=False)
+    with pytest.raises(ValueError, match=r"predictions.csv: line 4, column 'p:coat:rotten'"):
+        report.load_run(bad)
+    table.drop(columns=["true:coat"]).to_csv(bad / "predictions.csv", index=False)
+    with pytest.raises(ValueError, match="true:coat"):
+        report.load_run(bad)
+
+
+def test_sweep_tables(sweep_dir):
+    sweep = report.load_sweep(sweep_dir)
+    assert sorted(sweep.runs) == ["good", "weak"]
+    table = report.run_table(sweep)
+    assert list(table["run"]) == ["good", "weak"]  # best first
+    row = table.iloc[0]
+    assert row["combined_thresholded"] == pytest.approx(0.65) and row["train_time_s"] == 12.5
+    assert row["coat_thresholded"] == pytest.approx(0.60) and row["peak_memory_mb"] == 400
+    fails = report.failures_table(sweep)
+    assert list(fails["backbone"]) == ["broken"] and "unknown backbone" in fails["message"][0]
+    labels = report.per_label_table(sweep.runs["good"])
+    assert set(labels["task"]) == {"shape", "coat"} and len(labels) == 6
+
+
+def test_error_tables(sweep_dir):
+    run = report.load_run(sweep_dir / "runs" / "weak")
+    errors = report.sample_errors(run)
+    # each task has one row with no label at all (row 3 for shape, row 5 for coat): left out
+    assert (errors["task"] == "coat").sum() == 19 and (errors["task"] == "shape").sum() == 19
+    coat = errors[errors["task"] == "coat"]
+    assert (coat["wrong"] == (coat["true"] != coat["pred"])).all()
+    worst = report.worst_errors(run, 5)
+    assert len(worst) <= 5 and worst["wrong"].all() and (worst["split"] == "test").all()
+    assert worst["p_true"].is_monotonic_increasing
+    by_split = report.errors_by(run, "split")
+    assert set(by_split["split"]) == {"val", "test"} and (by_split["error_rate"].between(0, 1)).all()
+    assert by_split["n"].sum() == len(errors)
+    with pytest.raises(ValueError, match="by must be"):
+        report.errors_by(run, "colour")
+    cal = report.calibration_table(run)
+    assert set(cal["task"]) == {"shape", "coat"} and cal["confidence"].between(0, 1).all()
+
+
+def test_confusion_panels_count_labelled_rows(sweep_dir):
+    run = report.load_run(sweep_dir / "runs" / "good")
+    panels = dict((title, m) for title, _, m in report.confusion_panels(run, "val"))
+    assert panels["coat"].sum() == 9  # 10 val rows, one missing coat label
+    assert panels["shape: spots"].sum() == 9 and panels["shape: spots"].shape == (2, 2)
+
+
+def test_figures(sweep_dir, data_dir):
+    sweep = report.load_sweep(sweep_dir)
+    run = sweep.runs["good"]
+    table = report.run_table(sweep)
+    for fig in (report.task_bars(table, SCHEMA), report.training_curves(sweep), report.confusion_matrices(run),
+                report.threshold_curves(run), report.reliability_diagram(run), report.error_gallery(run, 4)):
+        assert len(fig.axes) >= 1
+    assert report.history_columns(run.history, SCHEMA) == ["val_combined_score", "val_shape_macro_f1", "val_coat_macro_f1"]
+    gallery = report.error_gallery(report.load_run(sweep_dir / "runs" / "weak"), 4)
+    assert any(ax.images for ax in gallery.axes)  # images read from data_dir in params.yaml
+
+
+def test_index_lists_runs_and_failures(tmp_path):
+    (tmp_path / "03_train-a.html").write_text("x")
+    path = report.write_index(tmp_path, [{"backbone": "a", "combined_thresholded": 0.5, "report": tmp_path / "03_train-a.html"}],
+                              [{"backbone": "zzz", "error_type": "ValueError", "message": "unknown <backbone>", "cell_index": 4}])
+    text = path.read_text()
+    assert 'href="03_train-a.html"' in text and "0.500" in text
+    assert "zzz" in text and "unknown &lt;backbone&gt;" in text and "cell 4" in text
+    assert "http" not in text  # self-contained: no external resources
+
+
+def test_ensemble_and_bootstrap(sweep_dir):
+    pytest.importorskip("tongue_nb.metrics")
+    sweep = report.load_sweep(sweep_dir)
+    ens = report.ensemble_metrics(sweep, 2)
+    assert ens["members"] == ["good", "weak"] and ens["n_test"] == 10
+    assert 0 <= ens["thresholded"]["combined_score"] <= 1
+    table = report.run_table(sweep, ensemble_k=2)
+    assert len(table) == 3 and table["run"].str.startswith("ensemble").any()
+    boot = report.bootstrap_table(sweep, n_boot=200)
+    good, weak = boot.set_index("run").loc["good"], boot.set_index("run").loc["weak"]
+    assert good["combined_lo"] <= good["combined_hi"] and good["vs_best"] == "(best)"
+    assert weak["vs_best"] == "good" and weak["diff_lo"] <= weak["diff"] <= weak["diff_hi"]
+    from tongue_nb import metrics
+
+    scores = {}
+    for name in ("good", "weak"):
+        probs, targets, _ = report.arrays(sweep.runs[name], "test")
+        scores[name] = metrics.compute_metrics(SCHEMA, probs, targets, thresholds={"shape": [0.4] * 3})["combined_score"]
+    assert good["combined"] == pytest.approx(scores["good"]) and weak["diff"] == pytest.approx(scores["weak"] - scores["good"])
+
+
+def test_notebook_05_through_papermill(sweep_dir, tmp_path):
+    pytest.importorskip("tongue_nb.metrics")
+    from tongue_nb import sweep
+
+    out_nb = tmp_path / "05.ipynb"
+    with sweep.project_kernel(tmp_path) as kernel:
+        sweep.execute_notebook(sweep.NOTEBOOKS / "05_report.ipynb", out_nb,
+                               {"sweep_dir": str(sweep_dir), "ensemble_k": 2, "n_boot": 100}, kernel, sweep.PROJECT_ROOT)
+    html = sweep.render_html(out_nb, tmp_path / "05.html").read_text()
+    assert html.count("data:image/png;base64") >= 2 and "ensemble(top 2)" in html
+    assert "unknown backbone" in html and "vs_best" in html
+
+
+def test_notebook_04_through_papermill(sweep_dir, tmp_path):
+    from tongue_nb import sweep
+
+    out_nb = tmp_path / "04.ipynb"
+    with sweep.project_kernel(tmp_path) as kernel:
+        sweep.execute_notebook(sweep.NOTEBOOKS / "04_error_analysis.ipynb", out_nb,
+                               {"run_dir": str(sweep_dir / "runs" / "weak"), "n_worst": 4}, kernel, sweep.PROJECT_ROOT)
+    html = sweep.render_html(out_nb, tmp_path / "04.html").read_text()
+    assert html.count("data:image/png;base64") >= 5  # confusion, thresholds, calibration, gallery figures embedded
+    assert "report.load_run" not in html  # code hidden (--no-input)

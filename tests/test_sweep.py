@@ -1,0 +1,130 @@
+"""The papermill sweep: kernels, failure records, one process per GPU, and a real sweep of two tiny backbones."""
+import json
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_notebook
+
+from tongue_nb import report, sweep
+from tongue_nb.params import ParamError
+
+
+def _notebook(path: Path, *sources: str) -> Path:
+    cells = [new_code_cell(sources[0], metadata={"tags": ["parameters"]})] + [new_code_cell(s) for s in sources[1:]]
+    nbformat.write(new_notebook(cells=cells), str(path))
+    return path
+
+
+def _job(tmp_path: Path, name: str, input_nb: Path, kernel: str, **parameters) -> dict:
+    return {"backbone": name, "run_dir": str(tmp_path / "runs" / name), "input_nb": str(input_nb),
+            "output_nb": str(tmp_path / "out" / f"{name}.ipynb"), "parameters": parameters, "kernel_name": kernel,
+            "cwd": str(tmp_path)}
+
+
+def test_failures_are_recorded_with_their_cell(tmp_path):
+    raising = _notebook(tmp_path / "raise.ipynb", "x = 1", "y = x + 1", "raise ValueError(f'unknown backbone {x}')")
+    dying = _notebook(tmp_path / "die.ipynb", "x = 1", "import os\nos._exit(3)", "z = 2")
+    with sweep.project_kernel(tmp_path) as kernel:
+        failed = sweep.run_job(_job(tmp_path, "bad", raising, kernel, x=7))
+        dead = sweep.run_job(_job(tmp_path, "dead", dying, kernel))
+    assert failed["status"] == "failed" and failed["error"]["error_type"] == "ValueError"
+    assert failed["error"]["message"] == "unknown backbone 7"  # the injected parameter reached the kernel
+    # papermill injects a parameters cell after ours: the raising cell is the 4th
+    assert failed["error"]["cell_index"] == 3 and "raise ValueError" in failed["error"]["cell_source"]
+    assert Path(failed["notebook"]).exists()  # the partial notebook is kept for rendering
+    assert dead["status"] == "failed" and dead["error"]["error_type"] == "DeadKernelError"
+    assert "os._exit" in dead["error"]["cell_source"]
+    html = sweep.render_html(failed["notebook"], tmp_path / "bad.html").read_text()
+    assert "unknown backbone 7" in html and "y = x + 1" not in html  # partial output shown, code hidden
+
+
+@pytest.mark.slow  # two worker processes, each importing papermill and starting a kernel: ~15 s on 2 busy cores
+def test_one_process_per_gpu_sees_only_its_device(tmp_path):
+    probe = _notebook(tmp_path / "probe.ipynb", "target = ''",
+                      "import os, pathlib\npathlib.Path(target).write_text(os.environ.get('CUDA_VISIBLE_DEVICES', 'unset'))")
+    with sweep.project_kernel(tmp_path) as kernel:
+        jobs = [_job(tmp_path, f"j{i}", probe, kernel, target=str(tmp_path / f"j{i}.txt")) for i in range(2)]
+        results = sweep._run_jobs(jobs, ["5", "7"])
+    assert [r["status"] for r in results] == ["completed"] * 2
+    seen = [(tmp_path / f"j{i}.txt").read_text() for i in range(2)]
+    assert sorted(seen) == ["5", "7"]  # two runs at the same time, each in a process that sees one GPU
+
+
+def test_visible_gpus(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert sweep.visible_gpus() == ["2", "3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert sweep.visible_gpus() == []
+    assert sweep.visible_gpus(2) == ["0", "1"] and sweep.visible_gpus(["1"]) == ["1"]
+
+
+def test_bad_kernel_and_bad_overrides_fail_fast(tmp_path):
+    with pytest.raises(sweep.SweepError, match=r"kernel 'no-such-kernel' not found.*ipykernel install --user --name no-such-kernel"):
+        with sweep.project_kernel(tmp_path, "no-such-kernel"):
+            pass
+    assert sweep._parse_overrides(["batch_size=4", "augment=false"]) == {"batch_size": 4, "augment": False}
+    with pytest.raises(ParamError, match="batch_sizze"):
+        sweep._parse_overrides(["batch_sizze=4"])
+    with pytest.raises(ParamError, match="expected key=value"):
+        sweep._parse_overrides(["batch_size"])
+
+
+def test_skip_only_completed_runs(tmp_path):
+    assert not sweep.is_completed(tmp_path)
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "running", "final_metrics_fixed": {}}))
+    assert not sweep.is_completed(tmp_path)
+    (tmp_path / "summary.json").write_text(json.dumps({"final_metrics_fixed": {"combined_score": 0.5}}))
+    assert sweep.is_completed(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    from tongue_nb.synth import make_synthetic
+
+    return make_synthetic(tmp_path_factory.mktemp("sweepdata") / "syn", n=40, size=48, seed=0)
+
+
+@pytest.mark.slow  # ~85 s + ~45 s for the rerun on 2 busy cores: nine notebooks, each a fresh kernel importing torch
+def test_real_sweep_two_backbones_and_a_failure(tmp_path, tiny_data):
+    pytest.importorskip("tongue_nb.trainer")
+    if not (sweep.NOTEBOOKS / "03_train.ipynb").exists():
+        pytest.skip("notebooks/03_train.ipynb not written yet")
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text("pretrained: false\nimage_size: 32\nbatch_size: 8\nstage1_epochs: 1\nstage2_epochs: 1\n"
+                      "num_threads: 1\nearly_stopping_patience: 0\n")
+    out, reports = tmp_path / "sweep", tmp_path / "reports"
+    t0 = time.perf_counter()
+    result = sweep.run_sweep(tiny_data, ["test_convnext", "test_vit", "no_such_net"], params_file=recipe, out_dir=out,
+                             reports_dir=reports, compare=False, ensemble_k=2)
+    first = time.perf_counter() - t0
+    assert not result.ok
+    status = {r.backbone: r.status for r in result.runs}
+    assert status == {"test_convnext": "completed", "test_vit": "completed", "no_such_net": "failed"}, result.describe()
+    assert not result.errors, result.errors  # 04 and 05 ran for the sweep
+    for name in ("test_convnext", "test_vit"):
+        assert (reports / f"03_train-{name}.html").exists() and (reports / f"04_error_analysis-{name}.html").exists()
+    assert (reports / "03_train-no_such_net.html").exists()  # the partial notebook is rendered
+    failures = json.loads((out / "failures.json").read_text())
+    assert [f["backbone"] for f in failures] == ["no_such_net"] and failures[0]["cell_index"] is not None
+    assert (out / "runs" / "no_such_net" / "failure.json").exists()
+    index = (reports / "index.html").read_text()
+    assert "no_such_net" in index and failures[0]["error_type"] in index and "05_report.html" in index
+    assert "04_error_analysis-test_vit.html" in index
+    final = (reports / "05_report.html").read_text()
+    assert "ensemble(top 2)" in final and "no_such_net" in final
+    table = report.run_table(report.load_sweep(out))
+    assert set(table["backbone"]) == {"test_convnext", "test_vit"}
+
+    # Started again: finished runs are skipped, the failed one is tried again; this time with the
+    # model comparison (a tiny budget), whose unknown backbone gets an error row, not a sweep error.
+    t0 = time.perf_counter()
+    again = sweep.run_sweep(tiny_data, ["test_convnext", "no_such_net"], params_file=recipe, out_dir=out,
+                            reports_dir=reports, compare=True, compare_steps=4,
+                            compare_options={"image_size": 32, "batch_size": 4, "isolate": False, "num_threads": 1})
+    assert {r.backbone: r.status for r in again.runs} == {"test_convnext": "skipped", "no_such_net": "failed"}
+    assert not again.ok and not again.errors, again.errors
+    assert again.runs[0].error_analysis == str(reports / "04_error_analysis-test_convnext.html")  # kept, not re-run
+    assert again.comparison and again.comparison.exists() and "02_model_comparison.html" in (reports / "index.html").read_text()
+    print(f"sweep: first {first:.1f} s, rerun {time.perf_counter() - t0:.1f} s")

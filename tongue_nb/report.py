@@ -1,0 +1,713 @@
+"""Report helpers for the error-analysis and final-report notebooks: run folders in, tables and figures out."""
+from __future__ import annotations
+
+import html
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import yaml
+from matplotlib.figure import Figure
+
+from tongue_nb.tasks import Task, TaskSchema, load_schema
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("val", "test")
+
+
+@dataclass
+class RunData:
+    """One run folder read back: summary, history, predictions, resolved parameters and schema."""
+
+    path: Path
+    name: str
+    summary: dict
+    history: pd.DataFrame
+    predictions: pd.DataFrame
+    params: dict
+    schema: TaskSchema
+
+
+@dataclass
+class SweepData:
+    """A sweep folder read back: its successful runs, its failures and the model comparison table."""
+
+    path: Path
+    runs: dict[str, RunData] = field(default_factory=dict)
+    failures: pd.DataFrame = field(default_factory=pd.DataFrame)
+    comparison: pd.DataFrame | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# reading run folders
+
+
+def _read_predictions(path: Path, schema: TaskSchema) -> pd.DataFrame:
+    """Read predictions.csv keeping class names as text and turning probabilities and 0/1 cells into floats."""
+    if not path.exists():
+        return pd.DataFrame(columns=["id", "split", "image", "group"])
+    # Everything as text first: an empty cell is a missing label and must not become the string 'nan'.
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    for col in ("id", "split"):
+        if col not in table.columns:
+            raise ValueError(f"{path}: column {col!r} is missing; expected id, split, image, group, then p:/true:/pred: columns")
+    for task in schema:
+        numeric = [f"p:{task.name}:{label}" for label in task.labels]
+        if task.kind != "multiclass":
+            numeric += [f"{kind}:{task.name}:{label}" for label in task.labels for kind in ("true", "pred", "pred_t")]
+        needed = [f"p:{task.name}:{label}" for label in task.labels] + (
+            [f"true:{task.name}"] if task.kind == "multiclass" else [f"true:{task.name}:{label}" for label in task.labels])
+        absent = [c for c in needed if c not in table.columns]
+        if absent:
+            raise ValueError(f"{path}: task {task.name!r} needs columns {absent} (see docs/internals.md, predictions.csv)")
+        for col in numeric:
+            if col not in table.columns:
+                continue
+            values = pd.to_numeric(table[col].replace("", np.nan), errors="coerce")
+            bad = values.isna() & (table[col] != "")
+            if bad.any():
+                row = int(np.flatnonzero(bad.to_numpy())[0]) + 2  # header is line 1
+                raise ValueError(f"{path}: line {row}, column {col!r}: expected a number, got {table[col].iloc[row - 2]!r}")
+            table[col] = values
+    for col in ("image", "group"):
+        if col not in table.columns:
+            table[col] = table["id"]
+    return table
+
+
+def load_run(run_dir: str | Path) -> RunData:
+    """Read a run folder (summary.json, history.csv, predictions.csv, params.yaml, tasks.yaml)."""
+    path = Path(run_dir)
+    summary_file = path / "summary.json"
+    if not summary_file.exists():
+        raise FileNotFoundError(f"{summary_file}: no summary.json; is {path} a finished run folder?")
+    try:
+        summary = json.loads(summary_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{summary_file}: not valid JSON: {exc}") from None
+    schema_file = path / "tasks.yaml"
+    if not schema_file.exists():
+        raise FileNotFoundError(f"{schema_file}: the run folder has no tasks.yaml (the schema it was trained with)")
+    schema = load_schema(schema_file)
+    params_file = path / "params.yaml"
+    params = (yaml.safe_load(params_file.read_text()) or {}) if params_file.exists() else {}
+    history_file = path / "history.csv"
+    history = pd.read_csv(history_file) if history_file.exists() and history_file.stat().st_size else pd.DataFrame()
+    predictions = _read_predictions(path / "predictions.csv", schema)
+    name = str(summary.get("experiment_name") or path.name)
+    return RunData(path, name, summary, history, predictions, params, schema)
+
+
+def load_failures(sweep_dir: str | Path) -> pd.DataFrame:
+    """The sweep's failures.json as a table (backbone, error_type, message, cell_index, cell_source)."""
+    columns = ["backbone", "error_type", "message", "cell_index", "cell_source", "notebook"]
+    file = Path(sweep_dir) / "failures.json"
+    if not file.exists():
+        return pd.DataFrame(columns=columns)
+    records = json.loads(file.read_text() or "[]")
+    return pd.DataFrame(records, columns=columns) if records else pd.DataFrame(columns=columns)
+
+
+def load_sweep(sweep_dir: str | Path) -> SweepData:
+    """Read every run folder under <sweep>/runs that has a summary, the failures and the comparison table."""
+    path = Path(sweep_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: sweep folder not found")
+    sweep = SweepData(path, failures=load_failures(path))
+    failed = set(sweep.failures["backbone"]) if len(sweep.failures) else set()
+    runs_root = path / "runs"
+    for run_dir in sorted(runs_root.iterdir()) if runs_root.is_dir() else []:
+        # A failed run may leave a partial summary behind; it belongs in the failures table only.
+        if not (run_dir / "summary.json").exists() or run_dir.name in failed:
+            continue
+        try:
+            run = load_run(run_dir)
+        except (OSError, ValueError) as exc:
+            log.warning("skipping run folder %s: %s", run_dir, exc)
+            continue
+        sweep.runs[run_dir.name] = run
+    for name in ("comparison.csv", "comparison/comparison.csv"):
+        if (path / name).exists():
+            sweep.comparison = pd.read_csv(path / name)
+            break
+    return sweep
+
+
+# ----------------------------------------------------------------------------------------------
+# predictions -> arrays in the internals.md encodings
+
+
+def arrays(run: RunData, split: str = "test") -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], pd.DataFrame]:
+    """Probabilities and targets for one split of a run's predictions (internals.md encodings), plus its rows."""
+    rows = run.predictions[run.predictions["split"] == split].reset_index(drop=True)
+    return _probs(run.schema, rows), _targets(run.schema, rows), rows
+
+
+def _probs(schema: TaskSchema, rows: pd.DataFrame) -> dict[str, np.ndarray]:
+    return {t.name: rows[[f"p:{t.name}:{label}" for label in t.labels]].to_numpy(np.float64) for t in schema}
+
+
+def _targets(schema: TaskSchema, rows: pd.DataFrame) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for t in schema:
+        if t.kind == "multiclass":
+            index = {label: i for i, label in enumerate(t.labels)}
+            out[t.name] = np.array([index.get(v, -1) for v in rows[f"true:{t.name}"]], dtype=np.int64)
+        else:
+            out[t.name] = rows[[f"true:{t.name}:{label}" for label in t.labels]].to_numpy(np.float32)
+    return out
+
+
+def _metric(view: dict | None, task: str | None = None) -> float:
+    """The combined score (task=None) or a task's primary metric from a summary metrics block."""
+    if not view:
+        return float("nan")
+    value = view.get("combined_score") if task is None else (view.get("tasks", {}).get(task) or {}).get("primary")
+    return float(value) if value is not None else float("nan")
+
+
+def _thresholds(run: RunData) -> dict[str, list[float]]:
+    """The tuned thresholds saved in the summary (0.5 where none was saved)."""
+    saved = (run.summary.get("final_metrics_thresholded") or {}).get("thresholds") or run.summary.get("thresholds") or {}
+    return {t.name: list(saved.get(t.name, [0.5] * len(t.labels))) for t in run.schema if t.kind != "multiclass"}
+
+
+# ----------------------------------------------------------------------------------------------
+# tables
+
+
+def _first(summary: dict, *keys: str) -> Any:
+    """First of several summary keys present (timings are nested under 'timings' or flat)."""
+    for key in keys:
+        for source in (summary, summary.get("timings") or {}):
+            if isinstance(source, dict) and source.get(key) is not None:
+                return source[key]
+    return None
+
+
+def run_row(run: RunData) -> dict:
+    """One row of the run table for a run."""
+    s = run.summary
+    row = {
+        "run": run.path.name,
+        "backbone": s.get("backbone", run.path.name),
+        "params_m": s.get("params_m"),
+        "combined_fixed": _metric(s.get("final_metrics_fixed")),
+        "combined_thresholded": _metric(s.get("final_metrics_thresholded")),
+    }
+    for t in run.schema:
+        row[f"{t.name}_fixed"] = _metric(s.get("final_metrics_fixed"), t.name)
+        row[f"{t.name}_thresholded"] = _metric(s.get("final_metrics_thresholded"), t.name)
+    row["best_epoch"] = s.get("best_epoch")
+    row["train_time_s"] = _first(s, "train_seconds", "train_time_s", "total_seconds", "train_time")
+    row["train_samples_per_s"] = _first(s, "train_samples_per_s", "samples_per_s", "train_samples_per_sec")
+    row["eval_samples_per_s"] = _first(s, "eval_samples_per_s", "eval_samples_per_sec")
+    row["peak_memory_mb"] = _first(s, "peak_memory_mb", "peak_memory_MB", "peak_mem_mb")
+    return row
+
+
+def run_table(sweep: SweepData, ensemble_k: int = 0) -> pd.DataFrame:
+    """Every run of a sweep (backbone, params, combined scores, each task's metric, cost), best first."""
+    rows = [run_row(run) for run in sweep.runs.values()]
+    table = pd.DataFrame(rows)
+    if ensemble_k >= 2 and len(sweep.runs) >= 2:
+        ens = ensemble_metrics(sweep, ensemble_k)
+        table = pd.concat([table, pd.DataFrame([ens["row"]])], ignore_index=True)
+    if len(table):
+        table = table.sort_values("combined_thresholded", ascending=False, na_position="last").reset_index(drop=True)
+    return table
+
+
+def per_label_table(run: RunData, view: str = "thresholded") -> pd.DataFrame:
+    """Per-class / per-label F1 of every task from the run's summary (test split)."""
+    block = run.summary.get(f"final_metrics_{view}") or {}
+    rows = []
+    for t in run.schema:
+        tm = (block.get("tasks") or {}).get(t.name) or {}
+        if t.kind == "multiclass":
+            for label, f1 in (tm.get("per_class_f1") or {}).items():
+                rows.append({"task": t.name, "label": label, "f1": f1})
+        elif t.kind == "multilabel":
+            for label, m in (tm.get("per_label") or {}).items():
+                rows.append({"task": t.name, "label": label, **{k: m.get(k) for k in ("f1", "precision", "recall", "auroc", "support")}})
+        else:
+            rows.append({"task": t.name, "label": t.labels[0], **{k: tm.get(k) for k in ("f1", "precision", "recall", "auroc")}})
+    return pd.DataFrame(rows)
+
+
+def failures_table(sweep: SweepData) -> pd.DataFrame:
+    """Failed runs with their error and the cell where it happened."""
+    return sweep.failures[["backbone", "error_type", "message", "cell_index"]].copy() if len(sweep.failures) else sweep.failures
+
+
+# ----------------------------------------------------------------------------------------------
+# ensembles and bootstrap
+
+
+def _shared_rows(runs: Sequence[RunData], split: str) -> list[pd.DataFrame]:
+    """Each run's rows of one split restricted to the ids every run predicted, in the same order."""
+    ids: set[str] | None = None
+    for run in runs:
+        these = set(run.predictions.loc[run.predictions["split"] == split, "id"])
+        ids = these if ids is None else ids & these
+    order = sorted(ids or ())
+    return [run.predictions[run.predictions["split"] == split].set_index("id").loc[order].reset_index() for run in runs]
+
+
+def ensemble_metrics(sweep: SweepData, k: int = 3) -> dict:
+    """Average the probabilities of the best k runs over shared ids; thresholds tuned on val, scored on test."""
+    from tongue_nb import metrics
+
+    ranked = sorted(sweep.runs.values(), key=lambda r: -np.nan_to_num(_metric(r.summary.get("final_metrics_thresholded")), nan=-1))
+    members = ranked[:k]
+    if len(members) < 2:
+        raise ValueError(f"an ensemble needs at least 2 runs, the sweep has {len(sweep.runs)}")
+    schema = members[0].schema
+    if any(m.schema != schema for m in members):
+        raise ValueError("the runs were trained on different task schemas; their probabilities cannot be averaged")
+    out: dict[str, Any] = {}
+    for split in SPLITS:
+        rows = _shared_rows(members, split)
+        if not len(rows[0]):
+            raise ValueError(f"the best {len(members)} runs share no {split} ids; they were trained on different data")
+        probs = {t.name: np.mean([_probs(schema, r)[t.name] for r in rows], axis=0) for t in schema}
+        out[split] = (probs, _targets(schema, rows[0]))
+    thresholds = metrics.tune_thresholds(schema, *out["val"])
+    fixed = metrics.compute_metrics(schema, *out["test"])
+    tuned = metrics.compute_metrics(schema, *out["test"], thresholds=thresholds)
+    names = [m.path.name for m in members]
+    row = {"run": f"ensemble(top {len(members)})", "backbone": " + ".join(names),
+           "params_m": sum(float(m.summary.get("params_m") or 0) for m in members),
+           "combined_fixed": fixed["combined_score"], "combined_thresholded": tuned["combined_score"]}
+    for t in schema:
+        row[f"{t.name}_fixed"] = fixed["tasks"][t.name]["primary"]
+        row[f"{t.name}_thresholded"] = tuned["tasks"][t.name]["primary"]
+    return {"members": names, "fixed": fixed, "thresholded": tuned, "thresholds": thresholds, "row": row,
+            "n_test": int(len(out["test"][1][schema.names[0]]))}
+
+
+def bootstrap_table(sweep: SweepData, n_boot: int = 1000, seed: int = 0, view: str = "thresholded") -> pd.DataFrame:
+    """95% bootstrap CIs of each run's combined score and task metrics, and its paired difference to the best run."""
+    from tongue_nb import metrics
+
+    runs = list(sweep.runs.values())
+    if not runs:
+        return pd.DataFrame()
+    best = max(runs, key=lambda r: np.nan_to_num(_metric(r.summary.get(f"final_metrics_{view}")), nan=-1))
+    best_thresholds = _thresholds(best) if view == "thresholded" else None
+    rows = []
+    for run in runs:
+        thresholds = _thresholds(run) if view == "thresholded" else None
+        probs, targets, test_rows = arrays(run, "test")
+        ci = metrics.bootstrap_ci(run.schema, probs, targets, n_boot=n_boot, seed=seed, thresholds=thresholds)
+        row: dict[str, Any] = {"run": run.path.name, "n_test": len(test_rows)}
+        for key, entry in [("combined", ci["combined_score"])] + [(t, ci["tasks"].get(t)) for t in run.schema.names]:
+            entry = entry or {}
+            row[key], row[f"{key}_lo"], row[f"{key}_hi"] = entry.get("estimate"), entry.get("low"), entry.get("high")
+        if run is best:
+            row.update({"vs_best": "(best)", "diff": 0.0, "diff_lo": 0.0, "diff_hi": 0.0, "p_value": None, "n_paired": len(test_rows)})
+        else:
+            if run.schema != best.schema:
+                raise ValueError(f"runs {run.path.name} and {best.path.name} use different task schemas; they cannot be paired")
+            # Paired: both runs scored on the same resampled test images, aligned on predictions.csv ids.
+            mine, theirs = _shared_rows([run, best], "test")
+            diff = metrics.paired_bootstrap_diff(run.schema, _probs(run.schema, mine), _probs(best.schema, theirs),
+                                                 _targets(run.schema, mine), n_boot=n_boot, seed=seed,
+                                                 thresholds_a=thresholds, thresholds_b=best_thresholds)
+            entry = diff["combined_score"]
+            row.update({"vs_best": best.path.name, "diff": entry.get("estimate"), "diff_lo": entry.get("low"),
+                        "diff_hi": entry.get("high"), "p_value": entry.get("p_value"), "n_paired": len(mine)})
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    # A difference is "real" at 95% when its interval leaves zero out.
+    lo, hi = table["diff_lo"].astype(float), table["diff_hi"].astype(float)
+    table["significant"] = (hi < 0) | (lo > 0)
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# figures for the final report
+
+
+def task_bars(table: pd.DataFrame, schema: TaskSchema, view: str = "thresholded") -> Figure:
+    """One bar chart per task (and the combined score) comparing every row of a run table."""
+    names = ["combined"] + schema.names
+    fig = Figure(figsize=(3.2 * len(names), 3.2), layout="constrained")
+    axes = fig.subplots(1, len(names), squeeze=False)[0]
+    for ax, name in zip(axes, names):
+        col = f"{name}_{view}"
+        values = table[col].astype(float).to_numpy() if col in table else np.full(len(table), np.nan)
+        ax.bar(range(len(table)), np.nan_to_num(values), color="#4C72B0")
+        ax.set_xticks(range(len(table)), table["run"], rotation=45, ha="right", fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{name} ({view})", fontsize=10)
+        for i, v in enumerate(values):
+            if np.isfinite(v):
+                ax.text(i, v + 0.02, f"{v:.2f}", ha="center", fontsize=7)
+    return fig
+
+
+def history_columns(history: pd.DataFrame, schema: TaskSchema) -> list[str]:
+    """The validation score columns of a history table: the combined score first, then one per task."""
+    cols = [c for c in history.columns if c.startswith("val") and "combined" in c]
+    for t in schema:
+        cols += [c for c in history.columns if c.startswith("val") and t.name in c
+                 and any(w in c for w in ("f1", "primary")) and "loss" not in c and c not in cols]
+    return cols
+
+
+def training_curves(sweep: SweepData) -> Figure:
+    """Validation curves of every run overlaid: the combined score and each task's metric per epoch."""
+    runs = [r for r in sweep.runs.values() if len(r.history)]
+    schema = runs[0].schema if runs else None
+    panels = history_columns(runs[0].history, schema) if runs else []
+    panels = panels or ["(no history)"]
+    fig = Figure(figsize=(4 * len(panels), 3.2), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, col in zip(axes, panels):
+        for run in runs:
+            if col in run.history:
+                x = run.history["epoch"] if "epoch" in run.history else np.arange(1, len(run.history) + 1)
+                ax.plot(x, run.history[col], marker="o", ms=3, label=run.path.name)
+        ax.set_title(col, fontsize=10)
+        ax.set_xlabel("epoch")
+    if runs:
+        axes[0].legend(fontsize=7)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# figures and tables for one run's error analysis
+
+
+def _binary_confusion(true: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    keep = np.isfinite(true) & np.isfinite(pred)
+    t, p = true[keep].astype(int), pred[keep].astype(int)
+    return np.array([[np.sum((t == a) & (p == b)) for b in (0, 1)] for a in (0, 1)])
+
+
+def confusion_panels(run: RunData, split: str = "test", thresholded: bool = True) -> list[tuple[str, list[str], np.ndarray]]:
+    """(title, class names, matrix) for every task: one CxC for multiclass, one 2x2 per label otherwise."""
+    rows = run.predictions[run.predictions["split"] == split]
+    out = []
+    for t in run.schema:
+        if t.kind == "multiclass":
+            true, pred = rows[f"true:{t.name}"], rows[f"pred:{t.name}"]
+            keep = true != ""
+            index = {c: i for i, c in enumerate(t.labels)}
+            m = np.zeros((len(t.labels), len(t.labels)), dtype=int)
+            for a, b in zip(true[keep], pred[keep]):
+                m[index[a], index[b]] += 1
+            out.append((t.name, list(t.labels), m))
+        else:
+            kind = "pred_t" if thresholded and f"pred_t:{t.name}:{t.labels[0]}" in rows else "pred"
+            for label in t.labels:
+                m = _binary_confusion(rows[f"true:{t.name}:{label}"].to_numpy(float), rows[f"{kind}:{t.name}:{label}"].to_numpy(float))
+                out.append((f"{t.name}: {label}", ["no", "yes"], m))
+    return out
+
+
+def confusion_matrices(run: RunData, split: str = "test", thresholded: bool = True) -> Figure:
+    """Confusion matrices of every task (per label for binary / multilabel tasks)."""
+    panels = confusion_panels(run, split, thresholded)
+    fig = Figure(figsize=(3.0 * len(panels), 3.0), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, names, m) in zip(axes, panels):
+        ax.imshow(m, cmap="Blues")
+        for (i, j), v in np.ndenumerate(m):
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > m.max() / 2 else "black", fontsize=8)
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.set_xlabel("predicted", fontsize=8)
+        ax.set_ylabel("true", fontsize=8)
+        ax.set_title(title, fontsize=9)
+    return fig
+
+
+def _label_columns(run: RunData) -> list[tuple[Task, int, str]]:
+    """(task, label index, label) for each yes/no output of the run."""
+    return [(t, i, label) for t in run.schema if t.kind != "multiclass" for i, label in enumerate(t.labels)]
+
+
+def _f1(true: np.ndarray, score: np.ndarray, threshold: float) -> float:
+    pred = score >= threshold
+    tp = np.sum(pred & (true == 1))
+    denom = pred.sum() + (true == 1).sum()
+    return float(2 * tp / denom) if denom else 0.0
+
+
+def threshold_curves(run: RunData, split: str = "val") -> Figure:
+    """F1 against the decision threshold for each yes/no label, with the threshold the run chose."""
+    items = _label_columns(run)
+    if not items:
+        fig = Figure(figsize=(4, 1))
+        fig.text(0.5, 0.5, "no binary or multilabel task: multiclass tasks use argmax", ha="center")
+        return fig
+    probs, targets, _ = arrays(run, split)
+    chosen = _thresholds(run)
+    grid = np.linspace(0.01, 0.99, 99)
+    fig = Figure(figsize=(3.2 * len(items), 3.0), layout="constrained")
+    axes = fig.subplots(1, len(items), squeeze=False)[0]
+    for ax, (t, i, label) in zip(axes, items):
+        true, score = targets[t.name][:, i], probs[t.name][:, i]
+        keep = np.isfinite(true)
+        ax.plot(grid, [_f1(true[keep], score[keep], g) for g in grid])
+        ax.axvline(chosen[t.name][i], color="red", ls="--", label=f"chosen {chosen[t.name][i]:.2f}")
+        ax.axvline(0.5, color="grey", ls=":", label="0.5")
+        ax.set_title(f"{t.name}: {label} ({split})", fontsize=9)
+        ax.set_xlabel("threshold")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def calibration_table(run: RunData, split: str = "test", bins: int = 10) -> pd.DataFrame:
+    """Reliability bins per task: mean confidence vs observed frequency, and the expected calibration error."""
+    probs, targets, _ = arrays(run, split)
+    rows = []
+    for t in run.schema:
+        if t.kind == "multiclass":
+            keep = targets[t.name] >= 0
+            p = probs[t.name][keep]
+            conf, hit = p.max(axis=1), (p.argmax(axis=1) == targets[t.name][keep]).astype(float)
+        else:
+            y, p = targets[t.name].ravel(), probs[t.name].ravel()
+            keep = np.isfinite(y)
+            conf, hit = p[keep], y[keep]
+        edges = np.linspace(0, 1, bins + 1)
+        which = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
+        for b in range(bins):
+            sel = which == b
+            if sel.any():
+                rows.append({"task": t.name, "bin": b, "confidence": conf[sel].mean(), "observed": hit[sel].mean(), "n": int(sel.sum())})
+    table = pd.DataFrame(rows, columns=["task", "bin", "confidence", "observed", "n"])
+    return table
+
+
+def reliability_diagram(run: RunData, split: str = "test", bins: int = 10) -> Figure:
+    """Reliability diagram per task (top-class confidence for multiclass, per-label probability otherwise)."""
+    table = calibration_table(run, split, bins)
+    names = run.schema.names
+    fig = Figure(figsize=(3.2 * len(names), 3.2), layout="constrained")
+    axes = fig.subplots(1, len(names), squeeze=False)[0]
+    for ax, name in zip(axes, names):
+        part = table[table["task"] == name]
+        ece = float(np.sum(part["n"] * (part["confidence"] - part["observed"]).abs()) / max(part["n"].sum(), 1))
+        ax.plot([0, 1], [0, 1], color="grey", ls=":")
+        ax.plot(part["confidence"], part["observed"], marker="o")
+        ax.set_title(f"{name} (ECE {ece:.3f})", fontsize=9)
+        ax.set_xlabel("predicted probability")
+        ax.set_ylabel("observed frequency")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+    return fig
+
+
+def sample_errors(run: RunData, thresholded: bool = True) -> pd.DataFrame:
+    """One row per (sample, task) with a label: true, predicted, the probability given to the truth, wrong or not."""
+    rows = []
+    preds = run.predictions
+    for t in run.schema:
+        if t.kind == "multiclass":
+            true = preds[f"true:{t.name}"]
+            keep = (true != "").to_numpy()
+            p = preds[[f"p:{t.name}:{c}" for c in t.labels]].to_numpy(float)
+            idx = np.array([t.labels.index(v) if v in t.labels else 0 for v in true])
+            p_true = p[np.arange(len(preds)), idx]
+            part = pd.DataFrame({"task": t.name, "true": true, "pred": preds[f"pred:{t.name}"], "p_true": p_true})
+        else:
+            kind = "pred_t" if thresholded and f"pred_t:{t.name}:{t.labels[0]}" in preds else "pred"
+            y = preds[[f"true:{t.name}:{label}" for label in t.labels]].to_numpy(float)
+            yhat = preds[[f"{kind}:{t.name}:{label}" for label in t.labels]].to_numpy(float)
+            p = preds[[f"p:{t.name}:{label}" for label in t.labels]].to_numpy(float)
+            keep = np.isfinite(y).any(axis=1)
+            y0 = np.nan_to_num(y)
+            # The probability given to the truth, label by label; the sample's score is its worst label.
+            p_true = np.where(np.isfinite(y), np.where(y0 == 1, p, 1 - p), 1.0).min(axis=1)
+            names = np.array(t.labels)
+            fmt = lambda m: [";".join(names[r == 1]) or "none" for r in m]  # noqa: E731
+            wrong_rows = np.where(np.isfinite(y), y0 != yhat, False).any(axis=1)
+            part = pd.DataFrame({"task": t.name, "true": fmt(y0 * np.isfinite(y)), "pred": fmt(np.nan_to_num(yhat)),
+                                 "p_true": p_true, "wrong": wrong_rows})
+        part.insert(0, "id", preds["id"].to_numpy())
+        for col in ("split", "image", "group"):
+            part[col] = preds[col].to_numpy()
+        if "wrong" not in part:
+            part["wrong"] = part["true"] != part["pred"]
+        rows.append(part[keep])
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+
+
+def worst_errors(run: RunData, k: int = 12, split: str | None = "test") -> pd.DataFrame:
+    """The k most confident mistakes (lowest probability given to the true label)."""
+    errors = sample_errors(run)
+    errors = errors[errors["wrong"]]
+    if split:
+        errors = errors[errors["split"] == split]
+    return errors.sort_values("p_true").head(k).reset_index(drop=True)
+
+
+def errors_by(run: RunData, by: str = "split") -> pd.DataFrame:
+    """Error rate per task and per split or group."""
+    if by not in ("split", "group"):
+        raise ValueError(f"errors_by: by must be 'split' or 'group', got {by!r}")
+    errors = sample_errors(run)
+    table = errors.groupby([by, "task"])["wrong"].agg(errors="sum", n="count").reset_index()
+    table["error_rate"] = table["errors"] / table["n"]
+    return table.sort_values([by, "task"] if by == "split" else ["error_rate", "n"], ascending=by == "split").reset_index(drop=True)
+
+
+def _data_dir(run: RunData, data_dir: str | Path | None) -> Path | None:
+    # The summary holds the resolved folder (the synthetic set's path when params said '').
+    for value in (data_dir, run.summary.get("data_dir"), run.params.get("data_dir")):
+        if value not in (None, ""):
+            return Path(value)
+    return None
+
+
+def _mask_map(root: Path) -> dict[str, str]:
+    """image -> mask path from the dataset's labels.csv (empty when it has no mask column)."""
+    file = root / "labels.csv"
+    if not file.exists():
+        return {}
+    table = pd.read_csv(file, dtype=str, keep_default_na=False)
+    if "mask" not in table or "image" not in table:
+        return {}
+    return dict(zip(table["image"], table["mask"]))
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as img:
+        return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+
+
+def error_gallery(run: RunData, k: int = 12, data_dir: str | Path | None = None, split: str | None = "test",
+                  columns: int = 4) -> Figure:
+    """The worst errors as an image grid: mask outlined, true vs predicted and the probability of the truth."""
+    worst = worst_errors(run, k, split)
+    root = _data_dir(run, data_dir)
+    n = max(len(worst), 1)
+    cols = min(columns, n)
+    nrows = math.ceil(n / cols)
+    fig = Figure(figsize=(3.0 * cols, 3.3 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, cols, squeeze=False).ravel()
+    for ax in axes:
+        ax.axis("off")
+    if not len(worst):
+        axes[0].text(0.5, 0.5, "no errors on this split", ha="center")
+        return fig
+    masks = _mask_map(root) if root else {}
+    for ax, (_, err) in zip(axes, worst.iterrows()):
+        title = f"{err['task']}: true {err['true']}\npred {err['pred']} (p_true {err['p_true']:.2f})"
+        image_path = root / err["image"] if root else None
+        if image_path is None or not image_path.exists():
+            ax.text(0.5, 0.5, f"{err['image']}\n(image not found: set data_dir)", ha="center", va="center", fontsize=7)
+        else:
+            ax.imshow(_read_rgb(image_path))
+            mask = masks.get(err["image"], "")
+            if mask and (root / mask).exists():
+                from PIL import Image
+
+                with Image.open(root / mask) as m:
+                    # JPEG masks are not pure 0/255: threshold before drawing the outline.
+                    ax.contour(np.asarray(m.convert("L")) > 127, levels=[0.5], colors="lime", linewidths=1)
+        ax.set_title(title, fontsize=7)
+    return fig
+
+
+def error_browser(run: RunData, data_dir: str | Path | None = None, split: str | None = "test") -> Any:
+    """An ipywidgets browser over the errors (pick a task, page through); None when ipywidgets is unavailable."""
+    try:
+        import ipywidgets as widgets
+        from IPython.display import display
+    except ImportError:
+        log.info("ipywidgets not installed: use error_gallery for a static view")
+        return None
+    errors = sample_errors(run)
+    errors = errors[errors["wrong"] & ((errors["split"] == split) if split else True)]
+    task = widgets.Dropdown(options=run.schema.names, description="task")
+    page = widgets.IntSlider(min=0, max=0, description="page")
+    out = widgets.Output()
+
+    def show(*_: object) -> None:
+        subset = errors[errors["task"] == task.value].sort_values("p_true")
+        page.max = max((len(subset) - 1) // 8, 0)
+        view = RunData(run.path, run.name, run.summary, run.history,
+                       run.predictions[run.predictions["id"].isin(subset["id"].iloc[page.value * 8:(page.value + 1) * 8])],
+                       run.params, run.schema)
+        with out:
+            out.clear_output(wait=True)
+            display(error_gallery(view, 8, data_dir, split))
+
+    task.observe(show, "value")
+    page.observe(show, "value")
+    show()
+    return widgets.VBox([widgets.HBox([task, page]), out])
+
+
+# ----------------------------------------------------------------------------------------------
+# reports/index.html
+
+_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2rem auto;max-width:60rem;
+color:#222;padding:0 1rem}h1{font-size:1.6rem}h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;width:100%;font-size:.9rem}th,td{border:1px solid #ddd;padding:.35rem .5rem;text-align:left;
+vertical-align:top}th{background:#f4f4f4}a{color:#1a5fb4}.fail{color:#a51d2d;font-weight:600}.ok{color:#26a269}
+code,pre{font-size:.8rem;white-space:pre-wrap;margin:0}.muted{color:#777}"""
+
+
+def _link(reports_dir: Path, target: str | Path | None, text: str) -> str:
+    """A relative link when the target exists, a grey 'missing' note otherwise."""
+    if target and Path(target).exists():
+        rel = Path(target).resolve().relative_to(reports_dir.resolve()) if Path(target).resolve().is_relative_to(reports_dir.resolve()) else Path(target).resolve()
+        return f'<a href="{html.escape(rel.as_posix())}">{html.escape(text)}</a>'
+    return f'<span class="muted">{html.escape(text)} (not produced)</span>'
+
+
+def write_index(reports_dir: str | Path, runs: Sequence[dict], failures: Sequence[dict], comparison: str | Path | None = None,
+                data_review: str | Path | None = None, title: str = "tongue_nb sweep", extra: Sequence[tuple[str, str | Path]] = ()) -> Path:
+    """Write reports/index.html: links to the comparison, run and error-analysis reports, and the failed runs."""
+    reports_dir = Path(reports_dir)
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    data_review = data_review or reports_dir / "01_data_review.html"
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+             "<h2>Reports</h2><ul>",
+             f"<li>{_link(reports_dir, comparison, 'Final report: comparison of every run')}</li>",
+             f"<li>{_link(reports_dir, data_review, 'Data review')}</li>"]
+    parts += [f"<li>{_link(reports_dir, path, text)}</li>" for text, path in extra]
+    parts.append("</ul><h2>Runs</h2><table><tr><th>run</th><th>status</th><th>combined (thresholded)</th>"
+                 "<th>training report</th><th>error analysis</th></tr>")
+    for run in runs:
+        score = run.get("combined_thresholded")
+        score_text = f"{score:.3f}" if isinstance(score, (int, float)) and math.isfinite(score) else "-"
+        parts.append(f"<tr><td>{html.escape(str(run['backbone']))}</td><td class='ok'>completed</td><td>{score_text}</td>"
+                     f"<td>{_link(reports_dir, run.get('report'), 'training')}</td>"
+                     f"<td>{_link(reports_dir, run.get('error_analysis'), 'errors')}</td></tr>")
+    parts.append("</table>")
+    parts.append(f"<h2>Failed runs ({len(failures)})</h2>")
+    if failures:
+        parts.append("<table><tr><th>run</th><th>error</th><th>message</th><th>cell</th><th>partial notebook</th></tr>")
+        for f in failures:
+            cell = "" if f.get("cell_index") is None else f"cell {f['cell_index']}"
+            source = f.get("cell_source") or ""
+            parts.append(f"<tr><td>{html.escape(str(f['backbone']))}</td><td class='fail'>{html.escape(str(f['error_type']))}</td>"
+                         f"<td><pre>{html.escape(str(f['message']))}</pre></td><td>{html.escape(cell)}"
+                         f"{'<pre>' + html.escape(source) + '</pre>' if source else ''}</td>"
+                         f"<td>{_link(reports_dir, f.get('report'), 'partial report')}</td></tr>")
+        parts.append("</table>")
+    else:
+        parts.append("<p class='ok'>none</p>")
+    parts.append("</body></html>")
+    path = reports_dir / "index.html"
+    tmp = path.with_suffix(".html.tmp")
+    tmp.write_text("\n".join(parts), encoding="utf-8")
+    tmp.replace(path)  # atomic: a browser never sees half an index
+    return path

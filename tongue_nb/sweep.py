@@ -1,0 +1,542 @@
+"""The papermill sweep: one training notebook per backbone, error analysis, final report, HTML and index.html."""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import importlib.util
+import json
+import logging
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = PROJECT_ROOT / "notebooks"
+PARAMS_DIR = PROJECT_ROOT / "params"
+KERNEL_NAME = "tongue-nb"
+# The seed document's backbones, used when neither --backbones nor a recipe names one.
+SEED_BACKBONES = ("convnext_base", "convnext_large", "swin_base", "swin_large", "vit_large")
+# Messages of kernel-start races (two kernels picking the same ports, a slow first start):
+# safe to retry because no cell has run yet.
+_START_RACES = ("Kernel died before replying to kernel_info", "Address already in use", "Kernel didn't respond",
+                "Kernel didn't respond in", "ZMQError")
+
+
+class SweepError(RuntimeError):
+    """The sweep as a whole cannot run (missing kernel, notebook, bad override, locked folder)."""
+
+
+@dataclass
+class RunOutcome:
+    """What happened to one backbone's training run."""
+
+    backbone: str
+    run_dir: str
+    notebook: str
+    status: str = "pending"  # completed | skipped | failed
+    error: dict | None = None
+    report: str | None = None  # 03 HTML
+    error_analysis: str | None = None  # 04 HTML
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when the run finished (now or in an earlier sweep)."""
+        return self.status in ("completed", "skipped")
+
+
+@dataclass
+class SweepResult:
+    """Outcome of a sweep: its runs, stage errors (comparison, 04, 05, rendering) and the report paths."""
+
+    sweep_dir: Path
+    reports_dir: Path
+    runs: list[RunOutcome] = field(default_factory=list)
+    errors: list[dict] = field(default_factory=list)
+    comparison: Path | None = None  # comparison.csv
+    comparison_report: Path | None = None  # 02_model_comparison.html
+    report: Path | None = None
+    index: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when every run and every report step succeeded."""
+        return all(r.ok for r in self.runs) and not self.errors
+
+    @property
+    def failures(self) -> list[dict]:
+        """Failure records of the training runs."""
+        return [r.error for r in self.runs if r.error]
+
+    def describe(self) -> str:
+        """A few lines for the command line."""
+        lines = [f"sweep {self.sweep_dir}: {sum(r.ok for r in self.runs)}/{len(self.runs)} runs ok"]
+        for r in self.runs:
+            extra = f" ({r.error['error_type']}: {r.error['message'].splitlines()[0][:150] if r.error['message'] else ''})" if r.error else ""
+            lines.append(f"  {r.backbone}: {r.status}{extra}")
+        for e in self.errors:
+            lines.append(f"  {e['stage']} {e.get('backbone') or ''}: {e['error_type']}: {e['message'][:150]}")
+        lines.append(f"index: {self.index}")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernel
+
+
+def write_kernelspec(folder: str | Path, name: str = KERNEL_NAME) -> Path:
+    """Write a kernelspec running this Python (the project's env) under <folder>/kernels/<name>; return <folder>."""
+    if importlib.util.find_spec("ipykernel") is None:
+        raise SweepError(f"ipykernel is not installed in {sys.executable}; install the project's environment "
+                         "(`make venv`, or `pip install -e .` which pulls ipykernel) and run again")
+    folder = Path(folder)
+    spec_dir = folder / "kernels" / name
+    spec_dir.mkdir(parents=True, exist_ok=True)
+    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": f"tongue_nb ({sys.executable})", "language": "python", "metadata": {}}
+    (spec_dir / "kernel.json").write_text(json.dumps(spec, indent=1))
+    return folder
+
+
+@contextlib.contextmanager
+def project_kernel(sweep_dir: Path, kernel_name: str | None = None) -> Iterator[str]:
+    """Yield a kernel name that runs the project's environment, checking a user-given one exists.
+
+    Without a name, a private kernelspec pointing at sys.executable is put on JUPYTER_PATH for the
+    sweep: a fresh clone needs no `ipykernel install`, and a user-level `python3` spec that points
+    at another Python cannot hijack the runs.
+    """
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    old = os.environ.get("JUPYTER_PATH")
+    if kernel_name is None:
+        folder = write_kernelspec(sweep_dir / ".jupyter")
+        os.environ["JUPYTER_PATH"] = os.pathsep.join([str(folder)] + ([old] if old else []))
+        kernel_name = KERNEL_NAME
+    try:
+        try:
+            KernelSpecManager().get_kernel_spec(kernel_name)
+        except NoSuchKernel:
+            known = ", ".join(sorted(KernelSpecManager().find_kernel_specs())) or "none"
+            raise SweepError(f"Jupyter kernel {kernel_name!r} not found (installed: {known}); register it with "
+                             f"`{sys.executable} -m ipykernel install --user --name {kernel_name}`, or leave the "
+                             "kernel unset to use the project's environment") from None
+        yield kernel_name
+    finally:
+        if old is None:
+            os.environ.pop("JUPYTER_PATH", None)
+        else:
+            os.environ["JUPYTER_PATH"] = old
+
+
+# ----------------------------------------------------------------------------------------------
+# one notebook
+
+
+def _failing_cell(notebook: Path) -> tuple[int | None, str]:
+    """Index and source of the cell that failed or was running when the kernel died (papermill metadata)."""
+    import nbformat
+
+    try:
+        nb = nbformat.read(str(notebook), as_version=4)
+    except (OSError, ValueError):
+        return None, ""
+    started = None
+    for i, cell in enumerate(nb.cells):
+        meta = cell.get("metadata", {}).get("papermill", {})
+        if meta.get("status") in ("failed", "running"):
+            return i, cell.get("source", "")
+        if meta.get("start_time"):
+            started = i
+    # A dead kernel leaves no 'failed' mark: papermill closes the notebook with every cell 'completed',
+    # so the culprit is the last cell that started.
+    if started is not None:
+        return started, nb.cells[started].get("source", "")
+    return None, ""
+
+
+def _executed_ok(notebook: Path) -> bool:
+    """True when a papermill-executed notebook exists and every code cell completed without an error output."""
+    import nbformat
+
+    try:
+        nb = nbformat.read(str(notebook), as_version=4)
+    except (OSError, ValueError):
+        return False
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    return bool(code) and all(c.get("metadata", {}).get("papermill", {}).get("start_time")
+                              and not any(o.get("output_type") == "error" for o in c.get("outputs", [])) for c in code)
+
+
+def failure_record(backbone: str, exc: BaseException, notebook: Path | None, stage: str = "train") -> dict:
+    """A JSON-ready record of a failure: backbone, error type, message, failing cell index and source excerpt."""
+    from papermill.exceptions import PapermillExecutionError
+
+    if isinstance(exc, PapermillExecutionError):
+        error_type, message = exc.ename, str(exc.evalue)
+        cell_index, source = exc.cell_index, exc.source or ""
+    else:
+        error_type = type(exc).__name__
+        message = str(exc) or repr(exc)
+        cell_index, source = _failing_cell(notebook) if notebook and notebook.exists() else (None, "")
+    lines = source.strip().splitlines()
+    excerpt = "\n".join(lines[:8]) + ("\n..." if len(lines) > 8 else "")
+    return {"backbone": backbone, "stage": stage, "error_type": error_type, "message": message[:2000],
+            "cell_index": cell_index, "cell_source": excerpt, "notebook": str(notebook) if notebook else None,
+            "time": _dt.datetime.now().isoformat(timespec="seconds")}
+
+
+def execute_notebook(input_nb: Path, output_nb: Path, parameters: dict, kernel_name: str, cwd: Path,
+                     start_retries: int = 2) -> None:
+    """Run a notebook with papermill, retrying kernel-start races; execution errors propagate."""
+    import papermill as pm
+
+    output_nb.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(start_retries + 1):
+        try:
+            pm.execute_notebook(str(input_nb), str(output_nb), parameters=parameters, kernel_name=kernel_name, language="python",
+                                cwd=str(cwd), progress_bar=False, log_output=False, request_save_on_cell_execute=True)
+            return
+        except RuntimeError as exc:
+            # DeadKernelError is a RuntimeError too: only messages of a kernel that never started are retried.
+            if attempt < start_retries and any(s in str(exc) for s in _START_RACES) and _failing_cell(output_nb)[0] is None:
+                log.warning("kernel start failed for %s (%s); retry %d/%d", output_nb.name, exc, attempt + 1, start_retries)
+                time.sleep(1.0 + 2.0 * attempt)
+                continue
+            raise
+
+
+def run_job(job: dict) -> dict:
+    """Execute one training notebook described by a job dict; return a RunOutcome as a dict (never raises)."""
+    out = RunOutcome(job["backbone"], job["run_dir"], job["output_nb"])
+    start = time.perf_counter()
+    try:
+        execute_notebook(Path(job["input_nb"]), Path(job["output_nb"]), job["parameters"], job["kernel_name"], Path(job["cwd"]))
+        out.status = "completed"
+    except Exception as exc:  # every failure is recorded; the sweep goes on with the other backbones
+        out.status = "failed"
+        out.error = failure_record(job["backbone"], exc, Path(job["output_nb"]))
+        log.error("run %s failed: %s: %s", job["backbone"], out.error["error_type"], out.error["message"].splitlines()[0] if out.error["message"] else "")
+        log.debug("%s", traceback.format_exc())
+    out.seconds = time.perf_counter() - start
+    return asdict(out)
+
+
+def _run_job_in_subprocess(job: dict, device: str) -> dict:
+    """Run a job in its own Python process that sees one GPU (kernels inherit the process environment)."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=device)
+    with tempfile.TemporaryDirectory(prefix="tongue-nb-job-") as tmp:
+        job_file, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        job_file.write_text(json.dumps(job))
+        proc = subprocess.run([sys.executable, "-m", "tongue_nb.sweep", "--worker", str(job_file), str(result_file)],
+                              env=env, cwd=job["cwd"], capture_output=True, text=True)
+        if result_file.exists():
+            return json.loads(result_file.read_text())
+        out = RunOutcome(job["backbone"], job["run_dir"], job["output_nb"], status="failed")
+        out.error = failure_record(job["backbone"], RuntimeError(f"sweep worker exited with {proc.returncode}: "
+                                                                 f"{proc.stderr.strip()[-1500:]}"), Path(job["output_nb"]))
+        return asdict(out)
+
+
+def visible_gpus(gpus: Sequence[str] | int | None = None) -> list[str]:
+    """GPU ids to spread runs over: the given ones, else CUDA_VISIBLE_DEVICES, else torch's device count."""
+    if isinstance(gpus, int):
+        return [str(i) for i in range(gpus)]
+    if gpus is not None:
+        return [str(g) for g in gpus]
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except ImportError:
+        return []
+
+
+def _run_jobs(jobs: list[dict], devices: list[str]) -> list[dict]:
+    """Run jobs one after another (CPU, one GPU) or one per GPU at a time in worker processes."""
+    if len(devices) <= 1:
+        return [run_job(job) for job in jobs]
+    free: queue.Queue[str] = queue.Queue()
+    for d in devices:
+        free.put(d)
+    results: dict[int, dict] = {}
+
+    def worker(i: int, job: dict) -> None:
+        device = free.get()
+        try:
+            results[i] = _run_job_in_subprocess(job, device)
+        finally:
+            free.put(device)
+
+    threads = []
+    for i, job in enumerate(jobs):
+        t = threading.Thread(target=worker, args=(i, job), daemon=True)
+        t.start()
+        threads.append(t)
+        time.sleep(0.5)  # staggered starts make kernel port races rarer (they are retried anyway)
+    for t in threads:
+        t.join()
+    return [results[i] for i in range(len(jobs))]
+
+
+# ----------------------------------------------------------------------------------------------
+# rendering
+
+
+def render_html(notebook: str | Path, html_path: str | Path) -> Path:
+    """Render an executed notebook to a self-contained HTML page without code cells (nbconvert --no-input)."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True, embed_images=True)
+    body, _ = exporter.from_notebook_node(nbformat.read(str(notebook), as_version=4))
+    html_path = Path(html_path)
+    html_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = html_path.with_suffix(".html.tmp")
+    tmp.write_text(body, encoding="utf-8")
+    tmp.replace(html_path)
+    return html_path
+
+
+# ----------------------------------------------------------------------------------------------
+# the sweep
+
+
+def default_backbones(params_file: str | Path | None = None) -> list[str]:
+    """Backbones for a sweep without --backbones: the recipe's own `backbone` if it sets one, else the seed's list."""
+    if params_file:
+        import yaml
+
+        data = yaml.safe_load(Path(params_file).read_text()) or {}
+        if isinstance(data, dict) and data.get("backbone"):
+            return [str(data["backbone"])]
+    return list(SEED_BACKBONES)
+
+
+def is_completed(run_dir: str | Path) -> bool:
+    """True when the run folder holds a summary of a finished training run."""
+    file = Path(run_dir) / "summary.json"
+    if not file.exists():
+        return False
+    try:
+        summary = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return False
+    return summary.get("status", "completed") == "completed" and "final_metrics_fixed" in summary
+
+
+def _parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """'key=value' strings into typed notebook parameters, checked by tongue_nb.params (errors name the override)."""
+    from tongue_nb.params import ParamError, load_params
+
+    values: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ParamError(f"override {item!r}: expected key=value")
+        key = item.split("=", 1)[0].strip()
+        # Typing one override at a time keeps its error message about that override only.
+        values[key] = getattr(load_params(overrides=[item]), key)
+    return values
+
+
+def _safe_name(backbone: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in backbone)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)
+
+
+def run_sweep(data_dir: str | Path, backbones: Sequence[str], params_file: str | Path | None = None,
+              overrides: Sequence[str] = (), out_dir: str | Path | None = None, reports_dir: str | Path = "reports",
+              gpus: Sequence[str] | int | None = None, compare: bool = True, compare_steps: int = 10,
+              kernel_name: str | None = None, ensemble_k: int = 3, compare_options: dict | None = None) -> SweepResult:
+    """Compare the backbones, train one 03 notebook per backbone, analyse errors, report, and write index.html.
+
+    `compare_options` go to compare.compare_backbones (e.g. image_size, batch_size) besides `steps=compare_steps`.
+    """
+    if not backbones:
+        raise SweepError("run_sweep: no backbones given")
+    if len(set(backbones)) != len(backbones):
+        raise SweepError(f"run_sweep: a backbone is listed twice: {list(backbones)}")
+    if params_file and not Path(params_file).is_file():
+        raise SweepError(f"run_sweep: recipe file {params_file} not found")
+    for name in ("03_train", "04_error_analysis", "05_report"):
+        if not (NOTEBOOKS / f"{name}.ipynb").exists():
+            raise SweepError(f"run_sweep: notebook {NOTEBOOKS / name}.ipynb is missing from the project")
+    extra = _parse_overrides(overrides)
+    if not str(data_dir):
+        from tongue_nb.synth import ensure_synthetic
+
+        data_dir = ensure_synthetic()
+    data = Path(data_dir).resolve()
+    if not (data / "labels.csv").exists():
+        raise SweepError(f"run_sweep: data_dir {data} has no labels.csv")
+    sweep_dir = Path(out_dir or f"runs/sweep-{_dt.date.today():%Y%m%d}").resolve()
+    reports = Path(reports_dir).resolve()
+    reports.mkdir(parents=True, exist_ok=True)
+    from tongue_nb.runio import RunLock
+
+    lock = RunLock(sweep_dir).acquire()  # a second sweep into the same folder is refused, not interleaved
+    try:
+        with project_kernel(sweep_dir, kernel_name) as kernel:
+            return _sweep(data, list(backbones), params_file, extra, sweep_dir, reports, gpus,
+                          dict(compare_options or {}, steps=compare_steps) if compare else None, kernel, ensemble_k)
+    finally:
+        lock.release()
+
+
+def _sweep(data: Path, backbones: list[str], params_file: str | Path | None, extra: dict, sweep_dir: Path,
+           reports: Path, gpus: Sequence[str] | int | None, compare: dict | None, kernel: str,
+           ensemble_k: int) -> SweepResult:
+    result = SweepResult(sweep_dir, reports)
+    (sweep_dir / "notebooks").mkdir(parents=True, exist_ok=True)
+    _write_json(sweep_dir / "sweep.json", {"data_dir": str(data), "backbones": backbones, "params_file": str(params_file or ""),
+                                           "overrides": extra, "started": _dt.datetime.now().isoformat(timespec="seconds")})
+    if compare is not None:
+        result.comparison = _compare(data, backbones, sweep_dir, compare, kernel, result)
+
+    jobs, outcomes = [], {}
+    for backbone in backbones:
+        name = _safe_name(backbone)
+        run_dir = sweep_dir / "runs" / name
+        output_nb = sweep_dir / "notebooks" / f"03_train-{name}.ipynb"
+        if is_completed(run_dir):
+            log.info("skipping %s: %s already completed", backbone, run_dir)
+            outcomes[backbone] = RunOutcome(backbone, str(run_dir), str(output_nb), status="skipped")
+            continue
+        recipe = params_file or (PARAMS_DIR / f"{backbone}.yaml" if (PARAMS_DIR / f"{backbone}.yaml").exists() else "")
+        parameters = {"backbone": backbone, "data_dir": str(data), "out_dir": str(run_dir),
+                      "params_file": str(Path(recipe).resolve()) if recipe else "", "progress": False, **extra}
+        if (run_dir / "checkpoints" / "last.pt").exists():
+            parameters["resume"] = True  # an interrupted run continues from its last finished epoch
+        (run_dir / "failure.json").unlink(missing_ok=True)
+        jobs.append({"backbone": backbone, "run_dir": str(run_dir), "input_nb": str(NOTEBOOKS / "03_train.ipynb"),
+                     "output_nb": str(output_nb), "parameters": parameters, "kernel_name": kernel, "cwd": str(PROJECT_ROOT)})
+    for res in _run_jobs(jobs, visible_gpus(gpus)):
+        outcomes[res["backbone"]] = RunOutcome(**res)
+    result.runs = [outcomes[b] for b in backbones]
+
+    for run in result.runs:
+        name = _safe_name(run.backbone)
+        nb = Path(run.notebook)
+        if nb.exists():  # failed runs too: the partial notebook shows where it stopped
+            html = _render(nb, reports / f"03_train-{name}.html", run.backbone, result)
+            run.report = str(html) if html else None
+        if run.error:
+            run.error["report"] = run.report
+            Path(run.run_dir).mkdir(parents=True, exist_ok=True)
+            _write_json(Path(run.run_dir) / "failure.json", run.error)
+        if run.ok:
+            out_nb = sweep_dir / "notebooks" / f"04_error_analysis-{name}.ipynb"
+            html_path = reports / f"04_error_analysis-{name}.html"
+            if run.status == "skipped" and html_path.exists() and _executed_ok(out_nb):
+                run.error_analysis = str(html_path)  # the run did not change since its analysis
+            elif _run_stage("error_analysis", run.backbone, "04_error_analysis", out_nb,
+                            {"run_dir": run.run_dir, "data_dir": str(data)}, kernel, result):
+                html = _render(out_nb, html_path, run.backbone, result)
+                run.error_analysis = str(html) if html else None
+    _write_json(sweep_dir / "failures.json", result.failures)
+
+    out_nb = sweep_dir / "notebooks" / "05_report.ipynb"
+    if _run_stage("report", None, "05_report", out_nb, {"sweep_dir": str(sweep_dir), "ensemble_k": ensemble_k}, kernel, result):
+        result.report = _render(out_nb, reports / "05_report.html", None, result)
+    result.index = _index(result, reports)
+    _write_json(sweep_dir / "sweep_result.json", {"ok": result.ok, "runs": [asdict(r) for r in result.runs],
+                                                  "errors": result.errors, "index": str(result.index)})
+    log.info("%s", result.describe())
+    return result
+
+
+def _compare(data: Path, backbones: list[str], sweep_dir: Path, options: dict, kernel: str,
+             result: SweepResult) -> Path | None:
+    """The model comparison of the sweep's backbones (02 notebook, rendered), its table under <sweep>/comparison."""
+    out = sweep_dir / "comparison"
+    if (NOTEBOOKS / "02_model_comparison.ipynb").exists():
+        out_nb = sweep_dir / "notebooks" / "02_model_comparison.ipynb"
+        parameters = {"data_dir": str(data), "backbones": ",".join(backbones), "out_dir": str(out), **options}
+        if _run_stage("compare", None, "02_model_comparison", out_nb, parameters, kernel, result):
+            result.comparison_report = _render(out_nb, result.reports_dir / "02_model_comparison.html", None, result)
+    else:
+        from tongue_nb.compare import compare_backbones
+
+        try:
+            compare_backbones(data, backbones, out_dir=out, **options)
+        except Exception as exc:  # the comparison is informative; training still runs without it
+            result.errors.append(failure_record("", exc, None, stage="compare"))
+            log.error("model comparison failed: %s", exc)
+    csv = out / "comparison.csv"
+    return csv if csv.exists() else None
+
+
+def _run_stage(stage: str, backbone: str | None, notebook: str, output_nb: Path, parameters: dict, kernel: str,
+               result: SweepResult) -> bool:
+    """Run a report notebook; a failure is recorded in the result's errors and False returned."""
+    try:
+        execute_notebook(NOTEBOOKS / f"{notebook}.ipynb", output_nb, parameters, kernel, PROJECT_ROOT)
+        return True
+    except Exception as exc:
+        result.errors.append(failure_record(backbone or "", exc, output_nb, stage=stage))
+        log.error("%s failed%s: %s", notebook, f" for {backbone}" if backbone else "", exc)
+        if output_nb.exists():
+            _render(output_nb, result.reports_dir / f"{output_nb.stem}.html", backbone, result)
+        return False
+
+
+def _render(notebook: Path, html_path: Path, backbone: str | None, result: SweepResult) -> Path | None:
+    try:
+        return render_html(notebook, html_path)
+    except Exception as exc:
+        result.errors.append(failure_record(backbone or "", exc, notebook, stage="render"))
+        log.error("rendering %s failed: %s", notebook, exc)
+        return None
+
+
+def _index(result: SweepResult, reports: Path) -> Path:
+    """reports/index.html from the sweep's outcomes."""
+    from tongue_nb.report import write_index
+
+    runs = []
+    for run in result.runs:
+        if not run.ok:
+            continue
+        score = None
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            summary = json.loads((Path(run.run_dir) / "summary.json").read_text())
+            score = float(summary["final_metrics_thresholded"]["combined_score"])
+        runs.append({"backbone": run.backbone, "combined_thresholded": score, "report": run.report,
+                     "error_analysis": run.error_analysis})
+    failures = [dict(f) for f in result.failures]
+    failures += [dict(e, backbone=f"{e['backbone'] or 'sweep'} ({e['stage']})") for e in result.errors]
+    extra = [("Model comparison (same short training budget)", result.comparison_report)] if result.comparison_report else []
+    return write_index(reports, runs, failures, comparison=result.report, extra=extra,
+                       title=f"tongue_nb sweep {result.sweep_dir.name}")
+
+
+def _worker_main(argv: Sequence[str]) -> int:
+    """`python -m tongue_nb.sweep --worker JOB.json RESULT.json`: one run in its own process (one GPU)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    job = json.loads(Path(argv[0]).read_text())
+    Path(argv[1]).write_text(json.dumps(run_job(job)))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        sys.exit(_worker_main(sys.argv[2:]))
+    sys.exit("usage: python -m tongue_nb.sweep --worker JOB.json RESULT.json (internal; use `tongue-nb sweep`)")
