@@ -1,0 +1,70 @@
+"""notebooks/03_train.ipynb: its parameters cell follows TrainParams, and papermill writes the trainer's run folder."""
+import dataclasses
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+
+from tongue_nb.params import NOTEBOOK_EXTRA, TrainParams, load_params, notebook_parameters_source
+from tongue_nb.synth import make_synthetic
+from tongue_nb.trainer import train
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "03_train.ipynb"
+
+
+def test_parameters_cell_matches_trainparams_and_notebook_has_no_outputs():
+    nb = nbformat.read(str(NOTEBOOK), as_version=4)
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1
+    # Regenerate with tongue_nb.params.sync_notebook_parameters("notebooks/03_train.ipynb") after changing TrainParams.
+    assert cells[0].source == notebook_parameters_source(NOTEBOOK_EXTRA)
+    namespace: dict = {}
+    exec(cells[0].source, namespace)
+    for f in dataclasses.fields(TrainParams):
+        assert namespace[f.name] == f.default, f.name
+    assert namespace["params_file"] == ""
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert not cell.outputs and cell.execution_count is None
+
+
+def _files(run: Path) -> set[str]:
+    return {p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+
+
+def test_papermill_run_equals_trainer_run(tmp_path):
+    pm = pytest.importorskip("papermill")
+    data = make_synthetic(tmp_path / "data", n=48, size=48, seed=3)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("stage1_epochs: 1\nstage2_epochs: 1\nbatch_size: 8\n")
+    values = dict(backbone="test_convnext", data_dir=str(data), image_size=32, pretrained=False, num_threads=1)
+    out_nb = tmp_path / "out.ipynb"
+    pm.execute_notebook(str(NOTEBOOK), str(out_nb), kernel_name="python3", cwd=str(tmp_path), progress_bar=False,
+                        parameters={**values, "out_dir": str(tmp_path / "nb_run"), "params_file": str(recipe)})
+    summary_cli = train(load_params(files=[recipe], out_dir=str(tmp_path / "cli_run"), progress=False, **values))
+    nb_run, cli_run = tmp_path / "nb_run", tmp_path / "cli_run"
+    assert _files(nb_run) == _files(cli_run)
+    summary_nb = json.loads((nb_run / "summary.json").read_text())
+    # Same data, seed and threads: the notebook and the direct call train the very same model.
+    assert summary_nb["final_metrics_fixed"] == summary_cli["final_metrics_fixed"]
+    assert summary_nb["final_metrics_thresholded"] == summary_cli["final_metrics_thresholded"]
+    p_nb = yaml.safe_load((nb_run / "params.yaml").read_text())
+    p_cli = yaml.safe_load((cli_run / "params.yaml").read_text())
+    for key in ("out_dir", "experiment_name", "progress"):
+        p_nb.pop(key), p_cli.pop(key)
+    assert p_nb == p_cli and p_nb["stage2_epochs"] == 1  # the recipe file was applied in the notebook
+    executed = nbformat.read(str(out_nb), as_version=4)
+    text = json.dumps([c.get("outputs", []) for c in executed.cells])
+    assert "it/s]" not in text  # no progress bars in papermill output
+    assert "image/png" in text  # curves and confusion matrices were drawn
+
+
+def test_papermill_documents_every_parameter():
+    pm = pytest.importorskip("papermill")
+    found = pm.inspect_notebook(str(NOTEBOOK))
+    expected = {f.name: f for f in dataclasses.fields(TrainParams)}
+    assert set(found) == set(expected) | {"params_file"}
+    for name, f in expected.items():
+        assert found[name]["inferred_type_name"] == f.type and found[name]["help"], name

@@ -1,0 +1,106 @@
+"""TrainParams: defaults, YAML files and overrides, and every kind of bad value."""
+import dataclasses
+
+import pytest
+import yaml
+
+from tongue_nb.params import ParamError, TrainParams, load_params, notebook_parameters_source, params_from_namespace
+
+
+def test_defaults_are_valid_and_round_trip_through_yaml(tmp_path):
+    params = TrainParams()
+    path = params.to_yaml(tmp_path / "params.yaml")
+    assert load_params(files=[path]) == params
+    assert yaml.safe_load(path.read_text())["backbone"] == params.backbone
+
+
+def test_precedence_defaults_file_values_overrides(tmp_path):
+    first = tmp_path / "a.yaml"
+    first.write_text("batch_size: 8\nstage2_lr_backbone: 1e-5\nbackbone: resnet18\n")
+    second = tmp_path / "b.yaml"
+    second.write_text("batch_size: 4\n")
+    p = load_params(files=[first, second], overrides=["pretrained=false", "stage2_lr_head=3e-4"],
+                    backbone="test_convnext")
+    assert p.batch_size == 4                   # later file wins
+    assert p.stage2_lr_backbone == pytest.approx(1e-5)   # YAML '1e-5' string read as a float
+    assert p.backbone == "test_convnext"       # keyword beats file
+    assert p.pretrained is False and p.stage2_lr_head == pytest.approx(3e-4)
+    assert p.stage1_epochs == TrainParams().stage1_epochs
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"batch_size": 0}, ["batch_size", "> 0"]),
+    ({"batch_size": -4}, ["batch_size", "> 0"]),
+    ({"stage1_epochs": -1}, ["stage1_epochs", ">= 0"]),
+    ({"stage1_epochs": 0, "stage2_epochs": 0}, ["stage1_epochs + stage2_epochs"]),
+    ({"stage2_lr_backbone": 0.0}, ["stage2_lr_backbone", "> 0"]),
+    ({"stage1_lr_head": -1e-3}, ["stage1_lr_head", "> 0"]),
+    ({"precision": "fp64"}, ["precision", "bf16"]),
+    ({"class_weighting": "inverse"}, ["class_weighting", "balanced"]),
+    ({"batch_size": "eight"}, ["batch_size", "integer"]),
+    ({"batch_size": 2.5}, ["batch_size", "integer"]),
+    ({"pretrained": "maybe"}, ["pretrained", "boolean"]),
+    ({"stage1_lr_head": "fast"}, ["stage1_lr_head", "number"]),
+    ({"backbone": 3}, ["backbone", "string"]),
+    ({"val_fraction": 0.6, "test_fraction": 0.5}, ["val_fraction + test_fraction"]),
+    ({"device": "gpu"}, ["device", "cuda:N"]),
+    ({"label_smoothing": 1.0}, ["label_smoothing", "< 1"]),
+])
+def test_bad_values_name_the_parameter_and_expectation(kwargs, words):
+    with pytest.raises(ParamError) as err:
+        load_params(**kwargs)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_unknown_name_suggests_close_match(tmp_path):
+    with pytest.raises(ParamError, match="did you mean batch_size"):
+        load_params(batchsize=8)
+    bad = tmp_path / "recipe.yaml"
+    bad.write_text("stage2_lr_bakbone: 1e-4\n")
+    with pytest.raises(ParamError) as err:
+        load_params(files=[bad])
+    assert "recipe.yaml" in str(err.value) and "stage2_lr_backbone" in str(err.value)
+    with pytest.raises(ParamError, match="expected key=value"):
+        load_params(overrides=["batch_size"])
+    with pytest.raises(ParamError, match="override 'epochz=3'"):
+        load_params(overrides=["epochz=3"])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ParamError, match="not found"):
+        load_params(files=[tmp_path / "nope.yaml"])
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ParamError, match="mapping"):
+        load_params(files=[listy])
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("batch_size: [1, 2]\n")
+    with pytest.raises(ParamError, match=r"batch_size \(from .*wrong.yaml\)"):
+        load_params(files=[wrong])
+
+
+def test_replace_rechecks():
+    with pytest.raises(ParamError, match="batch_size"):
+        dataclasses.replace(TrainParams(), batch_size=0)
+
+
+def test_experiment_name_default_and_eval_batch():
+    import datetime as dt
+    p = TrainParams(backbone="convnext_tiny", image_size=224)
+    assert p.resolved_experiment_name(today=dt.date(2024, 5, 1)) == "20240501-convnext_tiny-224"
+    assert TrainParams(experiment_name="x").resolved_experiment_name() == "x"
+    assert TrainParams(batch_size=8).effective_eval_batch_size == 16
+
+
+def test_notebook_source_lists_every_field_and_namespace_keeps_file_values(tmp_path):
+    src = notebook_parameters_source({"params_file": ("str", "", "YAML recipe")})
+    namespace: dict = {}
+    exec(src, namespace)  # the generated cell is valid Python with the defaults
+    for f in dataclasses.fields(TrainParams):
+        assert namespace[f.name] == f.default
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("batch_size: 4\nstage1_epochs: 1\n")
+    namespace["stage1_epochs"] = 3  # set in the notebook: wins; batch_size left at default: file wins
+    p = params_from_namespace(namespace, recipe)
+    assert p.batch_size == 4 and p.stage1_epochs == 3

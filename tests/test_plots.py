@@ -1,0 +1,48 @@
+"""Run-level tables and figures: confusion matrices match scikit-learn, missing labels are left out."""
+import numpy as np
+import pandas as pd
+from sklearn.metrics import confusion_matrix
+
+from tongue_nb.plots import confusion_matrices, plot_confusion_matrices, plot_history
+from tongue_nb.tasks import default_schema
+
+
+def _predictions(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    classes = ["greasy", "rotten", "nospecialgreasy"]
+    rows = {"id": [f"i{k}" for k in range(n)], "split": ["test"] * (n - 5) + ["val"] * 5,
+            "true:coat": [classes[k] if rng.random() > 0.2 else "" for k in rng.integers(0, 3, n)],
+            "pred:coat": [classes[k] for k in rng.integers(0, 3, n)]}
+    for lab in ("spots", "cracks", "teethmarks"):
+        truth = rng.integers(0, 2, n).astype(object)
+        truth[rng.random(n) < 0.2] = ""
+        rows[f"true:shape:{lab}"] = truth
+        rows[f"pred:shape:{lab}"] = rng.integers(0, 2, n)
+        rows[f"pred_t:shape:{lab}"] = rng.integers(0, 2, n)
+    return pd.DataFrame(rows)
+
+
+def test_confusion_matrices_match_sklearn_and_skip_missing():
+    preds = _predictions()
+    mats = confusion_matrices(preds, default_schema(), "test", thresholded=True)
+    test = preds[preds["split"] == "test"]
+    keep = test["true:coat"] != ""
+    labels = ["greasy", "rotten", "nospecialgreasy"]
+    expected = confusion_matrix(test.loc[keep, "true:coat"], test.loc[keep, "pred:coat"], labels=labels)
+    assert (mats["coat"].to_numpy() == expected).all()
+    keep = test["true:shape:cracks"] != ""
+    expected = confusion_matrix(test.loc[keep, "true:shape:cracks"].astype(int),
+                                test.loc[keep, "pred_t:shape:cracks"], labels=[0, 1])
+    assert (mats["shape:cracks"].to_numpy() == expected).all()
+    assert len(plot_confusion_matrices(preds, default_schema()).axes) == 4
+
+
+def test_history_figure_has_four_panels():
+    hist = pd.DataFrame({"epoch": [1, 2, 3], "stage": [1, 2, 2], "train_loss": [1.0, 0.8, 0.7],
+                         "val_loss": [1.1, 0.9, 0.8], "train_loss_shape": [0.5, 0.4, 0.3],
+                         "train_loss_coat": [0.5, 0.4, 0.4], "val_shape_primary": [0.2, 0.4, 0.5],
+                         "val_coat_primary": [0.3, 0.5, 0.4], "val_combined": [0.25, 0.45, 0.45],
+                         "lr_head_decay": [1e-3, 1e-4, 5e-5], "lr_backbone_decay": [np.nan, 1e-5, 5e-6],
+                         "best": [1, 1, 0]})
+    fig = plot_history(hist, default_schema())
+    assert len(fig.axes) == 4 and len(fig.axes[2].lines) >= 3

@@ -1,0 +1,98 @@
+"""Atomic writes, the run-folder lock and safe checkpoint loading."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tongue_nb.runio import (CheckpointError, RunLock, RunLockedError, atomic_write_json, atomic_write_text,
+                             load_checkpoint, load_weights, save_checkpoint, save_weights)
+
+
+def test_atomic_text_and_json(tmp_path):
+    path = atomic_write_text(tmp_path / "sub" / "a.txt", "hello")
+    assert path.read_text() == "hello"
+    atomic_write_json(tmp_path / "s.json", {"a": np.float32(0.5), "b": float("nan"), "c": np.arange(2), "d": (1, 2)})
+    assert json.loads((tmp_path / "s.json").read_text()) == {"a": 0.5, "b": None, "c": [0, 1], "d": [1, 2]}
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_failed_write_keeps_old_file(tmp_path):
+    target = tmp_path / "s.json"
+    atomic_write_json(target, {"ok": 1})
+    with pytest.raises(TypeError):
+        atomic_write_json(target, {"bad": object()})
+    assert json.loads(target.read_text()) == {"ok": 1}
+    assert os.listdir(tmp_path) == ["s.json"]
+
+
+def test_checkpoint_round_trip_with_rng_state(tmp_path):
+    import random
+    state = {"model": {"w": torch.randn(3)}, "epoch": 2, "stage": 1, "best": 0.5,
+             "python_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
+             "numpy_rng": {"bit_generator": "PCG64", "state": {"state": 2**100, "inc": 7}}}
+    save_checkpoint(tmp_path / "last.pt", state)
+    back = load_checkpoint(tmp_path / "last.pt")
+    assert torch.equal(back["model"]["w"], state["model"]["w"]) and back["epoch"] == 2
+    random.setstate(back["python_rng"])  # tuple survives weights_only loading
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > PWNED",))
+
+
+def test_pickle_with_code_payload_is_refused(tmp_path):
+    bad = tmp_path / "last.pt"
+    torch.save({"model": _Payload()}, bad)  # torch.save pickles the __reduce__ payload
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(bad)
+    raw = tmp_path / "raw.pt"
+    raw.write_bytes(pickle.dumps({"x": _Payload()}))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(raw)
+    assert not (tmp_path / "PWNED").exists() and not os.path.exists("PWNED")
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    path = save_checkpoint(tmp_path / "last.pt", {"w": torch.zeros(1000)})
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "none.pt")
+
+
+def test_weights_safetensors_with_shared_tensors(tmp_path):
+    w = torch.randn(4, 4)
+    state = {"a": w, "b": w, "c": w.t()}  # tied and non-contiguous tensors
+    save_weights(tmp_path / "best.safetensors", state, {"epoch": 3})
+    back, meta = load_weights(tmp_path / "best.safetensors")
+    assert meta == {"epoch": 3}
+    assert torch.equal(back["b"], w) and torch.equal(back["c"], w.t())
+
+
+def test_lock_refuses_second_holder_and_takes_over_stale(tmp_path):
+    with RunLock(tmp_path):
+        with pytest.raises(RunLockedError, match=str(tmp_path)):
+            RunLock(tmp_path).acquire()
+    assert not (tmp_path / ".lock").exists()
+    # a lock left by a dead process (SIGKILLed run) is taken over
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    (tmp_path / ".lock").write_text(json.dumps({"pid": proc.pid, "host": os.uname().nodename}))
+    with RunLock(tmp_path) as lock:
+        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    # a lock held by a live process is refused
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / ".lock").write_text(json.dumps({"pid": live.pid, "host": os.uname().nodename}))
+        with pytest.raises(RunLockedError, match=f"process {live.pid}"):
+            RunLock(tmp_path).acquire()
+    finally:
+        live.kill()
+        live.wait()

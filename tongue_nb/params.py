@@ -1,0 +1,327 @@
+"""Training parameters: one dataclass holding every option, its default, type and check.
+
+Parameter files (YAML) and ``key=value`` overrides only change defaults; they never define a
+second schema (STYLE.md 2). The resolved values are saved next to each run's outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import difflib
+import json
+import logging
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ParamError",
+    "TrainParams",
+    "load_params",
+    "param_help",
+    "notebook_parameters_source",
+    "params_from_namespace",
+]
+
+
+class ParamError(ValueError):
+    """A training parameter has an unknown name, a wrong type or a value out of range."""
+
+
+def _p(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
+       gt: float | None = None, ge: float | None = None, lt: float | None = None) -> Any:
+    """Declare a field with its one-line help and its range/choice check in the metadata."""
+    return field(default=default, metadata={"help": help, "choices": choices, "gt": gt, "ge": ge, "lt": lt})
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+CLASS_WEIGHTINGS = ("none", "balanced", "effective")
+CROPS = ("none", "crop", "blank", "crop_blank")
+ON_BAD_IMAGE = ("error", "skip")
+ON_PROBLEM = ("error", "drop", "report")
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+
+@dataclass
+class TrainParams:
+    """Every training option with its default; construction checks all values."""
+
+    # --- what to train on, where to write
+    backbone: str = _p("convnext_tiny", "timm model name or short alias (see models.list_backbones())")
+    data_dir: str = _p("", "dataset folder with labels.csv; empty: the built-in synthetic set")
+    tasks: str = _p("", "task schema YAML; empty: <data_dir>/tasks.yaml (else the seed schema)")
+    out_dir: str = _p("", "run folder; empty: runs/<experiment_name>")
+    experiment_name: str = _p("", "run name; empty: <date>-<backbone>-<image_size>")
+    # --- images
+    image_size: int = _p(0, "square input size in px; 0: the model's pretrained default", ge=0)
+    crop: str = _p("crop", "tongue mask use: none, crop (bbox+margin), blank (background), crop_blank",
+                   choices=CROPS)
+    crop_margin: float = _p(0.1, "margin around the mask bounding box, fraction of its size", ge=0.0)
+    # --- model
+    pretrained: bool = _p(True, "start from pretrained weights (hub or pretrained_path)")
+    pretrained_path: str = _p("", "local weights file/folder for offline servers; empty: the hub")
+    drop_rate: float = _p(0.0, "dropout before the task heads", ge=0.0, lt=1.0)
+    # --- batches
+    batch_size: int = _p(32, "samples per optimizer micro-step", gt=0)
+    eval_batch_size: int = _p(0, "samples per evaluation step; 0: twice batch_size", ge=0)
+    accumulation_steps: int = _p(1, "micro-steps per optimizer step (effective batch: batch_size x this)", gt=0)
+    max_steps_per_epoch: int = _p(0, "cap on micro-steps per epoch (smoke recipes); 0: all", ge=0)
+    # --- stage 1: heads on a frozen backbone
+    stage1_epochs: int = _p(5, "epochs training the heads only; 0 skips stage 1", ge=0)
+    stage1_lr_head: float = _p(1e-3, "head learning rate in stage 1", gt=0.0)
+    # --- stage 2: everything
+    stage2_epochs: int = _p(20, "epochs training backbone and heads; 0 skips stage 2", ge=0)
+    stage2_lr_backbone: float = _p(5e-5, "backbone learning rate in stage 2", gt=0.0)
+    stage2_lr_head: float = _p(2e-4, "head learning rate in stage 2", gt=0.0)
+    # --- optimisation
+    weight_decay: float = _p(0.05, "AdamW weight decay (never on norms and biases)", ge=0.0)
+    warmup_epochs: float = _p(1.0, "linear warm-up length per stage, in epochs (then cosine)", ge=0.0)
+    grad_clip: float = _p(1.0, "max gradient norm; 0: no clipping", ge=0.0)
+    early_stopping_patience: int = _p(5, "epochs without val improvement before a stage stops; 0: off", ge=0)
+    min_delta: float = _p(0.0, "smallest val combined-score gain that counts as improvement", ge=0.0)
+    # --- loss and imbalance
+    label_smoothing: float = _p(0.0, "label smoothing for every task", ge=0.0, lt=1.0)
+    class_weighting: str = _p("none", "per-class loss weights: none, balanced, effective (number)",
+                              choices=CLASS_WEIGHTINGS)
+    focal_gamma: float = _p(0.0, "focal loss gamma; 0: plain cross-entropy", ge=0.0)
+    balanced_sampler: bool = _p(False, "draw training samples inversely to their class frequency")
+    # --- augmentation
+    augment: bool = _p(True, "flip + small affine/scale augmentation on training batches")
+    color_jitter: float = _p(0.0, "brightness/contrast jitter strength; 0: off (colour is a label)", ge=0.0)
+    # --- speed / hardware
+    precision: str = _p("auto", "auto (bf16 on CUDA if supported, else fp32), fp32, bf16, fp16",
+                        choices=PRECISIONS)
+    channels_last: bool = _p(False, "channels_last memory format (CUDA only)")
+    compile: bool = _p(False, "torch.compile the model (CUDA only)")
+    device: str = _p("auto", "auto, cpu, cuda, cuda:N or mps")
+    num_threads: int = _p(0, "CPU threads for torch; 0: torch default", ge=0)
+    oom_retry: bool = _p(True, "on CUDA out-of-memory retry with half batch, twice accumulation")
+    # --- data handling
+    seed: int = _p(0, "seed for split, initialisation, shuffling and augmentation", ge=0)
+    val_fraction: float = _p(0.15, "validation fraction when labels.csv has no split column", gt=0.0, lt=1.0)
+    test_fraction: float = _p(0.15, "test fraction when labels.csv has no split column", gt=0.0, lt=1.0)
+    on_bad_image: str = _p("error", "unreadable image: error, or skip (listed in the run folder)",
+                           choices=ON_BAD_IMAGE)
+    on_problem: str = _p("error", "label conflicts/missing images: error, drop rows, report (mask)",
+                         choices=ON_PROBLEM)
+    cache_dir: str = _p("", "decode-once image cache folder; empty: $TONGUE_NB_CACHE or ~/.cache/tongue_nb")
+    # --- run control
+    resume: bool = _p(False, "continue from <out_dir>/checkpoints/last.pt")
+    progress: bool = _p(True, "show tqdm progress bars (turn off under papermill)")
+
+    def __post_init__(self) -> None:
+        # Coercion is applied here too, so TrainParams(batch_size="8") from a notebook works
+        # exactly like load_params(batch_size="8"); checks run on every construction
+        # (dataclasses.replace included) so an invalid object never exists.
+        for f in fields(self):
+            setattr(self, f.name, _coerce(f, getattr(self, f.name), source="value"))
+        self.check()
+
+    def check(self) -> None:
+        """Raise ParamError naming the parameter and the expected value when one is invalid."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            meta = f.metadata
+            if meta.get("choices") and value not in meta["choices"]:
+                raise ParamError(f"parameter {f.name}: got {value!r}, expected one of {list(meta['choices'])}")
+            for key, ok, word in (("gt", lambda v, b: v > b, ">"), ("ge", lambda v, b: v >= b, ">="),
+                                  ("lt", lambda v, b: v < b, "<")):
+                bound = meta.get(key)
+                if bound is not None and not ok(value, bound):
+                    raise ParamError(f"parameter {f.name}: got {value!r}, expected a number {word} {bound}")
+        if not self.backbone.strip():
+            raise ParamError("parameter backbone: got '', expected a timm model name or short alias")
+        if self.stage1_epochs + self.stage2_epochs < 1:
+            raise ParamError("parameters stage1_epochs + stage2_epochs: got 0, expected at least 1 epoch in all")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ParamError(f"parameters val_fraction + test_fraction: got "
+                             f"{self.val_fraction + self.test_fraction:g}, expected < 1 (training needs samples)")
+        if not _DEVICE_RE.match(self.device):
+            raise ParamError(f"parameter device: got {self.device!r}, expected auto, cpu, cuda, cuda:N or mps")
+        if self.experiment_name and ("/" in self.experiment_name or self.experiment_name in (".", "..")):
+            raise ParamError(f"parameter experiment_name: got {self.experiment_name!r}, expected a plain folder name")
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain dict of every parameter (field order)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def to_yaml(self, path: str | Path) -> Path:
+        """Write every parameter to a YAML file (atomically) and return its path."""
+        from .runio import atomic_write_text  # local import: runio imports torch
+
+        text = yaml.safe_dump(self.as_dict(), sort_keys=False, allow_unicode=True)
+        return atomic_write_text(path, text)
+
+    def resolved_experiment_name(self, image_size: int | None = None, today: _dt.date | None = None) -> str:
+        """experiment_name, or '<date>-<backbone>-<image_size>' when it is empty."""
+        if self.experiment_name:
+            return self.experiment_name
+        size = image_size if image_size is not None else self.image_size
+        day = (today or _dt.date.today()).strftime("%Y%m%d")
+        safe_backbone = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.backbone)
+        return f"{day}-{safe_backbone}-{size}"
+
+    @property
+    def effective_eval_batch_size(self) -> int:
+        """eval_batch_size, or twice the training batch (no gradients to keep) when 0."""
+        return self.eval_batch_size or 2 * self.batch_size
+
+
+_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in fields(TrainParams)}
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _type_name(f: dataclasses.Field) -> str:
+    return f.type if isinstance(f.type, str) else f.type.__name__
+
+
+def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
+    """Convert value to the field's type, or raise ParamError naming the parameter and source."""
+    kind = _type_name(f)
+    where = "" if source == "value" else f" (from {source})"
+
+    def bad(expected: str) -> ParamError:
+        return ParamError(f"parameter {f.name}{where}: got {value!r} ({type(value).__name__}), expected {expected}")
+
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise bad("a boolean (true/false)")
+    if kind == "int":
+        if isinstance(value, bool):
+            raise bad("an integer")
+        if isinstance(value, int):
+            return int(value)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise bad("an integer") from None
+        raise bad("an integer")
+    if kind == "float":
+        if isinstance(value, bool):
+            raise bad("a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            # PyYAML reads '1e-4' (no dot) as a string: accept any float spelling here.
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise bad("a number") from None
+        raise bad("a number")
+    if kind == "str":
+        if isinstance(value, Path):
+            return str(value)
+        if value is None:
+            return ""
+        if isinstance(value, str):
+            return value
+        raise bad("a string")
+    raise AssertionError(f"unsupported field type {kind} for {f.name}")  # pragma: no cover
+
+
+def _field_for(name: str, source: str) -> dataclasses.Field:
+    if name in _FIELDS:
+        return _FIELDS[name]
+    close = difflib.get_close_matches(name, list(_FIELDS), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; known parameters: {', '.join(_FIELDS)}"
+    where = "" if source == "value" else f" in {source}"
+    raise ParamError(f"unknown parameter {name!r}{where}{hint}")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ParamError(f"parameter file {path}: not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ParamError(f"parameter file {path}: not valid YAML ({exc})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ParamError(f"parameter file {path}: expected a mapping of parameter: value, got {type(data).__name__}")
+    return data
+
+
+def load_params(files: Iterable[str | Path] = (), overrides: Iterable[str] = (), **values: Any) -> TrainParams:
+    """Resolve parameters: defaults < YAML files (in order) < keyword values < 'key=value' overrides."""
+    if isinstance(files, (str, Path)):
+        files = [files]
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    merged: dict[str, Any] = {}
+    for file in files:
+        path = Path(file)
+        for key, value in _read_yaml(path).items():
+            merged[str(key)] = _coerce(_field_for(str(key), str(path)), value, str(path))
+    for key, value in values.items():
+        merged[key] = _coerce(_field_for(key, "value"), value, "value")
+    for item in overrides:
+        if "=" not in item:
+            raise ParamError(f"override {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        merged[key] = _coerce(_field_for(key, f"override {item!r}"), raw.strip(), f"override {item!r}")
+    return TrainParams(**merged)
+
+
+def param_help() -> dict[str, str]:
+    """Each parameter's one-line help text."""
+    return {f.name: f.metadata["help"] for f in fields(TrainParams)}
+
+
+def notebook_parameters_source(extra: Mapping[str, tuple[str, Any, str]] | None = None) -> str:
+    """Source of a papermill `parameters` cell: one typed, commented literal per TrainParams field."""
+    lines = ["# Parameters (papermill -p NAME VALUE), generated from tongue_nb.params.TrainParams."]
+    for name, (kind, default, comment) in (extra or {}).items():
+        lines.append(f"{name}: {kind} = {_literal(default)}  # {comment}")
+    for f in fields(TrainParams):
+        lines.append(f"{f.name}: {_type_name(f)} = {_literal(f.default)}  # {f.metadata['help']}")
+    return "\n".join(lines) + "\n"
+
+
+def _literal(value: Any) -> str:
+    # Double-quoted strings (json escapes are valid Python for these plain values), repr otherwise.
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
+def params_from_namespace(namespace: Mapping[str, Any], params_file: str | Path = "",
+                          overrides: Iterable[str] = ()) -> TrainParams:
+    """Resolve a notebook's parameter variables: only values that differ from the defaults
+    override the parameter file, so `-f`-style files keep working under papermill."""
+    defaults = TrainParams.__dataclass_fields__
+    changed = {name: namespace[name] for name in defaults
+               if name in namespace and namespace[name] != defaults[name].default}
+    files = [params_file] if params_file else []
+    return load_params(files=files, overrides=overrides, **changed)
+
+
+NOTEBOOK_EXTRA = {"params_file": ("str", "", "YAML recipe (e.g. params/smoke.yaml); values in this cell that differ from the defaults win")}
+
+
+def sync_notebook_parameters(path: str | Path) -> bool:
+    """Rewrite the `parameters` cell of a notebook from TrainParams; True when it changed."""
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    cells = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if len(cells) != 1:
+        raise ValueError(f"{path}: expected exactly one cell tagged 'parameters', found {len(cells)}")
+    source = notebook_parameters_source(NOTEBOOK_EXTRA)
+    if cells[0].source == source:
+        return False
+    cells[0].source = source
+    nbformat.write(nb, str(path))
+    return True

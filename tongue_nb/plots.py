@@ -1,0 +1,180 @@
+"""Figures and tables for one training run (notebooks/03_train.ipynb): curves, metric tables, confusion matrices.
+
+Everything reads run-folder files (history.csv, summary.json, predictions.csv), never logs, and
+returns a pandas table or a matplotlib Figure (built without pyplot, so no global state and no
+backend is needed; Jupyter displays a returned Figure inline).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from .tasks import TaskSchema, load_schema
+
+__all__ = ["read_run", "plot_history", "metrics_table", "details_table", "thresholds_table",
+           "confusion_matrices", "plot_confusion_matrices"]
+
+
+def read_run(run_dir: str | Path) -> tuple[dict, pd.DataFrame, pd.DataFrame, TaskSchema]:
+    """summary.json, history.csv, predictions.csv and tasks.yaml of a finished run folder."""
+    run = Path(run_dir)
+    for name in ("summary.json", "history.csv", "predictions.csv", "tasks.yaml"):
+        if not (run / name).is_file():
+            raise FileNotFoundError(f"run folder {run}: {name} not found; is the training finished?")
+    summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+    history = pd.read_csv(run / "history.csv")
+    # keep_default_na=False: an empty truth cell is a missing label, a class name is never NaN
+    predictions = pd.read_csv(run / "predictions.csv", keep_default_na=False, dtype={"id": str})
+    return summary, history, predictions, load_schema(run / "tasks.yaml")
+
+
+def _stage_lines(ax: Any, history: pd.DataFrame) -> None:
+    if "stage" in history and history["stage"].nunique() > 1:
+        first2 = history.loc[history["stage"] == history["stage"].max(), "epoch"].min()
+        ax.axvline(first2 - 0.5, color="0.6", ls="--", lw=1)
+
+
+def plot_history(history: pd.DataFrame, schema: TaskSchema) -> Figure:
+    """Training curves: losses, per-task train loss and val metric, val combined score, learning rates."""
+    fig = Figure(figsize=(13, 7), layout="constrained")
+    axes = fig.subplots(2, 2)
+    x = history["epoch"]
+    ax = axes[0, 0]
+    ax.plot(x, history["train_loss"], "o-", label="train")
+    ax.plot(x, history["val_loss"], "o-", label="val")
+    ax.set_title("loss (all tasks)")
+    ax = axes[0, 1]
+    for t in schema:
+        if f"train_loss_{t.name}" in history:
+            ax.plot(x, history[f"train_loss_{t.name}"], "o-", label=t.name)
+    ax.set_title("train loss per task")
+    ax = axes[1, 0]
+    for t in schema:
+        if f"val_{t.name}_primary" in history:
+            ax.plot(x, history[f"val_{t.name}_primary"], "o-", label=f"{t.name}")
+    ax.plot(x, history["val_combined"], "k-", lw=2, label="combined")
+    if "best" in history and history["best"].any():
+        best = history.loc[history["val_combined"].idxmax()]
+        ax.plot([best["epoch"]], [best["val_combined"]], "*", color="gold", ms=14, mec="k", label="best")
+    ax.set_title("validation F1 / macro F1 per task")
+    ax.set_ylim(0, 1)
+    ax = axes[1, 1]
+    for col in [c for c in history.columns if c.startswith("lr_")]:
+        if history[col].notna().any():
+            ax.plot(x, history[col], "o-", label=col[3:])
+    ax.set_yscale("log")
+    ax.set_title("learning rate (last step of each epoch)")
+    for ax in axes.flat:
+        ax.set_xlabel("epoch")
+        _stage_lines(ax, history)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    return fig
+
+
+def metrics_table(summary: Mapping[str, Any], split: str = "test") -> pd.DataFrame:
+    """Primary metric per task and the combined score, fixed (0.5/argmax) vs thresholded (tuned on val)."""
+    key = "final_metrics" if split == "test" else f"{split}_metrics"
+    fixed, thr = summary[f"{key}_fixed"], summary[f"{key}_thresholded"]
+    rows = []
+    for name, m in fixed["tasks"].items():
+        rows.append({"task": name, "kind": m["kind"], "n": m["n"], "fixed": m["primary"],
+                     "thresholded": thr["tasks"][name]["primary"]})
+    rows.append({"task": "combined_score", "kind": "", "n": None, "fixed": fixed["combined_score"],
+                 "thresholded": thr["combined_score"]})
+    return pd.DataFrame(rows).set_index("task")
+
+
+def details_table(summary: Mapping[str, Any], view: str = "thresholded") -> pd.DataFrame:
+    """Per label / per class test metrics: F1, precision, recall, AUROC (binary, multilabel), F1 (multiclass)."""
+    metrics = summary[f"final_metrics_{view}"]["tasks"]
+    rows = []
+    for name, m in metrics.items():
+        if m["kind"] == "multiclass":
+            for cls, f1 in m["per_class_f1"].items():
+                rows.append({"task": name, "label": cls, "f1": f1})
+        elif m["kind"] == "binary":
+            rows.append({"task": name, "label": "(positive)",
+                         **{k: m.get(k) for k in ("f1", "precision", "recall", "auroc")}})
+        else:
+            for lab, lm in m["per_label"].items():
+                rows.append({"task": name, "label": lab,
+                             **{k: lm.get(k) for k in ("f1", "precision", "recall", "auroc", "support")}})
+    return pd.DataFrame(rows)
+
+
+def thresholds_table(summary: Mapping[str, Any], schema: TaskSchema) -> pd.DataFrame:
+    """The decision threshold tuned on val for each binary/multilabel label, with test F1 at 0.5 and at it."""
+    thresholds = summary["final_metrics_thresholded"].get("thresholds", {})
+    rows = []
+    for t in schema:
+        if t.kind == "multiclass":
+            continue
+        fixed = summary["final_metrics_fixed"]["tasks"][t.name]
+        tuned = summary["final_metrics_thresholded"]["tasks"][t.name]
+        for j, lab in enumerate(t.labels):
+            f_fixed = fixed["f1"] if t.kind == "binary" else fixed["per_label"][lab]["f1"]
+            f_tuned = tuned["f1"] if t.kind == "binary" else tuned["per_label"][lab]["f1"]
+            rows.append({"task": t.name, "label": lab, "threshold": thresholds.get(t.name, [0.5] * t.n_outputs)[j],
+                         "test_f1_at_0.5": f_fixed, "test_f1_tuned": f_tuned})
+    return pd.DataFrame(rows, columns=["task", "label", "threshold", "test_f1_at_0.5", "test_f1_tuned"])
+
+
+def confusion_matrices(predictions: pd.DataFrame, schema: TaskSchema, split: str = "test",
+                       thresholded: bool = True) -> dict[str, pd.DataFrame]:
+    """Confusion matrices (rows = truth, columns = prediction) per multiclass task and per binary/multilabel label."""
+    rows = predictions[predictions["split"] == split]
+    out: dict[str, pd.DataFrame] = {}
+    for t in schema:
+        if t.kind == "multiclass":
+            truth = rows[f"true:{t.name}"].astype(str)
+            keep = truth != ""
+            cm = pd.crosstab(pd.Categorical(truth[keep], categories=t.labels),
+                             pd.Categorical(rows.loc[keep, f"pred:{t.name}"].astype(str), categories=t.labels),
+                             dropna=False)
+            cm.index.name, cm.columns.name = "true", "predicted"
+            out[t.name] = cm
+            continue
+        kind = "pred_t" if thresholded else "pred"
+        for lab in t.labels:
+            truth = pd.to_numeric(rows[f"true:{t.name}:{lab}"], errors="coerce")
+            keep = truth.notna()
+            y = truth[keep].astype(int).to_numpy()
+            p = pd.to_numeric(rows.loc[keep, f"{kind}:{t.name}:{lab}"]).astype(int).to_numpy()
+            cm = np.array([[np.sum((y == a) & (p == b)) for b in (0, 1)] for a in (0, 1)])
+            out[f"{t.name}:{lab}"] = pd.DataFrame(cm, index=pd.Index(["no", "yes"], name="true"),
+                                                  columns=pd.Index(["no", "yes"], name="predicted"))
+    return out
+
+
+def plot_confusion_matrices(predictions: pd.DataFrame, schema: TaskSchema, split: str = "test",
+                            thresholded: bool = True) -> Figure:
+    """All confusion matrices of a split as one figure of annotated heat maps."""
+    mats = confusion_matrices(predictions, schema, split, thresholded)
+    n = max(1, len(mats))
+    cols = min(4, n)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(3.4 * cols, 3.0 * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols)).reshape(-1)
+    for ax, (name, cm) in zip(axes, mats.items()):
+        values = cm.to_numpy()
+        ax.imshow(values, cmap="Blues")
+        ax.set_xticks(range(values.shape[1]), cm.columns, rotation=30, ha="right", fontsize=8)
+        ax.set_yticks(range(values.shape[0]), cm.index, fontsize=8)
+        top = values.max() if values.size else 0
+        for (i, j), v in np.ndenumerate(values):
+            ax.text(j, i, int(v), ha="center", va="center", color="white" if v > top / 2 else "black")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("predicted", fontsize=8)
+        ax.set_ylabel("true", fontsize=8)
+    for ax in axes[len(mats):]:
+        ax.axis("off")
+    fig.suptitle(f"{split} split, {'tuned thresholds' if thresholded else 'threshold 0.5 / argmax'}")
+    return fig

@@ -1,0 +1,286 @@
+"""Run-folder I/O that survives a kill at any moment: atomic writes, a folder lock, safe checkpoints.
+
+Every file a run writes goes to a temporary file in the same folder, is fsync'ed and then
+renamed over the target (``os.replace`` is atomic on POSIX), so a reader sees the old file or
+the new one, never half of one. Checkpoints are read back with ``torch.load(weights_only=True)``
+or safetensors, so a checkpoint file can never run code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+import pickle
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CheckpointError",
+    "RunLockedError",
+    "RunLock",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_save",
+    "save_checkpoint",
+    "load_checkpoint",
+    "save_weights",
+    "load_weights",
+    "to_jsonable",
+]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, corrupt or refused as unsafe."""
+
+
+class RunLockedError(RuntimeError):
+    """Another live process already holds the run folder."""
+
+
+def _fsync_dir(folder: Path) -> None:
+    # The rename itself lives in the directory entry: fsync it so the new name survives a power cut.
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _atomic_file(path: str | Path) -> Iterator[io.BufferedWriter]:
+    """Yield a binary file that replaces `path` only once it is completely written and synced."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write bytes to `path` atomically (temp file in the same folder, fsync, rename)."""
+    with _atomic_file(path) as fh:
+        fh.write(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
+    """Write text to `path` atomically."""
+    return atomic_write_bytes(path, text.encode(encoding))
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert numpy/torch scalars, arrays, paths and tuples to JSON types; NaN/inf become None."""
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, torch.Tensor):
+        return to_jsonable(obj.detach().cpu().tolist())
+    if isinstance(obj, (np.bool_, bool)):
+        return bool(obj)
+    if isinstance(obj, (np.integer, int)):
+        return int(obj)
+    if isinstance(obj, (np.floating, float)):
+        value = float(obj)
+        # Strict JSON has no NaN: an undefined metric (e.g. AUROC with one class) is null.
+        return value if math.isfinite(value) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def atomic_write_json(path: str | Path, obj: Any, indent: int = 2) -> Path:
+    """Write `obj` as strict JSON (NaN -> null) atomically."""
+    text = json.dumps(to_jsonable(obj), indent=indent, allow_nan=False)
+    return atomic_write_text(path, text + "\n")
+
+
+def atomic_save(obj: Any, path: str | Path, metadata: Mapping[str, str] | None = None) -> Path:
+    """Save a torch object (torch.save) or, for a *.safetensors path, a tensor dict, atomically."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save
+
+        tensors = _plain_tensors(obj)
+        return atomic_write_bytes(path, save(tensors, metadata=dict(metadata) if metadata else None))
+    with _atomic_file(path) as fh:
+        torch.save(obj, fh)
+    return path
+
+
+def _plain_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses tensors sharing storage and non-contiguous views: copy only those.
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"state entry {key!r}: expected a tensor, got {type(value).__name__}")
+        tensor = value.detach().cpu().contiguous()
+        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if tensor.numel() and ident in seen:
+            tensor = tensor.clone()
+        seen.add((tensor.untyped_storage().data_ptr(), tensor.storage_offset()))
+        out[key] = tensor
+    return out
+
+
+def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> Path:
+    """Save a resumable training state (tensors, numbers, strings, lists, dicts) atomically."""
+    return atomic_save(dict(state), path)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint saved by save_checkpoint; anything beyond plain data is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # weights_only refuses any global/reduce it does not know: that is exactly a code payload.
+        raise CheckpointError(f"checkpoint {path}: refused, it holds objects other than tensors and "
+                              f"plain data (possibly code); only checkpoints written by tongue_nb load. "
+                              f"Detail: {str(exc).splitlines()[0]}") from exc
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"checkpoint {path}: unreadable or truncated ({exc})") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path}: expected a dict, got {type(state).__name__}")
+    return state
+
+
+def save_weights(path: str | Path, state_dict: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Path:
+    """Save model weights as safetensors and their description as meta.json beside them."""
+    path = Path(path)
+    atomic_save(state_dict, path, metadata={"format": "pt"})
+    atomic_write_json(path.parent / "meta.json", meta)
+    return path
+
+
+def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    """Load safetensors weights and their meta.json (empty dict when absent)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights {path}: not found")
+    try:
+        state = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"weights {path}: unreadable safetensors file ({exc})") from exc
+    meta_path = path.parent / "meta.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    return state, meta
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+class RunLock:
+    """Exclusive lock on a run or sweep folder: a `.lock` file holding the owner's pid and host.
+
+    A second holder is refused with RunLockedError; a lock left by a dead process on this host is
+    taken over (a SIGKILLed run must not block its own --resume).
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / self.NAME
+        self._held = False
+
+    def acquire(self) -> "RunLock":
+        """Take the lock or raise RunLockedError naming the folder and the holder."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._read_holder()
+                if holder is not None and holder.get("pid") == os.getpid() \
+                        and holder.get("host") == socket.gethostname() and self._held:
+                    return self
+                if holder is not None and not self._stale(holder):
+                    raise RunLockedError(
+                        f"run folder {self.folder} is in use by process {holder.get('pid')} on "
+                        f"{holder.get('host')}; wait for it to finish or use another folder "
+                        f"(remove {self.path} only if that process is gone)") from None
+                log.warning("taking over stale lock %s (holder %s is gone)", self.path, holder)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(record)
+                fh.flush()
+                os.fsync(fh.fileno())
+            self._held = True
+            return self
+        raise RunLockedError(f"run folder {self.folder}: could not take the lock {self.path}")
+
+    def _read_holder(self) -> dict | None:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        try:
+            holder = json.loads(text)
+            int(holder["pid"])
+            return holder
+        except (ValueError, KeyError, TypeError):
+            # A lock file cut short by a kill between create and write: its owner never started.
+            return {"pid": -1, "host": socket.gethostname()}
+
+    @staticmethod
+    def _stale(holder: Mapping[str, Any]) -> bool:
+        if holder.get("host") != socket.gethostname():
+            return False  # cannot see processes on other hosts: assume alive
+        pid = int(holder.get("pid", -1))
+        return pid <= 0 or not _pid_alive(pid)
+
+    def release(self) -> None:
+        """Remove the lock file if this object holds it."""
+        if self._held:
+            holder = self._read_holder()
+            if holder is not None and holder.get("pid") == os.getpid():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
+            self._held = False
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
