@@ -6,20 +6,21 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import pytest
 
 from tongue_nb.synth import make_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = """
-import sys, torch
+import os, sys, torch
 torch.set_num_threads(1)
 from tongue_nb.params import load_params
 from tongue_nb.trainer import train
 summary = train(load_params(backbone="test_convnext", data_dir=sys.argv[1], out_dir=sys.argv[2], image_size=32,
                             pretrained=False, batch_size=8, stage1_epochs=1, stage2_epochs=1, progress=False,
                             num_threads=1, device="cpu"))
-print("RANK_DONE", summary["world_size"], summary["final_metrics_fixed"]["combined_score"])
+# One file per rank: both ranks share stdout, where their lines can interleave.
+with open(sys.argv[2] + ".rank" + os.environ["RANK"], "w") as f:
+    f.write(f"RANK_DONE {summary['world_size']} {summary['final_metrics_fixed']['combined_score']!r}")
 """
 
 
@@ -33,7 +34,7 @@ def test_torchrun_two_gloo_processes(tmp_path):
                            str(script), str(data), str(run)], capture_output=True, text=True, env=env, timeout=240,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    done = [line.split() for line in proc.stdout.splitlines() if line.startswith("RANK_DONE")]
+    done = [(tmp_path / f"run.rank{r}").read_text().split() for r in (0, 1)]
     assert len(done) == 2 and {d[1] for d in done} == {"2"}, proc.stdout[-3000:] + proc.stderr[-3000:]
     # every rank computed metrics over all ranks' predictions
     assert done[0][2] == done[1][2], proc.stdout[-3000:]

@@ -187,13 +187,15 @@ def build_cache(labels, image_size: int, crop: str = "crop", margin: float = 0.1
         hit = _open_hit(npy, meta_path, key, len(images), size)  # another process may have built it meanwhile
         if hit is not None:
             return finish(hit)
+        lines = [int(x) for x in table["row"]] if "row" in table.columns else None
         cache = _build(root, images, masks, size, crop, float(margin), npy, meta_path, key, on_bad_image,
-                       progress, workers)
+                       progress, workers, lines)
     return finish(cache)
 
 
 def _build(root: Path, images: list[str], masks: list[str], size: int, crop: str, margin: float, npy: Path,
-           meta_path: Path, key: str, on_bad_image: str, progress: bool, workers: int | None) -> ImageCache:
+           meta_path: Path, key: str, on_bad_image: str, progress: bool, workers: int | None,
+           lines: list[int] | None = None) -> ImageCache:
     """Decode everything into a temporary .npy beside the target, then rename it into place."""
     n = len(images)
     t0 = time.perf_counter()
@@ -213,7 +215,9 @@ def _build(root: Path, images: list[str], masks: list[str], size: int, crop: str
                     pix, was_empty = _decode_one(root, images[i], masks[i], size, crop, margin)
             except ImageError as exc:
                 if on_bad_image == "error":
-                    raise
+                    # Say where the file is listed and how to go on without it: the user fixes the table or skips.
+                    where = f"labels table line {lines[i]}; " if lines is not None else ""
+                    raise ImageError(f"{exc} ({where}pass on_bad_image='skip' to leave unreadable images out)") from None
                 return i, str(exc), False
             out[i] = pix  # rows are disjoint, so threads write without a lock
             return i, None, was_empty

@@ -149,13 +149,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tongue-nb: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, NotADirectoryError, PermissionError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, NotADirectoryError, PermissionError,
+            RuntimeError) as exc:
+        # Bad input (ValueError, missing files) exits 2; a refusal or a failed run (RuntimeError: a held
+        # lock, a refused checkpoint, a non-finite loss) exits 1. Either way one line, no traceback.
+        code = 1 if isinstance(exc, RuntimeError) else 2
         # One line: the first line of the message names the file/row/parameter; details follow when verbose.
-        message = str(exc).strip() or type(exc).__name__
+        lines = (str(exc).strip() or type(exc).__name__).splitlines()
         if args.verbose:
             log.exception("failed")
-        print(f"tongue-nb {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        more = " (more with -v)" if len(lines) > 1 and not args.verbose else ""
+        print(f"tongue-nb {args.command}: error: {lines[0]}{more}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import math
 import multiprocessing as mp
-import os
 import re
 import resource
 import sys

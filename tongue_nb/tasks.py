@@ -432,7 +432,11 @@ def load_labels(data_dir: str | Path, schema: TaskSchema | None = None, labels_f
     if problems and on_problem == "error":
         listing = "\n".join(f"  line {p['row']}, column {p['column']!r}: {p['problem']}" for p in problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise LabelError(f"{path}: {len(problems)} problem(s) in {len(bad_rows)} row(s):\n{listing}{more}\n"
+        first = problems[0]
+        # The first line stands alone (the command line shows one line): it names the first offending
+        # file/line/column; the full listing follows for notebooks and --verbose.
+        raise LabelError(f"{path}: line {first['row']}, column {first['column']!r}: {first['problem']} "
+                         f"({len(problems)} problem(s) in {len(bad_rows)} row(s), listed below)\n{listing}{more}\n"
                          "Fix the rows, or pass on_problem='drop' to leave these rows out "
                          "(or 'report' to keep them with the contradictory labels missing).")
     if bad_rows and on_problem == "drop":

@@ -420,7 +420,7 @@ def resolve_data(params: TrainParams) -> tuple[Path, TaskSchema]:
     if params.data_dir:
         data_dir = Path(params.data_dir).expanduser()
         if not data_dir.is_dir():
-            raise TrainingError(f"parameter data_dir: folder {data_dir} not found")
+            raise FileNotFoundError(f"parameter data_dir: folder {data_dir} not found")
     else:
         from .synth import ensure_synthetic
         data_dir = ensure_synthetic()

@@ -1,0 +1,281 @@
+"""Fault injection during training: SIGKILL mid-epoch and mid-checkpoint, resume, NaN loss, a malicious
+checkpoint, two runs into one folder.
+
+The killed runs are real child processes (tests/fault_child.py) killed with SIGKILL, so no cleanup code
+runs; the run folder they leave must be readable and `tongue-nb train --resume` must finish it with the
+same numbers as an uninterrupted run with the same seed (CPU, test_convnext at 32 px, 40 images).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from tongue_nb import cli
+from tongue_nb.params import load_params
+from tongue_nb.runio import CheckpointError, load_checkpoint, load_weights
+from tongue_nb.synth import make_synthetic
+from tongue_nb.trainer import TrainingError, train
+
+ROOT = Path(__file__).resolve().parents[1]
+CHILD = Path(__file__).with_name("fault_child.py")
+TIMING_COLUMNS = ["seconds", "train_samples_per_s"]
+COMPARED = ("final_metrics_fixed", "final_metrics_thresholded", "val_metrics_fixed", "best_epoch", "best_val_combined",
+            "epochs_run")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_synthetic(tmp_path_factory.mktemp("faults_train") / "syn", n=40, size=48, seed=3)
+
+
+def tiny(data: Path, out: Path, **kw):
+    """Four epochs (1 + 3) of test_convnext at 32 px, with dropout and augmentation so RNG state matters."""
+    values = dict(backbone="test_convnext", data_dir=str(data), out_dir=str(out), image_size=32, pretrained=False,
+                  batch_size=8, stage1_epochs=1, stage2_epochs=3, warmup_epochs=0.5, drop_rate=0.2, progress=False,
+                  num_threads=1, early_stopping_patience=0)
+    values.update(kw)
+    return load_params(**values)
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory) -> tuple[dict, pd.DataFrame]:
+    """The uninterrupted run every resumed run must match."""
+    out = tmp_path_factory.mktemp("faults_ref") / "run"
+    summary = train(tiny(data, out))
+    return summary, pd.read_csv(out / "history.csv")
+
+
+def _child(mode: str, number: int, params_file: Path, wait_dir: Path | None = None) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    argv = [sys.executable, str(CHILD), mode, str(number), str(params_file)] + ([str(wait_dir)] if wait_dir else [])
+    return subprocess.Popen(argv, env=env, cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def assert_readable(run: Path) -> int:
+    """Every file of a run folder parses or is absent; return the epoch last.pt resumes after (0 if none)."""
+    names = {p.name for p in run.iterdir()}
+    for name in names:
+        # Only the atomic writer's temporary files may be partial, and they are hidden and never read.
+        assert not name.endswith(".tmp") or name.startswith("."), name
+    if (run / "params.yaml").exists():
+        assert isinstance(yaml.safe_load((run / "params.yaml").read_text()), dict)
+    if (run / "summary.json").exists():
+        assert "final_metrics_fixed" in json.loads((run / "summary.json").read_text())
+    for csv in ("split.csv", "split_stats.csv", "predictions.csv"):
+        if (run / csv).exists():
+            assert len(pd.read_csv(run / csv)) > 0, csv
+    epochs = 0
+    if (run / "history.csv").exists():
+        history = pd.read_csv(run / "history.csv")
+        assert list(history["epoch"]) == list(range(1, len(history) + 1))
+        epochs = len(history)
+    ckpt = run / "checkpoints"
+    if (ckpt / "best.safetensors").exists():
+        _, meta = load_weights(ckpt / "best.safetensors")
+        assert 1 <= meta["epoch"] <= epochs and math.isfinite(meta["val_combined"])
+    resume_after = 0
+    if (ckpt / "last.pt").exists():
+        state = load_checkpoint(ckpt / "last.pt")
+        resume_after = state["progress"]["epoch"]
+        # history.csv is written before last.pt: it may be one epoch ahead, never behind.
+        assert resume_after <= epochs <= resume_after + 1
+        assert len(state["history"]) == resume_after
+    return resume_after
+
+
+def _resume_cli(data: Path, run: Path, params_file: Path, capsys) -> None:
+    code = cli.main(["train", "--data", str(data), "--backbone", "test_convnext", "--out", str(run),
+                     "-f", str(params_file), "--resume"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "test combined score" in out.out
+
+
+def _assert_same_as_reference(run: Path, reference) -> None:
+    full, history = reference
+    resumed = json.loads((run / "summary.json").read_text())
+    for key in COMPARED:
+        assert resumed[key] == full[key], key
+    pd.testing.assert_frame_equal(history.drop(columns=TIMING_COLUMNS),
+                                  pd.read_csv(run / "history.csv").drop(columns=TIMING_COLUMNS))
+
+
+def test_sigkill_mid_epoch_second_run_refused_then_resume_matches(data, reference, tmp_path, capsys):
+    run = tmp_path / "run"
+    params_file = tiny(data, run).to_yaml(tmp_path / "params.yaml")
+    wait = tmp_path / "wait"
+    wait.mkdir()
+    proc = _child("mid-epoch", 3, params_file, wait)
+    try:
+        deadline = time.monotonic() + 240
+        while not (wait / "holding").exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "child never finished epoch 1"
+            time.sleep(0.1)
+        # The child holds the folder (paused after epoch 1): a second run, fresh or resuming, is refused.
+        for extra in ([], ["--resume"]):
+            code = cli.main(["train", "--data", str(data), "--backbone", "test_convnext", "--out", str(run),
+                             "-f", str(params_file), *extra])
+            err_line = capsys.readouterr().err.strip()
+            assert code == 1 and len(err_line.splitlines()) == 1, err_line
+            assert f"run folder {run} is in use by process {proc.pid} on " in err_line
+        assert json.loads((run / ".lock").read_text())["pid"] == proc.pid  # the refused run left it alone
+        (wait / "go").write_text("")
+        _, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, err
+
+    assert assert_readable(run) == 2  # killed one step into epoch 3: epochs 1-2 are safe
+    assert len(pd.read_csv(run / "history.csv")) == 2 and not (run / "summary.json").exists()
+    assert (run / ".lock").exists()  # left by the dead process; --resume takes it over
+    _resume_cli(data, run, params_file, capsys)
+    assert not (run / ".lock").exists()
+    _assert_same_as_reference(run, reference)
+
+
+def test_sigkill_while_writing_checkpoint_then_resume_matches(data, reference, tmp_path, capsys):
+    run = tmp_path / "run"
+    params_file = tiny(data, run).to_yaml(tmp_path / "params.yaml")
+    proc = _child("mid-checkpoint", 2, params_file)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, err
+
+    ckpt = run / "checkpoints"
+    partial = list(ckpt.glob(".last.pt.*.tmp"))
+    assert len(partial) == 1 and partial[0].stat().st_size > 0  # the kill really hit the write
+    with pytest.raises(CheckpointError):
+        load_checkpoint(partial[0])  # half a checkpoint is unreadable: that is why it is never renamed
+    assert assert_readable(run) == 1  # last.pt still holds epoch 1, whole
+    assert len(pd.read_csv(run / "history.csv")) == 2  # history of epoch 2 was on disk before the kill
+    _resume_cli(data, run, params_file, capsys)
+    _assert_same_as_reference(run, reference)
+
+
+@pytest.mark.slow  # one child process per kill (each imports torch): ~20-60 s on a busy 2-core machine
+def test_sigkill_at_random_moments_folder_always_readable(data, reference, tmp_path, capsys):
+    run = tmp_path / "run"
+    params = tiny(data, run)
+    rng = random.Random(7)
+    kills = 0
+    for attempt in range(4):
+        params_file = load_params(**dict(params.as_dict(), resume=attempt > 0)).to_yaml(tmp_path / f"p{attempt}.yaml")
+        proc = _child("timer", rng.randint(200, 2500), params_file)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode in (0, -signal.SIGKILL), err
+        if run.exists():
+            assert_readable(run)
+        if proc.returncode == 0:
+            break
+        kills += 1
+    if not (run / "summary.json").exists():
+        _resume_cli(data, run, tmp_path / "p0.yaml", capsys)
+    assert_readable(run)
+    _assert_same_as_reference(run, reference)
+    print(f"{kills} kill(s) survived")
+
+
+def test_nan_loss_via_cli_names_epoch_step_task_and_keeps_best(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    code = cli.main(["train", "--data", str(data), "--backbone", "test_convnext", "--out", str(run), "--set",
+                     "pretrained=false", "--set", "image_size=32", "--set", "batch_size=8", "--set", "stage1_epochs=1",
+                     "--set", "stage2_epochs=3", "--set", "stage2_lr_backbone=1e12", "--set", "stage2_lr_head=1e12",
+                     "--set", "grad_clip=0", "--set", "early_stopping_patience=0", "--set", "num_threads=1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1, err
+    m = re.fullmatch(r"tongue-nb train: error: loss is NaN/inf at epoch (\d+) \(stage 2\), step (\d+), "
+                     r"task\(s\) ([a-z, ()]+); .*best checkpoint so far is kept.*", err)
+    assert m, err
+    epoch, step = int(m.group(1)), int(m.group(2))
+    assert epoch >= 2 and step >= 1 and set(m.group(3).split(", ")) <= {"shape", "coat", "(total)"}
+    assert assert_readable(run) == epoch - 1  # nothing of the failed epoch was saved as a resume point
+    _, meta = load_weights(run / "checkpoints" / "best.safetensors")
+    assert meta["epoch"] < epoch
+    assert not (run / "summary.json").exists() and not (run / ".lock").exists()
+
+
+class _Payload:
+    """Unpickling this runs os.mkdir(target): a stand-in for arbitrary code in a checkpoint."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.target,))
+
+
+def test_resume_refuses_a_checkpoint_carrying_code(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny(data, run, stage2_epochs=1))
+    marker = tmp_path / "code_ran"
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    state["history"] = _Payload(marker)
+    torch.save(state, run / "checkpoints" / "last.pt")  # a look-alike checkpoint with a payload inside
+    code = cli.main(["train", "--data", str(data), "--backbone", "test_convnext", "--out", str(run), "--resume",
+                     "--set", "pretrained=false", "--set", "image_size=32", "--set", "num_threads=1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert "last.pt: refused, it holds objects other than tensors" in err
+    assert not marker.exists()  # the payload never ran
+    assert not (run / ".lock").exists()
+
+    # best.safetensors cannot carry code: a pickle under that name is refused as unreadable.
+    with open(run / "checkpoints" / "best.safetensors", "wb") as fh:
+        pickle.dump(_Payload(marker), fh)
+    with pytest.raises(CheckpointError, match=r"best\.safetensors: unreadable safetensors file"):
+        load_weights(run / "checkpoints" / "best.safetensors")
+    assert not marker.exists()
+
+
+@pytest.fixture
+def live_holder(tmp_path):
+    """A run folder whose lock belongs to another live process (a sleeping child)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    (run / ".lock").write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
+    yield run, sleeper.pid
+    sleeper.kill()
+    sleeper.wait()
+
+
+def test_second_run_into_a_held_folder_is_refused_and_writes_nothing(data, live_holder):
+    run, pid = live_holder
+    with pytest.raises(TrainingError, match=rf"in use by process {pid}"):
+        train(tiny(data, run))
+    assert sorted(p.name for p in run.iterdir()) == [".lock"]
+    assert json.loads((run / ".lock").read_text())["pid"] == pid
+
+
+def test_cli_refusal_of_a_held_folder_is_one_line(data, live_holder, capsys):
+    run, pid = live_holder
+    code = cli.main(["train", "--data", str(data), "--backbone", "test_convnext", "--out", str(run),
+                     "--set", "pretrained=false", "--set", "image_size=32"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1 and f"in use by process {pid}" in err
+
+
+def test_resume_without_flag_is_refused(data, tmp_path):
+    run = tmp_path / "run"
+    train(tiny(data, run, stage2_epochs=1))
+    before = (run / "history.csv").read_bytes()
+    with pytest.raises(TrainingError, match=r"already holds a run \(checkpoints/last\.pt\); pass resume=True"):
+        train(tiny(data, run, stage2_epochs=1))
+    assert (run / "history.csv").read_bytes() == before and not (run / ".lock").exists()
+
