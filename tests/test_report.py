@@ -158,6 +158,16 @@ def test_figures(sweep_dir, data_dir):
     assert any(ax.images for ax in gallery.axes)  # images read from data_dir in params.yaml
 
 
+def test_error_browser_pages_through_errors(sweep_dir):
+    run = report.load_run(sweep_dir / "runs" / "weak")
+    browser = report.error_browser(run, split="test")
+    (task, page), image = browser.children[0].children, browser.children[1]
+    first = bytes(image.value)
+    assert task.value == "shape" and first[:4] == b"\x89PNG"
+    task.value = "coat"
+    assert bytes(image.value)[:4] == b"\x89PNG" and bytes(image.value) != first
+
+
 def test_index_lists_runs_and_failures(tmp_path):
     (tmp_path / "03_train-a.html").write_text("x")
     path = report.write_index(tmp_path, [{"backbone": "a", "combined_thresholded": 0.5, "report": tmp_path / "03_train-a.html"}],

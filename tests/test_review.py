@@ -120,8 +120,11 @@ def test_browser_pages_and_switches_task(labels, monkeypatch):
     task_box, label_box, prev_btn, next_btn, info = widget.children[0].children
     n = len(review.samples_of(labels, "coat", label_box.value))
     assert info.value == f"page 1 / {-(-n // 4)}"
+    image = widget.children[1]
+    first = bytes(image.value)
+    assert first[:4] == b"\x89PNG"
     next_btn.click()
-    assert info.value.startswith("page 2 /")
+    assert info.value.startswith("page 2 /") and bytes(image.value)[:4] == b"\x89PNG" and bytes(image.value) != first
     prev_btn.click()
     prev_btn.click()  # wraps around to the last page
     assert info.value == f"page {-(-n // 4)} / {-(-n // 4)}"

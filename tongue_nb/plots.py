@@ -7,6 +7,7 @@ backend is needed; Jupyter displays a returned Figure inline).
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -20,6 +21,13 @@ from .tasks import TaskSchema, load_schema
 
 __all__ = ["read_run", "plot_history", "metrics_table", "details_table", "thresholds_table",
            "confusion_matrices", "plot_confusion_matrices"]
+
+
+def figure_png(fig: Figure, dpi: int = 90) -> bytes:
+    """A figure as PNG bytes, for an ipywidgets.Image (browsers update an image, never a captured output)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
 
 
 def read_run(run_dir: str | Path) -> tuple[dict, pd.DataFrame, pd.DataFrame, TaskSchema]:

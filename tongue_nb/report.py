@@ -14,6 +14,7 @@ import pandas as pd
 import yaml
 from matplotlib.figure import Figure
 
+from tongue_nb.plots import figure_png
 from tongue_nb.tasks import Task, TaskSchema, load_schema
 
 log = logging.getLogger(__name__)
@@ -544,13 +545,16 @@ def sample_errors(run: RunData, thresholded: bool = True) -> pd.DataFrame:
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
 
 
-def worst_errors(run: RunData, k: int = 12, split: str | None = "test") -> pd.DataFrame:
-    """The k most confident mistakes (lowest probability given to the true label)."""
+def worst_errors(run: RunData, k: int = 12, split: str | None = "test", task: str | None = None,
+                 offset: int = 0) -> pd.DataFrame:
+    """The k most confident mistakes (lowest probability given to the true label), optionally of one task."""
     errors = sample_errors(run)
     errors = errors[errors["wrong"]]
     if split:
         errors = errors[errors["split"] == split]
-    return errors.sort_values("p_true").head(k).reset_index(drop=True)
+    if task:
+        errors = errors[errors["task"] == task]
+    return errors.sort_values("p_true", kind="stable").iloc[offset:offset + k].reset_index(drop=True)
 
 
 def errors_by(run: RunData, by: str = "split") -> pd.DataFrame:
@@ -590,9 +594,9 @@ def _read_rgb(path: Path) -> np.ndarray:
 
 
 def error_gallery(run: RunData, k: int = 12, data_dir: str | Path | None = None, split: str | None = "test",
-                  columns: int = 4) -> Figure:
+                  columns: int = 4, task: str | None = None, offset: int = 0) -> Figure:
     """The worst errors as an image grid: mask outlined, true vs predicted and the probability of the truth."""
-    worst = worst_errors(run, k, split)
+    worst = worst_errors(run, k, split, task, offset)
     root = _data_dir(run, data_dir)
     n = max(len(worst), 1)
     cols = min(columns, n)
@@ -627,30 +631,27 @@ def error_browser(run: RunData, data_dir: str | Path | None = None, split: str |
     """An ipywidgets browser over the errors (pick a task, page through); None when ipywidgets is unavailable."""
     try:
         import ipywidgets as widgets
-        from IPython.display import display
     except ImportError:
         log.info("ipywidgets not installed: use error_gallery for a static view")
         return None
     errors = sample_errors(run)
     errors = errors[errors["wrong"] & ((errors["split"] == split) if split else True)]
+    per_page = 8
     task = widgets.Dropdown(options=run.schema.names, description="task")
     page = widgets.IntSlider(min=0, max=0, description="page")
-    out = widgets.Output()
+    # An Image widget whose value is replaced: display() inside an Output widget has hung
+    # papermill/nbclient executions of this cell.
+    image = widgets.Image(format="png")
 
     def show(*_: object) -> None:
-        subset = errors[errors["task"] == task.value].sort_values("p_true")
-        page.max = max((len(subset) - 1) // 8, 0)
-        view = RunData(run.path, run.name, run.summary, run.history,
-                       run.predictions[run.predictions["id"].isin(subset["id"].iloc[page.value * 8:(page.value + 1) * 8])],
-                       run.params, run.schema)
-        with out:
-            out.clear_output(wait=True)
-            display(error_gallery(view, 8, data_dir, split))
+        page.max = max((int((errors["task"] == task.value).sum()) - 1) // per_page, 0)
+        image.value = figure_png(error_gallery(run, per_page, data_dir, split, task=task.value,
+                                               offset=page.value * per_page))
 
     task.observe(show, "value")
     page.observe(show, "value")
     show()
-    return widgets.VBox([widgets.HBox([task, page]), out])
+    return widgets.VBox([widgets.HBox([task, page]), image])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from tongue_nb.images import ImageError, read_image, read_mask
+from tongue_nb.plots import figure_png
 from tongue_nb.splits import make_split, split_stats
 from tongue_nb.tasks import Labels, Task, load_labels, load_schema
 
@@ -368,7 +369,9 @@ def browser(labels: Labels, task: str | None = None, per_page: int = 12, cols: i
     label_box = widgets.Dropdown(options=browse_choices(labels, task), value=first_label, description="class")
     prev_btn, next_btn = widgets.Button(description="< prev"), widgets.Button(description="next >")
     info = widgets.Label()
-    out = widgets.Output()
+    # An Image widget whose value is replaced: display() inside an Output widget has hung
+    # papermill/nbclient executions of this cell.
+    image = widgets.Image(format="png")
     state = {"page": 0}
 
     def n_pages() -> int:
@@ -377,9 +380,7 @@ def browser(labels: Labels, task: str | None = None, per_page: int = 12, cols: i
     def redraw(*_: Any) -> None:
         state["page"] = min(state["page"], n_pages() - 1)
         info.value = f"page {state['page'] + 1} / {n_pages()}"
-        with out:
-            out.clear_output(wait=True)
-            display(class_page(labels, task_box.value, label_box.value, state["page"], per_page, cols, thumb))
+        image.value = figure_png(class_page(labels, task_box.value, label_box.value, state["page"], per_page, cols, thumb))
 
     def on_task(change: dict) -> None:
         label_box.options = browse_choices(labels, change["new"])  # also resets the value -> redraw
@@ -399,4 +400,4 @@ def browser(labels: Labels, task: str | None = None, per_page: int = 12, cols: i
     prev_btn.on_click(lambda _: step(-1))
     next_btn.on_click(lambda _: step(+1))
     redraw()
-    return widgets.VBox([widgets.HBox([task_box, label_box, prev_btn, next_btn, info]), out])
+    return widgets.VBox([widgets.HBox([task_box, label_box, prev_btn, next_btn, info]), image])

@@ -1,0 +1,150 @@
+"""The benchmark scripts (bench/): throughput loops, the CLI's last line, L1 agreement, ablation reading.
+
+They run on a tiny database written here in the TonguExpert layout (a few dozen 48 px photos with
+masks), with timm's `test_*` models, so the real benchmark code paths run in seconds.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import quality  # noqa: E402
+import throughput  # noqa: E402
+
+from tongue_nb.tasks import Labels, Task, TaskSchema, load_labels  # noqa: E402
+
+L2_HEADER = ["SID", "coating_label", "tai_label", "zhi_label", "fissure_label", "tooth_mk_label"]
+L1_HEADER = ["SID", "labels_tai", "labels_zhi", "labels_fissure", "labels_tooth_mk"]
+
+
+def _fake_db(root: Path, n: int = 30, size: int = 48, seed: int = 0) -> Path:
+    """A TonguExpert-layout database with n random photos, elliptic masks, L1 and L2 label files."""
+    rng = np.random.default_rng(seed)
+    db = root / "TonguExpertDatabase"
+    for sub in ("Phenotypes", "TongueImage/Raw", "TongueImage/Mask"):
+        (db / sub).mkdir(parents=True)
+    yy, xx = np.mgrid[:size, :size]
+    l2, l1 = ["\t".join(L2_HEADER)], ["\t".join(L1_HEADER)]
+    for i in range(n):
+        sid = f"TE{i:07d}"
+        photo = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(photo).save(db / "TongueImage/Raw" / f"{sid}.jpg")
+        mask = (((yy - size / 2) / (size / 3)) ** 2 + ((xx - size / 2) / (size / 4)) ** 2 <= 1).astype(np.uint8) * 255
+        Image.fromarray(mask).save(db / "TongueImage/Mask" / f"{sid}.jpg")
+        # Cycle the classes so that every split can hold each of them.
+        l2.append("\t".join([sid, ("non_greasy", "greasy", "greasy_thick")[i % 3],
+                             ("white", "light_yellow", "yellow")[i % 3], ("light", "regular", "dark")[(i + 1) % 3],
+                             ("NaN", "light", "severe")[i % 3], ("NaN", "light", "severe")[(i + 2) % 3]]))
+        if i % 2 == 0:
+            l1.append("\t".join([sid, ("white", "light_yellow", "yellow")[i % 3], "NA",
+                                 ("light", "severe")[(i // 2) % 2], "NA"]))
+    (db / "Phenotypes/L2_Labels_Predict.txt").write_text("\n".join(l2) + "\n")
+    (db / "Phenotypes/L1_Labels_Manual.txt").write_text("\n".join(l1) + "\n")
+    return db
+
+
+@pytest.fixture(scope="module")
+def fake_db(tmp_path_factory) -> Path:
+    return _fake_db(tmp_path_factory.mktemp("tonguexpert"))
+
+
+def test_throughput_cli_prints_ratios_and_writes_json(fake_db, tmp_path, capsys):
+    out = tmp_path / "tp.json"
+    res = throughput.main(["--backbone", "test_convnext", "--image-size", "32", "--batch-size", "4", "--steps", "2",
+                           "--warmup", "1", "--repeats", "2", "--threads", "1", "--data", str(fake_db),
+                           "--work-dir", str(tmp_path / "work"), "--cache-dir", str(tmp_path / "cache"),
+                           "--out", str(out)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(r"train_ratio=\d+\.\d{3} eval_ratio=\d+\.\d{3}", lines[-1]), lines[-1]
+    saved = pd.read_json(out, typ="series")
+    for part in ("train", "eval"):
+        mo, e2e = res[part]["model_only_samples_per_s"], res[part]["end_to_end_samples_per_s"]
+        assert mo > 0 and e2e > 0 and res[part]["ratio"] == pytest.approx(e2e / mo)
+        assert len(res[part]["blocks"]) == 2 and res[part]["data_path_only_samples_per_s"] > 0
+        assert saved[part]["ratio"] == pytest.approx(res[part]["ratio"])
+    # end-to-end really went through the real loop: 2 blocks x 2 steps x 4 samples
+    assert res["steps"] == 2 and res["batch_size"] == 4 and res["n_images"] == 30
+
+
+def test_model_only_train_takes_real_optimizer_steps():
+    from tongue_nb.losses import MultiTaskLoss
+    from tongue_nb.models import MultiTaskBackbone
+    from tongue_nb.trainer import make_optimizer
+
+    schema = TaskSchema((Task("coat", "multiclass", ("a", "b", "c")), Task("shape", "multilabel", ("x", "y"))))
+    torch.manual_seed(0)
+    model = MultiTaskBackbone("test_resnet", schema, pretrained=False, freeze_backbone=False, image_size=32)
+    opt, _ = make_optimizer(model, 1e-3, 1e-3, 0.0, 10, 0)
+    before = [p.detach().clone() for p in model.parameters()]
+    samples, seconds = throughput.model_only_train(model, MultiTaskLoss(schema), opt, schema, batch_size=3,
+                                                   image_size=32, steps=2, device=torch.device("cpu"))
+    assert samples == 6 and seconds > 0
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    t = throughput.random_targets(schema, 5, torch.Generator().manual_seed(0))
+    assert t["coat"].dtype == torch.int64 and t["coat"].shape == (5,) and int(t["coat"].max()) < 3
+    assert t["shape"].dtype == torch.float32 and t["shape"].shape == (5, 2)
+
+
+def test_bad_arguments_are_refused(fake_db, tmp_path):
+    labels = load_labels(throughput.common.ensure_import(fake_db, "predicted", tmp_path / "work"))
+    with pytest.raises(ValueError, match="steps"):
+        throughput.measure_throughput(labels, "test_convnext", 32, 4, steps=0, cache_dir=tmp_path / "c")
+    with pytest.raises(ValueError, match="precision"):
+        throughput.measure_throughput(labels, "test_convnext", 32, 4, precision="int8", cache_dir=tmp_path / "c")
+    with pytest.raises(SystemExit, match="--data"):
+        throughput.common.ensure_import(tmp_path / "nowhere", "predicted", tmp_path / "work")
+
+
+def test_l1_agreement_counts_only_manually_labelled_images():
+    schema = TaskSchema((Task("fissure", "multiclass", ("light", "severe")),))
+    table = pd.DataFrame({"id": ["a", "b", "c", "d"]})
+    l1 = Labels(root=Path("."), schema=schema, table=table,
+                targets={"fissure": np.array([0, 1, -1, 1])}, problems=pd.DataFrame())
+    ids = ["a", "b", "c", "d", "e"]           # "e" has no L1 row, "c" no L1 label
+    pred = ["light", "absent", "severe", "severe", "light"]  # "absent" is not an L1 class: a disagreement
+    out = quality.l1_agreement(ids, {"fissure": pred}, l1)["fissure"]
+    assert out["n"] == 3
+    assert out["accuracy"] == pytest.approx(2 / 3)
+    # light: tp 1 -> F1 1; severe: tp 1, fn 1 -> F1 2/3; macro = 5/6
+    assert out["macro_f1"] == pytest.approx(5 / 6)
+
+
+def test_ablation_result_reads_the_best_validation_epoch(tmp_path):
+    run = tmp_path / "ablation-no_crop"
+    run.mkdir()
+    (run / "params.yaml").write_text("backbone: resnet18\nimage_size: 64\ncrop: none\n")
+    pd.DataFrame({"epoch": [1, 2, 3], "val_combined": [0.3, 0.6, 0.5], "val_coat_primary": [0.2, 0.7, 0.9],
+                  "seconds": [10.0, 10.0, 10.0], "train_samples_per_s": [5.0, 6.0, 7.0]}).to_csv(
+        run / "history.csv", index=False)
+    res = quality.ablation_result(run)
+    assert res["best_epoch"] == 2 and res["val_combined"] == 0.6 and res["val_tasks"] == {"coat": 0.7}
+    assert res["settings"]["crop"] == "none" and res["train_seconds"] == 30.0
+    text = quality.render_markdown({"ablations": {"no_crop": res}})
+    assert "| no_crop | resnet18 64px none, class weights None, augment None | 3 x all | 0.600 | 0.700 |" in text
+    assert quality.ablation_result(tmp_path / "absent") is None
+    with pytest.raises(SystemExit, match="unknown ablation"):
+        quality.ablation_params(None, "bogus", 1, tmp_path)
+
+
+@pytest.mark.slow
+def test_cache_build_and_peak_rss_mode(fake_db, tmp_path, capsys):
+    out = tmp_path / "rss.json"
+    res = throughput.main(["--backbone", "test_convnext", "--batch-size", "4", "--threads", "1", "--data",
+                           str(fake_db), "--work-dir", str(tmp_path / "work"), "--cache-build", "--skip-ratio",
+                           "--rss-size", "32", "--rss-steps", "2", "--out", str(out)])
+    assert res["cache_build"]["n_images"] == 30 and res["cache_build"]["seconds"] > 0
+    rss = res["peak_rss"]
+    # Both children ran and reported their own peak (VmHWM) and the real run its file-backed share.
+    assert rss["peak_rss_mb"] > 100 and rss["model_only_peak_rss_mb"] > 100
+    assert rss["child"]["eval_samples"] > 0 and "RssFile" in rss["child"]["proc"]
+    assert "peak RSS" in capsys.readouterr().out and out.is_file()
