@@ -72,7 +72,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     result = run_sweep(args.data or "", args.backbones or default_backbones(args.file),
                        params_file=args.file, overrides=args.set or (), out_dir=args.out,
                        reports_dir=args.reports, compare=not args.no_compare)
-    print(result.describe() if hasattr(result, "describe") else result)
+    # run_sweep has logged its outcome (result.describe()); the exit status says whether all runs succeeded.
     return 0 if result.ok else 1
 
 

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
 PARAMS_DIR = PROJECT_ROOT / "params"
+BASELINE_RUN = "classical-baseline"  # run folder of the classical baseline inside a sweep
 KERNEL_NAME = "tongue-nb"
 # The seed document's backbones, used when neither --backbones nor a recipe names one.
 SEED_BACKBONES = ("convnext_base", "convnext_large", "swin_base", "swin_large", "vit_large")
@@ -365,10 +366,12 @@ def _write_json(path: Path, obj: Any) -> None:
 def run_sweep(data_dir: str | Path, backbones: Sequence[str], params_file: str | Path | None = None,
               overrides: Sequence[str] = (), out_dir: str | Path | None = None, reports_dir: str | Path = "reports",
               gpus: Sequence[str] | int | None = None, compare: bool = True, compare_steps: int = 10,
-              kernel_name: str | None = None, ensemble_k: int = 3, compare_options: dict | None = None) -> SweepResult:
+              kernel_name: str | None = None, ensemble_k: int = 3, compare_options: dict | None = None,
+              baseline: bool = True) -> SweepResult:
     """Compare the backbones, train one 03 notebook per backbone, analyse errors, report, and write index.html.
 
     `compare_options` go to compare.compare_backbones (e.g. image_size, batch_size) besides `steps=compare_steps`.
+    `baseline` fits the classical colour/texture baseline on the same split as a reference row of the report.
     """
     if not backbones:
         raise SweepError("run_sweep: no backbones given")
@@ -396,20 +399,28 @@ def run_sweep(data_dir: str | Path, backbones: Sequence[str], params_file: str |
     try:
         with project_kernel(sweep_dir, kernel_name) as kernel:
             return _sweep(data, list(backbones), params_file, extra, sweep_dir, reports, gpus,
-                          dict(compare_options or {}, steps=compare_steps) if compare else None, kernel, ensemble_k)
+                          dict(compare_options or {}, steps=compare_steps) if compare else None, kernel, ensemble_k,
+                          baseline)
     finally:
         lock.release()
 
 
 def _sweep(data: Path, backbones: list[str], params_file: str | Path | None, extra: dict, sweep_dir: Path,
            reports: Path, gpus: Sequence[str] | int | None, compare: dict | None, kernel: str,
-           ensemble_k: int) -> SweepResult:
+           ensemble_k: int, baseline: bool = True) -> SweepResult:
     result = SweepResult(sweep_dir, reports)
     (sweep_dir / "notebooks").mkdir(parents=True, exist_ok=True)
     _write_json(sweep_dir / "sweep.json", {"data_dir": str(data), "backbones": backbones, "params_file": str(params_file or ""),
                                            "overrides": extra, "started": _dt.datetime.now().isoformat(timespec="seconds")})
+    # The data review comes first: what the runs are trained on, in the same report folder.
+    review_nb = sweep_dir / "notebooks" / "01_data_review.ipynb"
+    if (NOTEBOOKS / "01_data_review.ipynb").exists() and _run_stage(
+            "data_review", None, "01_data_review", review_nb, {"data_dir": str(data)}, kernel, result):
+        _render(review_nb, reports / "01_data_review.html", None, result)
     if compare is not None:
         result.comparison = _compare(data, backbones, sweep_dir, compare, kernel, result)
+    if baseline:
+        _baseline(data, params_file, extra, sweep_dir / "runs" / BASELINE_RUN, result)
 
     jobs, outcomes = [], {}
     for backbone in backbones:
@@ -461,6 +472,23 @@ def _sweep(data: Path, backbones: list[str], params_file: str | Path | None, ext
                                                   "errors": result.errors, "index": str(result.index)})
     log.info("%s", result.describe())
     return result
+
+
+def _baseline(data: Path, params_file: str | Path | None, extra: dict, run_dir: Path, result: SweepResult) -> None:
+    """The classical colour/texture baseline on the runs' own split (same seed and fractions), as one more run row."""
+    if is_completed(run_dir):
+        return
+    from tongue_nb.baseline import fit_baseline_run
+    from tongue_nb.params import load_params
+
+    try:
+        params = load_params([params_file] if params_file else (), **extra)
+        fit_baseline_run(data, run_dir, image_size=params.image_size or 128, seed=params.seed,
+                         val_fraction=params.val_fraction, test_fraction=params.test_fraction,
+                         tasks=params.tasks or None, on_problem=params.on_problem)
+    except Exception as exc:  # the baseline is a reference row; the trained runs go on without it
+        result.errors.append(failure_record(BASELINE_RUN, exc, None, stage="baseline"))
+        log.error("classical baseline failed: %s", exc)
 
 
 def _compare(data: Path, backbones: list[str], sweep_dir: Path, options: dict, kernel: str,
