@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import nbformat
-import pytest
 import yaml
 
 from tongue_nb.params import NOTEBOOK_EXTRA, TrainParams, load_params, notebook_parameters_source
@@ -35,7 +34,7 @@ def _files(run: Path) -> set[str]:
 
 
 def test_papermill_run_equals_trainer_run(tmp_path):
-    pm = pytest.importorskip("papermill")
+    import papermill as pm
     data = make_synthetic(tmp_path / "data", n=48, size=48, seed=3)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("stage1_epochs: 1\nstage2_epochs: 1\nbatch_size: 8\n")
@@ -62,7 +61,7 @@ def test_papermill_run_equals_trainer_run(tmp_path):
 
 
 def test_papermill_documents_every_parameter():
-    pm = pytest.importorskip("papermill")
+    import papermill as pm
     found = pm.inspect_notebook(str(NOTEBOOK))
     expected = {f.name: f for f in dataclasses.fields(TrainParams)}
     assert set(found) == set(expected) | {"params_file"}

@@ -242,7 +242,6 @@ def _chance_combined(schema, train_targets, test_targets, draws=20, seed=0):
     return schema.combined_score(best), best
 
 
-@pytest.mark.slow
 def test_small_model_learns_synthetic_tongues_well_above_chance(tmp_path):
     """Issue 3's done-when: resnet18 from scratch on the synthetic set on CPU, in about a minute or two."""
     from tongue_nb.tasks import load_labels
