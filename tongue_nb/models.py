@@ -336,7 +336,28 @@ def _merge_groups(groups: Iterable[dict]) -> list[dict]:
     return list(merged.values())
 
 
-class MultiTaskBackbone(nn.Module):
+class _InputConfig:
+    """What the data pipeline reads off a model: input side, mean and std, all from `self.data_config`."""
+
+    data_config: dict[str, Any]
+
+    @property
+    def input_size(self) -> int:
+        """Square input side in pixels the model expects."""
+        return int(self.data_config["input_size"][-1])
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        """Per-channel normalisation mean (0..1 scale)."""
+        return tuple(self.data_config["mean"])
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        """Per-channel normalisation std (0..1 scale)."""
+        return tuple(self.data_config["std"])
+
+
+class MultiTaskBackbone(_InputConfig, nn.Module):
     """One timm backbone (pooled features) with a dropout + linear head per task; forward -> logits per task."""
 
     def __init__(self, backbone_name: str, tasks: TaskSchema, pretrained: bool = True, freeze_backbone: bool = True,
@@ -393,22 +414,6 @@ class MultiTaskBackbone(nn.Module):
         self._frozen = False
         if freeze_backbone:
             self.freeze_backbone()
-
-    # -- properties the data pipeline needs
-    @property
-    def input_size(self) -> int:
-        """Square input side in pixels the model is built/configured for."""
-        return int(self.data_config["input_size"][-1])
-
-    @property
-    def mean(self) -> tuple[float, ...]:
-        """Per-channel normalisation mean (0..1 scale)."""
-        return tuple(self.data_config["mean"])
-
-    @property
-    def std(self) -> tuple[float, ...]:
-        """Per-channel normalisation std (0..1 scale)."""
-        return tuple(self.data_config["std"])
 
     @property
     def backbone_frozen(self) -> bool:
@@ -503,7 +508,7 @@ def load_run_model(run_dir: str | Path, map_location: str | torch.device = "cpu"
     return model.to(map_location).eval()
 
 
-class EnsembleMultiTaskModel(nn.Module):
+class EnsembleMultiTaskModel(_InputConfig, nn.Module):
     """Average of several MultiTaskBackbones' per-task probabilities; input: 0..1 RGB images [B, 3, H, W].
 
     ``forward`` returns logits of the averaged probabilities (see `mean_prob_logits`), in training
@@ -564,20 +569,6 @@ class EnsembleMultiTaskModel(nn.Module):
                                  f"{str(run_dirs[0])!r} ({members[0].schema.names}); an ensemble needs one schema")
         return cls(members).to(map_location).eval()
 
-    @property
-    def input_size(self) -> int:
-        """Side of the 0..1 input images the ensemble expects (the largest member size)."""
-        return int(self.data_config["input_size"][-1])
-
-    @property
-    def mean(self) -> tuple[float, ...]:
-        """Input mean: 0 (members normalise themselves)."""
-        return tuple(self.data_config["mean"])
-
-    @property
-    def std(self) -> tuple[float, ...]:
-        """Input std: 1 (members normalise themselves)."""
-        return tuple(self.data_config["std"])
 
     def member_inputs(self, x: Tensor) -> list[Tensor]:
         """Each member's view of a 0..1 batch: resized to its input size, normalised with its mean/std."""
