@@ -569,7 +569,6 @@ class EnsembleMultiTaskModel(_InputConfig, nn.Module):
                                  f"{str(run_dirs[0])!r} ({members[0].schema.names}); an ensemble needs one schema")
         return cls(members).to(map_location).eval()
 
-
     def member_inputs(self, x: Tensor) -> list[Tensor]:
         """Each member's view of a 0..1 batch: resized to its input size, normalised with its mean/std."""
         out = []
