@@ -303,8 +303,6 @@ def train_one_epoch(model: nn.Module, loader: BatchLoader, loss_fn: MultiTaskLos
 
     try:
         for batch in loader:
-            if step >= n_micro:
-                break
             step += 1
             window.append(batch)
             window_start = step - len(window)
@@ -337,6 +335,8 @@ def train_one_epoch(model: nn.Module, loader: BatchLoader, loss_fn: MultiTaskLos
             if progress:
                 bar.set_postfix(loss=f"{float(w_total) / max(1, sum(len(b) for b in window)):.4f}", refresh=False)
             window = []
+            if step >= n_micro:  # stop before the loader builds a batch that would not be used
+                break
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
