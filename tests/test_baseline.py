@@ -160,9 +160,10 @@ def test_fit_baseline_run_writes_a_run_folder_and_learns_the_synthetic_set(tmp_p
     assert fixed["combined_score"] > 0.65 and tuned["combined_score"] > 0.6
     counts = on_disk["counts"]
     preds = pd.read_csv(run / "predictions.csv", keep_default_na=False)
-    assert len(preds) == counts["val"] + counts["test"] and set(preds["split"]) == {"val", "test"}
+    assert len(preds) == counts["val"]["samples"] + counts["test"]["samples"] and set(preds["split"]) == {"val", "test"}
     assert {"p:shape:spots", "true:shape:spots", "pred:shape:spots", "pred_t:shape:spots", "p:coat:greasy",
             "true:coat", "pred:coat"} <= set(preds.columns)
     assert set(preds["pred:coat"]) <= {"greasy", "rotten", "nospecialgreasy"}
     split = pd.read_csv(run / "split.csv")
-    assert len(split) == sum(counts.values())
+    assert len(split) == sum(c["samples"] for c in counts.values())
+    assert counts["test"]["labelled"]["coat"] <= counts["test"]["samples"]

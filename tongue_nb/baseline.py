@@ -16,7 +16,7 @@ import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.ensemble import HistGradientBoostingClassifier
 
-from tongue_nb.tasks import Task, TaskSchema
+from tongue_nb.tasks import Task, TaskSchema, labelled_mask
 
 log = logging.getLogger(__name__)
 
@@ -416,7 +416,10 @@ def fit_baseline_run(data_dir: str | Path, out_dir: str | Path, image_size: int 
         "timm_name": None,
         "params_m": None,  # not a neural network: no parameter count to compare
         "image_size": image_size,
-        "counts": {s: int(len(r)) for s, r in idx.items()},
+        # Same layout as a trained run's counts: samples and labelled samples per task, per split.
+        "counts": {s: {"samples": int(len(r)),
+                       "labelled": {t.name: int(labelled_mask(t, labels.targets[t.name][r]).sum()) for t in schema}}
+                   for s, r in idx.items()},
         "best_epoch": None,
         "val_metrics_fixed": val_fixed,
         "final_metrics_fixed": fixed,

@@ -10,6 +10,15 @@ from typing import Sequence
 log = logging.getLogger("tongue_nb")
 
 
+def _data_or_synthetic(data: str | None) -> str:
+    """The dataset folder given, or the built-in synthetic set (made once, cached) when none is."""
+    if data:
+        return data
+    from tongue_nb.synth import ensure_synthetic
+
+    return str(ensure_synthetic())
+
+
 def _cmd_synth(args: argparse.Namespace) -> int:
     from tongue_nb.synth import make_synthetic
 
@@ -46,7 +55,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from tongue_nb.compare import compare_backbones, recommendations
 
-    table = compare_backbones(args.data or "", args.backbones, out_dir=args.out, steps=args.steps,
+    table = compare_backbones(_data_or_synthetic(args.data), args.backbones, out_dir=args.out, steps=args.steps,
+                              warmup_steps=args.warmup_steps,
                               batch_size=args.batch_size, image_size=args.image_size, seed=args.seed,
                               pretrained=args.pretrained, device=args.device)
     with_cols = [c for c in ("backbone", "params_total_m", "val_loss", "train_samples_per_s", "infer_samples_per_s",
@@ -60,7 +70,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_baseline(args: argparse.Namespace) -> int:
     from tongue_nb.baseline import fit_baseline_run
 
-    summary = fit_baseline_run(args.data or "", args.out, image_size=args.image_size, seed=args.seed)
+    summary = fit_baseline_run(_data_or_synthetic(args.data), args.out, image_size=args.image_size, seed=args.seed)
     print(f"{args.out}: test combined score {summary['final_metrics_fixed']['combined_score']:.4f} (fixed), "
           f"{summary['final_metrics_thresholded']['combined_score']:.4f} (thresholded)")
     return 0
@@ -113,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbones", nargs="+", required=True, help="backbone names")
     p.add_argument("--out", help="folder for comparison.csv / comparison.json")
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per backbone (default 20)")
+    p.add_argument("--warmup-steps", type=int, default=3, help="first steps left out of the timing (default 3)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,44 @@
+"""The command line: subcommands reach the package functions; no --data means the built-in synthetic set."""
+import json
+
+import pytest
+
+from tongue_nb import cli
+from tongue_nb.synth import make_synthetic
+
+
+def test_synth_then_compare_with_a_failing_backbone(tmp_path, capsys):
+    data = tmp_path / "syn"
+    assert cli.main(["synth", str(data), "--n", "30", "--size", "48", "--seed", "3"]) == 0
+    assert (data / "labels.csv").exists() and (data / "tasks.yaml").exists()
+    code = cli.main(["compare", "--data", str(data), "--backbones", "test_convnext", "no_such_net", "--steps", "3",
+                     "--warmup-steps", "1", "--image-size", "32", "--batch-size", "4", "--out", str(tmp_path / "cmp")])
+    out = capsys.readouterr().out
+    assert code == 1  # one backbone failed: its row holds the error, the command says so
+    assert "no_such_net" in out and "unknown backbone" in out
+    saved = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert saved["recommendations"]["lowest_val_loss"] == "test_convnext"
+
+
+def test_baseline_without_data_uses_the_synthetic_set(tmp_path, capsys):
+    assert cli.main(["baseline", "--out", str(tmp_path / "bl"), "--image-size", "32"]) == 0
+    assert "test combined score" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "bl" / "summary.json").read_text())
+    assert summary["backbone"] == "classical-baseline" and summary["counts"]["test"]["samples"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["synth", "OUT", "--n", "0"], "n"),
+    (["import-tonguexpert", "/no/such/db", "OUT"], "/no/such/db"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    argv = [a.replace("OUT", str(tmp_path / "out")) for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"tongue-nb {argv[0]}: error:") and message in err
+
+
+def test_module_entry_point_matches_console_script():
+    parser = cli.build_parser()
+    assert {"synth", "import-tonguexpert", "train", "compare", "baseline", "sweep"} <= set(
+        parser._subparsers._group_actions[0].choices)
