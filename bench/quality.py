@@ -8,7 +8,7 @@ labels' own agreement with L1 as a reference). Short ablation runs (`--ablations
 each (crop, resolution, class weighting, augmentation) and are compared on the VALIDATION split only:
 the recipe is chosen there, never on test.
 
-    .venv/bin/python bench/quality.py --recipe bench/quality_recipe.yaml --minutes 30 --threads 1
+    .venv/bin/python bench/quality.py --recipe bench/quality_recipe.yaml --minutes 30 --threads 1 --baseline-size 96
     .venv/bin/python bench/quality.py --only ablations --ablations all --ablation-epochs 2 --threads 1
     .venv/bin/python bench/quality.py --skip-train      # re-evaluate the existing runs, rewrite the report
 
@@ -144,7 +144,7 @@ def l1_agreement(ids: Sequence[str], predictions: Mapping[str, Sequence[str]], l
     """Per L1 task: n, accuracy and macro-F1 (over L1's classes) of predicted class names vs the manual labels.
 
     Only images in `ids` with a manual label for that task count; a prediction of a class L1 does not
-    use (e.g. `absent` fissures, which L1 leaves unannotated) counts as a disagreement.
+    use (e.g. `none` fissures, which L1 leaves unannotated) counts as a disagreement.
     """
     from sklearn.metrics import f1_score
 
@@ -235,7 +235,7 @@ def render_markdown(res: Mapping[str, Any]) -> str:
         for task, v, b in rows:
             lines.append(f"| {task} | {_fmt(v)} | {_fmt(b)} | {_fmt(None if b is None else v - b)} |")
         lines += ["", f"Validation combined: CPU recipe {_fmt(main.get('val_combined'))}, "
-                  f"baseline {_fmt(base.get('val_combined'))}.", ""]
+                  f"baseline {_fmt(base.get('val_combined'))} (features at {base.get('image_size', '?')} px).", ""]
     agree = res.get("l1_agreement")
     if agree:
         lines += ["## Agreement with the manual (L1) labels on test images that have them", "",
@@ -281,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=common.DEFAULT_DB, help="TonguExpertDatabase folder")
     p.add_argument("--work-dir", type=Path, default=None, help="where the imports go; default <cache>/bench")
     p.add_argument("--threads", type=int, default=1, help="torch / boosting CPU threads")
+    p.add_argument("--baseline-size", type=int, default=0,
+                   help="image size of the baseline's colour/texture features; 0 = the recipe's size")
     p.add_argument("--skip-train", action="store_true", help="re-evaluate the existing runs instead of training")
     p.add_argument("--only", choices=("all", "main", "ablations"), default="main",
                    help="main: recipe + baseline; ablations: only the ablation runs; all: both")
@@ -357,7 +359,10 @@ def run_main(args: argparse.Namespace, base: TrainParams, labels: Labels, l1_dir
         log.info("fitting the classical baseline into %s", base_dir)
         t0 = time.perf_counter()
         # Same seed and split fractions as the recipe: the same train/val/test images.
-        baseline_mod.fit_baseline_run(labels.root, base_dir, image_size=base.image_size or 128, seed=base.seed,
+        # --baseline-size keeps the baseline's features fixed when the recipe's resolution changes,
+        # so a cheaper recipe is never compared against a baseline weakened by the same change.
+        b_size = args.baseline_size or base.image_size or 128
+        baseline_mod.fit_baseline_run(labels.root, base_dir, image_size=b_size, seed=base.seed,
                                       crop="crop_blank", val_fraction=base.val_fraction,
                                       test_fraction=base.test_fraction, num_threads=args.threads)
         base_seconds = time.perf_counter() - t0
@@ -396,6 +401,7 @@ def run_main(args: argparse.Namespace, base: TrainParams, labels: Labels, l1_dir
                  "val_macro_f1": per_task(val_m), "val_combined": val_m["combined_score"],
                  "test_accuracy": {k: v.get("accuracy") for k, v in test_m["tasks"].items()}},
         "baseline": {"run_dir": str(base_dir), "test_macro_f1": per_task(b_test_m),
+                     "image_size": args.baseline_size or base.image_size or 128,
                      "test_combined": b_test_m["combined_score"], "val_macro_f1": per_task(b_val_m),
                      "val_combined": b_val_m["combined_score"], "fit_seconds": base_seconds,
                      "test_accuracy": {k: v.get("accuracy") for k, v in b_test_m["tasks"].items()}},
