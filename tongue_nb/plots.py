@@ -8,7 +8,6 @@ backend is needed; Jupyter displays a returned Figure inline).
 from __future__ import annotations
 
 import io
-import json
 import math
 from pathlib import Path
 from typing import Any, Mapping
@@ -17,7 +16,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .tasks import TaskSchema, load_schema
+from .tasks import TaskSchema
 
 __all__ = ["read_run", "plot_history", "metrics_table", "details_table", "thresholds_table",
            "confusion_matrices", "plot_confusion_matrices"]
@@ -32,15 +31,11 @@ def figure_png(fig: Figure, dpi: int = 90) -> bytes:
 
 def read_run(run_dir: str | Path) -> tuple[dict, pd.DataFrame, pd.DataFrame, TaskSchema]:
     """summary.json, history.csv, predictions.csv and tasks.yaml of a finished run folder."""
-    run = Path(run_dir)
-    for name in ("summary.json", "history.csv", "predictions.csv", "tasks.yaml"):
-        if not (run / name).is_file():
-            raise FileNotFoundError(f"run folder {run}: {name} not found; is the training finished?")
-    summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
-    history = pd.read_csv(run / "history.csv")
-    # keep_default_na=False: an empty truth cell is a missing label, a class name is never NaN
-    predictions = pd.read_csv(run / "predictions.csv", keep_default_na=False, dtype={"id": str})
-    return summary, history, predictions, load_schema(run / "tasks.yaml")
+    # One reader of run folders (report.load_run checks every file); imported here because report imports plots.
+    from .report import load_run
+
+    run = load_run(run_dir)
+    return run.summary, run.history, run.predictions, run.schema
 
 
 def _stage_lines(ax: Any, history: pd.DataFrame) -> None:
