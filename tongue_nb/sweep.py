@@ -358,9 +358,10 @@ def _safe_name(backbone: str) -> str:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
+    """Sweep records, written atomically; anything JSON cannot hold (an exception, say) is kept as text."""
+    from tongue_nb.runio import atomic_write_text, to_jsonable
+
+    atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, default=str))
 
 
 def run_sweep(data_dir: str | Path, backbones: Sequence[str], params_file: str | Path | None = None,
