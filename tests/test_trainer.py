@@ -15,8 +15,8 @@ from tongue_nb.params import load_params
 from tongue_nb.runio import RunLock, load_checkpoint, load_weights
 from tongue_nb.synth import make_synthetic
 from tongue_nb.tasks import default_schema
-from tongue_nb.trainer import (NonFiniteLossError, TrainingError, make_optimizer, train, train_one_epoch,
-                               warmup_cosine)
+from tongue_nb.trainer import (NonFiniteLossError, TrainingError, WeightEMA, make_optimizer, train,
+                               train_one_epoch, warmup_cosine)
 
 TIMING_COLUMNS = ["seconds", "train_samples_per_s"]
 
@@ -116,14 +116,15 @@ class _Stop(Exception):
     pass
 
 
-def test_resume_reaches_the_same_metrics(data_dir, tmp_path):
-    full = train(tiny(data_dir, tmp_path / "full", drop_rate=0.2))
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_resume_reaches_the_same_metrics(data_dir, tmp_path, ema_decay):
+    full = train(tiny(data_dir, tmp_path / "full", drop_rate=0.2, ema_decay=ema_decay))
 
     def stop_after_2(row):
         if row["epoch"] == 2:
             raise _Stop()
 
-    params = tiny(data_dir, tmp_path / "cut", drop_rate=0.2)
+    params = tiny(data_dir, tmp_path / "cut", drop_rate=0.2, ema_decay=ema_decay)
     with pytest.raises(_Stop):
         train(params, on_epoch_end=stop_after_2)
     assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["progress"]["epoch"] == 2
@@ -134,6 +135,41 @@ def test_resume_reaches_the_same_metrics(data_dir, tmp_path):
     h_full = pd.read_csv(tmp_path / "full" / "history.csv").drop(columns=TIMING_COLUMNS)
     h_cut = pd.read_csv(tmp_path / "cut" / "history.csv").drop(columns=TIMING_COLUMNS)
     pd.testing.assert_frame_equal(h_full, h_cut)
+    # The weights kept as best are the ones that earned the best val score (the average, with EMA on).
+    assert full["val_metrics_fixed"]["combined_score"] == pytest.approx(full["best_val_combined"], abs=1e-6)
+    last = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
+    assert (last["ema"] is None) == (ema_decay == 0)
+
+
+def test_weight_ema_follows_its_formula():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema = WeightEMA(model, decay=0.5)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    assert ema.current_decay() == pytest.approx(2 / 11)  # the ramp: min(decay, (1 + n) / (10 + n))
+    model.train()
+    model(torch.randn(8, 3))  # moves BatchNorm's running stats and its integer batch counter
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    ema.update(model)
+    d = 2 / 11
+    now = model.state_dict()
+    for k, v in ema.module.state_dict().items():
+        if v.dtype.is_floating_point:
+            torch.testing.assert_close(v, d * start[k] + (1 - d) * now[k])
+        else:
+            assert torch.equal(v, now[k])  # num_batches_tracked is copied, not averaged
+    for _ in range(20):
+        ema.update(model)
+    assert ema.current_decay() == 0.5 and ema.updates == 21
+    assert not any(p.requires_grad for p in ema.module.parameters())
+    copy = WeightEMA(model, decay=0.5)
+    copy.load_state_dict(ema.state_dict())
+    assert copy.updates == 21
+    for a, b in zip(copy.module.state_dict().values(), ema.module.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="ema_decay"):
+        WeightEMA(model, decay=1.0)
 
 
 def test_early_stopping_resets_per_stage(data_dir, tmp_path):

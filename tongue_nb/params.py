@@ -85,6 +85,8 @@ class TrainParams:
     grad_clip: float = _p(1.0, "max gradient norm; 0: no clipping", ge=0.0)
     early_stopping_patience: int = _p(5, "epochs without val improvement before a stage stops; 0: off", ge=0)
     min_delta: float = _p(0.0, "smallest val combined-score gain that counts as improvement", ge=0.0)
+    ema_decay: float = _p(0.0, "moving average of the weights, evaluated and saved in their place; 0: off "
+                             "(e.g. 0.998)", ge=0.0, lt=1.0)
     # --- loss and imbalance
     label_smoothing: float = _p(0.0, "label smoothing for every task", ge=0.0, lt=1.0)
     class_weighting: str = _p("none", "per-class loss weights: none, balanced, effective (number)",

@@ -8,6 +8,7 @@ Layout of the run folder: docs/internals.md.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import math
@@ -48,6 +49,7 @@ __all__ = [
     "DistInfo",
     "warmup_cosine",
     "make_optimizer",
+    "WeightEMA",
     "train_one_epoch",
     "evaluate",
     "train",
@@ -180,6 +182,51 @@ def make_optimizer(model: MultiTaskBackbone, lr_backbone: float, lr_head: float,
     return optimizer, scheduler
 
 
+class WeightEMA:
+    """Exponential moving average of a model's weights (parameters and float buffers such as BatchNorm's).
+
+    After each optimizer step the copy moves towards the live weights: ema <- d * ema + (1 - d) * w, with
+    d = min(decay, (1 + n) / (10 + n)) after n updates, so a short run averages over a window that grows
+    with it instead of being held back by the random initial weights. Integer buffers are copied. The
+    trainer evaluates, keeps and saves the average in place of the live weights when `ema_decay` > 0.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {decay!r}")
+        self.decay = float(decay)
+        self.updates = 0
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    def current_decay(self) -> float:
+        """The decay the next update uses."""
+        n = self.updates + 1
+        return min(self.decay, (1.0 + n) / (10.0 + n))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = self.current_decay()
+        self.updates += 1
+        avg, live = [], []
+        for a, w in zip(self.module.state_dict().values(), model.state_dict().values()):
+            if a.dtype.is_floating_point:
+                avg.append(a)
+                live.append(w.detach())
+            else:
+                a.copy_(w)
+        if avg:
+            torch._foreach_lerp_(avg, live, 1.0 - d)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "updates": self.updates, "module": self.module.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.updates = int(state["updates"])
+        self.module.load_state_dict(state["module"])
+
+
 # --------------------------------------------------------------------------- one epoch
 
 
@@ -246,13 +293,15 @@ def train_one_epoch(model: nn.Module, loader: BatchLoader, loss_fn: MultiTaskLos
                     stage: int = 1, accumulation_steps: int = 1, grad_clip: float = 0.0,
                     amp_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
                     channels_last: bool = False, max_steps: int = 0, oom_retry: bool = True, micro_split: int = 1,
-                    progress: bool = False, lr_trace: list[list[float]] | None = None) -> EpochStats:
+                    progress: bool = False, lr_trace: list[list[float]] | None = None,
+                    ema: WeightEMA | None = None) -> EpochStats:
     """Train one epoch with gradient accumulation, clipping, autocast and the per-step schedule.
 
     On CUDA out-of-memory (when `oom_retry`), the current accumulation window is replayed with every
     batch cut in twice as many pieces: half the batch, twice the accumulation, the same effective
     batch; the larger split is kept for the rest of training (returned in `micro_split`).
     `lr_trace`, when given, receives each optimizer step's group learning rates (for tests/plots).
+    `ema`, when given, is updated after every optimizer step.
     """
     model.train()
     loader.set_epoch(epoch)
@@ -321,6 +370,8 @@ def train_one_epoch(model: nn.Module, loader: BatchLoader, loss_fn: MultiTaskLos
                 scaler.update()
             else:
                 optimizer.step()
+            if ema is not None:
+                ema.update(model)
             last_lrs = {g.get("name", f"group{i}"): float(g["lr"]) for i, g in enumerate(optimizer.param_groups)}
             if lr_trace is not None:
                 lr_trace.append(list(last_lrs.values()))
@@ -791,6 +842,9 @@ def _train_locked(params: TrainParams, info: DistInfo, device: torch.device, amp
     if channels_last:
         model.to(memory_format=torch.channels_last)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    # The average lives beside the model (same device and memory format); it is what val sees and best keeps.
+    ema = WeightEMA(model, params.ema_decay) if params.ema_decay > 0 else None
+    eval_model = ema.module if ema is not None else model
 
     stages = _stages(params)
     state = _Progress()
@@ -802,6 +856,11 @@ def _train_locked(params: TrainParams, info: DistInfo, device: torch.device, amp
         state = _Progress(**ckpt["progress"])
         history = list(ckpt["history"])
         model.load_state_dict(ckpt["model"])
+        if ema is not None:
+            if not ckpt.get("ema"):
+                raise TrainingError(f"{ckpt_dir / 'last.pt'} has no weight average to resume with ema_decay="
+                                    f"{params.ema_decay}")
+            ema.load_state_dict(ckpt["ema"])
         resume_opt = ckpt.get("optim")
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
@@ -842,9 +901,10 @@ def _train_locked(params: TrainParams, info: DistInfo, device: torch.device, amp
                                     epoch=epoch, stage=stage, accumulation_steps=params.accumulation_steps,
                                     grad_clip=params.grad_clip, amp_dtype=amp_dtype, scaler=scaler,
                                     channels_last=channels_last, max_steps=params.max_steps_per_epoch,
-                                    oom_retry=params.oom_retry, micro_split=state.micro_split, progress=progress)
+                                    oom_retry=params.oom_retry, micro_split=state.micro_split, progress=progress,
+                                    ema=ema)
             state.micro_split = stats.micro_split
-            probs, targets, val_loss = evaluate(model, val_loader, schema, loss_fn, device=device,
+            probs, targets, val_loss = evaluate(eval_model, val_loader, schema, loss_fn, device=device,
                                                 amp_dtype=amp_dtype, channels_last=channels_last)
             val = metrics_mod.compute_metrics(schema, probs, targets)
             score = float(val["combined_score"])
@@ -886,7 +946,7 @@ def _train_locked(params: TrainParams, info: DistInfo, device: torch.device, amp
                 # point) last, so a resumed run redoes at most the epoch whose files were being written.
                 _write_history(out_dir / "history.csv", history, schema)
                 if improved:
-                    save_weights(ckpt_dir / "best.safetensors", model.state_dict(),
+                    save_weights(ckpt_dir / "best.safetensors", eval_model.state_dict(),
                                  {"epoch": epoch, "stage": stage, "val_combined": score,
                                   "backbone": params.backbone, "timm_name": model.timm_name,
                                   "image_size": image_size, "tasks": schema.names})
@@ -897,6 +957,7 @@ def _train_locked(params: TrainParams, info: DistInfo, device: torch.device, amp
             if info.is_main:
                 ckpt_state = {"progress": dataclasses.asdict(saved), "history": history,
                               "model": model.state_dict(), "rng": _rng_state(),
+                              "ema": ema.state_dict() if ema is not None else None,
                               "scaler": scaler.state_dict() if scaler is not None else None,
                               "optim": None if stage_done else {"optimizer": optimizer.state_dict(),
                                                                 "scheduler": scheduler.state_dict()},
