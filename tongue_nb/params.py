@@ -99,7 +99,7 @@ class TrainParams:
     # --- speed / hardware
     precision: str = _p("auto", "auto (bf16 on CUDA if supported, else fp32), fp32, bf16, fp16",
                         choices=PRECISIONS)
-    channels_last: bool = _p(False, "channels_last memory format (CUDA only)")
+    channels_last: bool = _p(False, "channels_last memory format (faster on CUDA and with bf16 on recent CPUs)")
     compile: bool = _p(False, "torch.compile the model (CUDA only)")
     device: str = _p("auto", "auto, cpu, cuda, cuda:N or mps")
     num_threads: int = _p(0, "CPU threads for torch; 0: torch default", ge=0)

@@ -710,8 +710,7 @@ def _train(params: TrainParams, info: DistInfo, on_epoch_end: Callable[[dict[str
         torch.set_num_threads(params.num_threads)
     device = _resolve_device(params.device, info)
     amp_dtype = _resolve_amp(params.precision, device)
-    on_cuda = device.type == "cuda"
-    channels_last = params.channels_last and on_cuda
+    channels_last = params.channels_last
     progress = params.progress and info.is_main and progress_allowed()
     _seed_everything(params.seed)
 
@@ -1032,6 +1031,7 @@ def _train_locked(params: TrainParams, info: DistInfo, device: torch.device, amp
         "peak_memory_kind": peak_kind,
         "device": str(device) if not info.enabled else f"{device.type} x{info.world_size}",
         "precision": "fp32" if amp_dtype is None else str(amp_dtype).replace("torch.", ""),
+        "channels_last": channels_last,
         "world_size": info.world_size,
         "seed": params.seed,
         "torch_version": torch.__version__,
