@@ -56,6 +56,12 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 }
 
 
+# The recipe settings recorded with every run's figures.
+SETTING_KEYS = ("backbone", "image_size", "crop", "stage2_epochs", "max_steps_per_epoch", "batch_size",
+                "stage2_lr_backbone", "stage2_lr_head", "class_weighting", "augment", "drop_rate", "label_smoothing",
+                "ema_decay", "precision", "channels_last")
+
+
 class BudgetExceeded(RuntimeError):
     """Raised from the epoch callback once the time budget is spent (the run folder stays consistent)."""
 
@@ -204,8 +210,7 @@ def ablation_result(run_dir: Path) -> dict[str, Any] | None:
     return {"val_combined": float(best["val_combined"]), "val_tasks": tasks, "best_epoch": int(best["epoch"]),
             "epochs_run": int(df["epoch"].max()), "train_seconds": float(df["seconds"].sum()),
             "train_samples_per_s": float(df["train_samples_per_s"].mean()),
-            "settings": {k: params.get(k) for k in ("backbone", "image_size", "crop", "class_weighting", "augment",
-                                                    "stage2_epochs", "max_steps_per_epoch", "batch_size")}}
+            "settings": {k: params.get(k) for k in SETTING_KEYS}}
 
 
 # --------------------------------------------------------------------------- report
@@ -257,7 +262,12 @@ def render_markdown(res: Mapping[str, Any]) -> str:
             # The settings the run really had (the recipe may have changed since it was trained).
             st = a.get("settings", {})
             setting = (f"{st.get('backbone')} {st.get('image_size')}px {st.get('crop')}, "
-                       f"class weights {st.get('class_weighting')}, augment {st.get('augment')}")
+                       f"lr {st.get('stage2_lr_backbone')}, class weights {st.get('class_weighting')}, "
+                       f"augment {st.get('augment')}")
+            extras = [f"{k} {st[k]}" for k in ("label_smoothing", "ema_decay") if st.get(k)]
+            extras += [f"{st['precision']}"] if st.get("precision") not in (None, "auto", "fp32") else []
+            extras += ["channels_last"] if st.get("channels_last") else []
+            setting += "".join(f", {e}" for e in extras)
             cells = " | ".join(_fmt(a["val_tasks"].get(t)) for t in tasks)
             lines.append(f"| {name} | {setting} | {a['epochs_run']} x {st.get('max_steps_per_epoch') or 'all'} | "
                          f"{_fmt(a['val_combined'])} | {cells} | {a['train_samples_per_s']:.1f} |")
@@ -392,8 +402,7 @@ def run_main(args: argparse.Namespace, base: TrainParams, labels: Labels, l1_dir
     def per_task(m: Mapping[str, Any]) -> dict[str, float]:
         return {k: v["primary"] for k, v in m["tasks"].items()}
 
-    settings = {k: getattr(base, k) for k in ("backbone", "image_size", "crop", "stage2_epochs", "batch_size",
-                                             "stage2_lr_backbone", "class_weighting", "augment", "drop_rate")}
+    settings = {k: getattr(base, k) for k in SETTING_KEYS}
     return {
         "main": {"run_dir": str(run_dir), "seed": base.seed, "settings": settings, "train": train_info,
                  "counts": {s: int(len(r)) for s, r in rows.items()},

@@ -122,7 +122,8 @@ def test_l1_agreement_counts_only_manually_labelled_images():
 def test_ablation_result_reads_the_best_validation_epoch(tmp_path):
     run = tmp_path / "ablation-no_crop"
     run.mkdir()
-    (run / "params.yaml").write_text("backbone: resnet18\nimage_size: 64\ncrop: none\n")
+    (run / "params.yaml").write_text("backbone: resnet18\nimage_size: 64\ncrop: none\nstage2_lr_backbone: 0.001\n"
+                                     "ema_decay: 0.999\nprecision: bf16\nchannels_last: true\n")
     pd.DataFrame({"epoch": [1, 2, 3], "val_combined": [0.3, 0.6, 0.5], "val_coat_primary": [0.2, 0.7, 0.9],
                   "seconds": [10.0, 10.0, 10.0], "train_samples_per_s": [5.0, 6.0, 7.0]}).to_csv(
         run / "history.csv", index=False)
@@ -130,7 +131,8 @@ def test_ablation_result_reads_the_best_validation_epoch(tmp_path):
     assert res["best_epoch"] == 2 and res["val_combined"] == 0.6 and res["val_tasks"] == {"coat": 0.7}
     assert res["settings"]["crop"] == "none" and res["train_seconds"] == 30.0
     text = quality.render_markdown({"ablations": {"no_crop": res}})
-    assert "| no_crop | resnet18 64px none, class weights None, augment None | 3 x all | 0.600 | 0.700 |" in text
+    assert ("| no_crop | resnet18 64px none, lr 0.001, class weights None, augment None, ema_decay 0.999, bf16, "
+            "channels_last | 3 x all | 0.600 | 0.700 |") in text
     assert quality.ablation_result(tmp_path / "absent") is None
     with pytest.raises(SystemExit, match="unknown ablation"):
         quality.ablation_params(None, "bogus", 1, tmp_path)
