@@ -403,8 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=None, help="image cache folder; default tongue_nb's")
     p.add_argument("--crop", default="crop", help="mask use when caching: none, crop, blank, crop_blank")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="autocast dtype (bf16/fp16 on GPU)")
-    p.add_argument("--channels-last", action="store_true", help="channels_last memory format (GPU)")
+    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                   help="autocast dtype (fp16: GPU only; bf16: GPU, or a CPU with AVX512-BF16/AMX)")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format (GPU, or CPU with bf16)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient clipping in the real loop (trainer default)")
     p.add_argument("--cache-build", action="store_true",
                    help="also time a cold cache build at --rss-size px and the peak RSS of a short training run")

@@ -150,6 +150,19 @@ def test_cpu_bf16_channels_last_run(data_dir, tmp_path):
     assert np.isfinite(hist[["train_loss", "val_loss", "val_combined"]].to_numpy()).all()
 
 
+def test_cpu_bf16_support_is_read_from_cpuinfo(tmp_path):
+    from tongue_nb.trainer import cpu_has_native_bf16
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f amx_bf16 amx_tile\n")
+    assert cpu_has_native_bf16(info) is True
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f\n")
+    assert cpu_has_native_bf16(info) is False
+    info.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")
+    assert cpu_has_native_bf16(info) is None
+    assert cpu_has_native_bf16(tmp_path / "absent") is None
+
+
 def test_weight_ema_follows_its_formula():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))

@@ -136,8 +136,22 @@ def _resolve_amp(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "bf16":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise TrainingError("parameter precision: this GPU has no bf16 support; use fp16 or fp32")
+        if device.type == "cpu" and cpu_has_native_bf16() is False:
+            log.warning("precision bf16 on a CPU without AVX512-BF16/AMX: it is emulated and usually slower than fp32")
         return torch.bfloat16
     raise TrainingError(f"parameter precision: unknown value {precision!r}")
+
+
+def cpu_has_native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool | None:
+    """Whether the CPU computes bf16 natively (x86 AVX512-BF16 or AMX-BF16 flags); None where it cannot tell."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return None
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None)
+    if flags is None:
+        return None  # not an x86 Linux cpuinfo (ARM lists "Features"): do not guess
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
