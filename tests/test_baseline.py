@@ -167,3 +167,12 @@ def test_fit_baseline_run_writes_a_run_folder_and_learns_the_synthetic_set(tmp_p
     split = pd.read_csv(run / "split.csv")
     assert len(split) == sum(c["samples"] for c in counts.values())
     assert counts["test"]["labelled"]["coat"] <= counts["test"]["samples"]
+    # task_weights reweights only the combined score: same per-task figures, coat now counts 3x shape
+    from tongue_nb.tasks import load_schema
+
+    heavy = fit_baseline_run(data, tmp_path / "heavy", image_size=64, seed=0, max_iter=100, task_weights="coat=1.5")
+    assert load_schema(tmp_path / "heavy" / "tasks.yaml")["coat"].weight == 1.5
+    h = heavy["final_metrics_fixed"]
+    prim = {t: fixed["tasks"][t]["primary"] for t in ("shape", "coat")}
+    assert {t: h["tasks"][t]["primary"] for t in prim} == pytest.approx(prim)
+    assert h["combined_score"] == pytest.approx((0.5 * prim["shape"] + 1.5 * prim["coat"]) / 2.0)

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from tongue_nb.tasks import LabelError, SchemaError, Task, TaskSchema, default_schema, load_labels, load_schema
+from tongue_nb.tasks import (LabelError, SchemaError, Task, TaskSchema, apply_task_weights, default_schema, load_labels,
+                             load_schema, parse_task_weights)
 
 
 def write(folder, csv_text, schema=None, images=()):
@@ -133,3 +134,27 @@ def test_none_is_a_valid_multiclass_class_but_not_a_multilabel_label(tmp_path):
     assert labels.targets["fissure"].tolist() == [0, 2]
     with pytest.raises(SchemaError, match="'none' cannot be a label name"):
         Task("shape", "multilabel", ("none", "spots"))
+
+
+def test_task_weights_replace_named_weights_only():
+    schema = default_schema()  # shape and coat, half weight each
+    assert parse_task_weights("coat=2, shape=0.5") == {"coat": 2.0, "shape": 0.5}
+    assert parse_task_weights("coat=2 shape=1") == {"coat": 2.0, "shape": 1.0}
+    assert parse_task_weights("  ") == {}
+    heavy = apply_task_weights(schema, "coat=1.5")
+    assert heavy["coat"].weight == 1.5 and heavy["shape"].weight == schema["shape"].weight
+    assert heavy.names == schema.names and heavy["coat"].labels == schema["coat"].labels
+    # the combined score follows: coat now counts three times as much as shape
+    assert heavy.combined_score({"shape": 0.2, "coat": 0.6}) == pytest.approx((0.5 * 0.2 + 1.5 * 0.6) / 2.0)
+    assert apply_task_weights(schema, "") is schema
+    assert apply_task_weights(schema, {"shape": 0.0})["shape"].weight == 0.0
+
+
+def test_task_weights_errors_name_the_tasks():
+    schema = default_schema()
+    with pytest.raises(SchemaError, match=r"task_weights: unknown task\(s\) 'colour'; the schema has shape, coat"):
+        apply_task_weights(schema, "colour=2")
+    with pytest.raises(SchemaError, match="task_weights: at least one task needs a weight > 0"):
+        apply_task_weights(schema, "shape=0 coat=0")
+    with pytest.raises(SchemaError, match="'coat:2' is not 'task=weight'"):
+        parse_task_weights("coat:2")

@@ -319,3 +319,20 @@ def test_small_model_learns_synthetic_tongues_well_above_chance(tmp_path):
     tuned = summary["final_metrics_thresholded"]["combined_score"]
     print(f"chance {chance:.3f} {per_task}; model fixed {fixed:.3f}, thresholded {tuned:.3f}")
     assert fixed >= chance + 0.15 and tuned >= chance + 0.15
+
+
+def test_task_weights_reach_the_loss_the_score_and_the_run_folder(data_dir, tmp_path):
+    from tongue_nb.tasks import load_schema
+    from tongue_nb.trainer import resolve_data
+
+    params = tiny(data_dir, tmp_path / "run", task_weights="coat=3", stage1_epochs=0, stage2_epochs=1)
+    schema = resolve_data(params)[1]
+    assert schema["coat"].weight == 3.0 and schema["shape"].weight == default_schema()["shape"].weight
+    train(params)
+    run_schema = load_schema(tmp_path / "run" / "tasks.yaml")
+    assert run_schema["coat"].weight == 3.0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    primary = {t: m["primary"] for t, m in summary["final_metrics_fixed"]["tasks"].items()}
+    assert summary["final_metrics_fixed"]["combined_score"] == pytest.approx(run_schema.combined_score(primary))
+    with pytest.raises(Exception, match="parameter task_weights: unknown task\\(s\\) 'colour'"):
+        resolve_data(tiny(data_dir, tmp_path / "bad", task_weights="colour=2"))

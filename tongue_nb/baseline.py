@@ -336,12 +336,15 @@ def _prediction_table(schema: TaskSchema, table, probs: Mapping[str, np.ndarray]
 def fit_baseline_run(data_dir: str | Path, out_dir: str | Path, image_size: int = 128, seed: int = 0,
                      crop: str = "crop_blank", tasks: str | Path | None = None, class_weight: str | None = "balanced",
                      max_iter: int = 200, val_fraction: float = 0.15, test_fraction: float = 0.15,
-                     on_problem: str = "error", experiment_name: str = "", num_threads: int = 0) -> dict:
+                     on_problem: str = "error", experiment_name: str = "", num_threads: int = 0,
+                     task_weights: str = "") -> dict:
     """Fit the baseline on the train split and write a run folder like a trained run's; return the summary.
 
     Thresholds are tuned on the validation split and applied to the test split (never tuned on the
     split they are reported on); `final_metrics_*` are test-split metrics. `num_threads` > 0 caps
-    the OpenMP threads of the boosting (0 = library default: all cores).
+    the OpenMP threads of the boosting (0 = library default: all cores). `task_weights` ('name=w, ...',
+    as the training parameter) only reweights the combined score, so it stays comparable with
+    trained runs that used the same weights.
     """
     if num_threads:
         from threadpoolctl import threadpool_limits
@@ -351,19 +354,21 @@ def fit_baseline_run(data_dir: str | Path, out_dir: str | Path, image_size: int 
             return fit_baseline_run(data_dir, out_dir, image_size=image_size, seed=seed, crop=crop, tasks=tasks,
                                     class_weight=class_weight, max_iter=max_iter, val_fraction=val_fraction,
                                     test_fraction=test_fraction, on_problem=on_problem,
-                                    experiment_name=experiment_name, num_threads=0)
+                                    experiment_name=experiment_name, num_threads=0, task_weights=task_weights)
     import pandas as pd
     import yaml
 
     from tongue_nb import cache, metrics
     from tongue_nb.runio import atomic_write_json, atomic_write_text
-    from tongue_nb.tasks import load_labels, load_schema
+    from tongue_nb.tasks import apply_task_weights, load_labels, load_schema
 
     t_start = time.perf_counter()
     out = Path(out_dir)
     schema = load_schema(tasks) if tasks else None
     labels = load_labels(data_dir, schema=schema, on_problem=on_problem)
     schema = labels.schema
+    if task_weights.strip():
+        schema = apply_task_weights(schema, task_weights)
     idx = _split_indices(labels, seed, val_fraction, test_fraction)
     for name in ("train", "val", "test"):
         if len(idx[name]) == 0:

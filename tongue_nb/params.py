@@ -88,6 +88,8 @@ class TrainParams:
     ema_decay: float = _p(0.0, "moving average of the weights, evaluated and saved in their place; 0: off "
                              "(e.g. 0.998)", ge=0.0, lt=1.0)
     # --- loss and imbalance
+    task_weights: str = _p("", "per-task loss weight, also its share of the combined score that picks the best "
+                               "epoch, e.g. 'coat_color=2, body_color=2'; unnamed tasks keep the schema's")
     label_smoothing: float = _p(0.0, "label smoothing for every task", ge=0.0, lt=1.0)
     class_weighting: str = _p("none", "per-class loss weights: none, balanced, effective (number)",
                               choices=CLASS_WEIGHTINGS)
@@ -144,6 +146,13 @@ class TrainParams:
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ParamError(f"parameters val_fraction + test_fraction: got "
                              f"{self.val_fraction + self.test_fraction:g}, expected < 1 (training needs samples)")
+        if self.task_weights.strip():
+            from .tasks import SchemaError, parse_task_weights  # local import: tasks imports pandas
+
+            try:
+                parse_task_weights(self.task_weights, source=f"parameter task_weights (got {self.task_weights!r})")
+            except SchemaError as exc:
+                raise ParamError(str(exc)) from None
         if not _DEVICE_RE.match(self.device):
             raise ParamError(f"parameter device: got {self.device!r}, expected auto, cpu, cuda, cuda:N or mps")
         if self.experiment_name and ("/" in self.experiment_name or self.experiment_name in (".", "..")):

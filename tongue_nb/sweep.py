@@ -486,7 +486,8 @@ def _baseline(data: Path, params_file: str | Path | None, extra: dict, run_dir: 
         params = load_params([params_file] if params_file else (), **extra)
         fit_baseline_run(data, run_dir, image_size=params.image_size or 128, seed=params.seed,
                          val_fraction=params.val_fraction, test_fraction=params.test_fraction,
-                         tasks=params.tasks or None, on_problem=params.on_problem)
+                         tasks=params.tasks or None, on_problem=params.on_problem,
+                         task_weights=params.task_weights)
     except Exception as exc:  # the baseline is a reference row; the trained runs go on without it
         result.errors.append(failure_record(BASELINE_RUN, exc, None, stage="baseline"))
         log.error("classical baseline failed: %s", exc)

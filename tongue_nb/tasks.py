@@ -5,7 +5,7 @@ import csv
 import io
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -164,6 +164,40 @@ class TaskSchema:
             except (TypeError, ValueError) as exc:
                 raise SchemaError(f"{source}: {exc}") from None
         return cls(tuple(tasks))
+
+
+def parse_task_weights(spec: str, source: str = "task_weights") -> dict[str, float]:
+    """Read 'name=weight, name=weight' (commas or spaces between pairs) into {name: weight}."""
+    out: dict[str, float] = {}
+    for item in spec.replace(",", " ").split():
+        name, sep, value = item.partition("=")
+        try:
+            weight = float(value) if sep and name else float("nan")
+        except ValueError:
+            weight = float("nan")
+        if not math.isfinite(weight) or weight < 0:
+            raise SchemaError(f"{source}: {item!r} is not 'task=weight' with a finite weight >= 0 "
+                              f"(e.g. 'coat_color=2, body_color=2')")
+        if name in out:
+            raise SchemaError(f"{source}: task {name!r} is given twice")
+        out[name] = weight
+    return out
+
+
+def apply_task_weights(schema: TaskSchema, spec: str | Mapping[str, float], source: str = "task_weights"
+                       ) -> TaskSchema:
+    """The schema with the named tasks' weights replaced (loss weight and share of the combined score)."""
+    weights = parse_task_weights(spec, source) if isinstance(spec, str) else dict(spec)
+    unknown = sorted(set(weights) - set(schema.names))
+    if unknown:
+        raise SchemaError(f"{source}: unknown task(s) {', '.join(map(repr, unknown))}; "
+                          f"the schema has {', '.join(schema.names)}")
+    if not weights:
+        return schema
+    try:
+        return TaskSchema(tuple(replace(t, weight=float(weights.get(t.name, t.weight))) for t in schema))
+    except SchemaError as exc:
+        raise SchemaError(f"{source}: {exc}") from None
 
 
 def load_schema(path: str | Path) -> TaskSchema:

@@ -38,7 +38,8 @@ from .models import MultiTaskBackbone, to_probs
 from .params import TrainParams
 from .runio import (RunLock, atomic_write_json, atomic_write_text, load_checkpoint, load_weights, save_checkpoint,
                     save_weights)
-from .tasks import Labels, TaskSchema, default_schema, labelled_mask, load_labels, load_schema
+from .tasks import (Labels, TaskSchema, apply_task_weights, default_schema, labelled_mask, load_labels,
+                    load_schema)
 
 log = logging.getLogger(__name__)
 
@@ -497,6 +498,8 @@ def resolve_data(params: TrainParams) -> tuple[Path, TaskSchema]:
     else:
         log.warning("%s has no tasks.yaml and parameter tasks is empty: using the seed schema", data_dir)
         schema = default_schema()
+    if params.task_weights.strip():
+        schema = apply_task_weights(schema, params.task_weights, source="parameter task_weights")
     return data_dir, schema
 
 
