@@ -45,6 +45,8 @@ def test_precedence_defaults_file_values_overrides(tmp_path):
     ({"val_fraction": 0.6, "test_fraction": 0.5}, ["val_fraction + test_fraction"]),
     ({"device": "gpu"}, ["device", "cuda:N"]),
     ({"label_smoothing": 1.0}, ["label_smoothing", "< 1"]),
+    ({"augment_strength": 5}, ["augment_strength", "<= 4"]),
+    ({"augment_strength": -1}, ["augment_strength", ">= 0"]),
     ({"task_weights": "coat_color"}, ["task_weights", "'coat_color'", "task=weight"]),
     ({"task_weights": "coat_color=-1"}, ["task_weights", "'coat_color=-1'", ">= 0"]),
     ({"task_weights": "coat_color=two"}, ["task_weights", "finite weight"]),

@@ -336,3 +336,15 @@ def test_task_weights_reach_the_loss_the_score_and_the_run_folder(data_dir, tmp_
     assert summary["final_metrics_fixed"]["combined_score"] == pytest.approx(run_schema.combined_score(primary))
     with pytest.raises(Exception, match="parameter task_weights: unknown task\\(s\\) 'colour'"):
         resolve_data(tiny(data_dir, tmp_path / "bad", task_weights="colour=2"))
+
+
+def test_augment_strength_scales_the_geometric_ranges(data_dir, tmp_path):
+    from tongue_nb.loader import Augment
+    from tongue_nb.trainer import _augment
+
+    assert _augment(tiny(data_dir, tmp_path)) == Augment()  # strength 1: the loader's defaults
+    strong = _augment(tiny(data_dir, tmp_path, augment_strength=2))
+    assert (strong.rotate, strong.translate) == (20.0, 0.1) and strong.scale == pytest.approx((0.8, 1.2))
+    flips_only = _augment(tiny(data_dir, tmp_path, augment_strength=0))
+    assert flips_only.hflip == 0.5 and not flips_only.geometric
+    assert _augment(tiny(data_dir, tmp_path, augment=False, augment_strength=3)) is False

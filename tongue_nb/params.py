@@ -35,9 +35,10 @@ class ParamError(ValueError):
 
 
 def _p(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
-       gt: float | None = None, ge: float | None = None, lt: float | None = None) -> Any:
+       gt: float | None = None, ge: float | None = None, lt: float | None = None, le: float | None = None) -> Any:
     """Declare a field with its one-line help and its range/choice check in the metadata."""
-    return field(default=default, metadata={"help": help, "choices": choices, "gt": gt, "ge": ge, "lt": lt})
+    return field(default=default, metadata={"help": help, "choices": choices, "gt": gt, "ge": ge, "lt": lt,
+                                            "le": le})
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -97,6 +98,8 @@ class TrainParams:
     balanced_sampler: bool = _p(False, "draw training samples inversely to their class frequency")
     # --- augmentation
     augment: bool = _p(True, "flip + small affine/scale augmentation on training batches")
+    augment_strength: float = _p(1.0, "scales the rotation, zoom and shift ranges (1: +-10 deg, 0.9-1.1x, +-5%; "
+                                      "0: flips only)", ge=0.0, le=4.0)
     color_jitter: float = _p(0.0, "brightness/contrast jitter strength; 0: off (colour is a label)", ge=0.0)
     # --- speed / hardware
     precision: str = _p("auto", "auto (bf16 on CUDA if supported, else fp32), fp32, bf16, fp16",
@@ -135,7 +138,7 @@ class TrainParams:
             if meta.get("choices") and value not in meta["choices"]:
                 raise ParamError(f"parameter {f.name}: got {value!r}, expected one of {list(meta['choices'])}")
             for key, ok, word in (("gt", lambda v, b: v > b, ">"), ("ge", lambda v, b: v >= b, ">="),
-                                  ("lt", lambda v, b: v < b, "<")):
+                                  ("lt", lambda v, b: v < b, "<"), ("le", lambda v, b: v <= b, "<=")):
                 bound = meta.get(key)
                 if bound is not None and not ok(value, bound):
                     raise ParamError(f"parameter {f.name}: got {value!r}, expected a number {word} {bound}")

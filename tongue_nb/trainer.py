@@ -1073,4 +1073,6 @@ def _augment(params: TrainParams):
         return False
     from .loader import Augment
 
-    return Augment(brightness=min(params.color_jitter, 0.99), contrast=min(params.color_jitter, 0.99))
+    k = params.augment_strength  # 0..4, checked by TrainParams; 1 = Augment's defaults
+    return Augment(rotate=10.0 * k, scale=(1.0 - 0.1 * k, 1.0 + 0.1 * k), translate=0.05 * k,
+                   brightness=min(params.color_jitter, 0.99), contrast=min(params.color_jitter, 0.99))
