@@ -58,8 +58,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 
 # The recipe settings recorded with every run's figures.
 SETTING_KEYS = ("backbone", "image_size", "crop", "stage2_epochs", "max_steps_per_epoch", "batch_size",
-                "stage2_lr_backbone", "stage2_lr_head", "class_weighting", "augment", "drop_rate", "label_smoothing",
-                "ema_decay", "precision", "channels_last")
+                "stage2_lr_backbone", "stage2_lr_head", "class_weighting", "task_weights", "augment",
+                "augment_strength", "drop_rate", "label_smoothing", "ema_decay", "precision", "channels_last")
 
 
 class BudgetExceeded(RuntimeError):
