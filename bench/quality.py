@@ -207,7 +207,9 @@ def ablation_result(run_dir: Path) -> dict[str, Any] | None:
     import yaml
 
     params = yaml.safe_load((run_dir / "params.yaml").read_text())
+    # With task_weights the run's combined score is weighted; the plain task mean compares across runs.
     return {"val_combined": float(best["val_combined"]), "val_tasks": tasks, "best_epoch": int(best["epoch"]),
+            "val_task_mean": float(np.mean(list(tasks.values()))) if tasks else float("nan"),
             "epochs_run": int(df["epoch"].max()), "train_seconds": float(df["seconds"].sum()),
             "train_samples_per_s": float(df["train_samples_per_s"].mean()),
             "settings": {k: params.get(k) for k in SETTING_KEYS}}
@@ -264,13 +266,17 @@ def render_markdown(res: Mapping[str, Any]) -> str:
             setting = (f"{st.get('backbone')} {st.get('image_size')}px {st.get('crop')}, "
                        f"lr {st.get('stage2_lr_backbone')}, class weights {st.get('class_weighting')}, "
                        f"augment {st.get('augment')}")
-            extras = [f"{k} {st[k]}" for k in ("label_smoothing", "ema_decay") if st.get(k)]
+            extras = [f"{k} {st[k]}" for k in ("label_smoothing", "ema_decay", "task_weights") if st.get(k)]
+            extras += [f"augment_strength {st['augment_strength']}"] if st.get("augment_strength") not in (None, 1.0) else []
             extras += [f"{st['precision']}"] if st.get("precision") not in (None, "auto", "fp32") else []
             extras += ["channels_last"] if st.get("channels_last") else []
             setting += "".join(f", {e}" for e in extras)
             cells = " | ".join(_fmt(a["val_tasks"].get(t)) for t in tasks)
+            score = _fmt(a["val_combined"])
+            if st.get("task_weights"):  # weighted by the run's task weights: give the plain mean beside it
+                score += f" (task mean {_fmt(a.get('val_task_mean'))})"
             lines.append(f"| {name} | {setting} | {a['epochs_run']} x {st.get('max_steps_per_epoch') or 'all'} | "
-                         f"{_fmt(a['val_combined'])} | {cells} | {a['train_samples_per_s']:.1f} |")
+                         f"{score} | {cells} | {a['train_samples_per_s']:.1f} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -133,6 +133,14 @@ def test_ablation_result_reads_the_best_validation_epoch(tmp_path):
     text = quality.render_markdown({"ablations": {"no_crop": res}})
     assert ("| no_crop | resnet18 64px none, lr 0.001, class weights None, augment None, ema_decay 0.999, bf16, "
             "channels_last | 3 x all | 0.600 | 0.700 |") in text
+    # task weights: the run's own (weighted) score, with the plain task mean beside it
+    (run / "params.yaml").write_text("backbone: resnet18\ntask_weights: coat=2\naugment_strength: 2.0\n")
+    pd.DataFrame({"epoch": [1], "val_combined": [0.5], "val_coat_primary": [0.6], "val_shape_primary": [0.3],
+                  "seconds": [10.0], "train_samples_per_s": [5.0]}).to_csv(run / "history.csv", index=False)
+    res = quality.ablation_result(run)
+    assert res["val_task_mean"] == pytest.approx(0.45)
+    text = quality.render_markdown({"ablations": {"no_crop": res}})
+    assert "task_weights coat=2, augment_strength 2.0 | 1 x all | 0.500 (task mean 0.450) | 0.600 | 0.300 |" in text
     assert quality.ablation_result(tmp_path / "absent") is None
     with pytest.raises(SystemExit, match="unknown ablation"):
         quality.ablation_params(None, "bogus", 1, tmp_path)
