@@ -11,6 +11,8 @@ the recipe is chosen there, never on test.
     .venv/bin/python bench/quality.py --recipe bench/quality_recipe.yaml --minutes 30 --threads 1 --baseline-size 96
     .venv/bin/python bench/quality.py --only ablations --ablations all --ablation-epochs 2 --threads 1
     .venv/bin/python bench/quality.py --skip-train      # re-evaluate the existing runs, rewrite the report
+    .venv/bin/python bench/quality.py --summarise bench/results/quality.json bench/results/quality-seed1.json
+                                                        # per-task mean and range over seeds (splits)
 
 Outputs: <out>.json and <out>.md (default bench/results/quality.*); run folders under --runs-dir.
 """
@@ -281,6 +283,34 @@ def render_markdown(res: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def summarise_seeds(results: Sequence[Mapping[str, Any]]) -> str:
+    """Per-task test macro-F1 over several main runs (other seeds/splits): mean and range, and wins."""
+    mains = [(r["main"], r["baseline"]) for r in results if r.get("main") and r.get("baseline")]
+    if not mains:
+        raise SystemExit("--summarise: none of the files holds a main run with its baseline")
+    seeds = [m["seed"] for m, _ in mains]
+    tasks = list(mains[0][0]["test_macro_f1"])
+    lines = [f"# bench/quality over {len(mains)} splits (seeds {', '.join(map(str, seeds))}): test macro-F1", "",
+             "mean (min-max); 'ahead' counts the splits where the CPU recipe beats the baseline.", "",
+             "| task | CPU recipe | baseline | mean difference | ahead |", "|---|---|---|---|---|"]
+
+    def cell(values: list[float]) -> str:
+        return f"{_fmt(float(np.mean(values)))} ({_fmt(min(values))}-{_fmt(max(values))})"
+
+    for task in tasks + ["combined"]:
+        if task == "combined":
+            rec = [m["test_combined"] for m, _ in mains]
+            bas = [b["test_combined"] for _, b in mains]
+        else:
+            rec = [m["test_macro_f1"][task] for m, _ in mains]
+            bas = [b["test_macro_f1"][task] for _, b in mains]
+        ahead = sum(r > b for r, b in zip(rec, bas))
+        name = "**combined**" if task == "combined" else task
+        lines.append(f"| {name} | {cell(rec)} | {cell(bas)} | {float(np.mean(rec) - np.mean(bas)):+.3f} | "
+                     f"{ahead} of {len(mains)} |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -306,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablation-epochs", type=int, default=2, help="epochs of each ablation run")
     p.add_argument("--ablation-steps", type=int, default=0, help="micro-steps per ablation epoch (0 = all)")
     p.add_argument("--ablation-minutes", type=float, default=0.0, help="time cap per ablation run (0 = none)")
+    p.add_argument("--summarise", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="only print per-task mean and range over these result files (one per seed) and exit")
     p.add_argument("--verbose", action="store_true")
     return p
 
@@ -313,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train/evaluate per the options, print the tables, write <out>.json and <out>.md."""
     args = build_parser().parse_args(argv)
+    if args.summarise:
+        import json
+
+        text = summarise_seeds([json.loads(Path(f).read_text()) for f in args.summarise])
+        print(text)
+        return {"summary": text}
     common.setup_logging(args.verbose)
     torch.set_num_threads(max(1, args.threads))
     runs_dir = args.runs_dir or common.default_work_dir() / "quality-runs"

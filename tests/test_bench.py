@@ -158,3 +158,23 @@ def test_cache_build_and_peak_rss_mode(fake_db, tmp_path, capsys):
     assert rss["peak_rss_mb"] > 100 and rss["model_only_peak_rss_mb"] > 100
     assert rss["child"]["eval_samples"] > 0 and "RssFile" in rss["child"]["proc"]
     assert "peak RSS" in capsys.readouterr().out and out.is_file()
+
+
+def test_summarise_seeds_gives_mean_range_and_wins(tmp_path, capsys):
+    import json
+
+    def result(seed, rec, base):
+        return {"main": {"seed": seed, "test_macro_f1": {"coat": rec}, "test_combined": rec},
+                "baseline": {"test_macro_f1": {"coat": base}, "test_combined": base}}
+
+    files = []
+    for seed, rec, base in ((0, 0.6, 0.5), (1, 0.4, 0.5)):
+        files.append(tmp_path / f"q{seed}.json")
+        files[-1].write_text(json.dumps(result(seed, rec, base)))
+    quality.main(["--summarise", *map(str, files)])
+    out = capsys.readouterr().out
+    assert "over 2 splits (seeds 0, 1)" in out
+    assert "| coat | 0.500 (0.400-0.600) | 0.500 (0.500-0.500) | +0.000 | 1 of 2 |" in out
+    (tmp_path / "empty.json").write_text("{}")
+    with pytest.raises(SystemExit, match="none of the files holds a main run"):
+        quality.main(["--summarise", str(tmp_path / "empty.json")])
