@@ -140,6 +140,7 @@ def test_task_weights_replace_named_weights_only():
     schema = default_schema()  # shape and coat, half weight each
     assert parse_task_weights("coat=2, shape=0.5") == {"coat": 2.0, "shape": 0.5}
     assert parse_task_weights("coat=2 shape=1") == {"coat": 2.0, "shape": 1.0}
+    assert parse_task_weights("coat:2, shape=1") == {"coat": 2.0, "shape": 1.0}  # ':' too (papermill help text)
     assert parse_task_weights("  ") == {}
     heavy = apply_task_weights(schema, "coat=1.5")
     assert heavy["coat"].weight == 1.5 and heavy["shape"].weight == schema["shape"].weight
@@ -156,5 +157,7 @@ def test_task_weights_errors_name_the_tasks():
         apply_task_weights(schema, "colour=2")
     with pytest.raises(SchemaError, match="task_weights: at least one task needs a weight > 0"):
         apply_task_weights(schema, "shape=0 coat=0")
-    with pytest.raises(SchemaError, match="'coat:2' is not 'task=weight'"):
-        parse_task_weights("coat:2")
+    with pytest.raises(SchemaError, match="'coat-2' is not 'task=weight'"):
+        parse_task_weights("coat-2")
+    with pytest.raises(SchemaError, match="'coat=' is not 'task=weight'"):
+        parse_task_weights("coat=")

@@ -90,7 +90,7 @@ class TrainParams:
                              "(e.g. 0.998)", ge=0.0, lt=1.0)
     # --- loss and imbalance
     task_weights: str = _p("", "per-task loss weight, also its share of the combined score that picks the best "
-                               "epoch, e.g. 'coat_color=2, body_color=2'; unnamed tasks keep the schema's")
+                               "epoch, e.g. coat_color:2, body_color:2; unnamed tasks keep the schema weight")
     label_smoothing: float = _p(0.0, "label smoothing for every task", ge=0.0, lt=1.0)
     class_weighting: str = _p("none", "per-class loss weights: none, balanced, effective (number)",
                               choices=CLASS_WEIGHTINGS)

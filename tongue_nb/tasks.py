@@ -5,6 +5,7 @@ import csv
 import io
 import logging
 import math
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -167,17 +168,18 @@ class TaskSchema:
 
 
 def parse_task_weights(spec: str, source: str = "task_weights") -> dict[str, float]:
-    """Read 'name=weight, name=weight' (commas or spaces between pairs) into {name: weight}."""
+    """Read 'name=weight, name=weight' (or name:weight; commas or spaces between pairs) into {name: weight}."""
     out: dict[str, float] = {}
     for item in spec.replace(",", " ").split():
-        name, sep, value = item.partition("=")
+        pair = re.fullmatch(r"([^=:]+)[=:](.+)", item)
+        name = pair.group(1) if pair else item
         try:
-            weight = float(value) if sep and name else float("nan")
+            weight = float(pair.group(2)) if pair else float("nan")
         except ValueError:
             weight = float("nan")
         if not math.isfinite(weight) or weight < 0:
-            raise SchemaError(f"{source}: {item!r} is not 'task=weight' with a finite weight >= 0 "
-                              f"(e.g. 'coat_color=2, body_color=2')")
+            raise SchemaError(f"{source}: {item!r} is not 'task=weight' (or task:weight) with a finite weight "
+                              f">= 0 (e.g. 'coat_color=2, body_color=2')")
         if name in out:
             raise SchemaError(f"{source}: task {name!r} is given twice")
         out[name] = weight
