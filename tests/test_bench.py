@@ -178,3 +178,44 @@ def test_summarise_seeds_gives_mean_range_and_wins(tmp_path, capsys):
     (tmp_path / "empty.json").write_text("{}")
     with pytest.raises(SystemExit, match="none of the files holds a main run"):
         quality.main(["--summarise", str(tmp_path / "empty.json")])
+
+
+def test_colour_gap_compares_three_classifiers_on_the_same_split(tmp_path):
+    import colour_gap
+
+    from tongue_nb.tasks import Task, TaskSchema
+
+    rng = np.random.default_rng(0)
+    n = 1000
+    feats = rng.normal(size=(n, 6)).astype(np.float32)
+    # Class = which of three bands feature 2 falls in: learnable by every classifier; a missing label stays out.
+    y = np.digitize(feats[:, 2], [-0.5, 0.5]).astype(np.int64)
+    y[:5] = -1
+    schema = TaskSchema([Task("band", "multiclass", ("low", "mid", "high"))])
+    split = np.array(["train"] * 700 + ["val"] * 150 + ["test"] * 150)
+    res = colour_gap.compare_classifiers(feats, {"band": y}, schema, split, seed=0)
+    assert set(res) == {"boosting", "logistic", "mlp"}
+    for clf, tasks in res.items():
+        assert set(tasks["band"]) == {"val", "test"}
+        assert tasks["band"]["test"] > 0.8, (clf, tasks)
+    # Shuffled labels: nothing to learn, so no classifier may look good.
+    res = colour_gap.compare_classifiers(feats, {"band": rng.permutation(y)}, schema, split, seed=0)
+    assert all(tasks["band"]["test"] < 0.6 for tasks in res.values()), res
+
+
+def test_colour_gap_cli_writes_tables(tmp_path, capsys):
+    import json
+
+    import colour_gap
+
+    db = _fake_db(tmp_path / "db", n=60)
+    out = tmp_path / "gap"
+    colour_gap.main(["--data", str(db), "--work-dir", str(tmp_path / "work"), "--seeds", "0", "1",
+                     "--image-size", "32", "--out", str(out)])
+    printed = capsys.readouterr().out
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["seeds"] == [0, 1] and set(saved["per_seed"]) == {"0", "1"}
+    for per_clf in saved["per_seed"].values():
+        assert set(per_clf["boosting"]) == {"coat_color", "body_color", "fissure", "tooth_mark", "coating"}
+        assert all(0.0 <= v <= 1.0 for t in per_clf.values() for parts in t.values() for v in parts.values())
+    assert "| coat_color | " in printed and out.with_suffix(".md").read_text().strip() == printed.strip()

@@ -1,0 +1,150 @@
+"""Where the classical baseline's lead on the colour tasks comes from: classifier family or features?
+
+The baseline (tongue_nb.baseline) feeds colour/texture statistics of the tongue region to gradient
+boosting. This script keeps those features fixed and swaps the classifier for smooth ones (a
+logistic regression and a one-hidden-layer MLP, both on standardised features), on the same
+deterministic splits bench/quality.py uses, and prints per-task macro-F1 on val and test. If the
+smooth classifiers land where the CNN does while boosting stays ahead, the gap lies in the
+classifier family (axis-aligned thresholds on colour percentiles), not in what the network sees.
+
+    .venv/bin/python bench/colour_gap.py --seeds 0 1 2
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (bench/common.py also puts the repository root on sys.path)
+
+from tongue_nb import baseline, cache, splits  # noqa: E402
+from tongue_nb.tasks import load_labels  # noqa: E402
+
+log = logging.getLogger("bench.colour_gap")
+CLASSIFIERS = ("boosting", "logistic", "mlp")
+
+
+def _classifier(name: str, seed: int):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if name == "logistic":
+        return make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=5000, class_weight="balanced"))
+    if name == "mlp":
+        return make_pipeline(StandardScaler(), MLPClassifier((128,), alpha=1e-3, max_iter=500, early_stopping=True,
+                                                             random_state=seed))
+    raise ValueError(f"unknown classifier {name!r}; expected one of {', '.join(CLASSIFIERS)}")
+
+
+def compare_classifiers(features: np.ndarray, targets: dict[str, np.ndarray], schema, split: np.ndarray,
+                        seed: int) -> dict[str, dict[str, dict[str, float]]]:
+    """{classifier: {task: {"val": macro-F1, "test": macro-F1}}} for the multiclass tasks of the schema."""
+    from sklearn.metrics import f1_score
+
+    tasks = [t for t in schema if t.kind == "multiclass"]
+    skipped = [t.name for t in schema if t.kind != "multiclass"]
+    if skipped:
+        log.info("skipping non-multiclass tasks: %s", ", ".join(skipped))
+    rows = {name: split == name for name in ("train", "val", "test")}
+    out: dict[str, dict[str, dict[str, float]]] = {c: {} for c in CLASSIFIERS}
+
+    # The baseline's own estimator, exactly as fit_baseline_run builds it.
+    est = baseline.ColourTextureBaseline(class_weight="balanced", random_state=seed)
+    est.fit_features(features[rows["train"]], {k: v[rows["train"]] for k, v in targets.items()}, schema)
+    for part in ("val", "test"):
+        probs = est.predict_proba_features(features[rows[part]])
+        for t in tasks:
+            y = targets[t.name][rows[part]]
+            keep = y >= 0
+            pred = probs[t.name].argmax(1)
+            out["boosting"].setdefault(t.name, {})[part] = float(
+                f1_score(y[keep], pred[keep], average="macro", labels=range(len(t.labels)), zero_division=0))
+    for t in tasks:
+        y = targets[t.name]
+        fit_rows = rows["train"] & (y >= 0)
+        for name in CLASSIFIERS[1:]:
+            clf = _classifier(name, seed).fit(features[fit_rows], y[fit_rows])
+            for part in ("val", "test"):
+                r = rows[part] & (y >= 0)
+                out[name].setdefault(t.name, {})[part] = float(
+                    f1_score(y[r], clf.predict(features[r]), average="macro", labels=range(len(t.labels)),
+                             zero_division=0))
+    return out
+
+
+def render_markdown(res: dict[str, Any]) -> str:
+    seeds = res["seeds"]
+    lines = [f"# bench/colour_gap: the baseline's features under three classifiers ({res['labels']} labels)", "",
+             f"Date {res['machine']['date']}, features at {res['image_size']} px ({res['crop']}), "
+             f"splits with seeds {', '.join(map(str, seeds))}, commit {res['machine']['commit']}.", "",
+             "Macro-F1, mean over the splits (min-max): boosting = the baseline's own gradient boosting; "
+             "logistic / mlp = smooth classifiers on the same standardised features.", ""]
+    for part in ("val", "test"):
+        lines += [f"## {part} split", "", "| task | " + " | ".join(CLASSIFIERS) + " |",
+                  "|---|" + "---|" * len(CLASSIFIERS)]
+        tasks = list(res["per_seed"][str(seeds[0])]["boosting"])
+        for task in tasks:
+            cells = []
+            for c in CLASSIFIERS:
+                v = [res["per_seed"][str(s)][c][task][part] for s in seeds]
+                cells.append(f"{np.mean(v):.3f} ({min(v):.3f}-{max(v):.3f})" if len(v) > 1 else f"{v[0]:.3f}")
+            lines.append(f"| {task} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", type=Path, default=common.DEFAULT_DB, help="TonguExpertDatabase folder")
+    p.add_argument("--work-dir", type=Path, default=None, help="where the import goes; default <cache>/bench")
+    p.add_argument("--labels", choices=("predicted", "manual"), default="predicted")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="split seeds (as bench/quality's seed)")
+    p.add_argument("--image-size", type=int, default=96, help="feature image size (bench/quality's --baseline-size)")
+    p.add_argument("--crop", default="crop_blank", help="mask use when caching (the baseline's default)")
+    p.add_argument("--threads", type=int, default=1, help="OpenMP/BLAS threads for the classifiers")
+    p.add_argument("--out", type=Path, default=common.RESULTS_DIR / "colour_gap",
+                   help="writes OUT.json and OUT.md")
+    p.add_argument("--verbose", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    common.setup_logging(args.verbose)
+    if args.image_size < 16:
+        raise SystemExit(f"--image-size must be >= 16, got {args.image_size}")
+    if args.threads < 1:
+        raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+    from threadpoolctl import threadpool_limits
+
+    data_dir = common.ensure_import(args.data, args.labels, args.work_dir)
+    labels = load_labels(data_dir)
+    t0 = time.perf_counter()
+    feats = baseline.extract_features(cache.build_cache(labels, args.image_size, crop=args.crop).images)
+    log.info("features %s in %.1f s", feats.shape, time.perf_counter() - t0)
+    per_seed = {}
+    with threadpool_limits(limits=args.threads):
+        for seed in args.seeds:
+            split = np.asarray(splits.make_split(labels.table, labels.targets, labels.schema, seed=seed))
+            per_seed[str(seed)] = compare_classifiers(feats, labels.targets, labels.schema, split, seed)
+            log.info("seed %d done", seed)
+    res = {"machine": common.machine_info(), "labels": args.labels, "image_size": args.image_size,
+           "crop": args.crop, "seeds": list(args.seeds), "per_seed": per_seed}
+    md = render_markdown(res)
+    common.write_json(args.out.with_suffix(".json"), res)
+    args.out.with_suffix(".md").write_text(md + "\n")
+    print(md)
+    return res
+
+
+if __name__ == "__main__":
+    main()
