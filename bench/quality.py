@@ -19,6 +19,7 @@ Outputs: <out>.json and <out>.md (default bench/results/quality.*); run folders 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import sys
@@ -346,7 +347,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train/evaluate per the options, print the tables, write <out>.json and <out>.md."""
     args = build_parser().parse_args(argv)
     if args.summarise:
-        import json
 
         text = summarise_seeds([json.loads(Path(f).read_text()) for f in args.summarise])
         print(text)
@@ -363,7 +363,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out_json = args.out.with_suffix(".json")
     previous = {}
     if out_json.is_file():
-        import json
 
         previous = json.loads(out_json.read_text())
     res: dict[str, Any] = {"machine": common.machine_info(), "recipe_file": str(args.recipe),
@@ -399,7 +398,6 @@ def run_main(args: argparse.Namespace, base: TrainParams, labels: Labels, l1_dir
     train_info = {"seconds": float("nan"), "stopped_by_budget": None}
     prev: dict[str, Any] = {}
     if args.out.with_suffix(".json").is_file():
-        import json
 
         prev = json.loads(args.out.with_suffix(".json").read_text())
     if not args.skip_train:
