@@ -347,7 +347,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train/evaluate per the options, print the tables, write <out>.json and <out>.md."""
     args = build_parser().parse_args(argv)
     if args.summarise:
-
         text = summarise_seeds([json.loads(Path(f).read_text()) for f in args.summarise])
         print(text)
         return {"summary": text}
@@ -363,7 +362,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out_json = args.out.with_suffix(".json")
     previous = {}
     if out_json.is_file():
-
         previous = json.loads(out_json.read_text())
     res: dict[str, Any] = {"machine": common.machine_info(), "recipe_file": str(args.recipe),
                            "recipe_name": f"{base.backbone} {base.image_size or ''}px from scratch",
@@ -398,7 +396,6 @@ def run_main(args: argparse.Namespace, base: TrainParams, labels: Labels, l1_dir
     train_info = {"seconds": float("nan"), "stopped_by_budget": None}
     prev: dict[str, Any] = {}
     if args.out.with_suffix(".json").is_file():
-
         prev = json.loads(args.out.with_suffix(".json").read_text())
     if not args.skip_train:
         log.info("training the CPU recipe into %s (budget %.0f min)", run_dir, args.minutes)
