@@ -6,8 +6,12 @@ logistic regression and a one-hidden-layer MLP, both on standardised features), 
 deterministic splits bench/quality.py uses, and prints per-task macro-F1 on val and test. If the
 smooth classifiers land where the CNN does while boosting stays ahead, the gap lies in the
 classifier family (axis-aligned thresholds on colour percentiles), not in what the network sees.
+With `--runs`, the same three classifiers are also fitted on the pooled backbone features of trained
+bench/quality runs (each on its own split), beside the network's own heads: whether boosting on
+what the network learned does better than its linear heads.
 
     .venv/bin/python bench/colour_gap.py --seeds 0 1 2
+    .venv/bin/python bench/colour_gap.py --seeds 0 1 2 --runs RUNS_SEED0/cpu-recipe RUNS_SEED1/cpu-recipe ...
 """
 from __future__ import annotations
 
@@ -80,6 +84,67 @@ def compare_classifiers(features: np.ndarray, targets: dict[str, np.ndarray], sc
     return out
 
 
+def network_features(run_dir: Path, labels, batch_size: int = 128) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Pooled backbone features [N, D] of a trained run's best checkpoint (fp32, eval mode) for every
+    sample, and its own heads' class predictions per multiclass task (argmax of the logits)."""
+    import torch
+    import yaml
+
+    from tongue_nb.models import load_run_model
+
+    params = yaml.safe_load((run_dir / "params.yaml").read_text()) or {}
+    model = load_run_model(run_dir).eval()
+    images = cache.build_cache(labels, model.input_size, crop=params.get("crop", "crop"),
+                               margin=float(params.get("crop_margin", 0.1))).images
+    mean = torch.tensor(model.mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(model.std, dtype=torch.float32).view(1, 3, 1, 1)
+    feats, preds = [], {t.name: [] for t in labels.schema if t.kind == "multiclass"}
+    with torch.no_grad():
+        for b in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.array(images[b:b + batch_size])).permute(0, 3, 1, 2).float() / 255
+            f = model.backbone((x - mean) / std).float()
+            feats.append(f.numpy())
+            for name in preds:
+                preds[name].append(model.heads[name](f).argmax(1).numpy())
+    return np.concatenate(feats), {k: np.concatenate(v) for k, v in preds.items()}
+
+
+def run_readouts(run_dir: Path, labels) -> dict[str, Any]:
+    """The network's heads and the three classifiers on a trained run's pooled features, on the run's split."""
+    import yaml
+    from sklearn.metrics import f1_score
+
+    import quality  # bench/quality.py: the run folder's split.csv -> rows
+
+    rows = quality.split_rows(run_dir, labels)
+    split = np.full(len(labels.table), "", dtype=object)
+    for name, idx in rows.items():
+        split[idx] = name
+    seed = int((yaml.safe_load((run_dir / "params.yaml").read_text()) or {}).get("seed", 0))
+    feats, heads = network_features(run_dir, labels)
+    res = compare_classifiers(feats, labels.targets, labels.schema, split, seed)
+    res["network heads"] = {}
+    for name, pred in heads.items():
+        y = labels.targets[name]
+        n_classes = len(labels.schema[name].labels)
+        res["network heads"][name] = {
+            part: float(f1_score(y[r], pred[r], average="macro", labels=range(n_classes), zero_division=0))
+            for part in ("val", "test") for r in [(split == part) & (y >= 0)]}
+    return {"seed": seed, "feature_dim": int(feats.shape[1]), "per_classifier": res}
+
+
+def _table(per_run: Sequence[dict[str, dict[str, dict[str, float]]]], columns: Sequence[str], part: str) -> list[str]:
+    """Markdown rows: per task, mean (min-max) over the runs of each column's macro-F1 on `part`."""
+    lines = ["| task | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for task in per_run[0][columns[0]]:
+        cells = []
+        for c in columns:
+            v = [r[c][task][part] for r in per_run]
+            cells.append(f"{np.mean(v):.3f} ({min(v):.3f}-{max(v):.3f})" if len(v) > 1 else f"{v[0]:.3f}")
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render_markdown(res: dict[str, Any]) -> str:
     seeds = res["seeds"]
     lines = [f"# bench/colour_gap: the baseline's features under three classifiers ({res['labels']} labels)", "",
@@ -87,17 +152,17 @@ def render_markdown(res: dict[str, Any]) -> str:
              f"splits with seeds {', '.join(map(str, seeds))}, commit {res['machine']['commit']}.", "",
              "Macro-F1, mean over the splits (min-max): boosting = the baseline's own gradient boosting; "
              "logistic / mlp = smooth classifiers on the same standardised features.", ""]
+    per_seed = [res["per_seed"][str(seed)] for seed in seeds]
     for part in ("val", "test"):
-        lines += [f"## {part} split", "", "| task | " + " | ".join(CLASSIFIERS) + " |",
-                  "|---|" + "---|" * len(CLASSIFIERS)]
-        tasks = list(res["per_seed"][str(seeds[0])]["boosting"])
-        for task in tasks:
-            cells = []
-            for c in CLASSIFIERS:
-                v = [res["per_seed"][str(s)][c][task][part] for s in seeds]
-                cells.append(f"{np.mean(v):.3f} ({min(v):.3f}-{max(v):.3f})" if len(v) > 1 else f"{v[0]:.3f}")
-            lines.append(f"| {task} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += [f"## {part} split", "", *_table(per_seed, CLASSIFIERS, part), ""]
+    runs = res.get("runs") or {}
+    if runs:
+        lines += ["## A trained network's pooled features under the same classifiers", "",
+                  "Runs: " + ", ".join(f"`{d}` (seed {r['seed']}, {r['feature_dim']} features)" for d, r in runs.items())
+                  + "; each on its own split. 'network heads' = the run's own linear heads.", ""]
+        cols = ("network heads", *CLASSIFIERS)
+        for part in ("val", "test"):
+            lines += [f"### {part} split", "", *_table([r["per_classifier"] for r in runs.values()], cols, part), ""]
     return "\n".join(lines)
 
 
@@ -110,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="split seeds (as bench/quality's seed)")
     p.add_argument("--image-size", type=int, default=96, help="feature image size (bench/quality's --baseline-size)")
     p.add_argument("--crop", default="crop_blank", help="mask use when caching (the baseline's default)")
+    p.add_argument("--runs", type=Path, nargs="*", default=[],
+                   help="trained run folders (e.g. bench/quality's <runs-dir>/cpu-recipe) whose pooled features "
+                        "to read out as well")
     p.add_argument("--threads", type=int, default=1, help="OpenMP/BLAS threads for the classifiers")
     p.add_argument("--out", type=Path, default=common.RESULTS_DIR / "colour_gap",
                    help="writes OUT.json and OUT.md")
@@ -126,6 +194,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"--threads must be >= 1, got {args.threads}")
     from threadpoolctl import threadpool_limits
 
+    for run in args.runs:
+        if not (run / "params.yaml").is_file() or not (run / "split.csv").is_file():
+            raise SystemExit(f"--runs {run}: not a finished training run (params.yaml / split.csv missing)")
     data_dir = common.ensure_import(args.data, args.labels, args.work_dir)
     labels = load_labels(data_dir)
     t0 = time.perf_counter()
@@ -137,8 +208,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             split = np.asarray(splits.make_split(labels.table, labels.targets, labels.schema, seed=seed))
             per_seed[str(seed)] = compare_classifiers(feats, labels.targets, labels.schema, split, seed)
             log.info("seed %d done", seed)
+        runs = {str(run): run_readouts(run, labels) for run in args.runs}
     res = {"machine": common.machine_info(), "labels": args.labels, "image_size": args.image_size,
-           "crop": args.crop, "seeds": list(args.seeds), "per_seed": per_seed}
+           "crop": args.crop, "seeds": list(args.seeds), "per_seed": per_seed, "runs": runs}
     md = render_markdown(res)
     common.write_json(args.out.with_suffix(".json"), res)
     args.out.with_suffix(".md").write_text(md + "\n")

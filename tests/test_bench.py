@@ -203,19 +203,44 @@ def test_colour_gap_compares_three_classifiers_on_the_same_split(tmp_path):
     assert all(tasks["band"]["test"] < 0.6 for tasks in res.values()), res
 
 
-def test_colour_gap_cli_writes_tables(tmp_path, capsys):
+def test_colour_gap_cli_writes_tables_and_reads_out_a_trained_run(tmp_path, capsys):
     import json
 
     import colour_gap
+    import common
+
+    from tongue_nb import trainer
+    from tongue_nb.params import load_params
 
     db = _fake_db(tmp_path / "db", n=60)
+    data_dir = common.ensure_import(db, "predicted", tmp_path / "work")
+    run = tmp_path / "run"
+    trainer.train(load_params(backbone="test_convnext", data_dir=str(data_dir), out_dir=str(run), image_size=32,
+                              crop="crop_blank", pretrained=False, batch_size=8, stage1_epochs=0, stage2_epochs=1,
+                              max_steps_per_epoch=2, warmup_epochs=0.0, progress=False, num_threads=1, seed=3))
     out = tmp_path / "gap"
     colour_gap.main(["--data", str(db), "--work-dir", str(tmp_path / "work"), "--seeds", "0", "1",
-                     "--image-size", "32", "--out", str(out)])
+                     "--image-size", "32", "--runs", str(run), "--out", str(out)])
     printed = capsys.readouterr().out
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["seeds"] == [0, 1] and set(saved["per_seed"]) == {"0", "1"}
+    tasks = {"coat_color", "body_color", "fissure", "tooth_mark", "coating"}
     for per_clf in saved["per_seed"].values():
-        assert set(per_clf["boosting"]) == {"coat_color", "body_color", "fissure", "tooth_mark", "coating"}
+        assert set(per_clf["boosting"]) == tasks
         assert all(0.0 <= v <= 1.0 for t in per_clf.values() for parts in t.values() for v in parts.values())
-    assert "| coat_color | " in printed and out.with_suffix(".md").read_text().strip() == printed.strip()
+    readout = saved["runs"][str(run)]
+    assert readout["seed"] == 3 and readout["feature_dim"] > 0
+    assert set(readout["per_classifier"]) == {"boosting", "logistic", "mlp", "network heads"}
+    # The heads' figures come from the checkpoint itself: they match the run's own test predictions.
+    from sklearn.metrics import f1_score
+
+    pred = pd.read_csv(run / "predictions.csv")
+    test = pred[pred["split"] == "test"]
+    for task in tasks:
+        labels = sorted(set(pred[f"true:{task}"].dropna()) | set(pred[f"pred:{task}"].dropna()))
+        want = f1_score(test[f"true:{task}"], test[f"pred:{task}"], average="macro", labels=labels, zero_division=0)
+        assert readout["per_classifier"]["network heads"][task]["test"] == pytest.approx(want, abs=1e-9), task
+    assert "| coat_color | " in printed and "network heads" in printed
+    assert out.with_suffix(".md").read_text().strip() == printed.strip()
+    with pytest.raises(SystemExit, match="not a finished training run"):
+        colour_gap.main(["--data", str(db), "--work-dir", str(tmp_path / "work"), "--runs", str(tmp_path)])
