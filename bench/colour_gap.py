@@ -26,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (bench/common.py also puts the repository root on sys.path)
+import quality  # noqa: E402  (bench/quality.py: a run's split and image cache, table cells)
 
 from tongue_nb import baseline, cache, splits  # noqa: E402
 from tongue_nb.tasks import load_labels  # noqa: E402
@@ -48,39 +49,37 @@ def _classifier(name: str, seed: int):
     raise ValueError(f"unknown classifier {name!r}; expected one of {', '.join(CLASSIFIERS)}")
 
 
+def _macro_f1(y: np.ndarray, pred: np.ndarray, rows: np.ndarray, n_classes: int) -> float:
+    """Macro-F1 over the labelled samples (y >= 0) among `rows` (a boolean mask)."""
+    from sklearn.metrics import f1_score
+
+    r = rows & (y >= 0)
+    return float(f1_score(y[r], pred[r], average="macro", labels=range(n_classes), zero_division=0))
+
+
 def compare_classifiers(features: np.ndarray, targets: dict[str, np.ndarray], schema, split: np.ndarray,
                         seed: int) -> dict[str, dict[str, dict[str, float]]]:
     """{classifier: {task: {"val": macro-F1, "test": macro-F1}}} for the multiclass tasks of the schema."""
-    from sklearn.metrics import f1_score
-
     tasks = [t for t in schema if t.kind == "multiclass"]
     skipped = [t.name for t in schema if t.kind != "multiclass"]
     if skipped:
         log.info("skipping non-multiclass tasks: %s", ", ".join(skipped))
     rows = {name: split == name for name in ("train", "val", "test")}
-    out: dict[str, dict[str, dict[str, float]]] = {c: {} for c in CLASSIFIERS}
+    out: dict[str, dict[str, dict[str, float]]] = {c: {t.name: {} for t in tasks} for c in CLASSIFIERS}
 
-    # The baseline's own estimator, exactly as fit_baseline_run builds it.
+    # The baseline's own estimator, exactly as fit_baseline_run builds it; predicted for every row at once.
     est = baseline.ColourTextureBaseline(class_weight="balanced", random_state=seed)
     est.fit_features(features[rows["train"]], {k: v[rows["train"]] for k, v in targets.items()}, schema)
-    for part in ("val", "test"):
-        probs = est.predict_proba_features(features[rows[part]])
-        for t in tasks:
-            y = targets[t.name][rows[part]]
-            keep = y >= 0
-            pred = probs[t.name].argmax(1)
-            out["boosting"].setdefault(t.name, {})[part] = float(
-                f1_score(y[keep], pred[keep], average="macro", labels=range(len(t.labels)), zero_division=0))
+    probs = est.predict_proba_features(features)
     for t in tasks:
         y = targets[t.name]
+        preds = {"boosting": probs[t.name].argmax(1)}
         fit_rows = rows["train"] & (y >= 0)
         for name in CLASSIFIERS[1:]:
-            clf = _classifier(name, seed).fit(features[fit_rows], y[fit_rows])
+            preds[name] = _classifier(name, seed).fit(features[fit_rows], y[fit_rows]).predict(features)
+        for name, pred in preds.items():
             for part in ("val", "test"):
-                r = rows[part] & (y >= 0)
-                out[name].setdefault(t.name, {})[part] = float(
-                    f1_score(y[r], clf.predict(features[r]), average="macro", labels=range(len(t.labels)),
-                             zero_division=0))
+                out[name][t.name][part] = _macro_f1(y, pred, rows[part], len(t.labels))
     return out
 
 
@@ -88,21 +87,17 @@ def network_features(run_dir: Path, labels, batch_size: int = 128) -> tuple[np.n
     """Pooled backbone features [N, D] of a trained run's best checkpoint (fp32, eval mode) for every
     sample, and its own heads' class predictions per multiclass task (argmax of the logits)."""
     import torch
-    import yaml
 
+    from tongue_nb.loader import BatchLoader
     from tongue_nb.models import load_run_model
 
-    params = yaml.safe_load((run_dir / "params.yaml").read_text()) or {}
     model = load_run_model(run_dir).eval()
-    images = cache.build_cache(labels, model.input_size, crop=params.get("crop", "crop"),
-                               margin=float(params.get("crop_margin", 0.1))).images
-    mean = torch.tensor(model.mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(model.std, dtype=torch.float32).view(1, 3, 1, 1)
+    images = quality.run_images(run_dir, labels, model.input_size)
+    loader = BatchLoader(images, labels.targets, None, np.arange(len(images)), batch_size, model.mean, model.std)
     feats, preds = [], {t.name: [] for t in labels.schema if t.kind == "multiclass"}
     with torch.no_grad():
-        for b in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.array(images[b:b + batch_size])).permute(0, 3, 1, 2).float() / 255
-            f = model.backbone((x - mean) / std).float()
+        for batch in loader:  # not shuffled: rows in order
+            f = model.backbone(batch.x).float()
             feats.append(f.numpy())
             for name in preds:
                 preds[name].append(model.heads[name](f).argmax(1).numpy())
@@ -112,24 +107,17 @@ def network_features(run_dir: Path, labels, batch_size: int = 128) -> tuple[np.n
 def run_readouts(run_dir: Path, labels) -> dict[str, Any]:
     """The network's heads and the three classifiers on a trained run's pooled features, on the run's split."""
     import yaml
-    from sklearn.metrics import f1_score
 
-    import quality  # bench/quality.py: the run folder's split.csv -> rows
-
-    rows = quality.split_rows(run_dir, labels)
     split = np.full(len(labels.table), "", dtype=object)
-    for name, idx in rows.items():
+    for name, idx in quality.split_rows(run_dir, labels).items():
         split[idx] = name
     seed = int((yaml.safe_load((run_dir / "params.yaml").read_text()) or {}).get("seed", 0))
     feats, heads = network_features(run_dir, labels)
     res = compare_classifiers(feats, labels.targets, labels.schema, split, seed)
-    res["network heads"] = {}
-    for name, pred in heads.items():
-        y = labels.targets[name]
-        n_classes = len(labels.schema[name].labels)
-        res["network heads"][name] = {
-            part: float(f1_score(y[r], pred[r], average="macro", labels=range(n_classes), zero_division=0))
-            for part in ("val", "test") for r in [(split == part) & (y >= 0)]}
+    res["network heads"] = {
+        name: {part: _macro_f1(labels.targets[name], pred, split == part, len(labels.schema[name].labels))
+               for part in ("val", "test")}
+        for name, pred in heads.items()}
     return {"seed": seed, "feature_dim": int(feats.shape[1]), "per_classifier": res}
 
 
@@ -140,7 +128,7 @@ def _table(per_run: Sequence[dict[str, dict[str, dict[str, float]]]], columns: S
         cells = []
         for c in columns:
             v = [r[c][task][part] for r in per_run]
-            cells.append(f"{np.mean(v):.3f} ({min(v):.3f}-{max(v):.3f})" if len(v) > 1 else f"{v[0]:.3f}")
+            cells.append(quality.mean_range(v) if len(v) > 1 else f"{v[0]:.3f}")
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     return lines
 

@@ -96,18 +96,23 @@ def train_recipe(params: TrainParams, minutes: float) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - t0, "stopped_by_budget": stopped}
 
 
+def run_images(run_dir: Path, labels: Labels, image_size: int, cache_dir: str | None = None) -> np.ndarray:
+    """The image cache [N, S, S, 3] a run trained on: its params.yaml's crop and margin at `image_size`."""
+    import yaml
+
+    params = yaml.safe_load((run_dir / "params.yaml").read_text()) or {}
+    return cache_mod.build_cache(labels, image_size, crop=params.get("crop", "crop"),
+                                 margin=float(params.get("crop_margin", 0.1)), cache_dir=cache_dir).images
+
+
 def evaluate_run(run_dir: Path, labels: Labels, rows: Mapping[str, np.ndarray], cache_dir: str | None = None,
                  batch_size: int = 64) -> dict[str, dict[str, np.ndarray]]:
     """Probabilities of a run's best checkpoint on each split in `rows` (split name -> row indices)."""
-    import yaml
-
-    params = yaml.safe_load((run_dir / "params.yaml").read_text())
     model = load_run_model(run_dir).eval()
-    img_cache = cache_mod.build_cache(labels, model.input_size, crop=params.get("crop", "crop"),
-                                      margin=float(params.get("crop_margin", 0.1)), cache_dir=cache_dir)
+    images = run_images(run_dir, labels, model.input_size, cache_dir)
     out = {}
     for name, idx in rows.items():
-        loader = BatchLoader(img_cache.images, labels.targets, None, idx, batch_size, model.mean, model.std)
+        loader = BatchLoader(images, labels.targets, None, idx, batch_size, model.mean, model.std)
         probs, _, _ = trainer.evaluate(model, loader, labels.schema, device=torch.device("cpu"))
         # evaluate returns rows in ascending index order: keep `rows` sorted so they line up.
         out[name] = probs
@@ -225,6 +230,11 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{digits}f}"
 
 
+def mean_range(values: Sequence[float]) -> str:
+    """'mean (min-max)' of figures from several splits or runs."""
+    return f"{_fmt(float(np.mean(values)))} ({_fmt(min(values))}-{_fmt(max(values))})"
+
+
 def render_markdown(res: Mapping[str, Any]) -> str:
     """The figures as Markdown tables (also printed)."""
     lines = [f"# bench/quality: {res.get('recipe_name', 'CPU recipe')} vs classical baseline (TonguExpert, L2)", ""]
@@ -295,9 +305,6 @@ def summarise_seeds(results: Sequence[Mapping[str, Any]]) -> str:
              "mean (min-max); 'ahead' counts the splits where the CPU recipe beats the baseline.", "",
              "| task | CPU recipe | baseline | mean difference | ahead |", "|---|---|---|---|---|"]
 
-    def cell(values: list[float]) -> str:
-        return f"{_fmt(float(np.mean(values)))} ({_fmt(min(values))}-{_fmt(max(values))})"
-
     for task in tasks + ["combined"]:
         if task == "combined":
             rec = [m["test_combined"] for m, _ in mains]
@@ -307,7 +314,7 @@ def summarise_seeds(results: Sequence[Mapping[str, Any]]) -> str:
             bas = [b["test_macro_f1"][task] for _, b in mains]
         ahead = sum(r > b for r, b in zip(rec, bas))
         name = "**combined**" if task == "combined" else task
-        lines.append(f"| {name} | {cell(rec)} | {cell(bas)} | {float(np.mean(rec) - np.mean(bas)):+.3f} | "
+        lines.append(f"| {name} | {mean_range(rec)} | {mean_range(bas)} | {float(np.mean(rec) - np.mean(bas)):+.3f} | "
                      f"{ahead} of {len(mains)} |")
     return "\n".join(lines)
 
