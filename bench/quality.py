@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data_dir = common.ensure_import(args.data, "predicted", args.work_dir)
     l1_dir = common.ensure_import(args.data, "manual", args.work_dir)
     base = load_params(files=[args.recipe], overrides=args.overrides, data_dir=str(data_dir),
-                       out_dir=str(runs_dir / "cpu-recipe"), experiment_name="cpu-recipe", pretrained=False,
+                       out_dir=str(runs_dir / "cpu-recipe"), experiment_name="cpu-recipe",
                        progress=False, num_threads=max(1, args.threads), device="cpu")
     labels = load_labels(data_dir)
     out_json = args.out.with_suffix(".json")
@@ -371,7 +371,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if out_json.is_file():
         previous = json.loads(out_json.read_text())
     res: dict[str, Any] = {"machine": common.machine_info(), "recipe_file": str(args.recipe),
-                           "recipe_name": f"{base.backbone} {base.image_size or ''}px from scratch",
+                           "recipe_name": f"{base.backbone} {base.image_size or ''}px "
+                                          + ("pretrained" if base.pretrained else "from scratch"),
                            "data_dir": str(data_dir)}
     for key in ("main", "baseline", "l1_agreement"):
         if key in previous:

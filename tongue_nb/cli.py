@@ -86,6 +86,22 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def _cmd_backbones(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from tongue_nb.models import describe_backbones
+
+    table = pd.DataFrame(describe_backbones(args.names or None))
+    hints = [h for h in table.pop("hint") if h]
+    with pd.option_context("display.max_colwidth", 120, "display.width", 200):
+        print(table.to_string(index=False, formatters={"params_m": "{:.1f}".format}))
+    print("weights: file = pretrained_path, cache = Hugging Face hub cache, package = an installed weights "
+          "package, hub = download when online, none = not to be had here")
+    for hint in dict.fromkeys(hints):
+        print(f"hint: {hint}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="tongue-nb", description=__doc__)
@@ -108,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--link", choices=["symlink", "copy"], default="symlink",
                    help="how images enter the dataset folder (default symlink)")
     p.set_defaults(func=_cmd_import)
+
+    p = sub.add_parser("backbones", help="list backbones: timm names, parameters, where pretrained weights come from")
+    p.add_argument("names", nargs="*", help="backbones to describe (default: the short names and the "
+                                            "architectures with a weights package)")
+    p.set_defaults(func=_cmd_backbones)
 
     p = sub.add_parser("train", help="train one backbone and write its run folder")
     p.add_argument("--data", help="dataset folder (default: the built-in synthetic set)")

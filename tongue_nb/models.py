@@ -16,7 +16,6 @@ import difflib
 import importlib
 import logging
 import math
-import os
 import types
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
+from . import weights as weights_mod
 from .tasks import TaskSchema, load_schema
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,32 @@ def resolve_backbone(name: str) -> str:
                      f"or a timm model name (timm.list_models()){hint}")
 
 
+def count_backbone_params(timm_name: str) -> float:
+    """Parameters (millions) of a timm backbone with pooled features (no classifier), built without memory."""
+    with torch.device("meta"):  # shapes only: a large model costs nothing to count
+        model = timm.create_model(timm_name, pretrained=False, num_classes=0)
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def describe_backbones(names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """One row per backbone: short name, timm name, parameters (M) and where its weights would come from here.
+
+    Without names: every registered short name, then the architectures an installed or known weights
+    package covers (`weights.WEIGHT_PACKAGES`). Nothing is downloaded or loaded.
+    """
+    if names is None:
+        names = list_backbones() + [a for a in weights_mod.WEIGHT_PACKAGES if a not in _REGISTRY.values()]
+    rows = []
+    for name in names:
+        timm_name = resolve_backbone(name)
+        source = weights_mod.locate_weights(timm_name)
+        hint = weights_mod.missing_weights_hint(timm_name) if source.kind in ("none", "hub") else ""
+        rows.append({"name": name, "timm_name": timm_name, "params_m": round(count_backbone_params(timm_name), 2),
+                     "weights": source.kind, "from": source.detail if source.kind in ("package", "hub") else
+                     (source.path or source.detail), "hint": hint})
+    return rows
+
+
 # --------------------------------------------------------------------------- probabilities
 
 
@@ -135,16 +161,6 @@ def mean_prob_logits(schema: TaskSchema, member_logits: Sequence[Mapping[str, Te
 
 
 # --------------------------------------------------------------------------- pretrained weights
-
-
-def _offline() -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE:
-        return True
-    try:  # huggingface_hub reads the variable once at import; honour that value too
-        from huggingface_hub import constants
-        return bool(getattr(constants, "HF_HUB_OFFLINE", False))
-    except ImportError:
-        return False
 
 
 def _offline_help(timm_name: str) -> str:
@@ -221,6 +237,17 @@ def load_pretrained_backbone(model: nn.Module, path: str | Path) -> dict[str, An
     """
     weights = find_weights_file(path)
     sd = load_state_dict_file(weights)
+    if weights_mod.detect_layout(sd) != weights_mod.TIMM_LAYOUT:
+        # A known foreign layout (e.g. efficientnet_pytorch): converted by name, and it must fit exactly.
+        try:
+            converted, layout = weights_mod.convert_state_dict(sd, model, source=str(weights))
+        except weights_mod.WeightsLayoutError as exc:
+            raise PretrainedWeightsError(str(exc)) from None
+        model.load_state_dict(converted, strict=False)  # strict apart from BatchNorm step counters
+        log.info("pretrained %s: loaded all %d tensors from %s (%s layout, converted)",
+                 type(model).__name__, len(converted), weights, layout)
+        return {"source": str(weights), "layout": layout, "loaded": len(converted),
+                "total": len(model.state_dict()), "missing": [], "unexpected": [], "wrong_shape": []}
     filt = _timm_filter_fn(model)
     if filt is not None:
         try:
@@ -252,23 +279,9 @@ def load_pretrained_backbone(model: nn.Module, path: str | Path) -> dict[str, An
                     unexpected[:5], len(wrong_shape), wrong_shape[:5])
     else:
         log.info("pretrained %s: loaded all %d tensors from %s", name, len(matched), weights)
-    return {"source": str(weights), "loaded": len(matched), "total": len(own), "missing": missing,
+    return {"source": str(weights), "layout": weights_mod.TIMM_LAYOUT, "loaded": len(matched), "total": len(own),
+            "missing": missing,
             "unexpected": unexpected, "wrong_shape": wrong_shape}
-
-
-def _cached_hub_file(timm_name: str) -> Path | None:
-    """The hub weights of a timm model if they are already in the local Hugging Face cache."""
-    cfg = timm.models.get_pretrained_cfg(timm_name)
-    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
-    if not hub_id:
-        return None
-    from huggingface_hub import try_to_load_from_cache
-    filenames = [cfg.hf_hub_filename] if getattr(cfg, "hf_hub_filename", None) else list(WEIGHT_FILES)
-    for filename in filenames:
-        found = try_to_load_from_cache(hub_id.split("@")[0], filename)
-        if isinstance(found, str):
-            return Path(found)
-    return None
 
 
 def _download_errors() -> tuple[type[BaseException], ...]:
@@ -282,22 +295,17 @@ def _download_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _create_timm(timm_name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
-    """timm.create_model with hub loading turned into clear errors, and an offline mode that never waits."""
-    if not pretrained:
+def _create_timm(timm_name: str, source: "weights_mod.WeightsSource | None" = None, **kwargs: Any) -> nn.Module:
+    """timm.create_model: random weights, or timm's own loading from the hub cache or the hub (clear errors).
+
+    Weights from a file or a weights package are loaded afterwards by `load_pretrained_backbone`.
+    """
+    if source is None or source.kind not in ("cache", "hub"):
         return timm.create_model(timm_name, pretrained=False, **kwargs)
-    cfg = timm.models.get_pretrained_cfg(timm_name)
-    if cfg is None or not (getattr(cfg, "hf_hub_id", None) or getattr(cfg, "url", None)):
-        raise PretrainedWeightsError(f"timm has no pretrained weights for {timm_name!r}; set pretrained=False "
-                                     "or pass pretrained_path= to a weights file")
-    if _offline():
-        # huggingface_hub would retry the network for a minute before failing; look in the cache ourselves.
-        cached = _cached_hub_file(timm_name)
-        if cached is None:
-            raise PretrainedWeightsError(f"offline (HF_HUB_OFFLINE is set) and the weights of {timm_name!r} are not "
-                                         f"in the local Hugging Face cache. {_offline_help(timm_name)}")
-        log.info("offline: loading %s weights from the Hugging Face cache %s", timm_name, cached)
-        return timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay={"file": str(cached)}, **kwargs)
+    if source.kind == "cache":
+        # Straight from the cached file: huggingface_hub would otherwise ask the network first.
+        log.info("loading %s weights from the Hugging Face cache %s", timm_name, source.path)
+        return timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay={"file": source.path}, **kwargs)
     try:
         return timm.create_model(timm_name, pretrained=True, **kwargs)
     except _download_errors() as exc:
@@ -387,8 +395,14 @@ class MultiTaskBackbone(_InputConfig, nn.Module):
             # ViT/Swin bake the input size into position embeddings / attention windows: build them
             # for the requested size (timm resamples pretrained embeddings; Swin clamps its windows).
             kwargs["img_size"] = image_size
-        use_hub = bool(pretrained) and not pretrained_path
-        self.backbone = _create_timm(self.timm_name, use_hub, **kwargs)
+        # Where the weights come from: pretrained_path, the hub cache, a weights package, the hub (weights.py).
+        source = weights_mod.locate_weights(self.timm_name, pretrained_path) if pretrained else None
+        if source is not None and source.kind == "none":
+            hint = weights_mod.missing_weights_hint(self.timm_name)
+            raise PretrainedWeightsError(f"no pretrained weights for {self.timm_name!r} on this machine "
+                                         f"({source.detail}). " + (f"{hint}; or: " if hint else "")
+                                         + _offline_help(self.timm_name))
+        self.backbone = _create_timm(self.timm_name, source, **kwargs)
         pe = getattr(self.backbone, "patch_embed", None)
         patch = getattr(pe, "patch_size", None)
         if "img_size" in kwargs and patch and not getattr(pe, "dynamic_img_pad", False) \
@@ -396,9 +410,12 @@ class MultiTaskBackbone(_InputConfig, nn.Module):
             # Otherwise the error would only come at the first forward pass, deep inside timm.
             raise ValueError(f"image_size {image_size} does not fit backbone {backbone_name!r}: it must be a "
                              f"multiple of its patch size {patch[0]}")
-        self.pretrained_info: dict[str, Any] = {"source": "hub" if use_hub else None}
-        if pretrained_path:
-            self.pretrained_info = load_pretrained_backbone(self.backbone, pretrained_path)
+        self.pretrained_info: dict[str, Any] = {"source": None, "kind": "none", "detail": "random initial weights"}
+        if source is not None:
+            self.pretrained_info = {"source": source.path or source.kind, "kind": source.kind,
+                                    "detail": source.detail}
+            if source.kind in ("file", "package"):
+                self.pretrained_info.update(load_pretrained_backbone(self.backbone, source.path))
 
         # Pooled features with num_classes=0 have the pre-logits width, which some models (e.g.
         # MobileNetV3, ConvNeXt variants with a head MLP) report as head_hidden_size, not num_features.
