@@ -110,3 +110,23 @@ def test_notebook_source_lists_every_field_and_namespace_keeps_file_values(tmp_p
     namespace["stage1_epochs"] = 3  # set in the notebook: wins; batch_size left at default: file wins
     p = params_from_namespace(namespace, recipe)
     assert p.batch_size == 4 and p.stage1_epochs == 3
+
+
+def test_per_backbone_sections_apply_to_their_backbone_only(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("image_size: 64\npretrained: false\nper_backbone:\n"
+                      "  tf_efficientnet_lite0: {pretrained: true, image_size: 96}\n")
+    lite = load_params(files=[recipe], backbone="tf_efficientnet_lite0")
+    assert (lite.pretrained, lite.image_size) == (True, 96)
+    other = load_params(files=[recipe], backbone="resnet18")
+    assert (other.pretrained, other.image_size) == (False, 64)
+    # values and overrides still win over a section; the backbone may come from an override too
+    assert load_params(files=[recipe], backbone="tf_efficientnet_lite0", image_size=128).image_size == 128
+    assert load_params(files=[recipe], overrides=["backbone=tf_efficientnet_lite0"]).image_size == 96
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("per_backbone:\n  resnet18: {batchsize: 8}\n")
+    with pytest.raises(ParamError, match=r"batchsize.*per_backbone\.resnet18"):
+        load_params(files=[bad], backbone="resnet18")
+    bad.write_text("per_backbone: [1, 2]\n")
+    with pytest.raises(ParamError, match="per_backbone must map"):
+        load_params(files=[bad])

@@ -18,6 +18,13 @@ def test_every_params_file_loads_and_only_overrides_defaults(path: Path) -> None
     defaults = TrainParams()
     # A parameter file only changes defaults: every key it sets is a real field with a new value.
     for key, value in raw.items():
+        if key == "per_backbone":  # sections: each one's values also only change what the file gives
+            for backbone, section in value.items():
+                own = load_params([path], backbone=backbone)
+                for k, v in section.items():
+                    assert getattr(own, k) == getattr(load_params(**{k: v}), k) != getattr(params, k), \
+                        f"{path.name}: per_backbone.{backbone}.{k} repeats the file's value"
+            continue
         assert getattr(params, key) == getattr(load_params(**{key: value}), key)
         # `backbone` names the file's model even where it is the default (convnext_tiny).
         assert key == "backbone" or getattr(params, key) != getattr(defaults, key), \

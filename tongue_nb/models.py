@@ -57,7 +57,6 @@ _NO_DECAY_KEYWORDS = ("pos_embed", "cls_token", "dist_token", "reg_token", "rela
                       "absolute_pos_embed", "position_embedding")
 # Share of the backbone's tensors a pretrained file must provide before we trust it at all.
 MIN_MATCHED_FRACTION = 0.5
-_TRUE = {"1", "true", "yes", "on"}
 
 
 class PretrainedWeightsError(RuntimeError):

@@ -269,25 +269,61 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+PER_BACKBONE_KEY = "per_backbone"
+
+
+def _split_sections(data: dict[str, Any], path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """A parameter file's general values and its `per_backbone` sections (backbone name -> values)."""
+    data = dict(data)
+    sections = data.pop(PER_BACKBONE_KEY, None) or {}
+    if not isinstance(sections, dict) or not all(isinstance(v, dict) for v in sections.values()):
+        raise ParamError(f"parameter file {path}: {PER_BACKBONE_KEY} must map backbone names to mappings of "
+                         f"parameter: value, got {sections!r}")
+    for name, values in sections.items():
+        if "backbone" in values:
+            raise ParamError(f"parameter file {path}: {PER_BACKBONE_KEY}.{name} may not set backbone")
+    return data, {str(k): v for k, v in sections.items()}
+
+
 def load_params(files: Iterable[str | Path] = (), overrides: Iterable[str] = (), **values: Any) -> TrainParams:
-    """Resolve parameters: defaults < YAML files (in order) < keyword values < 'key=value' overrides."""
+    """Resolve parameters: defaults < YAML files (in order) < keyword values < 'key=value' overrides.
+
+    A file may hold a `per_backbone` mapping (backbone name -> values): the section of the backbone
+    being trained applies right after that file's general values, so one recipe can, say, start a
+    single backbone from pretrained weights.
+    """
     if isinstance(files, (str, Path)):
         files = [files]
     if isinstance(overrides, str):
         overrides = [overrides]
-    merged: dict[str, Any] = {}
+    layers: list[tuple[str, dict[str, Any]]] = []
+    sections: list[tuple[str, dict[str, dict[str, Any]]]] = []
     for file in files:
         path = Path(file)
-        for key, value in _read_yaml(path).items():
-            merged[str(key)] = _coerce(_field_for(str(key), str(path)), value, str(path))
-    for key, value in values.items():
-        merged[key] = _coerce(_field_for(key, "value"), value, "value")
+        general, per_backbone = _split_sections(_read_yaml(path), path)
+        layers.append((str(path), general))
+        sections.append((str(path), per_backbone))
+    layers.append(("value", values))
+    parsed: list[tuple[str, str, str]] = []
     for item in overrides:
         if "=" not in item:
             raise ParamError(f"override {item!r}: expected key=value")
         key, raw = item.split("=", 1)
-        key = key.strip()
-        merged[key] = _coerce(_field_for(key, f"override {item!r}"), raw.strip(), f"override {item!r}")
+        parsed.append((key.strip(), raw.strip(), f"override {item!r}"))
+    # The backbone being trained decides which per_backbone sections apply.
+    backbone = str(_FIELDS["backbone"].default)
+    for _, layer in layers:
+        backbone = str(layer.get("backbone", backbone))
+    for key, raw, _ in parsed:
+        backbone = raw if key == "backbone" else backbone
+    merged: dict[str, Any] = {}
+    for i, (source, layer) in enumerate(layers):
+        section = sections[i][1].get(backbone, {}) if i < len(sections) else {}
+        for key, value in list(layer.items()) + list(section.items()):
+            where = source if key in layer or source == "value" else f"{source} ({PER_BACKBONE_KEY}.{backbone})"
+            merged[str(key)] = _coerce(_field_for(str(key), where), value, where)
+    for key, raw, where in parsed:
+        merged[key] = _coerce(_field_for(key, where), raw, where)
     return TrainParams(**merged)
 
 
