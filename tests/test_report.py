@@ -220,3 +220,38 @@ def test_notebook_04_through_papermill(sweep_dir, tmp_path):
     html = sweep.render_html(out_nb, tmp_path / "04.html").read_text()
     assert html.count("data:image/png;base64") >= 5  # confusion, thresholds, calibration, gallery figures embedded
     assert "report.load_run" not in html  # code hidden (--no-input)
+
+
+def test_per_task_selection_chooses_on_validation_per_task(sweep_dir, tmp_path):
+    import shutil
+
+    from tongue_nb import metrics
+
+    root = tmp_path / "sel"
+    rng = np.random.default_rng(3)
+    for name, spoil in (("a", "coat"), ("b", "shape")):  # a is good at shape only, b at coat only
+        shutil.copytree(sweep_dir / "runs" / "good", root / "runs" / name)
+        table = pd.read_csv(root / "runs" / name / "predictions.csv", dtype=str, keep_default_na=False)
+        labels = SHAPE if spoil == "shape" else COAT
+        noise = rng.dirichlet(np.ones(len(labels)), len(table))
+        for i, label in enumerate(labels):
+            table[f"p:{spoil}:{label}"] = noise[:, i]
+        table.to_csv(root / "runs" / name / "predictions.csv", index=False)
+    sweep = report.load_sweep(root)
+    sel = report.per_task_selection(sweep, ensemble_k=0)
+    assert sel["choice"]["shape"]["source"] == "a" and sel["choice"]["coat"]["source"] == "b"
+    for task, name in (("shape", "a"), ("coat", "b")):
+        run = sweep.runs[name]
+        val_p, val_t, _ = report.arrays(run, "val")
+        test_p, test_t, _ = report.arrays(run, "test")
+        thr = metrics.tune_thresholds(SCHEMA, val_p, val_t)
+        want = metrics.compute_metrics(SCHEMA, test_p, test_t, thresholds=thr)["tasks"][task]["primary"]
+        assert sel["choice"][task]["test"] == pytest.approx(want)
+        assert sel["row"][f"{task}_thresholded"] == pytest.approx(want)
+    assert sel["row"]["combined_thresholded"] == pytest.approx(
+        metrics.combined_score(SCHEMA, {t: sel["choice"][t]["test"] for t in ("shape", "coat")}))
+    # the row joins the run table under its own name, and the choices are saved for later use
+    table = report.run_table(sweep, ensemble_k=2, selection=True)
+    assert "per-task selection" in set(table["run"]) and len(table) == 4
+    saved = json.loads(report.save_selection(sel, tmp_path / "selection.json").read_text())
+    assert saved["tasks"]["coat"]["source"] == "b" and saved["tasks"]["coat"]["runs"] == [str(root / "runs" / "b")]

@@ -199,6 +199,7 @@ def run_row(run: RunData) -> dict:
         "run": run.path.name,
         "backbone": s.get("backbone", run.path.name),
         "params_m": s.get("params_m"),
+        "weights": (s.get("pretrained") or {}).get("kind", "none"),
         "combined_fixed": _metric(s.get("final_metrics_fixed")),
         "combined_thresholded": _metric(s.get("final_metrics_thresholded")),
     }
@@ -213,13 +214,20 @@ def run_row(run: RunData) -> dict:
     return row
 
 
-def run_table(sweep: SweepData, ensemble_k: int = 0) -> pd.DataFrame:
-    """Every run of a sweep (backbone, params, combined scores, each task's metric, cost), best first."""
+def run_table(sweep: SweepData, ensemble_k: int = 0, selection: bool = False) -> pd.DataFrame:
+    """Every run of a sweep (backbone, params, combined scores, each task's metric, cost), best first.
+
+    With ensemble_k >= 2 an ensemble row is added; with selection, the per-task selection's row
+    (`per_task_selection`), named as such: it is a combination, never one of the runs.
+    """
     rows = [run_row(run) for run in sweep.runs.values()]
     table = pd.DataFrame(rows)
     if ensemble_k >= 2 and len(sweep.runs) >= 2:
         ens = ensemble_metrics(sweep, ensemble_k)
         table = pd.concat([table, pd.DataFrame([ens["row"]])], ignore_index=True)
+    if selection and len(sweep.runs) >= 2:
+        sel = per_task_selection(sweep, ensemble_k)
+        table = pd.concat([table, pd.DataFrame([sel["row"]])], ignore_index=True)
     if len(table):
         table = table.sort_values("combined_thresholded", ascending=False, na_position="last").reset_index(drop=True)
     return table
@@ -274,11 +282,10 @@ def ensemble_metrics(sweep: SweepData, k: int = 3) -> dict:
         raise ValueError("the runs were trained on different task schemas; their probabilities cannot be averaged")
     out: dict[str, Any] = {}
     for split in SPLITS:
-        rows = _shared_rows(members, split)
-        if not len(rows[0]):
+        probs, targets, ids = _mean_probs(members, split)
+        if not ids:
             raise ValueError(f"the best {len(members)} runs share no {split} ids; they were trained on different data")
-        probs = {t.name: np.mean([_probs(schema, r)[t.name] for r in rows], axis=0) for t in schema}
-        out[split] = (probs, _targets(schema, rows[0]))
+        out[split] = (probs, targets)
     thresholds = metrics.tune_thresholds(schema, *out["val"])
     fixed = metrics.compute_metrics(schema, *out["test"])
     tuned = metrics.compute_metrics(schema, *out["test"], thresholds=thresholds)
@@ -291,6 +298,73 @@ def ensemble_metrics(sweep: SweepData, k: int = 3) -> dict:
         row[f"{t.name}_thresholded"] = tuned["tasks"][t.name]["primary"]
     return {"members": names, "fixed": fixed, "thresholded": tuned, "thresholds": thresholds, "row": row,
             "n_test": int(len(out["test"][1][schema.names[0]]))}
+
+
+def _mean_probs(members: Sequence[RunData], split: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[str]]:
+    """Mean probabilities of several runs on the ids they all predicted (one run: its own), targets and ids."""
+    schema = members[0].schema
+    rows = _shared_rows(members, split)
+    probs = {t.name: np.mean([_probs(schema, r)[t.name] for r in rows], axis=0) for t in schema}
+    return probs, _targets(schema, rows[0]), list(rows[0]["id"])
+
+
+def per_task_selection(sweep: SweepData, ensemble_k: int = 3) -> dict:
+    """For each task, the run, ensemble or baseline with the best validation score, and its test score.
+
+    Candidates: every run of the sweep (the classical baseline included) and, with ensemble_k >= 2,
+    the ensemble of the best ensemble_k runs. Each candidate's thresholds are tuned on validation;
+    the choice is made on validation alone, and the test scores of the chosen candidates make the
+    selection's row (its combined score is the schema-weighted mean of those task scores). Returns
+    {"choice": {task: {...}}, "table": per-task DataFrame, "row": a run_table row}.
+    """
+    from tongue_nb import metrics
+
+    runs = list(sweep.runs.values())
+    if not runs:
+        raise ValueError("per_task_selection: the sweep has no finished runs")
+    schema = runs[0].schema
+    candidates: dict[str, list[RunData]] = {r.path.name: [r] for r in runs if r.schema == schema}
+    if ensemble_k >= 2 and len(candidates) >= 2:
+        ranked = sorted((r for r in runs if r.schema == schema),
+                        key=lambda r: -np.nan_to_num(_metric(r.summary.get("final_metrics_thresholded")), nan=-1))
+        candidates[f"ensemble(top {min(ensemble_k, len(ranked))})"] = ranked[:ensemble_k]
+    scores: dict[str, dict] = {}
+    for name, members in candidates.items():
+        val_p, val_t, _ = _mean_probs(members, "val")
+        test_p, test_t, test_ids = _mean_probs(members, "test")
+        if not len(test_ids) or not len(val_t[schema.names[0]]):
+            continue
+        thresholds = metrics.tune_thresholds(schema, val_p, val_t)
+        scores[name] = {"val": metrics.compute_metrics(schema, val_p, val_t, thresholds=thresholds),
+                        "test": metrics.compute_metrics(schema, test_p, test_t, thresholds=thresholds),
+                        "test_fixed": metrics.compute_metrics(schema, test_p, test_t),
+                        "thresholds": thresholds, "n_test": len(test_ids),
+                        "runs": [str(m.path) for m in members]}
+    choice, rows = {}, []
+    for t in schema:
+        ranked = sorted(scores, key=lambda n: -np.nan_to_num(_metric(scores[n]["val"], t.name), nan=-1))
+        best = ranked[0]
+        entry = scores[best]
+        choice[t.name] = {"source": best, "runs": entry["runs"], "val": _metric(entry["val"], t.name),
+                          "test": _metric(entry["test"], t.name), "test_fixed": _metric(entry["test_fixed"], t.name),
+                          "thresholds": entry["thresholds"].get(t.name)}
+        rows.append({"task": t.name, "chosen": best, "val": choice[t.name]["val"], "test": choice[t.name]["test"],
+                     "runner_up": ranked[1] if len(ranked) > 1 else None,
+                     "runner_up_val": _metric(scores[ranked[1]]["val"], t.name) if len(ranked) > 1 else None})
+    row = {"run": "per-task selection", "backbone": "; ".join(f"{k}: {v['source']}" for k, v in choice.items()),
+           "params_m": None,
+           "combined_fixed": metrics.combined_score(schema, {k: v["test_fixed"] for k, v in choice.items()}),
+           "combined_thresholded": metrics.combined_score(schema, {k: v["test"] for k, v in choice.items()})}
+    for k, v in choice.items():
+        row[f"{k}_fixed"], row[f"{k}_thresholded"] = v["test_fixed"], v["test"]
+    return {"choice": choice, "table": pd.DataFrame(rows), "row": row}
+
+
+def save_selection(selection: dict, path: str | Path) -> Path:
+    """Write a per-task selection's choices (task -> source, run folders, thresholds, scores) as JSON."""
+    from tongue_nb.runio import atomic_write_json
+
+    return atomic_write_json(path, {"kind": "per_task_selection", "tasks": selection["choice"]})
 
 
 def bootstrap_table(sweep: SweepData, n_boot: int = 1000, seed: int = 0, view: str = "thresholded") -> pd.DataFrame:

@@ -545,7 +545,21 @@ def model_summary(params: TrainParams, schema: TaskSchema | None = None) -> dict
     # Counts do not depend on weights: build without pretrained loading (no download, no file read).
     model = MultiTaskBackbone(params.backbone, schema, pretrained=False, freeze_backbone=True,
                               drop_rate=params.drop_rate, image_size=params.image_size or None)
-    return _model_counts(model)
+    counts = _model_counts(model)
+    if params.pretrained:  # where the weights would come from (located only: nothing is read here)
+        from .weights import locate_weights
+
+        counts["initial_weights"] = locate_weights(model.timm_name, params.pretrained_path or None).describe()
+    else:
+        counts["initial_weights"] = "random (pretrained: false)"
+    return counts
+
+
+def _weights_record(model: MultiTaskBackbone) -> dict[str, Any]:
+    """Where the initial backbone weights came from (summary.json 'pretrained'): kind, file, package or hub id."""
+    info = model.pretrained_info
+    keep = ("kind", "source", "detail", "layout", "loaded", "total")
+    return {k: info[k] for k in keep if info.get(k) is not None}
 
 
 def _model_counts(model: MultiTaskBackbone) -> dict[str, Any]:
@@ -1024,6 +1038,7 @@ def _train_locked(params: TrainParams, info: DistInfo, device: torch.device, amp
         "params_m": counts_model["params_m"],
         "trainable_params_m": counts_model["trainable_params_m"],
         "image_size": image_size,
+        "pretrained": _weights_record(model),
         "data_dir": str(data_dir),
         "run_dir": str(out_dir),
         "counts": _counts(labels, split, np.flatnonzero(img_cache.valid)),
