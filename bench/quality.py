@@ -151,6 +151,43 @@ def baseline_probs(run_dir: Path, schema: TaskSchema, ids: Sequence[str], split:
     return {t.name: pred[[f"p:{t.name}:{c}" for c in t.labels]].to_numpy(np.float32) for t in schema}
 
 
+# --------------------------------------------------------------------------- named combinations
+
+
+def combinations(schema: TaskSchema, members: Mapping[str, tuple[Mapping, Mapping]],
+                 targets: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, Any]:
+    """Named combinations of the recipe and the baseline, each its own row, never the plain network.
+
+    'recipe+baseline': the mean of their probabilities; 'per-task selection': for each task the one
+    of recipe, baseline and recipe+baseline with the best validation macro-F1 (report.rank_per_task),
+    scored on test. members: name -> (val probs, test probs) on the same rows as targets["val"/"test"].
+    """
+    from tongue_nb.report import rank_per_task
+
+    cands = dict(members)
+    (rv, rt), (bv, bt) = members["recipe"], members["baseline"]
+    cands["recipe+baseline"] = ({k: (rv[k] + bv[k]) / 2 for k in rv}, {k: (rt[k] + bt[k]) / 2 for k in rt})
+    scored = {name: {s: metrics_mod.compute_metrics(schema, p, targets[s]) for s, p in zip(("val", "test"), pair)}
+              for name, pair in cands.items()}
+
+    def per_task(m: Mapping[str, Any]) -> dict[str, float]:
+        return {k: v["primary"] for k, v in m["tasks"].items()}
+
+    out: dict[str, Any] = {}
+    for name in ("recipe+baseline",):
+        out[name] = {"val_macro_f1": per_task(scored[name]["val"]), "val_combined": scored[name]["val"]["combined_score"],
+                     "test_macro_f1": per_task(scored[name]["test"]),
+                     "test_combined": scored[name]["test"]["combined_score"]}
+    ranked = rank_per_task(schema, {n: v["val"] for n, v in scored.items()})
+    choice = {t: r[0] for t, r in ranked.items()}
+    test = {t: scored[c]["test"]["tasks"][t]["primary"] for t, c in choice.items()}
+    val = {t: scored[c]["val"]["tasks"][t]["primary"] for t, c in choice.items()}
+    out["per-task selection"] = {"choice": choice, "val_macro_f1": val, "test_macro_f1": test,
+                                 "val_combined": metrics_mod.combined_score(schema, val),
+                                 "test_combined": metrics_mod.combined_score(schema, test)}
+    return out
+
+
 # --------------------------------------------------------------------------- agreement with the manual labels
 
 
@@ -254,6 +291,11 @@ def render_markdown(res: Mapping[str, Any]) -> str:
         rows.append(("**combined**", main["test_combined"], base.get("test_combined")))
         for task, v, b in rows:
             lines.append(f"| {task} | {_fmt(v)} | {_fmt(b)} | {_fmt(None if b is None else v - b)} |")
+        for name, combo in (res.get("combinations") or {}).items():
+            chosen = combo.get("choice")
+            lines.append(f"| *{name}* | {_fmt(combo['test_combined'])} (combined) | | "
+                         + (f"chosen on val: {', '.join(f'{t}: {c}' for t, c in chosen.items())}" if chosen
+                            else "mean of the two models' probabilities") + " |")
         lines += ["", f"Validation combined: CPU recipe {_fmt(main.get('val_combined'))}, "
                   f"baseline {_fmt(base.get('val_combined'))} (features at {base.get('image_size', '?')} px).", ""]
     agree = res.get("l1_agreement")
@@ -294,28 +336,48 @@ def render_markdown(res: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def summarise_seeds(results: Sequence[Mapping[str, Any]]) -> str:
-    """Per-task test macro-F1 over several main runs (other seeds/splits): mean and range, and wins."""
-    mains = [(r["main"], r["baseline"]) for r in results if r.get("main") and r.get("baseline")]
+def summarise_seeds(results: Sequence[Mapping[str, Any]], against: Sequence[Mapping[str, Any]] = ()) -> str:
+    """Per-task test macro-F1 over several main runs (other seeds/splits): mean and range, and wins.
+
+    Columns: the recipe, its named combinations with the baseline (when recorded), the `against`
+    recipe's runs on the same seeds (e.g. the from-scratch v5), and the baseline.
+    """
+    mains = [(r["main"], r["baseline"], r.get("combinations") or {}) for r in results
+             if r.get("main") and r.get("baseline")]
     if not mains:
         raise SystemExit("--summarise: none of the files holds a main run with its baseline")
-    seeds = [m["seed"] for m, _ in mains]
+    seeds = [m["seed"] for m, _, _ in mains]
+    other = {r["main"]["seed"]: r["main"] for r in against if r.get("main")}
+    if against and sorted(other) != sorted(seeds):
+        raise SystemExit(f"--against: seeds {sorted(other)} differ from the recipe's {sorted(seeds)}")
+    combo_names = [n for n in (mains[0][2] or {}) if all(n in c for _, _, c in mains)]
     tasks = list(mains[0][0]["test_macro_f1"])
+    against_name = str(against[0].get("recipe_name", "against")) if other else ""
+    head = ["task", str(results[0].get("recipe_name", "recipe"))] + combo_names + ([against_name] if other else []) + ["baseline", "recipe - baseline",
+                                                                              "recipe ahead"]
     lines = [f"# bench/quality over {len(mains)} splits (seeds {', '.join(map(str, seeds))}): test macro-F1", "",
-             "mean (min-max); 'ahead' counts the splits where the CPU recipe beats the baseline.", "",
-             "| task | CPU recipe | baseline | mean difference | ahead |", "|---|---|---|---|---|"]
+             "mean (min-max); 'recipe ahead' counts the splits where the recipe beats the baseline.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def col(task: str, get) -> list[float]:
+        key = "test_combined" if task == "combined" else None
+        return [get(i)[key] if key else get(i)["test_macro_f1"][task] for i in range(len(mains))]
 
     for task in tasks + ["combined"]:
-        if task == "combined":
-            rec = [m["test_combined"] for m, _ in mains]
-            bas = [b["test_combined"] for _, b in mains]
-        else:
-            rec = [m["test_macro_f1"][task] for m, _ in mains]
-            bas = [b["test_macro_f1"][task] for _, b in mains]
+        rec = col(task, lambda i: mains[i][0])
+        bas = col(task, lambda i: mains[i][1])
+        cells = [mean_range(rec)] + [mean_range(col(task, lambda i, n=n: mains[i][2][n])) for n in combo_names]
+        if other:
+            cells.append(mean_range(col(task, lambda i: other[seeds[i]])))
         ahead = sum(r > b for r, b in zip(rec, bas))
         name = "**combined**" if task == "combined" else task
-        lines.append(f"| {name} | {mean_range(rec)} | {mean_range(bas)} | {float(np.mean(rec) - np.mean(bas)):+.3f} | "
-                     f"{ahead} of {len(mains)} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean_range(bas)} | "
+                     f"{float(np.mean(rec) - np.mean(bas)):+.3f} | {ahead} of {len(mains)} |")
+    if "per-task selection" in combo_names:
+        lines += ["", "Per-task selection's choices (made on validation), per seed: "
+                  + "; ".join(f"seed {m['seed']}: " + ", ".join(f"{t} {c}" for t, c in
+                                                                 combos["per-task selection"]["choice"].items())
+                              for m, _, combos in mains)]
     return "\n".join(lines)
 
 
@@ -346,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablation-minutes", type=float, default=0.0, help="time cap per ablation run (0 = none)")
     p.add_argument("--summarise", type=Path, nargs="+", default=None, metavar="JSON",
                    help="only print per-task mean and range over these result files (one per seed) and exit")
+    p.add_argument("--against", type=Path, nargs="*", default=[], metavar="JSON",
+                   help="with --summarise: another recipe's result files on the same seeds, as a column")
     p.add_argument("--verbose", action="store_true")
     return p
 
@@ -354,7 +418,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train/evaluate per the options, print the tables, write <out>.json and <out>.md."""
     args = build_parser().parse_args(argv)
     if args.summarise:
-        text = summarise_seeds([json.loads(Path(f).read_text()) for f in args.summarise])
+        text = summarise_seeds([json.loads(Path(f).read_text()) for f in args.summarise],
+                               [json.loads(Path(f).read_text()) for f in args.against])
         print(text)
         return {"summary": text}
     common.setup_logging(args.verbose)
@@ -449,6 +514,7 @@ def run_main(args: argparse.Namespace, base: TrainParams, labels: Labels, l1_dir
     def per_task(m: Mapping[str, Any]) -> dict[str, float]:
         return {k: v["primary"] for k, v in m["tasks"].items()}
 
+    combos = combinations(schema, {"recipe": (probs["val"], probs["test"]), "baseline": (b_val, b_test)}, targets)
     settings = {k: getattr(base, k) for k in SETTING_KEYS}
     return {
         "main": {"run_dir": str(run_dir), "seed": base.seed, "settings": settings, "train": train_info,
@@ -462,6 +528,7 @@ def run_main(args: argparse.Namespace, base: TrainParams, labels: Labels, l1_dir
                      "val_combined": b_val_m["combined_score"], "fit_seconds": base_seconds,
                      "test_accuracy": {k: v.get("accuracy") for k, v in b_test_m["tasks"].items()}},
         "l1_agreement": agreement,
+        "combinations": combos,
         "beats_baseline_on_every_task": all(test_m["tasks"][t]["primary"] > b_test_m["tasks"][t]["primary"]
                                             for t in schema.names),
     }

@@ -244,3 +244,55 @@ def test_colour_gap_cli_writes_tables_and_reads_out_a_trained_run(tmp_path, caps
     assert out.with_suffix(".md").read_text().strip() == printed.strip()
     with pytest.raises(SystemExit, match="not a finished training run"):
         colour_gap.main(["--data", str(db), "--work-dir", str(tmp_path / "work"), "--runs", str(tmp_path)])
+
+
+def test_named_combinations_choose_per_task_on_validation():
+    from tongue_nb.tasks import Task, TaskSchema
+
+    rng = np.random.default_rng(0)
+    schema = TaskSchema([Task("colour", "multiclass", ("a", "b", "c")), Task("crack", "binary", ("crack",))])
+    n = 200
+    targets = {s: {"colour": rng.integers(0, 3, n), "crack": rng.integers(0, 2, (n, 1)).astype(np.float32)}
+               for s in ("val", "test")}
+
+    def probs(split, good):  # sharp on the `good` task, noise on the other
+        t = targets[split]
+        colour = np.eye(3)[t["colour"]] * 0.8 + 0.1 if good == "colour" else rng.dirichlet(np.ones(3), n)
+        crack = t["crack"] * 0.8 + 0.1 if good == "crack" else rng.random((n, 1))
+        return {"colour": colour, "crack": crack}
+
+    members = {"recipe": (probs("val", "crack"), probs("test", "crack")),
+               "baseline": (probs("val", "colour"), probs("test", "colour"))}
+    out = quality.combinations(schema, members, targets)
+    sel = out["per-task selection"]
+    assert sel["choice"]["crack"] in ("recipe", "recipe+baseline") and sel["choice"]["colour"] != "recipe"
+    assert sel["test_macro_f1"]["colour"] > 0.9 and sel["test_macro_f1"]["crack"] > 0.9
+    assert sel["test_combined"] == pytest.approx(np.mean(list(sel["test_macro_f1"].values())))
+    from tongue_nb import metrics
+
+    mean = {k: (members["recipe"][1][k] + members["baseline"][1][k]) / 2 for k in ("colour", "crack")}
+    want = metrics.compute_metrics(schema, mean, targets["test"])["combined_score"]
+    assert out["recipe+baseline"]["test_combined"] == pytest.approx(want)
+
+
+def test_quality_main_fine_tunes_a_pretrained_recipe_and_writes_combinations(tmp_path, capsys):
+    import json
+
+    db = _fake_db(tmp_path / "db", n=60, size=48)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("backbone: tf_efficientnet_lite0\npretrained: true\nimage_size: 32\ncrop: crop_blank\n"
+                      "batch_size: 8\nmax_steps_per_epoch: 2\nstage1_epochs: 1\nstage2_epochs: 1\n"
+                      "warmup_epochs: 0\ndevice: cpu\n")
+    out = tmp_path / "q"
+    res = quality.main(["--recipe", str(recipe), "--data", str(db), "--work-dir", str(tmp_path / "work"),
+                        "--runs-dir", str(tmp_path / "runs"), "--out", str(out), "--minutes", "0",
+                        "--threads", "1", "--baseline-size", "32"])
+    summary = json.loads((tmp_path / "runs" / "cpu-recipe" / "summary.json").read_text())
+    assert summary["pretrained"]["kind"] == "package"  # the recipe's pretrained: true is kept
+    assert res["recipe_name"] == "tf_efficientnet_lite0 32px pretrained"
+    combos = json.loads(out.with_suffix(".json").read_text())["combinations"]
+    tasks = set(res["main"]["test_macro_f1"])
+    assert set(combos["per-task selection"]["choice"]) == tasks
+    assert set(combos["per-task selection"]["choice"].values()) <= {"recipe", "baseline", "recipe+baseline"}
+    assert 0 <= combos["recipe+baseline"]["test_combined"] <= 1
+    assert "per-task selection" in capsys.readouterr().out

@@ -308,6 +308,15 @@ def _mean_probs(members: Sequence[RunData], split: str) -> tuple[dict[str, np.nd
     return probs, _targets(schema, rows[0]), list(rows[0]["id"])
 
 
+def rank_per_task(schema: TaskSchema, val_metrics: dict[str, dict]) -> dict[str, list[str]]:
+    """Candidates ranked per task by their validation primary metric, best first (ties: the order given).
+
+    val_metrics: candidate name -> a compute_metrics result on the validation split.
+    """
+    return {t.name: sorted(val_metrics, key=lambda n: -np.nan_to_num(_metric(val_metrics[n], t.name), nan=-1))
+            for t in schema}
+
+
 def per_task_selection(sweep: SweepData, ensemble_k: int = 3) -> dict:
     """For each task, the run, ensemble or baseline with the best validation score, and its test score.
 
@@ -342,7 +351,7 @@ def per_task_selection(sweep: SweepData, ensemble_k: int = 3) -> dict:
                         "runs": [str(m.path) for m in members]}
     choice, rows = {}, []
     for t in schema:
-        ranked = sorted(scores, key=lambda n: -np.nan_to_num(_metric(scores[n]["val"], t.name), nan=-1))
+        ranked = rank_per_task(schema, {n: v["val"] for n, v in scores.items()})[t.name]
         best = ranked[0]
         entry = scores[best]
         choice[t.name] = {"source": best, "runs": entry["runs"], "val": _metric(entry["val"], t.name),
