@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import nbformat
+import pytest
 import yaml
 
 from tongue_nb.params import NOTEBOOK_EXTRA, TrainParams, load_params, notebook_parameters_source
@@ -67,3 +68,57 @@ def test_papermill_documents_every_parameter():
     assert set(found) == set(expected) | {"params_file"}
     for name, f in expected.items():
         assert found[name]["inferred_type_name"] == f.type and found[name]["help"], name
+
+
+def _resolve_cells_only(tmp_path: Path) -> Path:
+    """03_train's own cells up to the one that resolves the parameters (no training): quick to run."""
+    nb = nbformat.read(str(NOTEBOOK), as_version=4)
+    upto = next(i for i, c in enumerate(nb.cells) if "params_from_namespace(" in c.source)
+    nb.cells = nb.cells[:upto + 1]
+    path = tmp_path / "03_resolve.ipynb"
+    nbformat.write(nb, str(path))
+    return path
+
+
+def _papermill_params(tmp_path: Path, parameters: dict, name: str = "out") -> dict:
+    """The parameters 03_train's resolve cell gives under papermill (the dict it shows as its result)."""
+    import ast
+
+    import papermill as pm
+    out_nb = tmp_path / f"{name}.ipynb"
+    pm.execute_notebook(str(_resolve_cells_only(tmp_path)), str(out_nb), parameters=parameters,
+                        kernel_name="python3", cwd=str(tmp_path), progress_bar=False)
+    cell = next(c for c in nbformat.read(str(out_nb), as_version=4).cells if "params_from_namespace(" in c.source)
+    result = next(o for o in cell.outputs if o.output_type == "execute_result")
+    return ast.literal_eval(result.data["text/plain"])
+
+
+def test_papermill_value_equal_to_the_default_still_beats_the_recipe(tmp_path):
+    # Issue 14: `-p batch_size 32` (32 is the default) with a recipe saying 16 used to train with 16.
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("batch_size: 16\naugment: false\nstage1_epochs: 2\n")
+    got = _papermill_params(tmp_path, {"params_file": str(recipe), "batch_size": 32, "augment": True})
+    expected = load_params(files=[recipe], overrides=["batch_size=32", "augment=true"]).as_dict()
+    assert got["batch_size"] == 32 and got["augment"] is True and got["stage1_epochs"] == 2
+    assert got == expected  # papermill and the command line give the same parameters
+
+
+def test_sweep_overrides_reach_the_run_like_the_command_line(tmp_path):
+    from tongue_nb import sweep
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("batch_size: 16\naugment: false\n")
+    overrides = ["batch_size=32", "augment=true"]
+    parameters = sweep.train_notebook_parameters("test_convnext", tmp_path / "data", tmp_path / "run", recipe,
+                                                 sweep._parse_overrides(overrides))
+    got = _papermill_params(tmp_path, parameters)
+    cli = load_params(files=[recipe], overrides=overrides, backbone="test_convnext", data_dir=str(tmp_path / "data"),
+                      out_dir=str(tmp_path / "run"), progress=False).as_dict()
+    assert got == cli and got["batch_size"] == 32 and got["augment"] is True
+
+
+def test_unknown_papermill_parameter_stops_the_notebook_naming_it(tmp_path):
+    from papermill.exceptions import PapermillExecutionError
+    with pytest.raises(PapermillExecutionError) as info:
+        _papermill_params(tmp_path, {"backbon": "swin_base"})
+    assert info.value.ename == "ParamError"
+    assert "unknown notebook parameter 'backbon'" in info.value.evalue and "did you mean backbone" in info.value.evalue

@@ -6,6 +6,7 @@ second schema (STYLE.md 2). The resolved values are saved next to each run's out
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import datetime as _dt
 import difflib
@@ -27,6 +28,7 @@ __all__ = [
     "param_help",
     "notebook_parameters_source",
     "params_from_namespace",
+    "injected_parameter_names",
 ]
 
 
@@ -246,13 +248,18 @@ def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
     raise AssertionError(f"unsupported field type {kind} for {f.name}")  # pragma: no cover
 
 
+def _close_names(name: str, known: Iterable[str]) -> str:
+    """'; did you mean a, b?' (or the list of known names when none is close) for an unknown name."""
+    known = list(known)
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    return f"; did you mean {', '.join(close)}?" if close else f"; known parameters: {', '.join(known)}"
+
+
 def _field_for(name: str, source: str) -> dataclasses.Field:
     if name in _FIELDS:
         return _FIELDS[name]
-    close = difflib.get_close_matches(name, list(_FIELDS), n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else f"; known parameters: {', '.join(_FIELDS)}"
     where = "" if source == "value" else f" in {source}"
-    raise ParamError(f"unknown parameter {name!r}{where}{hint}")
+    raise ParamError(f"unknown parameter {name!r}{where}{_close_names(name, _FIELDS)}")
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -347,18 +354,67 @@ def _literal(value: Any) -> str:
     return json.dumps(value) if isinstance(value, str) else repr(value)
 
 
+# Papermill writes the values it was given (`-p NAME VALUE`, a sweep's parameters) as a cell of
+# assignments headed by this comment, run right after the notebook's own parameters cell.
+INJECTED_HEADER = "# Parameters"
+
+
+def injected_parameter_names(namespace: Mapping[str, Any]) -> list[str] | None:
+    """Names papermill injected into this kernel (read from IPython's input history `_ih`), in order.
+
+    None when no papermill-injected cell has run (interactive Jupyter, plain Python).
+    """
+    history = namespace.get("_ih")
+    if not isinstance(history, (list, tuple)):
+        return None
+    for source in reversed(history):
+        if isinstance(source, str) and source.lstrip().split("\n", 1)[0].strip() == INJECTED_HEADER:
+            break
+    else:
+        return None
+    names: list[str] = []
+    for node in ast.parse(source).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        names += [t.id for t in targets if isinstance(t, ast.Name) and t.id not in names]
+    return names
+
+
+def _check_notebook_names(names: Iterable[str]) -> None:
+    """Refuse a notebook parameter that is neither a TrainParams field nor a notebook extra, naming close ones."""
+    known = list(_FIELDS) + list(NOTEBOOK_EXTRA)
+    for name in names:
+        if name in known or name.startswith("PAPERMILL_"):  # papermill's own --inject-* names
+            continue
+        raise ParamError(f"unknown notebook parameter {name!r} (papermill -p {name} ...){_close_names(name, known)}")
+
+
 def params_from_namespace(namespace: Mapping[str, Any], params_file: str | Path = "",
-                          overrides: Iterable[str] = ()) -> TrainParams:
-    """Resolve a notebook's parameter variables: only values that differ from the defaults
-    override the parameter file, so `-f`-style files keep working under papermill."""
+                          overrides: Iterable[str] = (), given: Iterable[str] | None = None) -> TrainParams:
+    """Resolve a notebook's parameter variables over its recipe file (defaults < params_file < given values).
+
+    `given`: the names the caller set; each of their values wins over the recipe, even one equal to the
+    default. None: the names papermill injected (`papermill -p`, the sweep), read from the kernel's input
+    history; an unknown injected name is refused. Only without papermill (a cell edited in Jupyter, plain
+    Python) are the values that differ from the defaults taken as given.
+    """
     defaults = TrainParams.__dataclass_fields__
-    changed = {name: namespace[name] for name in defaults
-               if name in namespace and namespace[name] != defaults[name].default}
+    if given is None:
+        given = injected_parameter_names(namespace)
+    if given is None:
+        chosen = {name: namespace[name] for name in defaults
+                  if name in namespace and namespace[name] != defaults[name].default}
+    else:
+        given = list(given)
+        _check_notebook_names(given)
+        missing = [name for name in given if name not in namespace]
+        if missing:
+            raise ParamError(f"notebook parameter(s) {', '.join(missing)} given but not set in the notebook")
+        chosen = {name: namespace[name] for name in given if name in defaults}
     files = [params_file] if params_file else []
-    return load_params(files=files, overrides=overrides, **changed)
+    return load_params(files=files, overrides=overrides, **chosen)
 
 
-NOTEBOOK_EXTRA = {"params_file": ("str", "", "YAML recipe (e.g. params/smoke.yaml); values in this cell that differ from the defaults win")}
+NOTEBOOK_EXTRA = {"params_file": ("str", "", "YAML recipe (e.g. params/smoke.yaml); every value papermill passes wins over it")}
 
 
 def sync_notebook_parameters(path: str | Path) -> bool:

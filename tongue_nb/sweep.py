@@ -353,6 +353,13 @@ def _parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     return values
 
 
+def train_notebook_parameters(backbone: str, data: Path, run_dir: Path, recipe: str | Path, extra: dict) -> dict:
+    """Papermill parameters of one 03_train run: the notebook applies the recipe, then every one of these
+    (an override equal to a default included), so the run gets what `tongue-nb train -f recipe --set ...` gets."""
+    return {"backbone": backbone, "data_dir": str(data), "out_dir": str(run_dir),
+            "params_file": str(Path(recipe).resolve()) if recipe else "", "progress": False, **extra}
+
+
 def _safe_name(backbone: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in backbone)
 
@@ -433,8 +440,7 @@ def _sweep(data: Path, backbones: list[str], params_file: str | Path | None, ext
             outcomes[backbone] = RunOutcome(backbone, str(run_dir), str(output_nb), status="skipped")
             continue
         recipe = params_file or (PARAMS_DIR / f"{backbone}.yaml" if (PARAMS_DIR / f"{backbone}.yaml").exists() else "")
-        parameters = {"backbone": backbone, "data_dir": str(data), "out_dir": str(run_dir),
-                      "params_file": str(Path(recipe).resolve()) if recipe else "", "progress": False, **extra}
+        parameters = train_notebook_parameters(backbone, data, run_dir, recipe, extra)
         if (run_dir / "checkpoints" / "last.pt").exists():
             parameters["resume"] = True  # an interrupted run continues from its last finished epoch
         (run_dir / "failure.json").unlink(missing_ok=True)
