@@ -38,6 +38,37 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
     assert len(err.splitlines()) == 1 and err.startswith(f"tongue-nb {argv[0]}: error:") and message in err
 
 
+@pytest.mark.parametrize("argv", [
+    ["train", "--data", "", "--backbone", "test_convnext", "--out", "OUT"],
+    ["train", "--data", "  ", "--backbone", "test_convnext", "--out", "OUT", "--resume"],
+    ["sweep", "--data", "", "--backbones", "test_convnext", "--out", "OUT"],
+    ["compare", "--data", "", "--backbones", "test_convnext", "--out", "OUT"],
+    ["baseline", "--data", "", "--out", "OUT"],
+], ids=["train", "train-blank-resume", "sweep", "compare", "baseline"])
+def test_empty_data_is_refused_not_the_synthetic_set(tmp_path, capsys, monkeypatch, argv):
+    # `--data "$DATA"` with DATA unset: only an absent --data means the built-in synthetic set.
+    import tongue_nb.synth
+
+    def no_synthetic(*args, **kwargs):
+        raise AssertionError("the synthetic set was used")
+
+    monkeypatch.setattr(tongue_nb.synth, "ensure_synthetic", no_synthetic)
+    argv = [a.replace("OUT", str(tmp_path / "out")) for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"tongue-nb {argv[0]}: error: --data: got ")
+    assert "leave --data out to use the built-in synthetic set" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_sweep_refuses_an_empty_data_dir_from_python(tmp_path):
+    from tongue_nb import sweep
+
+    with pytest.raises(sweep.SweepError, match=r"data_dir \(--data\) is '', expected a dataset folder"):
+        sweep.run_sweep("", ["test_convnext"], out_dir=tmp_path / "s", reports_dir=tmp_path / "r", compare=False)
+    assert not (tmp_path / "s").exists()
+
+
 def test_module_entry_point_matches_console_script():
     parser = cli.build_parser()
     assert {"synth", "import-tonguexpert", "train", "compare", "baseline", "sweep"} <= set(

@@ -122,3 +122,10 @@ def test_unknown_papermill_parameter_stops_the_notebook_naming_it(tmp_path):
         _papermill_params(tmp_path, {"backbon": "swin_base"})
     assert info.value.ename == "ParamError"
     assert "unknown notebook parameter 'backbon'" in info.value.evalue and "did you mean backbone" in info.value.evalue
+
+
+def test_papermill_empty_data_dir_is_refused(tmp_path):
+    from papermill.exceptions import PapermillExecutionError
+    with pytest.raises(PapermillExecutionError) as info:
+        _papermill_params(tmp_path, {"data_dir": ""})  # `-p data_dir "$DATA"` with DATA unset
+    assert info.value.ename == "ParamError" and "notebook parameter data_dir: got ''" in info.value.evalue

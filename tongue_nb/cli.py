@@ -10,9 +10,17 @@ from typing import Sequence
 log = logging.getLogger("tongue_nb")
 
 
+def _data_arg(data: str | None) -> str | None:
+    """--data as given; None when absent. An empty value (an unset shell variable) is refused, never the synthetic set."""
+    if data is not None and not data.strip():
+        raise ValueError(f"--data: got {data!r}, expected a dataset folder (an unset shell variable?); "
+                         "leave --data out to use the built-in synthetic set")
+    return data
+
+
 def _data_or_synthetic(data: str | None) -> str:
-    """The dataset folder given, or the built-in synthetic set (made once, cached) when none is."""
-    if data:
+    """The dataset folder given, or the built-in synthetic set (made once, cached) when --data is absent."""
+    if _data_arg(data) is not None:
         return data
     from tongue_nb.synth import ensure_synthetic
 
@@ -40,7 +48,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from tongue_nb.trainer import train
 
     values = {"backbone": args.backbone, "out_dir": args.out}
-    if args.data is not None:
+    if _data_arg(args.data) is not None:
         values["data_dir"] = args.data
     if args.resume:
         values["resume"] = True
@@ -79,7 +87,7 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from tongue_nb.sweep import default_backbones, run_sweep
 
-    result = run_sweep(args.data or "", args.backbones or default_backbones(args.file),
+    result = run_sweep(_data_arg(args.data), args.backbones or default_backbones(args.file),
                        params_file=args.file, overrides=args.set or (), out_dir=args.out,
                        reports_dir=args.reports, compare=not args.no_compare)
     # run_sweep has logged its outcome (result.describe()); the exit status says whether all runs succeeded.

@@ -410,6 +410,10 @@ def params_from_namespace(namespace: Mapping[str, Any], params_file: str | Path 
         if missing:
             raise ParamError(f"notebook parameter(s) {', '.join(missing)} given but not set in the notebook")
         chosen = {name: namespace[name] for name in given if name in defaults}
+        if "data_dir" in chosen and not str(chosen["data_dir"]).strip():
+            # Passing an empty data_dir is an unset variable, not a wish for the synthetic set (leave it out).
+            raise ParamError(f"notebook parameter data_dir: got {chosen['data_dir']!r}, expected a dataset folder "
+                             "(an unset shell variable?); leave -p data_dir out to use the built-in synthetic set")
     files = [params_file] if params_file else []
     return load_params(files=files, overrides=overrides, **chosen)
 

@@ -371,13 +371,14 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, default=str))
 
 
-def run_sweep(data_dir: str | Path, backbones: Sequence[str], params_file: str | Path | None = None,
+def run_sweep(data_dir: str | Path | None, backbones: Sequence[str], params_file: str | Path | None = None,
               overrides: Sequence[str] = (), out_dir: str | Path | None = None, reports_dir: str | Path = "reports",
               gpus: Sequence[str] | int | None = None, compare: bool = True, compare_steps: int = 10,
               kernel_name: str | None = None, ensemble_k: int = 3, compare_options: dict | None = None,
               baseline: bool = True) -> SweepResult:
     """Compare the backbones, train one 03 notebook per backbone, analyse errors, report, and write index.html.
 
+    `data_dir` None trains on the built-in synthetic set; an empty string is refused (an unset variable).
     `compare_options` go to compare.compare_backbones (e.g. image_size, batch_size) besides `steps=compare_steps`.
     `baseline` fits the classical colour/texture baseline on the same split as a reference row of the report.
     """
@@ -391,7 +392,10 @@ def run_sweep(data_dir: str | Path, backbones: Sequence[str], params_file: str |
         if not (NOTEBOOKS / f"{name}.ipynb").exists():
             raise SweepError(f"run_sweep: notebook {NOTEBOOKS / name}.ipynb is missing from the project")
     extra = _parse_overrides(overrides)
-    if not str(data_dir):
+    if data_dir is not None and not str(data_dir).strip():
+        raise SweepError(f"run_sweep: data_dir (--data) is {str(data_dir)!r}, expected a dataset folder (an unset "
+                         "shell variable?); leave it out (None) to use the built-in synthetic set")
+    if data_dir is None:
         from tongue_nb.synth import ensure_synthetic
 
         data_dir = ensure_synthetic()
