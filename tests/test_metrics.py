@@ -218,3 +218,39 @@ def test_predict_helper_matches_thresholds():
     assert np.array_equal(pred["shape"][:, 2], (probs["shape"][:, 2] >= 0.9).astype(np.int8))
     assert np.array_equal(pred["fissure"][:, 0], (probs["fissure"][:, 0] >= 0.5).astype(np.int8))
     assert np.array_equal(pred["coat"], probs["coat"].argmax(1))
+
+
+def test_chance_references_match_simulated_constant_and_random_answers():
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(0)
+    schema = TaskSchema([Task("c", "multiclass", ("a", "b", "c")), Task("m", "multilabel", ("x", "y")),
+                         Task("b", "binary", ("b",))])
+    n = 40000
+    yc = rng.choice(3, n, p=[0.6, 0.3, 0.1])
+    ym = (rng.random((n, 2)) < [0.2, 0.7]).astype(np.float32)
+    yb = (rng.random((n, 1)) < 0.1).astype(np.float32)
+    yc[:10] = -1
+    ym[:10, 0] = np.nan  # missing labels stay out
+    ref = metrics.chance_references(schema, {"c": yc, "m": ym, "b": yb})
+    const, rand = ref["constant answer"]["tasks"], ref["random guess"]["tasks"]
+    ok = yc >= 0
+    assert const["c"] == pytest.approx(f1_score(yc[ok], np.zeros(ok.sum(), int), average="macro"))
+    assert rand["c"] == pytest.approx(f1_score(yc[ok], rng.integers(0, 3, ok.sum()), average="macro"), abs=0.01)
+    lab = ~np.isnan(ym[:, 0])
+    want = np.mean([f1_score(ym[lab, 0], np.ones(lab.sum())), f1_score(ym[:, 1], np.ones(n))])
+    assert const["m"] == pytest.approx(want)
+    assert rand["b"] == pytest.approx(f1_score(yb[:, 0], rng.random(n) < yb.mean()), abs=0.01)
+    assert ref["constant answer"]["combined_score"] == pytest.approx(np.mean(list(const.values())))
+    # a model that answers "yes" to everyone scores exactly the constant reference
+    always = metrics.compute_metrics(schema, {"c": np.tile([1.0, 0, 0], (n, 1)), "m": np.ones((n, 2)),
+                                              "b": np.ones((n, 1))}, {"c": yc, "m": ym, "b": yb})
+    assert always["combined_score"] == pytest.approx(ref["constant answer"]["combined_score"])
+
+
+def test_constant_decisions_flags_one_answer_for_everyone():
+    schema = TaskSchema([Task("c", "multiclass", ("a", "b")), Task("m", "multilabel", ("x", "y"))])
+    probs = {"c": np.array([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3]]), "m": np.array([[0.2, 0.9], [0.3, 0.1], [0.4, 0.8]])}
+    flags = metrics.constant_decisions(schema, probs, {"m": [0.1, 0.5]})
+    assert {(f["task"], f["label"], f["answer"]) for f in flags} == {("c", "(argmax)", "a"), ("m", "x", "yes")}
+    assert metrics.constant_decisions(schema, probs, {"m": [0.25, 0.5]}) == [flags[0]]

@@ -255,3 +255,34 @@ def test_per_task_selection_chooses_on_validation_per_task(sweep_dir, tmp_path):
     assert "per-task selection" in set(table["run"]) and len(table) == 4
     saved = json.loads(report.save_selection(sel, tmp_path / "selection.json").read_text())
     assert saved["tasks"]["coat"]["source"] == "b" and saved["tasks"]["coat"]["runs"] == [str(root / "runs" / "b")]
+
+
+def test_chance_rows_flags_and_verdict(sweep_dir, tmp_path):
+    import shutil
+
+    from tongue_nb import metrics
+
+    sweep = report.load_sweep(sweep_dir)
+    good = sweep.runs["good"]
+    rows = {r["run"]: r for r in report.chance_rows(good)}
+    _, targets, _ = report.arrays(good, "test")
+    ref = metrics.chance_references(SCHEMA, targets)
+    assert rows["chance: constant answer"]["combined_thresholded"] == pytest.approx(ref["constant answer"]["combined_score"])
+    table = report.run_table(sweep, chance=True)
+    assert {"chance: constant answer", "chance: random guess"} <= set(table["run"])
+    # a run that says "yes" to every shape label on val is flagged, label by label
+    root = tmp_path / "s"
+    shutil.copytree(sweep_dir / "runs" / "good", root / "runs" / "yes")
+    pred = pd.read_csv(root / "runs" / "yes" / "predictions.csv", dtype=str, keep_default_na=False)
+    for label in SHAPE:
+        pred[f"p:shape:{label}"] = "0.9"
+    pred.to_csv(root / "runs" / "yes" / "predictions.csv", index=False)
+    flags = report.constant_flags(report.load_run(root / "runs" / "yes"))
+    assert list(flags["label"]) == list(SHAPE) and set(flags["answer"]) == {"yes"}
+    assert report.run_row(report.load_run(root / "runs" / "yes"))["one_answer_labels"] == 3
+    assert report.run_row(good)["one_answer_labels"] == 0
+    boot = report.bootstrap_table(sweep, n_boot=200)
+    text = report.verdict(sweep, boot, n_boot=200)
+    assert text.startswith("Best on the combined test score") and "good" in text and "ahead of weak" in text
+    assert "10 test images" in text and "constant answer" in text
+    assert report.format_p(0.0, 1000) == "< 0.001" and report.format_p(0.0421) == "0.042"

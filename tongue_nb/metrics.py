@@ -227,6 +227,70 @@ def _multiclass_metrics(task: Task, p: np.ndarray, t: np.ndarray, c: np.ndarray,
     }
 
 
+CHANCE_REFERENCES = ("constant answer", "random guess")
+
+
+def chance_references(schema: TaskSchema, targets: Mapping[str, Any]) -> dict[str, dict]:
+    """Scores that need no model, per task and combined, from the labels alone (missing labels left out).
+
+    - ``constant answer``: binary/multilabel say "yes" to every image (F1 = 2p / (1 + p) at prevalence
+      p); multiclass always answers the majority class (macro F1 over the classes in the truth).
+    - ``random guess``: binary/multilabel say "yes" at random with the prevalence (expected F1 = p);
+      multiclass picks a class uniformly (expected per-class F1 = 2 f / (1 + C f), f its frequency).
+
+    A model whose score is not clearly above these has learnt nothing usable, whatever its F1.
+    Returns {reference: {"tasks": {task: primary or None}, "combined_score": float}}.
+    """
+    out: dict[str, dict] = {name: {"tasks": {}} for name in CHANCE_REFERENCES}
+    for task in schema:
+        t = np.asarray(targets[task.name])
+        if task.kind == "multiclass":
+            y = t[t >= 0].astype(np.int64)
+            if not len(y):
+                const = rand = None
+            else:
+                freq = np.bincount(y, minlength=task.n_outputs) / len(y)
+                present = freq > 0
+                top = freq.max()
+                const = float(2 * top / (1 + top) / present.sum())
+                k = task.n_outputs
+                rand = float(np.mean(2 * freq / (1 + k * freq)))
+        else:
+            t = t.reshape(len(t), -1).astype(np.float64)
+            prev = [float(np.nanmean(t[:, j])) for j in range(t.shape[1]) if (~np.isnan(t[:, j])).any()]
+            const = float(np.mean([2 * p / (1 + p) for p in prev])) if prev else None
+            rand = float(np.mean(prev)) if prev else None
+        out["constant answer"]["tasks"][task.name] = const
+        out["random guess"]["tasks"][task.name] = rand
+    for entry in out.values():
+        entry["combined_score"] = combined_score(schema, entry["tasks"])
+    return out
+
+
+def constant_decisions(schema: TaskSchema, probs: Mapping[str, Any],
+                       thresholds: Mapping[str, Sequence[float]] | None = None) -> list[dict]:
+    """Labels whose decision is the same for every image given: a tuned threshold (or an argmax) that
+    answers "yes" (or "no", or one class) to everyone. One dict per such label: task, label, answer."""
+    flags = []
+    for task in schema:
+        p = np.asarray(probs[task.name], dtype=np.float64)
+        if not len(p):
+            continue
+        if task.kind == "multiclass":
+            classes = np.unique(p.argmax(axis=1))
+            if len(classes) == 1:
+                flags.append({"task": task.name, "label": "(argmax)", "answer": task.labels[int(classes[0])]})
+            continue
+        p = p.reshape(len(p), -1)
+        thr = _task_thresholds(task, thresholds)
+        for j, label in enumerate(task.labels):
+            yes = p[:, j] >= thr[j]
+            if yes.all() or not yes.any():
+                flags.append({"task": task.name, "label": label, "answer": "yes" if yes.all() else "no",
+                              "threshold": float(thr[j])})
+    return flags
+
+
 def combined_score(schema: TaskSchema, metrics: Mapping[str, Any]) -> float:
     """Weighted mean of the tasks' primary metrics (schema weights; tasks without a value left out).
 

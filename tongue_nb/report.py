@@ -206,6 +206,7 @@ def run_row(run: RunData) -> dict:
     for t in run.schema:
         row[f"{t.name}_fixed"] = _metric(s.get("final_metrics_fixed"), t.name)
         row[f"{t.name}_thresholded"] = _metric(s.get("final_metrics_thresholded"), t.name)
+    row["one_answer_labels"] = len(constant_flags(run))
     row["best_epoch"] = s.get("best_epoch")
     row["train_time_s"] = _first(s, "train_seconds", "train_time_s", "total_seconds", "train_time")
     row["train_samples_per_s"] = _first(s, "train_samples_per_s", "samples_per_s", "train_samples_per_sec")
@@ -214,11 +215,42 @@ def run_row(run: RunData) -> dict:
     return row
 
 
-def run_table(sweep: SweepData, ensemble_k: int = 0, selection: bool = False) -> pd.DataFrame:
+def constant_flags(run: RunData, split: str = "val") -> pd.DataFrame:
+    """Labels whose tuned threshold (or argmax) gives one answer to every image of the split (default val).
+
+    Such a label's F1 is the constant answer's (see chance_rows), not something the model learnt.
+    """
+    from tongue_nb import metrics
+
+    probs, _, rows = arrays(run, split)
+    if not len(rows):
+        return pd.DataFrame(columns=["task", "label", "answer", "threshold"])
+    flags = metrics.constant_decisions(run.schema, probs, _thresholds(run))
+    return pd.DataFrame(flags, columns=["task", "label", "answer", "threshold"])
+
+
+def chance_rows(run: RunData, split: str = "test") -> list[dict]:
+    """Run-table rows of the scores that need no model (metrics.chance_references) on a run's test labels."""
+    from tongue_nb import metrics
+
+    _, targets, _ = arrays(run, split)
+    rows = []
+    for name, ref in metrics.chance_references(run.schema, targets).items():
+        row = {"run": f"chance: {name}", "backbone": "(no model)", "weights": None,
+               "combined_fixed": ref["combined_score"], "combined_thresholded": ref["combined_score"]}
+        for task, value in ref["tasks"].items():
+            row[f"{task}_fixed"] = row[f"{task}_thresholded"] = value
+        rows.append(row)
+    return rows
+
+
+def run_table(sweep: SweepData, ensemble_k: int = 0, selection: bool = False, chance: bool = False) -> pd.DataFrame:
     """Every run of a sweep (backbone, params, combined scores, each task's metric, cost), best first.
 
     With ensemble_k >= 2 an ensemble row is added; with selection, the per-task selection's row
-    (`per_task_selection`), named as such: it is a combination, never one of the runs.
+    (`per_task_selection`), named as such: it is a combination, never one of the runs; with chance,
+    the two scores that need no model (`chance_rows`). `one_answer_labels` counts a run's labels
+    whose tuned threshold answers the same for every validation image (`constant_flags`).
     """
     rows = [run_row(run) for run in sweep.runs.values()]
     table = pd.DataFrame(rows)
@@ -228,6 +260,8 @@ def run_table(sweep: SweepData, ensemble_k: int = 0, selection: bool = False) ->
     if selection and len(sweep.runs) >= 2:
         sel = per_task_selection(sweep, ensemble_k)
         table = pd.concat([table, pd.DataFrame([sel["row"]])], ignore_index=True)
+    if chance and sweep.runs:
+        table = pd.concat([table, pd.DataFrame(chance_rows(next(iter(sweep.runs.values()))))], ignore_index=True)
     if len(table):
         table = table.sort_values("combined_thresholded", ascending=False, na_position="last").reset_index(drop=True)
     return table
@@ -413,6 +447,35 @@ def bootstrap_table(sweep: SweepData, n_boot: int = 1000, seed: int = 0, view: s
     lo, hi = table["diff_lo"].astype(float), table["diff_hi"].astype(float)
     table["significant"] = (hi < 0) | (lo > 0)
     return table
+
+
+def format_p(p: float | None, n_boot: int = 1000) -> str:
+    """A bootstrap p-value as text: '< 1/n_boot' when no resample crossed zero (never a bare 0.0)."""
+    if p is None or (isinstance(p, float) and math.isnan(p)):
+        return "-"
+    floor = 1.0 / max(1, n_boot)
+    return f"< {floor:g}" if p < floor else f"{p:.3f}"
+
+
+def verdict(sweep: SweepData, boot: pd.DataFrame, n_boot: int = 1000) -> str:
+    """One sentence: the best run on the combined test score, its lead over the next with the paired 95%
+    interval on how many test images, whether that lead is significant, and the constant-answer score."""
+    if boot is None or not len(boot):
+        return "No finished runs: nothing to compare."
+    ranked = boot.sort_values("combined", ascending=False, na_position="last").reset_index(drop=True)
+    best = ranked.iloc[0]
+    const = chance_rows(sweep.runs[best["run"]])[0]["combined_thresholded"]
+    text = (f"Best on the combined test score (macro-F1 per task, thresholds tuned on validation): "
+            f"{best['run']}, {best['combined']:.3f} (95% CI {best['combined_lo']:.3f}-{best['combined_hi']:.3f}) "
+            f"on {int(best['n_test'])} test images")
+    if len(ranked) > 1:
+        nxt = ranked.iloc[1]
+        lead, lo, hi = -nxt["diff"], -nxt["diff_hi"], -nxt["diff_lo"]
+        sig = "significant" if bool(nxt["significant"]) else "not significant"
+        text += (f"; {lead:.3f} ahead of {nxt['run']} (paired 95% CI {lo:.3f} to {hi:.3f}, "
+                 f"p {format_p(nxt['p_value'], n_boot)}: {sig})")
+    text += f". Always giving the constant answer scores {const:.3f}."
+    return text + " Intervals cover the test images of one seed (one split)."
 
 
 # ----------------------------------------------------------------------------------------------
