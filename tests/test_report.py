@@ -286,3 +286,26 @@ def test_chance_rows_flags_and_verdict(sweep_dir, tmp_path):
     assert text.startswith("Best on the combined test score") and "good" in text and "ahead of weak" in text
     assert "10 test images" in text and "constant answer" in text
     assert report.format_p(0.0, 1000) == "< 0.001" and report.format_p(0.0421) == "0.042"
+
+
+def test_index_rows_match_the_final_report_and_say_where_data_came_from(sweep_dir, data_dir, tmp_path):
+    import shutil
+
+    root = tmp_path / "sw"
+    shutil.copytree(sweep_dir, root)
+    (root / "sweep.json").write_text(json.dumps({"data_dir": str(data_dir), "params_file": "params/smoke.yaml",
+                                                 "started": "2026-11-30T10:00:00"}))
+    sweep = report.load_sweep(root)
+    rows = {r["backbone"]: r for r in report.index_rows(sweep, ensemble_k=2, n_boot=200)}
+    table = report.run_table(sweep, 2, selection=True, chance=True)
+    assert set(rows) == set(table["run"])  # one count, one ranking on both pages
+    assert rows["good"]["kind"] == "run" and rows["chance: constant answer"]["kind"] == "reference"
+    assert rows["per-task selection"]["kind"] == "combination" and rows["ensemble(top 2)"]["kind"] == "combination"
+    lo, hi = rows["good"]["ci"]
+    assert 0 <= lo <= hi <= 1  # (the hand-made summaries carry made-up scores, so no comparison here)
+    text = report.sweep_provenance(sweep)
+    assert str(data_dir) in text and "params/smoke.yaml" in text and "2026-11-30" in text
+    path = report.write_index(tmp_path / "rep", list(rows.values()), [], provenance=text)
+    page = path.read_text()
+    assert "per-task selection" in page and "chance: random guess" in page and f"{lo:.3f}-{hi:.3f}" in page
+    assert "params/smoke.yaml" in page

@@ -1,6 +1,7 @@
 """Report helpers for the error-analysis and final-report notebooks: run folders in, tables and figures out."""
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import logging
@@ -818,26 +819,102 @@ def _link(reports_dir: Path, target: str | Path | None, text: str) -> str:
     return f'<span class="muted">{html.escape(text)} (not produced)</span>'
 
 
+def sweep_provenance(sweep: SweepData) -> str:
+    """One line: the dataset (and whether it is the built-in synthetic set), recipe, split sizes, start, commit."""
+    info: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        info = json.loads((sweep.path / "sweep.json").read_text())
+    data = str(info.get("data_dir") or "?")
+    synthetic = Path(data, ".synthetic.json").is_file()
+    parts = [f"Data: {data}" + (" (the built-in synthetic set, not real photos)" if synthetic else "")]
+    parts.append(f"recipe: {info.get('params_file') or '(per-backbone defaults)'}")
+    run = next((r for r in sweep.runs.values() if r.summary.get("counts")), None)
+    if run is not None:
+        c = run.summary["counts"]
+        parts.append(f"split (seed {run.summary.get('seed', '?')}): "
+                     + ", ".join(f"{c[s]['samples']} {s}" for s in ("train", "val", "test") if s in c) + " images")
+    if info.get("started"):
+        parts.append(f"started {info['started']}")
+    commit = _git_commit()
+    if commit:
+        parts.append(f"commit {commit}")
+    return "; ".join(parts) + "."
+
+
+def _git_commit() -> str:
+    """Short commit of the package's checkout ('' when not in git)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def index_rows(sweep: SweepData, ensemble_k: int = 3, n_boot: int = 1000, seed: int = 0) -> list[dict]:
+    """The index page's score rows: runs, the baseline, combinations and chance, with 95% intervals.
+
+    The same table as the final report's (run_table with selection and chance rows; bootstrap_table's
+    intervals with the same resamples), so the two pages count and rank alike.
+    """
+    if not sweep.runs:
+        return []
+    many = len(sweep.runs) >= 2
+    table = run_table(sweep, ensemble_k if many else 0, selection=many, chance=True)
+    boot = bootstrap_table(sweep, n_boot=n_boot, seed=seed).set_index("run")
+    rows = []
+    for rec in table.to_dict("records"):
+        name = str(rec["run"])
+        kind = ("reference" if name.startswith("chance:") else "combination" if name not in sweep.runs
+                else "baseline" if "baseline" in name else "run")
+        row = {"backbone": name, "kind": kind, "weights": rec.get("weights") if kind in ("run", "baseline") else None,
+               "combined_thresholded": rec.get("combined_thresholded")}
+        if name in boot.index:
+            row["ci"] = (boot.loc[name, "combined_lo"], boot.loc[name, "combined_hi"])
+        rows.append(row)
+    return rows
+
+
 def write_index(reports_dir: str | Path, runs: Sequence[dict], failures: Sequence[dict], comparison: str | Path | None = None,
-                data_review: str | Path | None = None, title: str = "tongue_nb sweep", extra: Sequence[tuple[str, str | Path]] = ()) -> Path:
-    """Write reports/index.html: links to the comparison, run and error-analysis reports, and the failed runs."""
+                data_review: str | Path | None = None, title: str = "tongue_nb sweep", extra: Sequence[tuple[str, str | Path]] = (),
+                provenance: str = "") -> Path:
+    """Write reports/index.html: links to the reports, every score row (runs, baseline, combinations, chance), failures.
+
+    runs: dicts with backbone, combined_thresholded, and optionally kind (run/baseline/combination/
+    reference), weights, ci (low, high), report and error_analysis paths.
+    """
     reports_dir = Path(reports_dir)
     reports_dir.mkdir(parents=True, exist_ok=True)
     data_review = data_review or reports_dir / "01_data_review.html"
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
-             "<h2>Reports</h2><ul>",
-             f"<li>{_link(reports_dir, comparison, 'Final report: comparison of every run')}</li>",
-             f"<li>{_link(reports_dir, data_review, 'Data review')}</li>"]
+             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    if provenance:
+        parts.append(f"<p>{html.escape(provenance)}</p>")
+    parts += ["<h2>Reports</h2><ul>",
+              f"<li>{_link(reports_dir, comparison, 'Final report: comparison of every run')}</li>",
+              f"<li>{_link(reports_dir, data_review, 'Data review')}</li>"]
     parts += [f"<li>{_link(reports_dir, path, text)}</li>" for text, path in extra]
-    parts.append("</ul><h2>Runs</h2><table><tr><th>run</th><th>status</th><th>combined (thresholded)</th>"
-                 "<th>training report</th><th>error analysis</th></tr>")
+    parts.append("</ul><h2>Scores</h2><p>Combined macro-F1 on the test split, thresholds tuned on validation, best "
+                 "first; 95% bootstrap intervals over the test images of one seed. <em>reference</em> rows need no "
+                 "model; <em>combination</em> rows combine runs and are never one of them.</p>"
+                 "<table><tr><th>run</th><th>kind</th><th>initial weights</th><th>combined (thresholded)</th>"
+                 "<th>95% interval</th><th>training report</th><th>error analysis</th></tr>")
     for run in runs:
         score = run.get("combined_thresholded")
         score_text = f"{score:.3f}" if isinstance(score, (int, float)) and math.isfinite(score) else "-"
-        parts.append(f"<tr><td>{html.escape(str(run['backbone']))}</td><td class='ok'>completed</td><td>{score_text}</td>"
-                     f"<td>{_link(reports_dir, run.get('report'), 'training')}</td>"
-                     f"<td>{_link(reports_dir, run.get('error_analysis'), 'errors')}</td></tr>")
+        ci = run.get("ci")
+        ci_text = f"{ci[0]:.3f}-{ci[1]:.3f}" if ci and all(isinstance(v, (int, float)) and math.isfinite(v)
+                                                          for v in ci) else ""
+        weights = run.get("weights")
+        weights_text = "" if weights is None or (isinstance(weights, float) and math.isnan(weights)) else str(weights)
+        parts.append(f"<tr><td>{html.escape(str(run['backbone']))}</td><td>{html.escape(str(run.get('kind', 'run')))}"
+                     f"</td><td>{html.escape(weights_text)}</td><td>{score_text}</td><td>{ci_text}</td>"
+                     f"<td>{_link(reports_dir, run.get('report'), 'training') if run.get('report') else ''}</td>"
+                     f"<td>{_link(reports_dir, run.get('error_analysis'), 'errors') if run.get('error_analysis') else ''}"
+                     "</td></tr>")
     parts.append("</table>")
     parts.append(f"<h2>Failed runs ({len(failures)})</h2>")
     if failures:

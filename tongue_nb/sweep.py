@@ -478,7 +478,7 @@ def _sweep(data: Path, backbones: list[str], params_file: str | Path | None, ext
     out_nb = sweep_dir / "notebooks" / "05_report.ipynb"
     if _run_stage("report", None, "05_report", out_nb, {"sweep_dir": str(sweep_dir), "ensemble_k": ensemble_k}, kernel, result):
         result.report = _render(out_nb, reports / "05_report.html", None, result)
-    result.index = _index(result, reports)
+    result.index = _index(result, reports, ensemble_k)
     _write_json(sweep_dir / "sweep_result.json", {"ok": result.ok, "runs": [asdict(r) for r in result.runs],
                                                   "errors": result.errors, "index": str(result.index)})
     log.info("%s", result.describe())
@@ -547,25 +547,28 @@ def _render(notebook: Path, html_path: Path, backbone: str | None, result: Sweep
         return None
 
 
-def _index(result: SweepResult, reports: Path) -> Path:
-    """reports/index.html from the sweep's outcomes."""
-    from tongue_nb.report import write_index
+def _index(result: SweepResult, reports: Path, ensemble_k: int = 3) -> Path:
+    """reports/index.html from the sweep's outcomes: the final report's score rows, with links to each run's pages."""
+    from tongue_nb.report import index_rows, load_sweep, sweep_provenance, write_index
 
-    runs = []
-    for run in result.runs:
-        if not run.ok:
-            continue
-        score = None
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            summary = json.loads((Path(run.run_dir) / "summary.json").read_text())
-            score = float(summary["final_metrics_thresholded"]["combined_score"])
-        runs.append({"backbone": run.backbone, "combined_thresholded": score, "report": run.report,
-                     "error_analysis": run.error_analysis})
+    links = {_safe_name(run.backbone): run for run in result.runs if run.ok}
+    rows, provenance = [], ""
+    try:
+        sweep = load_sweep(result.sweep_dir)
+        provenance = sweep_provenance(sweep)
+        rows = index_rows(sweep, ensemble_k)
+    except Exception as exc:  # noqa: BLE001 - the index must still link what exists
+        result.errors.append(failure_record("", exc, None, stage="index"))
+        log.error("index scores failed: %s", exc)
+    for row in rows:
+        run = links.get(row["backbone"])
+        if run is not None:
+            row.update(report=run.report, error_analysis=run.error_analysis)
     failures = [dict(f) for f in result.failures]
     failures += [dict(e, backbone=f"{e['backbone'] or 'sweep'} ({e['stage']})") for e in result.errors]
     extra = [("Model comparison (same short training budget)", result.comparison_report)] if result.comparison_report else []
-    return write_index(reports, runs, failures, comparison=result.report, extra=extra,
-                       title=f"tongue_nb sweep {result.sweep_dir.name}")
+    return write_index(reports, rows, failures, comparison=result.report, extra=extra,
+                       title=f"tongue_nb sweep {result.sweep_dir.name}", provenance=provenance)
 
 
 def _worker_main(argv: Sequence[str]) -> int:
