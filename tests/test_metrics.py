@@ -254,3 +254,26 @@ def test_constant_decisions_flags_one_answer_for_everyone():
     flags = metrics.constant_decisions(schema, probs, {"m": [0.1, 0.5]})
     assert {(f["task"], f["label"], f["answer"]) for f in flags} == {("c", "(argmax)", "a"), ("m", "x", "yes")}
     assert metrics.constant_decisions(schema, probs, {"m": [0.25, 0.5]}) == [flags[0]]
+
+
+def test_multiclass_classification_report_matches_scikit_learn():
+    from sklearn.metrics import average_precision_score, precision_recall_fscore_support, roc_auc_score
+
+    rng = np.random.default_rng(4)
+    schema = TaskSchema([Task("c", "multiclass", ("a", "b", "c")), Task("m", "multilabel", ("x", "y"))])
+    n = 300
+    y = rng.integers(0, 3, n)
+    p = rng.dirichlet(np.ones(3), n) + np.eye(3)[y] * 0.5
+    p /= p.sum(1, keepdims=True)
+    ym = (rng.random((n, 2)) < 0.4).astype(np.float32)
+    pm = np.clip(ym * 0.3 + rng.random((n, 2)) * 0.7, 0, 1)
+    m = compute_metrics(schema, {"c": p, "m": pm}, {"c": y, "m": ym})
+    c = m["tasks"]["c"]
+    prec, rec, _, sup = precision_recall_fscore_support(y, p.argmax(1), labels=[0, 1, 2], zero_division=0)
+    for i, name in enumerate(("a", "b", "c")):
+        assert c["per_class_precision"][name] == pytest.approx(prec[i])
+        assert c["per_class_recall"][name] == pytest.approx(rec[i])
+        assert c["per_class_support"][name] == sup[i]
+        assert c["per_class_auroc"][name] == pytest.approx(roc_auc_score(y == i, p[:, i]))
+        assert c["per_class_ap"][name] == pytest.approx(average_precision_score(y == i, p[:, i]))
+    assert m["tasks"]["m"]["per_label"]["y"]["ap"] == pytest.approx(average_precision_score(ym[:, 1], pm[:, 1]))

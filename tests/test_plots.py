@@ -46,3 +46,20 @@ def test_history_figure_has_four_panels():
                          "best": [1, 1, 0]})
     fig = plot_history(hist, default_schema())
     assert len(fig.axes) == 4 and len(fig.axes[2].lines) >= 3
+
+
+def test_details_table_is_a_classification_report_with_integer_support():
+    from tongue_nb import metrics
+    from tongue_nb.plots import details_table
+
+    rng = np.random.default_rng(1)
+    schema = default_schema()
+    n = 60
+    y = rng.integers(0, 3, n)
+    ys = rng.integers(0, 2, (n, 3)).astype(np.float32)
+    probs = {"coat": rng.dirichlet(np.ones(3), n), "shape": rng.random((n, 3))}
+    m = metrics.compute_metrics(schema, probs, {"coat": y, "shape": ys})
+    table = details_table({"final_metrics_thresholded": m})
+    coat = table[table["task"] == "coat"]
+    assert len(coat) == 3 and coat[["precision", "recall", "f1", "auroc", "ap"]].notna().all().all()
+    assert str(table["support"].dtype) == "Int64" and int(coat["support"].sum()) == n

@@ -159,6 +159,15 @@ def _auroc(p: np.ndarray, y: np.ndarray) -> float | None:
     return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
+def _average_precision(p: np.ndarray, y: np.ndarray) -> float | None:
+    """Average precision (area under the precision-recall curve, scikit-learn's step definition); None without positives."""
+    if not (np.asarray(y) == 1).any() or len(y) == 0:
+        return None
+    from sklearn.metrics import average_precision_score
+
+    return float(average_precision_score(y, p))
+
+
 def _num(x: float) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
@@ -192,6 +201,7 @@ def compute_metrics(schema: TaskSchema, probs: Mapping[str, Any], targets: Mappi
                 "precision": _div(tp, tp + fp) if lab > 0 else None,
                 "recall": _div(tp, tp + fn) if lab > 0 else None,
                 "auroc": _auroc(p[m, j], t[m, j]),
+                "ap": _average_precision(p[m, j], t[m, j]),
                 "support": int(tp + fn),
                 "n": int(lab),
                 "threshold": float(thr[j]),
@@ -217,12 +227,23 @@ def _multiclass_metrics(task: Task, p: np.ndarray, t: np.ndarray, c: np.ndarray,
     per_class_f1 = {name: (_div(2 * tp[i], 2 * tp[i] + fp[i] + fn[i]) if tp[i] + fp[i] + fn[i] > 0 else None)
                     for i, name in enumerate(task.labels)}
     recalls = [cm[i, i] / support[i] for i in range(k) if support[i] > 0]
+    predicted = cm.sum(axis=0)
+    onehot = (y[:, None] == np.arange(k)[None, :]).astype(np.float64)
+    aurocs = {name: _auroc(p[m][:, i], onehot[:, i]) for i, name in enumerate(task.labels)}  # one class vs the rest
+    known = [v for v in aurocs.values() if v is not None]
     return {
         "kind": "multiclass", "primary": primary, "n": n, "macro_f1": primary,
         "accuracy": float(np.trace(cm) / n) if n else None,
         "balanced_accuracy": float(np.mean(recalls)) if recalls else None,
         "per_class_f1": per_class_f1,
         "per_class_support": {name: int(support[i]) for i, name in enumerate(task.labels)},
+        "per_class_precision": {name: (_div(cm[i, i], predicted[i]) if support[i] or predicted[i] else None)
+                                for i, name in enumerate(task.labels)},
+        "per_class_recall": {name: (_div(cm[i, i], support[i]) if support[i] else None)
+                             for i, name in enumerate(task.labels)},
+        "per_class_auroc": aurocs,
+        "per_class_ap": {name: _average_precision(p[m][:, i], onehot[:, i]) for i, name in enumerate(task.labels)},
+        "macro_auroc": float(np.mean(known)) if known else None,
         "confusion_matrix": cm.astype(int).tolist(),
     }
 

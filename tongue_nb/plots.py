@@ -96,21 +96,29 @@ def metrics_table(summary: Mapping[str, Any], split: str = "test") -> pd.DataFra
 
 
 def details_table(summary: Mapping[str, Any], view: str = "thresholded") -> pd.DataFrame:
-    """Per label / per class test metrics: F1, precision, recall, AUROC (binary, multilabel), F1 (multiclass)."""
+    """Per-class / per-label classification report on test: precision, recall, F1, support, AUROC, AP.
+
+    Multiclass rows are one class against the rest (argmax decisions); binary and multilabel rows use
+    the view's thresholds. Support is the count of test images with that label (an integer).
+    """
     metrics = summary[f"final_metrics_{view}"]["tasks"]
     rows = []
     for name, m in metrics.items():
         if m["kind"] == "multiclass":
             for cls, f1 in m["per_class_f1"].items():
-                rows.append({"task": name, "label": cls, "f1": f1})
-        elif m["kind"] == "binary":
-            rows.append({"task": name, "label": "(positive)",
-                         **{k: m.get(k) for k in ("f1", "precision", "recall", "auroc")}})
+                rows.append({"task": name, "label": cls, "precision": (m.get("per_class_precision") or {}).get(cls),
+                             "recall": (m.get("per_class_recall") or {}).get(cls), "f1": f1,
+                             "support": (m.get("per_class_support") or {}).get(cls),
+                             "auroc": (m.get("per_class_auroc") or {}).get(cls),
+                             "ap": (m.get("per_class_ap") or {}).get(cls)})
         else:
-            for lab, lm in m["per_label"].items():
+            labels = {"(positive)": m} if m["kind"] == "binary" else m["per_label"]
+            for lab, lm in labels.items():
                 rows.append({"task": name, "label": lab,
-                             **{k: lm.get(k) for k in ("f1", "precision", "recall", "auroc", "support")}})
-    return pd.DataFrame(rows)
+                             **{k: lm.get(k) for k in ("precision", "recall", "f1", "support", "auroc", "ap")}})
+    table = pd.DataFrame(rows, columns=["task", "label", "precision", "recall", "f1", "support", "auroc", "ap"])
+    table["support"] = table["support"].astype("Int64")  # counts stay integers even with a missing one
+    return table
 
 
 def thresholds_table(summary: Mapping[str, Any], schema: TaskSchema) -> pd.DataFrame:
