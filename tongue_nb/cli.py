@@ -84,6 +84,24 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from tongue_nb.predict import Predictor, list_photos, predict_table
+    from tongue_nb.runio import atomic_write_text
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    photos = list_photos(args.images)  # checked before the models load: a bad list costs nothing
+    predictor = Predictor.from_runs(args.run, device=args.device)
+    table = predict_table(predictor, photos, batch_size=args.batch_size, workers=args.workers, device=args.device)
+    atomic_write_text(args.out, table.to_csv(index=False, float_format="%.6g"))
+    failed = int((table["error"] != "").sum())
+    print(f"{args.out}: {len(table) - failed} of {len(table)} photos scored"
+          + (f"; {failed} could not be used (see the error column)" if failed else ""))
+    return 1 if failed else 0
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from tongue_nb.sweep import default_backbones, run_sweep
 
@@ -159,6 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", action="store_true", help="start from pretrained weights")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("predict", help="apply trained runs to new photos: probabilities and decisions per task")
+    p.add_argument("--run", action="append", required=True, metavar="RUN_DIR",
+                   help="trained run folder (repeat for the ensemble of several runs)")
+    p.add_argument("--images", required=True, help="folder of photos, or a CSV with image (and optional mask, id)")
+    p.add_argument("--out", required=True, help="output CSV (one row per photo)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2, help="photo-decoding threads (default 2)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("baseline", help="fit the classical colour/texture baseline and write its run folder")
     p.add_argument("--data", help="dataset folder (default: the built-in synthetic set)")

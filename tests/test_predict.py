@@ -1,0 +1,122 @@
+"""Applying trained runs to photos: the run's own preprocessing reproduces its predictions; bad input is named."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tongue_nb import predict, report
+from tongue_nb.cli import main as cli_main
+from tongue_nb.params import load_params
+from tongue_nb.synth import make_synthetic
+from tongue_nb.trainer import train
+
+
+def _train(data: Path, out: Path, backbone: str = "test_convnext", seed: int = 0, **extra) -> Path:
+    train(load_params(backbone=backbone, data_dir=str(data), out_dir=str(out), image_size=32, pretrained=False,
+                      batch_size=8, stage1_epochs=0, stage2_epochs=1, max_steps_per_epoch=2, warmup_epochs=0.0,
+                      progress=False, num_threads=1, device="cpu", seed=seed, crop="crop_blank", **extra))
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("predict")
+    data = make_synthetic(root / "data", n=40, size=48, seed=2)
+    return {"data": data, "a": _train(data, root / "a"), "b": _train(data, root / "b", "test_vit", seed=0)}
+
+
+def _test_rows_csv(data: Path, run: Path) -> Path:
+    """A photo list of the run's test images (with their masks), paths relative to the dataset folder."""
+    pred = pd.read_csv(run / "predictions.csv", dtype=str, keep_default_na=False)
+    labels = pd.read_csv(data / "labels.csv", dtype=str, keep_default_na=False).set_index("image")
+    test = pred[pred["split"] == "test"]
+    csv = data / "photos.csv"
+    pd.DataFrame({"id": test["id"], "image": test["image"],
+                  "mask": [labels.loc[i, "mask"] for i in test["image"]]}).to_csv(csv, index=False)
+    return csv
+
+
+def test_predicting_a_runs_test_images_reproduces_its_predictions(runs):
+    run = runs["a"]
+    photos = predict.list_photos(_test_rows_csv(runs["data"], run))
+    pred = predict.Predictor.from_runs([run])
+    assert (pred.crop, pred.image_size) == ("crop_blank", 32)
+    out = predict.predict_table(pred, photos, batch_size=3, workers=2)  # several chunks and batches
+    assert (out["error"] == "").all() and set(out["mask_source"]) == {"given"}
+    saved = pd.read_csv(run / "predictions.csv", dtype=str, keep_default_na=False)
+    saved = saved[saved["split"] == "test"].set_index("id")
+    p_cols = [c for c in out.columns if c.startswith("p:")]
+    assert p_cols
+    got = out.set_index("id").loc[saved.index, p_cols].to_numpy(float)
+    assert np.allclose(got, saved[p_cols].to_numpy(float), atol=2e-5)
+    # decisions use the run's tuned thresholds, like predictions.csv's pred_t columns
+    for col in [c for c in saved.columns if c.startswith("pred_t:")]:
+        assert (out.set_index("id").loc[saved.index, "pred:" + col[len("pred_t:"):]].astype(int)
+                == saved[col].astype(int)).all(), col
+    assert (out.set_index("id").loc[saved.index, "pred:coat"] == saved["pred:coat"]).all()
+
+
+def test_bad_photos_get_an_error_and_the_batch_goes_on(runs, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("a.jpg", "b.png"):
+        shutil.copy(runs["data"] / "images" / sorted((runs["data"] / "images").iterdir())[0].name, folder / name)
+    (folder / "not_an_image.jpg").write_text("hello")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "tiny.png")
+    (folder / "notes.txt").write_text("not listed: not an image suffix")
+    out = tmp_path / "pred.csv"
+    code = cli_main(["predict", "--run", str(runs["a"]), "--images", str(folder), "--out", str(out)])
+    assert code == 1 and "2 of 4 photos scored" in capsys.readouterr().out
+    table = pd.read_csv(out, dtype=str, keep_default_na=False).set_index("id")
+    assert list(table.index) == ["a.jpg", "b.png", "not_an_image.jpg", "tiny.png"]
+    assert table.loc["a.jpg", "error"] == "" and table.loc["a.jpg", "mask_source"] == "none"
+    assert table.loc["a.jpg", "pred:coat"] != "" and table.loc["not_an_image.jpg", "pred:coat"] == ""
+    assert "not_an_image.jpg" in table.loc["not_an_image.jpg", "error"]
+    assert "too small" in table.loc["tiny.png", "error"]
+
+
+def test_ensemble_of_runs_averages_and_tunes_its_thresholds(runs):
+    photos = predict.list_photos(_test_rows_csv(runs["data"], runs["a"]))
+    ens = predict.Predictor.from_runs([runs["a"], runs["b"]])
+    out = predict.predict_table(ens, photos).set_index("id")
+    single = [predict.predict_table(predict.Predictor.from_runs([runs[k]]), photos).set_index("id") for k in ("a", "b")]
+    col = [c for c in out.columns if c.startswith("p:coat:")]
+    mean = (single[0][col].to_numpy(float) + single[1][col].to_numpy(float)) / 2
+    assert np.allclose(out[col].to_numpy(float), mean, atol=1e-5)
+    probs, targets, _ = report._mean_probs([report.load_run(runs["a"]), report.load_run(runs["b"])], "val")
+    from tongue_nb import metrics
+
+    assert ens.thresholds == metrics.tune_thresholds(ens.schema, probs, targets)
+
+
+def test_bad_input_is_one_clear_error(runs, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli_main(["predict", "--run", str(runs["a"]), "--images", str(empty), "--out", str(tmp_path / "o.csv")]) == 2
+    assert "no photos in this folder" in capsys.readouterr().err
+    csv = tmp_path / "list.csv"
+    csv.write_text("image,label\nx.jpg,1\n")
+    assert cli_main(["predict", "--run", str(runs["a"]), "--images", str(csv), "--out", str(tmp_path / "o.csv")]) == 2
+    assert "unknown: label" in capsys.readouterr().err
+    assert cli_main(["predict", "--run", str(tmp_path / "nope"), "--images", str(runs["data"] / "images"),
+                     "--out", str(tmp_path / "o.csv")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert cli_main(["predict", "--run", str(runs["data"]), "--images", str(runs["data"] / "images"),
+                     "--out", str(tmp_path / "o.csv")]) == 2
+    assert "finished training run" in capsys.readouterr().err
+    assert not (tmp_path / "o.csv").exists()  # a refused command writes nothing
+    # a run on another task schema cannot join an ensemble
+    other = make_synthetic(tmp_path / "other", n=30, size=48, seed=1)
+    tasks = (other / "tasks.yaml").read_text().replace("rotten", "putrid")
+    (other / "tasks.yaml").write_text(tasks)
+    lab = pd.read_csv(other / "labels.csv", dtype=str, keep_default_na=False)
+    lab["coat"] = lab["coat"].replace("rotten", "putrid")
+    lab.to_csv(other / "labels.csv", index=False)
+    run_c = _train(other, tmp_path / "c")
+    with pytest.raises(ValueError, match="one task schema"):
+        predict.Predictor.from_runs([runs["a"], run_c])

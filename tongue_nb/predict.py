@@ -1,0 +1,229 @@
+"""Apply trained runs to new tongue photos: each run's own preprocessing and tuned thresholds, one row per photo.
+
+`Predictor.from_runs([run])` rebuilds a trained run (several runs: the ensemble of their averaged
+probabilities, with thresholds tuned on the validation images they share), reads the preprocessing
+it was trained with from its params.yaml (image size, crop mode, margin; normalisation from the
+model), and `predict_table` scores a table of photos (`list_photos`: a folder or a CSV with an
+`image` and optional `mask` column). Photos are decoded in worker threads while the model works on
+the previous chunk. A photo that cannot be used gets an `error` and no scores; the batch goes on.
+"""
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+from .images import ImageError, prepare_image, read_image, read_mask
+from .tasks import TaskSchema
+
+__all__ = ["Predictor", "list_photos", "predict_table", "IMAGE_SUFFIXES", "MIN_SIDE"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+CSV_COLUMNS = ("image", "mask", "id")
+MIN_SIDE = 32  # a photo smaller than this on either side holds too little tongue to judge
+
+
+@dataclass
+class Predictor:
+    """A trained run (or an ensemble of runs) ready to score photos."""
+
+    model: torch.nn.Module
+    schema: TaskSchema
+    runs: list[str]
+    image_size: int
+    crop: str
+    margin: float
+    thresholds: dict[str, list[float]]
+
+    @classmethod
+    def from_runs(cls, run_dirs: Sequence[str | Path], device: str = "cpu") -> "Predictor":
+        """Load one run, or several as their ensemble; errors name the run and what it lacks."""
+        from .models import EnsembleMultiTaskModel, load_run_model
+
+        if not run_dirs:
+            raise ValueError("predict: give at least one trained run folder (--run)")
+        settings = []
+        for d in run_dirs:
+            run = Path(d)
+            if not run.is_dir():
+                raise FileNotFoundError(f"--run {run}: no such folder")
+            if not (run / "summary.json").is_file():
+                raise FileNotFoundError(f"--run {run}: no summary.json; expected a finished training run folder")
+            params = yaml.safe_load((run / "params.yaml").read_text()) if (run / "params.yaml").is_file() else None
+            if not isinstance(params, dict):
+                raise ValueError(f"--run {run}: params.yaml missing or not a mapping; expected a training run folder")
+            settings.append((str(params.get("crop", "crop")), float(params.get("crop_margin", 0.1))))
+        if len(set(settings)) > 1:
+            raise ValueError(f"predict: the runs were trained with different crop settings {settings}; an ensemble "
+                             "needs one preprocessing (train them with the same crop and crop_margin)")
+        models = [load_run_model(d, device) for d in run_dirs]
+        for d, m in zip(run_dirs, models):
+            if m.schema != models[0].schema:
+                raise ValueError(f"--run {d}: trained on tasks {m.schema.names} with other labels than "
+                                 f"{run_dirs[0]} ({models[0].schema.names}); an ensemble needs one task schema")
+        schema = models[0].schema
+        if len(models) == 1:
+            model: torch.nn.Module = models[0]
+            thresholds = _saved_thresholds(Path(run_dirs[0]), schema)
+        else:
+            model = EnsembleMultiTaskModel(models).to(device).eval()
+            thresholds = _ensemble_thresholds(run_dirs)
+        return cls(model=model.eval(), schema=schema, runs=[str(d) for d in run_dirs],
+                   image_size=int(model.input_size), crop=settings[0][0], margin=settings[0][1],
+                   thresholds=thresholds)
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return tuple(self.model.mean)
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple(self.model.std)
+
+
+def _saved_thresholds(run: Path, schema: TaskSchema) -> dict[str, list[float]]:
+    summary = json.loads((run / "summary.json").read_text())
+    saved = (summary.get("final_metrics_thresholded") or {}).get("thresholds") or {}
+    return {t.name: [float(v) for v in saved.get(t.name, [0.5] * t.n_outputs)] for t in schema if t.kind != "multiclass"}
+
+
+def _ensemble_thresholds(run_dirs: Sequence[str | Path]) -> dict[str, list[float]]:
+    """Thresholds for the ensemble, tuned on the validation images its members share (as in the reports)."""
+    from . import metrics
+    from .report import _mean_probs, load_run
+
+    runs = [load_run(d) for d in run_dirs]
+    probs, targets, ids = _mean_probs(runs, "val")
+    if not ids:
+        raise ValueError(f"predict: the runs {list(map(str, run_dirs))} share no validation images, so the "
+                         "ensemble's thresholds cannot be tuned; ensemble runs trained on the same data")
+    return metrics.tune_thresholds(runs[0].schema, probs, targets)
+
+
+def list_photos(images: str | Path) -> pd.DataFrame:
+    """Photos to score: every image file of a folder (sorted), or the rows of a CSV (image, optional mask, id).
+
+    CSV paths are relative to the CSV's folder. Returns columns id, image, mask (absolute paths; '' = no mask).
+    """
+    src = Path(images)
+    if src.is_dir():
+        files = sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"--images {src}: no photos in this folder (looked for {', '.join(IMAGE_SUFFIXES)})")
+        return pd.DataFrame({"id": [p.name for p in files], "image": [str(p) for p in files], "mask": ""})
+    if not src.is_file():
+        raise FileNotFoundError(f"--images {src}: no such folder or CSV file")
+    if src.suffix.lower() != ".csv":
+        raise ValueError(f"--images {src}: expected a folder of photos or a .csv list, got a {src.suffix or 'plain'} file")
+    try:
+        table = pd.read_csv(src, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        raise ValueError(f"--images {src}: not a readable CSV ({exc})") from None
+    unknown = [c for c in table.columns if c not in CSV_COLUMNS]
+    if unknown or "image" not in table.columns:
+        raise ValueError(f"--images {src}: columns {list(table.columns)}; expected image, and optionally mask and id"
+                         + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+    if table.empty:
+        raise ValueError(f"--images {src}: the CSV lists no photos")
+    root = src.parent
+    out = pd.DataFrame({"id": table["id"] if "id" in table.columns else table["image"],
+                        "image": [str(root / p) if p else "" for p in table["image"]],
+                        "mask": [str(root / p) if p else "" for p in table.get("mask", pd.Series([""] * len(table)))]})
+    return out
+
+
+def _load_one(row: Any, size: int, crop: str, margin: float) -> tuple[np.ndarray | None, str, str]:
+    """(pixels or None, mask source given/none, error) for one photo."""
+    mask_source = "given" if row.mask else "none"
+    try:
+        if not row.image:
+            raise ImageError("no image path")
+        img = read_image(row.image)
+        if min(img.shape[:2]) < MIN_SIDE:
+            raise ImageError(f"{row.image}: {img.shape[1]}x{img.shape[0]} px is too small (at least {MIN_SIDE} px a side)")
+        mask = None
+        if row.mask and crop != "none":
+            mask = read_mask(row.mask, img.shape[:2])
+            if not mask.any():
+                raise ImageError(f"{row.mask}: the mask is empty (no tongue marked)")
+        return prepare_image(img, mask, size, crop, margin), mask_source, ""
+    except (ImageError, OSError, ValueError) as exc:
+        return None, mask_source, str(exc).splitlines()[0]
+
+
+def _chunks(photos: pd.DataFrame, pred: Predictor, chunk: int, workers: int
+            ) -> Iterator[tuple[pd.DataFrame, list[tuple[np.ndarray | None, str, str]]]]:
+    """Decoded chunks of photos; the next chunk decodes in the thread pool while the caller runs the model."""
+    rows = list(photos.itertuples(index=False))
+    parts = [rows[i:i + chunk] for i in range(0, len(rows), chunk)]
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        def submit(part: list) -> list:
+            return [pool.submit(_load_one, r, pred.image_size, pred.crop, pred.margin) for r in part]
+
+        pending = submit(parts[0]) if parts else []
+        for k, part in enumerate(parts):
+            nxt = submit(parts[k + 1]) if k + 1 < len(parts) else []
+            yield pd.DataFrame(part, columns=photos.columns), [f.result() for f in pending]
+            pending = nxt
+
+
+@torch.no_grad()
+def predict_table(pred: Predictor, photos: pd.DataFrame, batch_size: int = 32, workers: int = 2,
+                  device: str = "cpu") -> pd.DataFrame:
+    """One row per photo: id, image, mask_source, error, then p:<task>:<label> and the decisions.
+
+    Decisions: pred:<task> (argmax class) for multiclass; pred:<task>:<label> (0/1 at the run's tuned
+    threshold) for binary and multilabel. Rows whose photo could not be used keep their error and
+    empty scores.
+    """
+    from .loader import BatchLoader
+    from .trainer import evaluate
+
+    out_rows: list[dict[str, Any]] = []
+    empty = {t.name: np.full(1, -1, dtype=np.int64) if t.kind == "multiclass" else np.full((1, t.n_outputs), np.nan)
+             for t in pred.schema}
+    for part, loaded in _chunks(photos, pred, chunk=4 * batch_size, workers=workers):
+        ok = [i for i, (pix, _, err) in enumerate(loaded) if pix is not None]
+        probs: dict[str, np.ndarray] = {}
+        if ok:
+            images = np.stack([loaded[i][0] for i in ok])
+            targets = {k: np.repeat(v, len(ok), axis=0) for k, v in empty.items()}  # no labels: scores only
+            loader = BatchLoader(images, targets, None, np.arange(len(ok)), batch_size, pred.mean, pred.std)
+            probs, _, _ = evaluate(pred.model, loader, pred.schema, device=torch.device(device))
+        where = {i: k for k, i in enumerate(ok)}
+        for i, row in enumerate(part.itertuples(index=False)):
+            rec: dict[str, Any] = {"id": row.id, "image": row.image, "mask_source": loaded[i][1], "error": loaded[i][2]}
+            if i in where:
+                rec.update(_decisions(pred, {k: v[where[i]] for k, v in probs.items()}))
+            out_rows.append(rec)
+    return pd.DataFrame(out_rows, columns=["id", "image", "mask_source", "error"] + _score_columns(pred.schema))
+
+
+def _score_columns(schema: TaskSchema) -> list[str]:
+    cols = []
+    for t in schema:
+        cols += [f"p:{t.name}:{label}" for label in t.labels]
+        cols += [f"pred:{t.name}"] if t.kind == "multiclass" else [f"pred:{t.name}:{label}" for label in t.labels]
+    return cols
+
+
+def _decisions(pred: Predictor, probs: dict[str, np.ndarray]) -> dict[str, Any]:
+    rec: dict[str, Any] = {}
+    for t in pred.schema:
+        p = np.asarray(probs[t.name], dtype=np.float64).reshape(-1)
+        for label, v in zip(t.labels, p):
+            rec[f"p:{t.name}:{label}"] = float(v)
+        if t.kind == "multiclass":
+            rec[f"pred:{t.name}"] = t.labels[int(p.argmax())]
+        else:
+            thr = pred.thresholds.get(t.name, [0.5] * t.n_outputs)
+            for label, v, th in zip(t.labels, p, thr):
+                rec[f"pred:{t.name}:{label}"] = int(v >= th)
+    return rec
