@@ -96,3 +96,44 @@ def test_lock_refuses_second_holder_and_takes_over_stale(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+def _race_child(folder: str, start, done, results) -> None:
+    """One contender: all start together, report whether it got the lock, hold it until everyone has tried."""
+    lock = RunLock(folder)
+    start.wait()
+    try:
+        lock.acquire()
+        won = True
+    except RunLockedError:
+        won = False
+    results.put(won)
+    done.wait()
+    lock.release()
+
+
+@pytest.mark.parametrize("before", ["fresh", "stale", "empty"])
+def test_lock_race_has_exactly_one_winner(tmp_path, before):
+    # Issue 14: two processes taking a stale lock (or a fresh folder) at the same moment both got it.
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    n, trials = 16, 10
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for trial in range(trials):
+        folder = tmp_path / f"{before}{trial}"
+        folder.mkdir()
+        if before == "stale":
+            (folder / ".lock").write_text(json.dumps({"pid": dead.pid, "host": os.uname().nodename}))
+        elif before == "empty":
+            (folder / ".lock").write_text("")  # cut short by a kill between create and write
+        start, done, results = ctx.Barrier(n), ctx.Barrier(n), ctx.Queue()
+        procs = [ctx.Process(target=_race_child, args=(str(folder), start, done, results)) for _ in range(n)]
+        for p in procs:
+            p.start()
+        wins = [results.get(timeout=60) for _ in range(n)]
+        for p in procs:
+            p.join(timeout=60)
+        assert sum(wins) == 1, f"trial {trial}: {sum(wins)} of {n} processes got the lock"
+        assert not (folder / ".lock").exists()  # the winner released it

@@ -9,6 +9,7 @@ or safetensors, so a checkpoint file can never run code.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import logging
@@ -208,10 +209,12 @@ def _pid_alive(pid: int) -> bool:
 
 
 class RunLock:
-    """Exclusive lock on a run or sweep folder: a `.lock` file holding the owner's pid and host.
+    """Exclusive lock on a run or sweep folder: a `.lock` file, flock'ed while held, holding the owner's pid and host.
 
-    A second holder is refused with RunLockedError; a lock left by a dead process on this host is
-    taken over (a SIGKILLed run must not block its own --resume).
+    Taking the lock is atomic: the kernel's `fcntl.flock` on the lock file lets exactly one process in
+    (it is dropped when its holder dies, even by SIGKILL); the holder then writes its pid and host for
+    the refusal message. A second holder is refused with RunLockedError. A record naming a live process
+    on this host without the flock (an older tongue_nb) is refused too; one naming a dead process is taken over.
     """
 
     NAME = ".lock"
@@ -220,35 +223,47 @@ class RunLock:
         self.folder = Path(folder)
         self.path = self.folder / self.NAME
         self._held = False
+        self._fd: int | None = None
 
     def acquire(self) -> "RunLock":
         """Take the lock or raise RunLockedError naming the folder and the holder."""
+        if self._held:
+            return self
         self.folder.mkdir(parents=True, exist_ok=True)
-        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
-        for _ in range(3):
+        for _ in range(20):
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._read_holder()
-                if holder is not None and holder.get("pid") == os.getpid() \
-                        and holder.get("host") == socket.gethostname() and self._held:
-                    return self
-                if holder is not None and not self._stale(holder):
-                    raise RunLockedError(
-                        f"run folder {self.folder} is in use by process {holder.get('pid')} on "
-                        f"{holder.get('host')}; wait for it to finish or use another folder "
-                        f"(remove {self.path} only if that process is gone)") from None
-                log.warning("taking over stale lock %s (holder %s is gone)", self.path, holder)
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.path)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise self._refusal(self._read_holder(), live=True) from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # the holder released (removed the file) between our open and flock: try the new file
+                os.close(fd)
                 continue
-            with os.fdopen(fd, "w") as fh:
-                fh.write(record)
-                fh.flush()
-                os.fsync(fh.fileno())
-            self._held = True
+            holder = self._read_holder()
+            if holder is not None and holder.get("pid") != -1 and not self._stale(holder):
+                os.close(fd)
+                raise self._refusal(holder, live=False)
+            if holder is not None and holder.get("pid") != -1:
+                log.warning("taking over stale lock %s (holder %s is gone)", self.path, holder)
+            record = json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, record, 0)
+            os.fsync(fd)
+            self._fd, self._held = fd, True
             return self
         raise RunLockedError(f"run folder {self.folder}: could not take the lock {self.path}")
+
+    def _refusal(self, holder: Mapping[str, Any] | None, live: bool) -> RunLockedError:
+        who = (f"process {holder.get('pid')} on {holder.get('host')}" if holder and holder.get("pid") != -1
+               else "another process")
+        how = "" if live else f" (remove {self.path} only if that process is gone)"
+        return RunLockedError(f"run folder {self.folder} is in use by {who}; wait for it to finish or use another "
+                              f"folder{how}")
 
     def _read_holder(self) -> dict | None:
         try:
@@ -271,13 +286,12 @@ class RunLock:
         return pid <= 0 or not _pid_alive(pid)
 
     def release(self) -> None:
-        """Remove the lock file if this object holds it."""
-        if self._held:
-            holder = self._read_holder()
-            if holder is not None and holder.get("pid") == os.getpid():
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.path)
-            self._held = False
+        """Remove the lock file and drop the flock if this object holds it."""
+        if self._held and self._fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)  # while still flock'ed: a waiter that opened this file retries on the new one
+            os.close(self._fd)
+        self._fd, self._held = None, False
 
     def __enter__(self) -> "RunLock":
         return self.acquire()
