@@ -21,7 +21,7 @@ from tongue_nb import cli
 from tongue_nb.cache import build_cache
 from tongue_nb.params import load_params
 from tongue_nb.synth import make_synthetic
-from tongue_nb.tasks import load_labels
+from tongue_nb.tasks import LabelError, load_labels
 from tongue_nb.trainer import train
 
 TINY = ["--set", "pretrained=false", "--set", "image_size=32", "--set", "batch_size=8", "--set", "stage1_epochs=1",
@@ -46,6 +46,8 @@ def _linked(syn: Path, dest: Path, csv: str | bytes) -> Path:
     for sub in ("images", "masks"):
         (dest / sub).symlink_to(syn / sub, target_is_directory=True)
     shutil.copy(syn / "tasks.yaml", dest / "tasks.yaml")
+    # Links out of a dataset are allowed only into the folder its import.json names (as the importer writes it).
+    (dest / "import.json").write_text(json.dumps({"source": str(syn), "link": "symlink"}))
     (dest / "labels.csv").write_bytes(csv if isinstance(csv, bytes) else csv.encode("utf-8"))
     return dest
 
@@ -115,6 +117,14 @@ def _missing_image(lines):
     return "\n".join(lines) + "\n"
 
 
+def _weights(*values: str):
+    """A weight column: the given values on the first rows, 0 on the rest (all zero when none given)."""
+    def mutate(lines):
+        rows = [line + "," + (values[i] if i < len(values) else "0") for i, line in enumerate(lines[1:])]
+        return "\n".join([lines[0] + ",weight", *rows]) + "\n"
+    return mutate
+
+
 LABEL_CASES = [
     pytest.param(_unknown_value, r"labels\.csv: line 4, column 'coat': unknown label 'purple' for multiclass task "
                  r"'coat'; expected one of \['greasy', 'rotten', 'nospecialgreasy'\]", id="value-not-in-schema"),
@@ -135,6 +145,14 @@ LABEL_CASES = [
                  id="mask-path-leaves-folder"),
     pytest.param(_missing_image, r"labels\.csv: line 7, column 'image': image file not found: .*not_there\.jpg",
                  id="missing-image"),
+    pytest.param(_weights(), r"labels\.csv: column 'weight': every row is 0, so no sample would count in the loss",
+                 id="weights-all-zero"),
+    pytest.param(_weights("1", "-0.5"), r"labels\.csv: line 3, column 'weight': '-0\.5' must be a finite number >= 0",
+                 id="negative-weight"),
+    pytest.param(_weights("inf"), r"labels\.csv: line 2, column 'weight': 'inf' must be a finite number >= 0",
+                 id="infinite-weight"),
+    pytest.param(_weights("1", "1e39"), r"labels\.csv: line 3, column 'weight': '1e39' must be a finite number",
+                 id="weight-overflows"),
 ]
 
 
@@ -148,6 +166,36 @@ def test_bad_labels_exit_2_with_one_line(syn, tmp_path, capsys, mutate, reason):
     assert str(data / "labels.csv") in first  # the full path of the file, not just its name
     assert len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run" / "params.yaml").exists()  # refused before the run folder was written
+
+
+@pytest.mark.parametrize("column", ["image", "mask"])
+def test_symlink_leaving_the_dataset_is_refused(syn, tmp_path, capsys, column):
+    # Issue 14: a symbolic link under the dataset that resolves outside it, like a path with '..'.
+    data = _copy(syn, tmp_path / "data")
+    row = pd.read_csv(data / "labels.csv").iloc[1]  # line 3
+    outside = tmp_path / ("secret.jpg" if column == "image" else "secret.png")
+    shutil.copy(data / row[column], outside)
+    (data / row[column]).unlink()
+    (data / row[column]).symlink_to(outside)
+    code, err = _train_cli(capsys, data, tmp_path / "run")
+    assert code == 2
+    first = _one_line_reason(err)
+    assert f"labels.csv: line 3, column '{column}': path '{row[column]}' goes through a symbolic link to " \
+           f"{outside.resolve()}, outside the dataset folder" in first, first
+    assert not (tmp_path / "run").exists()
+
+
+def test_symlinked_folder_needs_import_json_and_links_inside_are_fine(syn, tmp_path):
+    data = _linked(syn, tmp_path / "data", (syn / "labels.csv").read_text())
+    assert len(load_labels(data).table) == 40  # links into the folder import.json names (as the importer's)
+    (data / "import.json").unlink()
+    with pytest.raises(LabelError, match=r"line 2, column 'image': path 'images/syn_00000\.jpg' goes through a "
+                                         r"symbolic link"):
+        load_labels(data)
+    inside = _copy(syn, tmp_path / "inside")
+    (inside / "images" / "syn_00001.jpg").unlink()
+    (inside / "images" / "syn_00001.jpg").symlink_to(inside / "images" / "syn_00002.jpg")
+    assert len(load_labels(inside).table) == 40  # a link that stays in the folder is an ordinary file
 
 
 def test_problem_rows_can_be_dropped_or_reported_instead(syn, tmp_path):
@@ -348,6 +396,12 @@ PARAM_CASES = [
     pytest.param(["--set", "stage1_lr_head=-1e-3"], r"parameter stage1_lr_head: got -0.001, expected a number > 0",
                  id="negative-lr"),
     pytest.param(["--set", "batch_size"], r"override 'batch_size': expected key=value", id="override-without-value"),
+    pytest.param(["--set", "stage2_lr_head=inf"], r"parameter stage2_lr_head: got inf, expected a finite number",
+                 id="infinite-lr"),
+    pytest.param(["--set", "warmup_epochs=inf"], r"parameter warmup_epochs: got inf, expected a finite number",
+                 id="infinite-warmup"),
+    pytest.param(["--set", "crop_margin=nan"], r"parameter crop_margin: got nan, expected a finite number",
+                 id="nan-margin"),
 ]
 
 

@@ -12,6 +12,7 @@ import datetime as _dt
 import difflib
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -137,6 +138,8 @@ class TrainParams:
         for f in fields(self):
             value = getattr(self, f.name)
             meta = f.metadata
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ParamError(f"parameter {f.name}: got {value!r}, expected a finite number")
             if meta.get("choices") and value not in meta["choices"]:
                 raise ParamError(f"parameter {f.name}: got {value!r}, expected one of {list(meta['choices'])}")
             for key, ok, word in (("gt", lambda v, b: v > b, ">"), ("ge", lambda v, b: v >= b, ">="),

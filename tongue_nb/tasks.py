@@ -1,8 +1,10 @@
 """Task schema and the labels table: what each label column means and how it is read."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import json
 import logging
 import math
 import re
@@ -284,6 +286,28 @@ def _safe_relpath(root: Path, value: str, path: Path, line: int, column: str) ->
     return p.as_posix()
 
 
+def _link_roots(root: Path) -> list[Path]:
+    """Folders the dataset's files may resolve into: the folder itself, and the `source` its import.json names
+    (the TonguExpert importer links the images there)."""
+    roots = [root.resolve()]
+    record = root / "import.json"
+    if record.is_file():
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+            source = json.loads(record.read_text(encoding="utf-8")).get("source")
+            if source:
+                roots.append(Path(source).resolve())
+    return roots
+
+
+def _check_inside(file: Path, roots: list[Path], path: Path, line: int, column: str, rel: str) -> None:
+    """Refuse a file that a symbolic link under the dataset sends outside it (like a path with '..')."""
+    real = file.resolve()
+    if not any(real.is_relative_to(r) for r in roots):
+        raise LabelError(f"{path}: line {line}, column {column!r}: path {rel!r} goes through a symbolic link to "
+                         f"{real}, outside the dataset folder {roots[0]}; copy the file into the folder (or, for "
+                         "an imported dataset, name the linked folder as 'source' in its import.json)")
+
+
 def _parse_bool(cell: str) -> float | None:
     word = cell.strip().lower()
     if word in TRUE_WORDS:
@@ -373,11 +397,15 @@ def load_labels(data_dir: str | Path, schema: TaskSchema | None = None, labels_f
             if not w.strip():
                 continue
             try:
-                weights[i] = float(w)
+                value = float(w)
             except ValueError:
                 raise LabelError(f"{path}: line {lines[i]}, column 'weight': {w!r} is not a number") from None
-            if not math.isfinite(weights[i]) or weights[i] < 0:
+            if not math.isfinite(value) or not 0 <= value <= float(np.finfo(np.float32).max):
                 raise LabelError(f"{path}: line {lines[i]}, column 'weight': {w!r} must be a finite number >= 0")
+            weights[i] = value
+        if not (weights > 0).any():
+            raise LabelError(f"{path}: column 'weight': every row is 0, so no sample would count in the loss; "
+                             "expected at least one weight > 0 (an empty cell means 1)")
 
     targets: dict[str, np.ndarray] = {}
     for task in schema:
@@ -454,8 +482,11 @@ def load_labels(data_dir: str | Path, schema: TaskSchema | None = None, labels_f
         targets[task.name] = out
 
     if check_files:
+        inside = _link_roots(root)
         for i in range(n):
             for col, rel in (("image", images[i]), ("mask", masks[i])):
+                if rel:
+                    _check_inside(root / rel, inside, path, lines[i], col, rel)
                 if rel and not (root / rel).is_file():
                     problems.append(dict(row=int(lines[i]), image=images[i], column=col,
                                          problem=f"{col} file not found: {root / rel}"))
