@@ -120,3 +120,10 @@ def test_bad_input_is_one_clear_error(runs, tmp_path, capsys):
     run_c = _train(other, tmp_path / "c")
     with pytest.raises(ValueError, match="one task schema"):
         predict.Predictor.from_runs([runs["a"], run_c])
+
+
+def test_cam_gallery_on_a_trained_run(runs):
+    fig = report.cam_gallery(report.load_run(runs["a"]), "coat", k=2, per_class=1)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles and all(t.startswith(("error:", "correct:")) for t in titles)
+    assert any(ax.images for ax in fig.axes)

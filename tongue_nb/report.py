@@ -269,20 +269,10 @@ def run_table(sweep: SweepData, ensemble_k: int = 0, selection: bool = False, ch
 
 
 def per_label_table(run: RunData, view: str = "thresholded") -> pd.DataFrame:
-    """Per-class / per-label F1 of every task from the run's summary (test split)."""
-    block = run.summary.get(f"final_metrics_{view}") or {}
-    rows = []
-    for t in run.schema:
-        tm = (block.get("tasks") or {}).get(t.name) or {}
-        if t.kind == "multiclass":
-            for label, f1 in (tm.get("per_class_f1") or {}).items():
-                rows.append({"task": t.name, "label": label, "f1": f1})
-        elif t.kind == "multilabel":
-            for label, m in (tm.get("per_label") or {}).items():
-                rows.append({"task": t.name, "label": label, **{k: m.get(k) for k in ("f1", "precision", "recall", "auroc", "support")}})
-        else:
-            rows.append({"task": t.name, "label": t.labels[0], **{k: tm.get(k) for k in ("f1", "precision", "recall", "auroc")}})
-    return pd.DataFrame(rows)
+    """Per-class / per-label classification report of a run on test (plots.details_table on its summary)."""
+    from tongue_nb.plots import details_table
+
+    return details_table(run.summary, view)
 
 
 def failures_table(sweep: SweepData) -> pd.DataFrame:
@@ -771,6 +761,65 @@ def error_gallery(run: RunData, k: int = 12, data_dir: str | Path | None = None,
                     # JPEG masks are not pure 0/255: threshold before drawing the outline.
                     ax.contour(np.asarray(m.convert("L")) > 127, levels=[0.5], colors="lime", linewidths=1)
         ax.set_title(title, fontsize=7)
+    return fig
+
+
+def _mapped_index(task: Task, pred: str, true: str) -> int:
+    """Which class / label's evidence to map: the model's answer (multiclass), or for binary and
+    multilabel the first label where the answer and the truth differ, else the first answered label."""
+    if task.kind == "multiclass":
+        return task.labels.index(pred) if pred in task.labels else 0
+    said, truth = set(pred.split(";")), set(true.split(";"))
+    for j, label in enumerate(task.labels):
+        if (label in said) != (label in truth):
+            return j
+    return next((j for j, label in enumerate(task.labels) if label in said), 0)
+
+
+def cam_gallery(run: RunData, task: str, k: int = 6, per_class: int = 1, data_dir: str | Path | None = None,
+                split: str = "test", columns: int = 4) -> Figure:
+    """Class-activation maps (Grad-CAM, tongue_nb.explain) over a task's k worst errors and `per_class`
+    confident correct answers per true class, on the images as the model saw them (crop, size).
+
+    Each panel maps the evidence for the model's own answer, so a reader sees whether it looked at
+    the tongue body, the coat, or the background.
+    """
+    from tongue_nb.cache import _decode_one
+    from tongue_nb.explain import class_activation_maps, overlay
+    from tongue_nb.models import load_run_model
+
+    t = run.schema[task]
+    errors = sample_errors(run)
+    errors = errors[(errors["task"] == task) & (errors["split"] == split)]
+    worst = errors[errors["wrong"]].sort_values("p_true", kind="stable").head(k)
+    right = (errors[~errors["wrong"]].sort_values("p_true", ascending=False, kind="stable")
+             .groupby("true", sort=True).head(per_class))
+    chosen = pd.concat([worst.assign(kind="error"), right.assign(kind="correct")], ignore_index=True)
+    root = _data_dir(run, data_dir)
+    n = max(len(chosen), 1)
+    cols = min(columns, n)
+    fig = Figure(figsize=(2.8 * cols, 3.1 * math.ceil(n / cols)), layout="constrained")
+    axes = fig.subplots(math.ceil(n / cols), cols, squeeze=False).ravel()
+    for ax in axes:
+        ax.axis("off")
+    weights = run.path / "checkpoints" / "best.safetensors"
+    problem = ("none found" if not len(chosen) else "images not found: set data_dir" if root is None
+               else f"no model checkpoint ({weights.relative_to(run.path)}) in this run folder" if not weights.is_file()
+               else "")
+    if problem:
+        axes[0].text(0.5, 0.5, problem, ha="center")
+        return fig
+    model = load_run_model(run.path)
+    masks = _mask_map(root)
+    crop, margin = str(run.params.get("crop", "crop")), float(run.params.get("crop_margin", 0.1))
+    images = np.stack([_decode_one(root, r["image"], masks.get(r["image"], ""), model.input_size, crop, margin)[0]
+                       for _, r in chosen.iterrows()])
+    targets = [_mapped_index(t, str(r["pred"]), str(r["true"])) for _, r in chosen.iterrows()]
+    cams = class_activation_maps(model, images, task, targets, model.mean, model.std)
+    for ax, (_, r), img, cam, j in zip(axes, chosen.iterrows(), images, cams, targets):
+        ax.imshow(overlay(img, cam))
+        colour = "crimson" if r["kind"] == "error" else "darkgreen"
+        ax.set_title(f"{r['kind']}: true {r['true']}\npred {r['pred']}; map: {t.labels[j]}", fontsize=7, color=colour)
     return fig
 
 
