@@ -127,3 +127,17 @@ def test_cam_gallery_on_a_trained_run(runs):
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert titles and all(t.startswith(("error:", "correct:")) for t in titles)
     assert any(ax.images for ax in fig.axes)
+
+
+def test_explain_writes_an_overlay_per_photo_and_task(runs, tmp_path):
+    out = tmp_path / "p.csv"
+    code = cli_main(["predict", "--run", str(runs["a"]), "--images", str(_test_rows_csv(runs["data"], runs["a"])),
+                     "--out", str(out), "--explain", str(tmp_path / "cams")])
+    assert code == 0
+    n = len(pd.read_csv(out))
+    pngs = sorted((tmp_path / "cams").glob("*.png"))
+    assert len(pngs) == n * 2 and {p.stem.rsplit("-", 1)[1] for p in pngs} == {"shape", "coat"}
+    assert Image.open(pngs[0]).size == (32, 32)
+    with pytest.raises(ValueError, match="single --run"):
+        predict.predict_table(predict.Predictor.from_runs([runs["a"], runs["b"]]),
+                              predict.list_photos(_test_rows_csv(runs["data"], runs["a"])), explain_dir=tmp_path / "x")

@@ -94,7 +94,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     photos = list_photos(args.images)  # checked before the models load: a bad list costs nothing
     predictor = Predictor.from_runs(args.run, device=args.device)
-    table = predict_table(predictor, photos, batch_size=args.batch_size, workers=args.workers, device=args.device)
+    table = predict_table(predictor, photos, batch_size=args.batch_size, workers=args.workers, device=args.device,
+                          explain_dir=args.explain)
     atomic_write_text(args.out, table.to_csv(index=False, float_format="%.6g"))
     failed = int((table["error"] != "").sum())
     print(f"{args.out}: {len(table) - failed} of {len(table)} photos scored"
@@ -187,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="photo-decoding threads (default 2)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--explain", metavar="DIR", help="write a class-activation overlay per photo and task (one run)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("baseline", help="fit the classical colour/texture baseline and write its run folder")

@@ -174,15 +174,19 @@ def _chunks(photos: pd.DataFrame, pred: Predictor, chunk: int, workers: int
             pending = nxt
 
 
-@torch.no_grad()
 def predict_table(pred: Predictor, photos: pd.DataFrame, batch_size: int = 32, workers: int = 2,
-                  device: str = "cpu") -> pd.DataFrame:
+                  device: str = "cpu", explain_dir: str | Path | None = None) -> pd.DataFrame:
     """One row per photo: id, image, mask_source, error, then p:<task>:<label> and the decisions.
 
     Decisions: pred:<task> (argmax class) for multiclass; pred:<task>:<label> (0/1 at the run's tuned
     threshold) for binary and multilabel. Rows whose photo could not be used keep their error and
-    empty scores.
+    empty scores. With explain_dir (one run only), a class-activation overlay per photo and task is
+    written there as <row>-<id>-<task>.png: the evidence for the model's answer (tongue_nb.explain).
     """
+    from .models import MultiTaskBackbone
+
+    if explain_dir is not None and not isinstance(pred.model, MultiTaskBackbone):
+        raise ValueError("--explain maps one trained run; give a single --run (an ensemble has no one backbone)")
     from .loader import BatchLoader
     from .trainer import evaluate
 
@@ -196,7 +200,11 @@ def predict_table(pred: Predictor, photos: pd.DataFrame, batch_size: int = 32, w
             images = np.stack([loaded[i][0] for i in ok])
             targets = {k: np.repeat(v, len(ok), axis=0) for k, v in empty.items()}  # no labels: scores only
             loader = BatchLoader(images, targets, None, np.arange(len(ok)), batch_size, pred.mean, pred.std)
-            probs, _, _ = evaluate(pred.model, loader, pred.schema, device=torch.device(device))
+            with torch.no_grad():
+                probs, _, _ = evaluate(pred.model, loader, pred.schema, device=torch.device(device))
+            if explain_dir is not None:
+                names = [f"{len(out_rows) + i:05d}-{Path(str(part['id'].iloc[i])).stem}" for i in ok]
+                _write_explanations(pred, images, probs, names, Path(explain_dir))
         where = {i: k for k, i in enumerate(ok)}
         for i, row in enumerate(part.itertuples(index=False)):
             rec: dict[str, Any] = {"id": row.id, "image": row.image, "mask_source": loaded[i][1], "error": loaded[i][2]}
@@ -204,6 +212,26 @@ def predict_table(pred: Predictor, photos: pd.DataFrame, batch_size: int = 32, w
                 rec.update(_decisions(pred, {k: v[where[i]] for k, v in probs.items()}))
             out_rows.append(rec)
     return pd.DataFrame(out_rows, columns=["id", "image", "mask_source", "error"] + _score_columns(pred.schema))
+
+
+def _write_explanations(pred: Predictor, images: np.ndarray, probs: dict[str, np.ndarray], names: list[str],
+                        folder: Path) -> None:
+    """One overlay PNG per photo and task: the Grad-CAM map of the model's answer over the prepared photo."""
+    from PIL import Image
+
+    from .explain import class_activation_maps, overlay
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for t in pred.schema:
+        p = np.asarray(probs[t.name]).reshape(len(images), -1)
+        if t.kind == "multiclass":
+            targets = p.argmax(axis=1)
+        else:  # the most confident label said yes to, else the most likely one
+            thr = np.asarray(pred.thresholds.get(t.name, [0.5] * t.n_outputs))
+            targets = np.where((p >= thr).any(axis=1), np.where(p >= thr, p, -1).argmax(axis=1), p.argmax(axis=1))
+        cams = class_activation_maps(pred.model, images, t.name, targets.tolist(), pred.mean, pred.std)
+        for name, img, cam in zip(names, images, cams):
+            Image.fromarray(overlay(img, cam)).save(folder / f"{name}-{t.name}.png")
 
 
 def _score_columns(schema: TaskSchema) -> list[str]:
