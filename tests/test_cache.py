@@ -10,6 +10,7 @@ from PIL import Image
 import tongue_nb.cache as cache_mod
 from tongue_nb.cache import build_cache, default_cache_dir
 from tongue_nb.images import ImageError
+from tongue_nb.paths import DiskFullError, FolderError
 from tongue_nb.tasks import default_schema, load_labels
 
 
@@ -172,6 +173,65 @@ def test_refuses_cache_inside_dataset(tmp_path):
     labels = _dataset(tmp_path / "data", n=1)
     with pytest.raises(ValueError, match="inside the dataset folder"):
         build_cache(labels, 16, cache_dir=tmp_path / "data" / "cache")
+
+
+def test_full_disk_is_refused_before_building(tmp_path, monkeypatch):
+    import collections
+
+    import tongue_nb.paths
+    labels = _dataset(tmp_path / "data", n=4)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(tongue_nb.paths.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(DiskFullError, match=r"the image cache \(4 images at 16 px\) needs 7\.0 KB in .*cache but "
+                                            r"only 1000 B is free; free space there, or set cache_dir"):
+        build_cache(labels, 16, cache_dir=tmp_path / "cache")
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.suffix != ".lock"]  # nothing written
+
+
+@pytest.mark.parametrize("where", ["pixels", "metadata"])
+def test_disk_full_while_writing_names_folder_and_removes_partial_files(tmp_path, monkeypatch, where):
+    import errno
+    labels = _dataset(tmp_path / "data", n=4)
+    if where == "pixels":
+        def full(*args):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(cache_mod.os, "fsync", full)  # the array's write-back fails
+    else:
+        real_dump = json.dump
+
+        def full(obj, fh, **kw):
+            real_dump(obj, fh, **kw)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(cache_mod.json, "dump", full)
+    with pytest.raises(DiskFullError, match=r"no space left in .*cache while writing data-16px-.*\.npy \(No space "
+                                            r"left on device\); it needs 7\.0 KB there; the partial files were "
+                                            r"removed"):
+        build_cache(labels, 16, cache_dir=tmp_path / "cache")
+    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) in ([], [".lock"])  # no .tmp, no .npy
+    monkeypatch.undo()
+    assert build_cache(labels, 16, cache_dir=tmp_path / "cache").built
+
+
+@pytest.mark.parametrize("case", ["file-as-folder", "file-as-parent", "not-writable"])
+def test_unusable_cache_dir_names_the_parameter(tmp_path, monkeypatch, case):
+    labels = _dataset(tmp_path / "data", n=1)
+    (tmp_path / "afile").write_text("x")
+    target = {"file-as-folder": tmp_path / "afile", "file-as-parent": tmp_path / "afile" / "cache",
+              "not-writable": tmp_path / "ro" / "cache"}[case]
+    if case == "not-writable":
+        (tmp_path / "ro").mkdir()
+        real_mkdir = Path.mkdir
+
+        def refuse(self, *args, **kwargs):  # the tests run as root, for whom chmod does not make a folder read-only
+            if self == target:
+                raise PermissionError(13, "Permission denied", str(self))
+            return real_mkdir(self, *args, **kwargs)
+        monkeypatch.setattr(Path, "mkdir", refuse)
+        expected = rf"parameter cache_dir: cannot create or write {target}: {tmp_path / 'ro'} is not writable"
+    else:
+        expected = rf"parameter cache_dir: {tmp_path / 'afile'} is a file, expected a folder; set cache_dir"
+    with pytest.raises(FolderError, match=expected):
+        build_cache(labels, 16, cache_dir=target)
 
 
 def test_bad_arguments(tmp_path):

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from .images import CROP_MODES, EmptyMaskWarning, ImageError, prepare_image, read_image, read_mask
+from .paths import DiskFullError, check_free_space, human_bytes, is_disk_full, prepare_folder
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,27 @@ def _decode_one(root: Path, rel_img: str, rel_mask: str, size: int, crop: str, m
     return prepare_image(img, mask, size, crop, margin), False
 
 
+_ELSEWHERE = "set cache_dir (or $TONGUE_NB_CACHE) to a folder you can write to, with room"
+
+
+def _reserve(file: Path) -> None:
+    """Allocate the whole (sparse) memmap file now: a full disk fails here with ENOSPC, not later as a SIGBUS."""
+    with open(file, "rb+") as fh:
+        try:
+            os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise
+            # a file system without fallocate: the free-space check before the build is the guard
+
+
+def _raise_if_full(exc: BaseException, npy: Path, needed: int, what: str) -> None:
+    if is_disk_full(exc):
+        raise DiskFullError(f"{what}: no space left in {npy.parent} while writing {npy.name} ({exc.strerror}); it "
+                            f"needs {human_bytes(needed)} there; the partial files were removed. Free space there, "
+                            f"or {_ELSEWHERE}") from exc
+
+
 def build_cache(labels, image_size: int, crop: str = "crop", margin: float = 0.1, cache_dir: str | Path | None = None,
                 on_bad_image: str = "error", progress: bool = False, workers: int | None = None) -> ImageCache:
     """Decode every image of `labels.table` once into a memory-mapped uint8 [N, S, S, 3] array (or reuse it).
@@ -165,7 +187,7 @@ def build_cache(labels, image_size: int, crop: str = "crop", margin: float = 0.1
 
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     _check_inside(cache_dir, root)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    prepare_folder(cache_dir, "cache_dir", instead=_ELSEWHERE)
     key = cache_key(root, images, masks, size, crop, float(margin))
     stem = f"{root.name or 'data'}-{size}px-{crop}-{key[:16]}"
     npy, meta_path = cache_dir / f"{stem}.npy", cache_dir / f"{stem}.json"
@@ -199,6 +221,9 @@ def _build(root: Path, images: list[str], masks: list[str], size: int, crop: str
     """Decode everything into a temporary .npy beside the target, then rename it into place."""
     n = len(images)
     t0 = time.perf_counter()
+    needed = n * size * size * 3 + 4096  # the pixels and the .npy header
+    what = f"the image cache ({n} images at {size} px)"
+    check_free_space(npy.parent, needed, what, f"free space there, or {_ELSEWHERE}")
     log.info("building image cache %s (%d images at %d px, crop=%s)", npy, n, size, crop)
     fd, tmp_name = tempfile.mkstemp(prefix=npy.stem + ".", suffix=".tmp", dir=npy.parent)
     os.close(fd)
@@ -207,6 +232,7 @@ def _build(root: Path, images: list[str], masks: list[str], size: int, crop: str
     empty: list[str] = []
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
+        _reserve(tmp)
 
         def work(i: int) -> tuple[int, str | None, bool]:
             try:
@@ -250,8 +276,9 @@ def _build(root: Path, images: list[str], masks: list[str], size: int, crop: str
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, npy)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        _raise_if_full(exc, npy, needed, what)
         raise
     seconds = time.perf_counter() - t0
     meta = {"key": key, "version": FORMAT_VERSION, "root": str(root), "n": n, "image_size": size, "crop": crop,
@@ -259,9 +286,16 @@ def _build(root: Path, images: list[str], masks: list[str], size: int, crop: str
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     # The JSON is written last: its presence marks a complete cache.
     fd, tmp_meta = tempfile.mkstemp(prefix=meta_path.stem + ".", suffix=".tmp", dir=meta_path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(meta, fh, indent=1)
-    os.replace(tmp_meta, meta_path)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(meta, fh, indent=1)
+        os.replace(tmp_meta, meta_path)
+    except BaseException as exc:
+        # Without its JSON the array is never used: remove both rather than leave them filling the disk.
+        Path(tmp_meta).unlink(missing_ok=True)
+        npy.unlink(missing_ok=True)
+        _raise_if_full(exc, npy, needed, what)
+        raise
     log.info("image cache built in %.1f s (%d skipped, %d empty masks)", seconds, len(bad), len(empty))
     images_mm = np.load(npy, mmap_mode="r")
     return ImageCache(images=images_mm, path=npy, key=key, bad=pd.DataFrame(bad, columns=BAD_COLUMNS),

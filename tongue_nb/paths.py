@@ -1,0 +1,86 @@
+"""Folder checks shared by the run folder, the sweep folder and the image cache: clear errors for paths that
+cannot be used (a file where a folder should be, a read-only parent, a full disk) instead of a bare errno."""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+__all__ = ["FolderError", "DiskFullError", "prepare_folder", "check_free_space", "describe_os_error", "is_disk_full", "human_bytes"]
+
+_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+class FolderError(ValueError):
+    """A folder a parameter names cannot be created or written (bad input: choose another path)."""
+
+
+class DiskFullError(RuntimeError):
+    """Not enough free space for what is about to be written."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for 'no space left on device' and 'disk quota exceeded'."""
+    return isinstance(exc, OSError) and exc.errno in _FULL
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def _first_file_component(folder: Path) -> Path | None:
+    """The first existing component of `folder` (itself or a parent) that is not a folder."""
+    for part in [*reversed(folder.parents), folder]:
+        if part.exists() and not part.is_dir():
+            return part
+    return None
+
+
+def _nearest_existing(folder: Path) -> Path:
+    for part in [folder, *folder.parents]:
+        if part.exists():
+            return part
+    return Path("/")
+
+
+def describe_os_error(exc: OSError, folder: Path, parameter: str, instead: str) -> str:
+    """One sentence naming the parameter, the path and what to do, for an OSError met on `folder`."""
+    folder = Path(folder)
+    if isinstance(exc, (FileExistsError, NotADirectoryError)) or exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        bad = _first_file_component(folder) or folder
+        return f"parameter {parameter}: {bad} is a file, expected a folder; {instead}"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        where = _nearest_existing(folder)
+        why = "is on a read-only file system" if exc.errno == errno.EROFS else "is not writable by this user"
+        return f"parameter {parameter}: cannot create or write {folder}: {where} {why}; {instead}"
+    if is_disk_full(exc):
+        return f"parameter {parameter}: no space left for {folder} ({exc.strerror}); free space there or {instead}"
+    return f"parameter {parameter}: cannot use {folder} ({exc.strerror or exc}); {instead}"
+
+
+def prepare_folder(folder: str | Path, parameter: str, instead: str = "choose a folder you can write to") -> Path:
+    """Create `folder` (and missing parents) and check it can be written; FolderError naming the parameter if not."""
+    folder = Path(folder)
+    bad = _first_file_component(folder)
+    if bad is not None:
+        raise FolderError(f"parameter {parameter}: {bad} is a file, expected a folder; {instead}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FolderError(describe_os_error(exc, folder, parameter, instead)) from exc
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise FolderError(describe_os_error(PermissionError(errno.EACCES, "Permission denied"), folder, parameter,
+                                            instead))
+    return folder
+
+
+def check_free_space(folder: str | Path, needed: int, what: str, instead: str) -> None:
+    """DiskFullError naming the folder, the bytes needed and free, when `folder`'s file system lacks `needed` bytes."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise DiskFullError(f"{what} needs {human_bytes(needed)} in {folder} but only {human_bytes(free)} is free; {instead}")
