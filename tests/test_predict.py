@@ -141,3 +141,30 @@ def test_explain_writes_an_overlay_per_photo_and_task(runs, tmp_path):
     with pytest.raises(ValueError, match="single --run"):
         predict.predict_table(predict.Predictor.from_runs([runs["a"], runs["b"]]),
                               predict.list_photos(_test_rows_csv(runs["data"], runs["a"])), explain_dir=tmp_path / "x")
+
+
+def test_onnx_export_matches_pytorch_and_documents_its_preprocessing(runs, tmp_path, capsys):
+    import onnxruntime as ort
+    import torch
+
+    from tongue_nb.export import onnx_metadata
+
+    out = tmp_path / "model.onnx"
+    assert cli_main(["export", "--run", str(runs["a"]), "--out", str(out)]) == 0
+    meta = onnx_metadata(out)
+    pred = predict.Predictor.from_runs([runs["a"]])
+    assert meta["image_size"] == "32" and meta["crop"] == "crop_blank" and meta["mean"] == list(pred.mean)
+    assert [t["name"] for t in meta["tasks"]] == pred.schema.names and meta["thresholds"] == pred.thresholds
+    # the same prepared photos through onnxruntime and through PyTorch
+    photos = predict.list_photos(_test_rows_csv(runs["data"], runs["a"]))
+    images = np.stack([predict._load_one(r, 32, pred.crop, pred.margin)[0] for r in photos.itertuples(index=False)])
+    x = (images.astype(np.float32) / 255 - np.array(meta["mean"], np.float32)) / np.array(meta["std"], np.float32)
+    x = x.transpose(0, 3, 1, 2).copy()
+    session = ort.InferenceSession(str(out))
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"image": x})))
+    with torch.no_grad():
+        ref = pred.model.predict_proba(torch.from_numpy(x))
+    for task in pred.schema.names:
+        assert np.abs(got[task] - ref[task].numpy()).max() < 1e-4, task
+    assert cli_main(["export", "--run", str(tmp_path), "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "finished training run" in capsys.readouterr().err

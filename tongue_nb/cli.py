@@ -103,6 +103,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from tongue_nb.export import export_onnx
+
+    out = export_onnx(args.run, args.out)
+    print(f"{out}: ONNX export of {args.run} (preprocessing, tasks and thresholds in its metadata)")
+    return 0
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from tongue_nb.sweep import default_backbones, run_sweep
 
@@ -190,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--explain", metavar="DIR", help="write a class-activation overlay per photo and task (one run)")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("export", help="export a trained run to ONNX (probabilities per task; metadata: preprocessing)")
+    p.add_argument("--run", required=True, metavar="RUN_DIR", help="trained run folder")
+    p.add_argument("--out", required=True, help="output .onnx file")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("baseline", help="fit the classical colour/texture baseline and write its run folder")
     p.add_argument("--data", help="dataset folder (default: the built-in synthetic set)")

@@ -1,0 +1,81 @@
+"""Export a trained run to ONNX, with its preprocessing, tasks and thresholds in the model's metadata.
+
+The graph takes ``image``: float32 [batch, 3, S, S], RGB scaled to 0..1 and normalised with the
+metadata's mean and std, prepared like training (crop mode and margin in the metadata), and returns
+one probability output per task (softmax for multiclass, sigmoid for binary and multilabel), named
+after the task. Metadata keys (all strings, JSON where structured): ``tongue_nb_format``,
+``image_size``, ``mean``, ``std``, ``crop``, ``crop_margin``, ``tasks`` ([{name, kind, labels}]),
+``thresholds`` ({task: [per label]}), ``backbone``, ``timm_name``, ``run``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .models import MultiTaskBackbone
+
+__all__ = ["export_onnx", "onnx_metadata", "FORMAT"]
+
+FORMAT = "tongue_nb-onnx-1"
+
+
+class _Probabilities(nn.Module):
+    """The model's per-task probabilities as a tuple, in schema order (ONNX outputs are positional)."""
+
+    def __init__(self, model: MultiTaskBackbone) -> None:
+        super().__init__()
+        self.model = model
+        self.kinds = [(t.name, t.kind) for t in model.schema]
+
+    def forward(self, image: Tensor) -> tuple[Tensor, ...]:
+        logits = self.model(image)
+        return tuple(torch.softmax(logits[n], dim=1) if k == "multiclass" else torch.sigmoid(logits[n])
+                     for n, k in self.kinds)
+
+
+def export_onnx(run_dir: str | Path, out: str | Path) -> Path:
+    """Write the run's best checkpoint as an ONNX file (dynamic batch) with its metadata; return the path."""
+    import onnx
+
+    from .predict import Predictor
+    from .runio import atomic_write_bytes
+
+    pred = Predictor.from_runs([run_dir])  # checks the run folder; one model, its thresholds and crop
+    model = pred.model
+    size = pred.image_size
+    example = torch.zeros(2, 3, size, size)
+    program = torch.onnx.export(_Probabilities(model).eval(), (example,), dynamo=True, input_names=["image"],
+                                output_names=[t.name for t in model.schema],
+                                dynamic_shapes={"image": {0: torch.export.Dim("batch")}}, verbose=False)
+    proto = program.model_proto
+    meta = {"tongue_nb_format": FORMAT, "image_size": str(size), "mean": json.dumps(list(pred.mean)),
+            "std": json.dumps(list(pred.std)), "crop": pred.crop, "crop_margin": str(pred.margin),
+            "tasks": json.dumps([{"name": t.name, "kind": t.kind, "labels": list(t.labels)} for t in model.schema]),
+            "thresholds": json.dumps(pred.thresholds), "backbone": model.backbone_name, "timm_name": model.timm_name,
+            "run": str(Path(run_dir).resolve())}
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto)
+    return atomic_write_bytes(out, proto.SerializeToString())
+
+
+def onnx_metadata(path: str | Path) -> dict[str, object]:
+    """An exported file's metadata, JSON values decoded."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    out: dict[str, object] = {}
+    for entry in proto.metadata_props:
+        try:
+            out[entry.key] = json.loads(entry.value) if entry.key in ("mean", "std", "tasks", "thresholds") \
+                else entry.value
+        except ValueError:
+            out[entry.key] = entry.value
+    if out.get("tongue_nb_format") != FORMAT:
+        raise ValueError(f"{path}: not a tongue_nb ONNX export (metadata tongue_nb_format is "
+                         f"{out.get('tongue_nb_format')!r}, expected {FORMAT!r})")
+    return out
