@@ -309,3 +309,23 @@ def test_index_rows_match_the_final_report_and_say_where_data_came_from(sweep_di
     page = path.read_text()
     assert "per-task selection" in page and "chance: random guess" in page and f"{lo:.3f}-{hi:.3f}" in page
     assert "params/smoke.yaml" in page
+
+
+def test_rendered_pages_say_what_they_are_link_back_and_hide_logs(tmp_path):
+    import re
+
+    import nbformat
+
+    from tongue_nb.sweep import page_title, render_html
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# Train one backbone\n\nTwo stages."), nbformat.v4.new_code_cell("x")]
+    nb.cells[1].outputs = [nbformat.v4.new_output("stream", name="stderr", text="21:00:01 INFO tongue_nb: epoch 1\n"),
+                           nbformat.v4.new_output("stream", name="stdout", text="a printed result\n")]
+    nbformat.write(nb, str(tmp_path / "n.ipynb"))
+    html = render_html(tmp_path / "n.ipynb", tmp_path / "03_train-resnet18.html").read_text()
+    assert re.search(r"<title>(.*?)</title>", html).group(1) == "resnet18 - training"
+    assert re.search(r"<h1[^>]*>resnet18 - training", html) and 'href="index.html"' in html
+    assert "INFO tongue_nb" not in html and "a printed result" in html
+    assert page_title("reports/05_report.html") == "final report"
+    assert page_title("04_error_analysis-tf_efficientnet_lite0.html") == "tf_efficientnet_lite0 - error analysis"
