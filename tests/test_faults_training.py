@@ -279,3 +279,109 @@ def test_resume_without_flag_is_refused(data, tmp_path):
         train(tiny(data, run, stage2_epochs=1))
     assert (run / "history.csv").read_bytes() == before and not (run / ".lock").exists()
 
+
+
+# ----------------------------------------------------------------------------------------------- issue 14
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_after_first_epoch(row: dict) -> None:
+    raise _Stop  # like a kill once epoch 1 is safely on disk
+
+
+def _interrupted(data: Path, run: Path, **kw) -> None:
+    with pytest.raises(_Stop):
+        train(tiny(data, run, stage2_epochs=1, **kw), on_epoch_end=_stop_after_first_epoch)
+
+
+RUN_INPUTS = ("params.yaml", "tasks.yaml", "split.csv", "split_stats.csv", "data_fingerprint.json", "history.csv",
+              "checkpoints/last.pt")
+
+
+def _snapshot(run: Path) -> dict[str, tuple[bytes, int]]:
+    return {name: ((run / name).read_bytes(), (run / name).stat().st_mtime_ns) for name in RUN_INPUTS}
+
+
+@pytest.fixture
+def own_data(data, tmp_path) -> Path:
+    """A private copy of the dataset that a test may edit."""
+    import shutil
+    return Path(shutil.copytree(data, tmp_path / "data"))
+
+
+def test_refused_resume_rewrites_nothing(own_data, tmp_path):
+    run = tmp_path / "run"
+    _interrupted(own_data, run)
+    before = _snapshot(run)
+    with pytest.raises(TrainingError, match=r"parameters differ from the interrupted run \(batch_size: checkpoint 8, "
+                                            r"now 4\)"):
+        train(tiny(own_data, run, stage2_epochs=1, batch_size=4, resume=True))
+    assert _snapshot(run) == before  # params.yaml, split files, tasks.yaml: neither rewritten nor touched
+
+
+def test_same_folders_spelled_relative_and_absolute_resume(own_data, tmp_path, monkeypatch):
+    _interrupted(own_data, tmp_path / "run")  # absolute spellings
+    monkeypatch.chdir(tmp_path)
+    summary = train(tiny(Path("data"), Path("run"), stage2_epochs=1, resume=True))  # relative ones
+    assert summary["epochs_run"] == 2
+
+
+@pytest.mark.parametrize("edit, named", [
+    (lambda d: (d / "labels.csv").write_text((d / "labels.csv").read_text().replace(",greasy", ",rotten", 1)),
+     r"labels\.csv: sha256 \w{12} then, \w{12} now"),
+    (lambda d: (d / "tasks.yaml").write_text((d / "tasks.yaml").read_text().replace("weight: 0.5", "weight: 2.0", 1)),
+     r"the task schema: sha256 \w{12} then"),
+], ids=["labels-edited", "schema-edited"])
+def test_resume_refuses_changed_data_unless_asked(own_data, tmp_path, edit, named):
+    run = tmp_path / "run"
+    _interrupted(own_data, run)
+    assert json.loads((run / "data_fingerprint.json").read_text())["labels.csv"]
+    before = _snapshot(run)
+    old = {name: (own_data / name).read_bytes() for name in ("labels.csv", "tasks.yaml")}
+    edit(own_data)
+    assert old != {name: (own_data / name).read_bytes() for name in ("labels.csv", "tasks.yaml")}
+    with pytest.raises(TrainingError, match=r"cannot resume from .*last\.pt: the dataset changed since the run "
+                                            rf"started \({named}.*pass resume_changed_data=True"):
+        train(tiny(own_data, run, stage2_epochs=1, resume=True))
+    assert _snapshot(run) == before
+    summary = train(tiny(own_data, run, stage2_epochs=1, resume=True, resume_changed_data=True))
+    assert summary["epochs_run"] == 2
+    assert json.loads((run / "data_fingerprint.json").read_text()) != json.loads(before["data_fingerprint.json"][0])
+
+
+def _cli_train(data: Path, out: str, capsys) -> tuple[int, str]:
+    code = cli.main(["train", "--data", str(data), "--backbone", "test_convnext", "--out", out,
+                     "--set", "pretrained=false", "--set", "image_size=32", "--set", "num_threads=1"])
+    return code, capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize("where", ["data", "inside-data"])
+def test_run_folder_inside_its_dataset_is_refused(own_data, capsys, where):
+    listing = sorted(p.relative_to(own_data) for p in own_data.rglob("*"))
+    out = own_data if where == "data" else own_data / "runs" / "r1"
+    code, err = _cli_train(own_data, str(out), capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"parameter out_dir (--out): {out} is the dataset folder {own_data} or inside it" in err
+    assert sorted(p.relative_to(own_data) for p in own_data.rglob("*")) == listing  # nothing written there
+
+
+@pytest.mark.parametrize("case", ["out-is-a-file", "parent-is-a-file", "parent-read-only"])
+def test_unusable_run_folder_is_one_line_naming_out(data, tmp_path, capsys, monkeypatch, case):
+    (tmp_path / "afile").write_text("x")
+    out = {"out-is-a-file": tmp_path / "afile", "parent-is-a-file": tmp_path / "afile" / "run",
+           "parent-read-only": tmp_path / "ro" / "run"}[case]
+    if case == "parent-read-only":
+        (tmp_path / "ro").mkdir()
+        import tongue_nb.paths
+        real_access = os.access
+        # the tests run as root, for whom a chmod'ed folder stays writable: the check is told it is read-only
+        monkeypatch.setattr(tongue_nb.paths.os, "access",
+                            lambda p, mode: False if Path(p) == tmp_path / "ro" else real_access(p, mode))
+        expected = f"parameter out_dir (--out): cannot create or write {out}: {tmp_path / 'ro'} is not writable"
+    else:
+        expected = f"parameter out_dir (--out): {tmp_path / 'afile'} is a file, expected a folder"
+    code, err = _cli_train(data, str(out), capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and expected in err, err
+    assert (tmp_path / "afile").read_text() == "x" and not (tmp_path / "ro" / "run").exists()

@@ -74,23 +74,20 @@ def _resolve_cells_only(tmp_path: Path) -> Path:
     """03_train's own cells up to the one that resolves the parameters (no training): quick to run."""
     nb = nbformat.read(str(NOTEBOOK), as_version=4)
     upto = next(i for i, c in enumerate(nb.cells) if "params_from_namespace(" in c.source)
-    nb.cells = nb.cells[:upto + 1]
+    nb.cells = nb.cells[:upto + 1] + [nbformat.v4.new_code_cell("import json\nprint(json.dumps(params.as_dict()))")]
     path = tmp_path / "03_resolve.ipynb"
     nbformat.write(nb, str(path))
     return path
 
 
 def _papermill_params(tmp_path: Path, parameters: dict, name: str = "out") -> dict:
-    """The parameters 03_train's resolve cell gives under papermill (the dict it shows as its result)."""
-    import ast
-
+    """The parameters 03_train's resolve cell gives under papermill (printed by one extra cell)."""
     import papermill as pm
     out_nb = tmp_path / f"{name}.ipynb"
     pm.execute_notebook(str(_resolve_cells_only(tmp_path)), str(out_nb), parameters=parameters,
                         kernel_name="python3", cwd=str(tmp_path), progress_bar=False)
-    cell = next(c for c in nbformat.read(str(out_nb), as_version=4).cells if "params_from_namespace(" in c.source)
-    result = next(o for o in cell.outputs if o.output_type == "execute_result")
-    return ast.literal_eval(result.data["text/plain"])
+    last = nbformat.read(str(out_nb), as_version=4).cells[-1]
+    return json.loads("".join(o.text for o in last.outputs if o.output_type == "stream" and o.name == "stdout"))
 
 
 def test_papermill_value_equal_to_the_default_still_beats_the_recipe(tmp_path):

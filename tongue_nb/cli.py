@@ -234,10 +234,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("tongue-nb: interrupted", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, FileExistsError, KeyError, NotADirectoryError, PermissionError,
-            RuntimeError) as exc:
+            RuntimeError, OSError) as exc:
         # Bad input (ValueError, missing files) exits 2; a refusal or a failed run (RuntimeError: a held
-        # lock, a refused checkpoint, a non-finite loss) exits 1. Either way one line, no traceback.
-        code = 1 if isinstance(exc, RuntimeError) else 2
+        # lock, a refused checkpoint, a non-finite loss, a full disk) and any other OSError exit 1.
+        # Either way one line, no traceback.
+        known_input = (ValueError, FileNotFoundError, FileExistsError, KeyError, NotADirectoryError, PermissionError)
+        code = 2 if isinstance(exc, known_input) and not isinstance(exc, RuntimeError) else 1
         # One line: the first line of the message names the file/row/parameter; details follow when verbose.
         lines = (str(exc).strip() or type(exc).__name__).splitlines()
         if args.verbose:

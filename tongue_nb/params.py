@@ -123,6 +123,8 @@ class TrainParams:
     cache_dir: str = _p("", "decode-once image cache folder; empty: $TONGUE_NB_CACHE or ~/.cache/tongue_nb")
     # --- run control
     resume: bool = _p(False, "continue from <out_dir>/checkpoints/last.pt")
+    resume_changed_data: bool = _p(False, "let resume go on although labels.csv or the task schema changed since "
+                                          "the run started (refused otherwise)")
     progress: bool = _p(True, "show tqdm progress bars (turn off under papermill)")
 
     def __post_init__(self) -> None:

@@ -3,11 +3,12 @@ cannot be used (a file where a folder should be, a read-only parent, a full disk
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 from pathlib import Path
 
-__all__ = ["FolderError", "DiskFullError", "prepare_folder", "check_free_space", "describe_os_error", "is_disk_full", "human_bytes"]
+__all__ = ["FolderError", "DiskFullError", "check_folder", "prepare_folder", "check_free_space", "describe_os_error", "is_disk_full", "human_bytes", "file_sha256"]
 
 _FULL = {errno.ENOSPC, errno.EDQUOT}
 
@@ -63,20 +64,28 @@ def describe_os_error(exc: OSError, folder: Path, parameter: str, instead: str) 
     return f"parameter {parameter}: cannot use {folder} ({exc.strerror or exc}); {instead}"
 
 
-def prepare_folder(folder: str | Path, parameter: str, instead: str = "choose a folder you can write to") -> Path:
-    """Create `folder` (and missing parents) and check it can be written; FolderError naming the parameter if not."""
+def check_folder(folder: str | Path, parameter: str, instead: str = "choose a folder you can write to") -> Path:
+    """Without writing anything: FolderError naming the parameter when `folder` could not be created and written
+    (a file on its path, or its nearest existing folder not writable). Missing parents are fine (created later)."""
     folder = Path(folder)
     bad = _first_file_component(folder)
     if bad is not None:
         raise FolderError(f"parameter {parameter}: {bad} is a file, expected a folder; {instead}")
+    where = _nearest_existing(folder)
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise FolderError(describe_os_error(PermissionError(errno.EACCES, "Permission denied"), folder, parameter,
+                                            instead))
+    return folder
+
+
+def prepare_folder(folder: str | Path, parameter: str, instead: str = "choose a folder you can write to") -> Path:
+    """Create `folder` (and missing parents) and check it can be written; FolderError naming the parameter if not."""
+    folder = check_folder(folder, parameter, instead)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise FolderError(describe_os_error(exc, folder, parameter, instead)) from exc
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise FolderError(describe_os_error(PermissionError(errno.EACCES, "Permission denied"), folder, parameter,
-                                            instead))
-    return folder
+    return check_folder(folder, parameter, instead)  # now it exists: is it writable itself?
 
 
 def check_free_space(folder: str | Path, needed: int, what: str, instead: str) -> None:
@@ -84,3 +93,12 @@ def check_free_space(folder: str | Path, needed: int, what: str, instead: str) -
     free = shutil.disk_usage(folder).free
     if free < needed:
         raise DiskFullError(f"{what} needs {human_bytes(needed)} in {folder} but only {human_bytes(free)} is free; {instead}")
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

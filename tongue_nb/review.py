@@ -6,7 +6,6 @@ that a notebook shows each one exactly once and nothing accumulates in pyplot's 
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,6 +17,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from tongue_nb.images import ImageError, read_image, read_mask
+from tongue_nb.paths import file_sha256
 from tongue_nb.plots import figure_png
 from tongue_nb.splits import make_split, split_stats
 from tongue_nb.tasks import Labels, Task, load_labels, load_schema
@@ -318,20 +318,12 @@ def class_page(labels: Labels, task: str, label: str, page: int = 0, per_page: i
     return fig
 
 
-def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def duplicates(labels: Labels) -> pd.DataFrame:
     """Groups of byte-identical image files (SHA-256), with whether their labels and patient groups agree."""
     hashes: dict[str, list[int]] = {}
     for i, rel in enumerate(labels.table["image"]):
         try:
-            hashes.setdefault(_file_hash(labels.root / rel), []).append(i)
+            hashes.setdefault(file_sha256(labels.root / rel), []).append(i)
         except OSError:
             continue  # missing files are in problems_table already
     rows = []

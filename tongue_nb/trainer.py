@@ -36,6 +36,7 @@ from .loader import Batch, BatchLoader, class_balanced_weights
 from .losses import MultiTaskLoss, class_weights_from_targets
 from .models import MultiTaskBackbone, to_probs
 from .params import TrainParams
+from .paths import FolderError, check_folder, file_sha256, prepare_folder
 from .runio import (RunLock, atomic_write_json, atomic_write_text, load_checkpoint, load_weights, save_checkpoint,
                     save_weights)
 from .tasks import (Labels, TaskSchema, apply_task_weights, default_schema, labelled_mask, load_labels,
@@ -695,6 +696,18 @@ def _resolve_out_dir(params: TrainParams, image_size: int) -> tuple[Path, str]:
     return out, name
 
 
+OUT_DIR_PARAMETER = "out_dir (--out)"
+
+
+def _check_out_dir(out_dir: Path, data_dir: Path) -> None:
+    """Refuse, before anything is written, a run folder inside the dataset or one that cannot be created/written."""
+    out, data = out_dir.resolve(), data_dir.resolve()
+    if out == data or data in out.parents:
+        raise FolderError(f"parameter {OUT_DIR_PARAMETER}: {out_dir} is the dataset folder {data_dir} or inside it; "
+                          "a run never writes inside its dataset: choose a folder outside it")
+    check_folder(out_dir, OUT_DIR_PARAMETER)
+
+
 def train(params: TrainParams, on_epoch_end: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train per `params` into the run folder params.out_dir and return the summary (also in summary.json).
 
@@ -756,11 +769,14 @@ def _train(params: TrainParams, info: DistInfo, on_epoch_end: Callable[[dict[str
     counts_model = _model_counts(model)
     out_dir, experiment_name = _resolve_out_dir(params, image_size)
     ckpt_dir = out_dir / "checkpoints"
+    _check_out_dir(out_dir, data_dir)
+    created = not out_dir.exists()
 
     lock = RunLock(out_dir) if info.is_main else None
     error = None
     if lock is not None:
         try:
+            prepare_folder(out_dir, OUT_DIR_PARAMETER)
             lock.acquire()
             if (ckpt_dir / "last.pt").exists() and not params.resume:
                 error = (f"run folder {out_dir} already holds a run (checkpoints/last.pt); pass resume=True to "
@@ -770,13 +786,16 @@ def _train(params: TrainParams, info: DistInfo, on_epoch_end: Callable[[dict[str
                 log.warning("resume=True but %s has no checkpoints/last.pt: starting from scratch", out_dir)
         except Exception as exc:  # noqa: BLE001 - every rank must learn that rank 0 cannot go on
             error = str(exc)
-    _broadcast_error(info, error)
     try:
+        _broadcast_error(info, error)
         return _train_locked(params, info, device, amp_dtype, channels_last, progress, data_dir, labels, split,
                              model, counts_model, image_size, out_dir, experiment_name, t_start, on_epoch_end)
     finally:
         if lock is not None:
             lock.release()
+            if created:  # a refused run leaves no empty folder behind (one that holds files is kept)
+                with contextlib.suppress(OSError):
+                    out_dir.rmdir()
 
 
 def _open_cache(params: TrainParams, labels: Labels, image_size: int, info: DistInfo, progress: bool
@@ -828,17 +847,51 @@ def _make_loaders(params: TrainParams, info: DistInfo, images: np.ndarray, label
     return train_loader, eval_loaders[0], eval_loaders[1]
 
 
-_RESUME_FREE = {"resume", "progress", "num_threads", "device", "cache_dir", "oom_retry", "eval_batch_size"}
+# out_dir: the checkpoint is read from it, so it is the run's folder however it is spelled (or wherever it moved).
+_RESUME_FREE = {"resume", "resume_changed_data", "progress", "num_threads", "device", "cache_dir", "oom_retry",
+                "eval_batch_size", "out_dir"}
+_PATH_PARAMS = {"data_dir", "tasks", "pretrained_path"}  # the same file or folder, spelled relative or absolute
+
+
+def _same(key: str, saved: Any, now: Any) -> bool:
+    if key in _PATH_PARAMS and saved and now:
+        return os.path.realpath(os.path.expanduser(str(saved))) == os.path.realpath(os.path.expanduser(str(now)))
+    return saved == now
 
 
 def _check_resume_params(saved: Mapping[str, Any], resolved: TrainParams, path: Path) -> None:
     """Refuse to resume with parameters that change the training itself (the result would match neither run)."""
     now = resolved.as_dict()
     diff = [f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in now
-            if k not in _RESUME_FREE and k in saved and saved[k] != now[k]]
+            if k not in _RESUME_FREE and k in saved and not _same(k, saved[k], now[k])]
     if diff:
         raise TrainingError(f"cannot resume from {path}: parameters differ from the interrupted run ({'; '.join(diff)}); "
                             "resume with the same parameters or start a new run folder")
+
+
+def data_fingerprint(data_dir: Path, tasks: str = "") -> dict[str, str]:
+    """sha256 of the dataset's labels.csv and of the task schema file the run reads ('seed schema' without one)."""
+    schema_file = Path(tasks).expanduser() if tasks else data_dir / "tasks.yaml"
+    return {"labels.csv": file_sha256(data_dir / "labels.csv"),
+            "tasks": file_sha256(schema_file) if schema_file.is_file() else "seed schema"}
+
+
+def _check_resume_data(saved: Mapping[str, str] | None, now: Mapping[str, str], path: Path, allowed: bool) -> None:
+    """Refuse to resume on a labels.csv or schema other than the run's, unless resume_changed_data says so."""
+    if not saved:
+        log.info("%s records no data fingerprint (an older run): labels.csv and tasks.yaml are not compared", path)
+        return
+    changed = [k for k in now if saved.get(k) != now[k]]
+    if not changed:
+        return
+    what = "; ".join(f"{'the task schema' if k == 'tasks' else k}: sha256 {str(saved.get(k))[:12]} then, "
+                     f"{now[k][:12]} now" for k in changed)
+    if allowed:
+        log.warning("resuming %s on changed data (%s) as resume_changed_data=True asks", path, what)
+        return
+    raise TrainingError(f"cannot resume from {path}: the dataset changed since the run started ({what}); resume "
+                        "with the data it started with, pass resume_changed_data=True (--set resume_changed_data=true) "
+                        "to go on with the changed data, or start a new run folder")
 
 
 def _train_locked(params: TrainParams, info: DistInfo, device: torch.device, amp_dtype: torch.dtype | None,
@@ -848,8 +901,16 @@ def _train_locked(params: TrainParams, info: DistInfo, device: torch.device, amp
                   on_epoch_end: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
     schema = labels.schema
     ckpt_dir = out_dir / "checkpoints"
-    resolved = dataclasses.replace(params, data_dir=str(data_dir), out_dir=str(out_dir),
-                                   experiment_name=experiment_name, image_size=image_size, resume=False)
+    resolved = dataclasses.replace(params, data_dir=str(data_dir.resolve()), out_dir=str(out_dir.resolve()),
+                                   experiment_name=experiment_name, image_size=image_size, resume=False,
+                                   resume_changed_data=False)
+    fingerprint = data_fingerprint(data_dir, params.tasks)
+    # Everything a resume is checked against comes before the first write: a refused resume changes nothing.
+    ckpt = None
+    if params.resume and (ckpt_dir / "last.pt").exists():
+        ckpt = load_checkpoint(ckpt_dir / "last.pt", map_location="cpu")
+        _check_resume_params(ckpt.get("params", {}), resolved, ckpt_dir / "last.pt")
+        _check_resume_data(ckpt.get("data"), fingerprint, ckpt_dir / "last.pt", params.resume_changed_data)
 
     img_cache, cache_seconds = _open_cache(params, labels, image_size, info, progress)
     idx = {name: np.flatnonzero((split == name) & img_cache.valid) for name in ("train", "val", "test")}
@@ -859,6 +920,7 @@ def _train_locked(params: TrainParams, info: DistInfo, device: torch.device, amp
                                 "(check the split column or val_fraction/test_fraction)")
     if info.is_main:
         _write_run_inputs(out_dir, resolved, labels, split, img_cache)
+        atomic_write_json(out_dir / "data_fingerprint.json", fingerprint)
     train_loader, val_loader, test_loader = _make_loaders(params, info, img_cache.images, labels, idx, model,
                                                           channels_last, device)
 
@@ -880,9 +942,7 @@ def _train_locked(params: TrainParams, info: DistInfo, device: torch.device, amp
     state = _Progress()
     history: list[dict] = []
     resume_opt: dict | None = None
-    if params.resume and (ckpt_dir / "last.pt").exists():
-        ckpt = load_checkpoint(ckpt_dir / "last.pt", map_location="cpu")
-        _check_resume_params(ckpt.get("params", {}), resolved, ckpt_dir / "last.pt")
+    if ckpt is not None:
         state = _Progress(**ckpt["progress"])
         history = list(ckpt["history"])
         model.load_state_dict(ckpt["model"])
@@ -991,7 +1051,7 @@ def _train_locked(params: TrainParams, info: DistInfo, device: torch.device, amp
                               "scaler": scaler.state_dict() if scaler is not None else None,
                               "optim": None if stage_done else {"optimizer": optimizer.state_dict(),
                                                                 "scheduler": scheduler.state_dict()},
-                              "params": resolved.as_dict()}
+                              "params": resolved.as_dict(), "data": fingerprint}
                 save_checkpoint(ckpt_dir / "last.pt", ckpt_state)
             _barrier(info)
             if on_epoch_end is not None:
