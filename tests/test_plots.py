@@ -63,3 +63,16 @@ def test_details_table_is_a_classification_report_with_integer_support():
     coat = table[table["task"] == "coat"]
     assert len(coat) == 3 and coat[["precision", "recall", "f1", "auroc", "ap"]].notna().all().all()
     assert str(table["support"].dtype) == "Int64" and int(coat["support"].sum()) == n
+
+
+def test_overview_tables_round_numbers_and_list_only_changed_parameters():
+    from tongue_nb.params import TrainParams
+    from tongue_nb.plots import params_table, run_overview
+
+    table = params_table(TrainParams(backbone="resnet18", batch_size=8, stage2_lr_head=3e-4))
+    assert set(table.index) == {"backbone", "data_dir", "out_dir", "batch_size", "stage2_lr_head"}
+    assert table.loc["stage2_lr_head", "value"] == "0.0003" and table.loc["batch_size", "default"] == 32
+    overview = run_overview({"run_dir": "runs/x", "best_epoch": 3, "best_stage": 2, "best_val_combined": 0.123456789,
+                             "timings": {"train_seconds": 90.0}, "pretrained": {"kind": "package", "detail": "pkg"}})
+    assert overview.loc["best val combined score", "value"] == "0.1235"
+    assert overview.loc["training time (min)", "value"] == "1.5" and overview.loc["initial weights", "value"] == "package pkg"

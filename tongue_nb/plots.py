@@ -95,6 +95,50 @@ def metrics_table(summary: Mapping[str, Any], split: str = "test") -> pd.DataFra
     return pd.DataFrame(rows).set_index("task")
 
 
+def _plain(value: Any) -> Any:
+    """A value for a two-column table: floats to 4 significant digits, sequences and mappings as short text."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k} {_plain(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(_plain(v)) for v in value)
+    return value
+
+
+def params_table(params: Any) -> pd.DataFrame:
+    """The run's parameters that differ from the defaults (and where it trains), with the default beside them."""
+    from dataclasses import fields
+
+    rows = []
+    for f in fields(params):
+        value = getattr(params, f.name)
+        if value != f.default or f.name in ("backbone", "data_dir", "out_dir"):
+            rows.append({"parameter": f.name, "value": _plain(value), "default": _plain(f.default)})
+    return pd.DataFrame(rows).set_index("parameter")
+
+
+def key_value_table(info: Mapping[str, Any]) -> pd.DataFrame:
+    """A flat mapping as a two-column table with rounded numbers."""
+    return pd.DataFrame({"value": [_plain(v) for v in info.values()]}, index=pd.Index(list(info), name="what"))
+
+
+def run_overview(summary: Mapping[str, Any]) -> pd.DataFrame:
+    """How a training run went, as a short table: best epoch, its val score, time, speed, memory, initial weights."""
+    t = summary.get("timings") or {}
+    weights = summary.get("pretrained") or {}
+    info = {"run folder": summary.get("run_dir"),
+            "best epoch (stage)": f"{summary.get('best_epoch')} ({summary.get('best_stage')})",
+            "best val combined score": summary.get("best_val_combined"),
+            "epochs run": summary.get("epochs_run"), "stopped early": summary.get("stopped_early"),
+            "training time (min)": (t.get("train_seconds") or 0) / 60,
+            "training samples/s": summary.get("train_samples_per_s"),
+            "evaluation samples/s": summary.get("eval_samples_per_s"),
+            "peak memory (MB)": summary.get("peak_memory_mb"),
+            "initial weights": f"{weights.get('kind', 'none')} {weights.get('detail', '')}".strip()}
+    return key_value_table(info)
+
+
 def details_table(summary: Mapping[str, Any], view: str = "thresholded") -> pd.DataFrame:
     """Per-class / per-label classification report on test: precision, recall, F1, support, AUROC, AP.
 
