@@ -94,13 +94,38 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     photos = list_photos(args.images)  # checked before the models load: a bad list costs nothing
     predictor = Predictor.from_runs(args.run, device=args.device)
+    segmenter = None
+    if args.segmenter:
+        from tongue_nb.segment import Segmenter
+
+        segmenter = Segmenter.from_run(args.segmenter)
     table = predict_table(predictor, photos, batch_size=args.batch_size, workers=args.workers, device=args.device,
-                          explain_dir=args.explain)
+                          explain_dir=args.explain, segmenter=segmenter)
     atomic_write_text(args.out, table.to_csv(index=False, float_format="%.6g"))
     failed = int((table["error"] != "").sum())
     print(f"{args.out}: {len(table) - failed} of {len(table)} photos scored"
           + (f"; {failed} could not be used (see the error column)" if failed else ""))
     return 1 if failed else 0
+
+
+def _cmd_train_segmenter(args: argparse.Namespace) -> int:
+    from tongue_nb.params import ParamError
+    from tongue_nb.segment import SegParams, train_segmenter
+
+    values: dict = {"data_dir": args.data, "out_dir": args.out, "resume": args.resume}
+    for item in args.set or ():
+        if "=" not in item:
+            raise ParamError(f"--set {item!r}: expected key=value")
+        key, raw = (part.strip() for part in item.split("=", 1))
+        if key not in SegParams.__dataclass_fields__:
+            raise ParamError(f"--set {item!r}: unknown segmenter parameter {key!r}; known: "
+                             f"{', '.join(SegParams.__dataclass_fields__)}")
+        values[key] = raw
+    summary = train_segmenter(SegParams(**values))
+    test = summary.get("test") or {}
+    print(f"{args.out}: test IoU {test.get('iou_clean', float('nan')):.4f}, Dice {test.get('dice_clean', float('nan')):.4f} "
+          "(post-processed masks)")
+    return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -197,7 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--explain", metavar="DIR", help="write a class-activation overlay per photo and task (one run)")
+    p.add_argument("--segmenter", metavar="SEG_RUN", help="segmenter run that masks photos given without a mask")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("train-segmenter", help="learn tongue masks from a dataset's mask column (U-Net)")
+    p.add_argument("--data", required=True, help="dataset folder whose labels.csv has a mask column")
+    p.add_argument("--out", required=True, help="segmenter run folder")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="segmenter parameter (tongue_nb.segment.SegParams: encoder, image_size, epochs, ...)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.set_defaults(func=_cmd_train_segmenter)
 
     p = sub.add_parser("export", help="export a trained run to ONNX (probabilities per task; metadata: preprocessing)")
     p.add_argument("--run", required=True, metavar="RUN_DIR", help="trained run folder")

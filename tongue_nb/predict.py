@@ -139,9 +139,15 @@ def list_photos(images: str | Path) -> pd.DataFrame:
     return out
 
 
-def _load_one(row: Any, size: int, crop: str, margin: float) -> tuple[np.ndarray | None, str, str]:
-    """(pixels or None, mask source given/none, error) for one photo."""
-    mask_source = "given" if row.mask else "none"
+def _load_one(row: Any, size: int, crop: str, margin: float, segmenter: Any = None
+              ) -> tuple[np.ndarray | None, str, str]:
+    """(pixels or None, mask source given/predicted/none, error) for one photo.
+
+    With a segmenter, a photo without a mask gets a predicted one (when the run crops or blanks);
+    a photo where it finds no tongue is an error, never an empty crop.
+    """
+    predicted = segmenter is not None and not row.mask and crop != "none"
+    mask_source = "given" if row.mask else "predicted" if predicted else "none"
     try:
         if not row.image:
             raise ImageError("no image path")
@@ -153,19 +159,23 @@ def _load_one(row: Any, size: int, crop: str, margin: float) -> tuple[np.ndarray
             mask = read_mask(row.mask, img.shape[:2])
             if not mask.any():
                 raise ImageError(f"{row.mask}: the mask is empty (no tongue marked)")
+        elif predicted:
+            mask = segmenter.predict([img])[0]
+            if mask is None:
+                raise ImageError(f"{row.image}: no tongue found by the segmenter")
         return prepare_image(img, mask, size, crop, margin), mask_source, ""
     except (ImageError, OSError, ValueError) as exc:
         return None, mask_source, str(exc).splitlines()[0]
 
 
-def _chunks(photos: pd.DataFrame, pred: Predictor, chunk: int, workers: int
+def _chunks(photos: pd.DataFrame, pred: Predictor, chunk: int, workers: int, segmenter: Any = None
             ) -> Iterator[tuple[pd.DataFrame, list[tuple[np.ndarray | None, str, str]]]]:
     """Decoded chunks of photos; the next chunk decodes in the thread pool while the caller runs the model."""
     rows = list(photos.itertuples(index=False))
     parts = [rows[i:i + chunk] for i in range(0, len(rows), chunk)]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         def submit(part: list) -> list:
-            return [pool.submit(_load_one, r, pred.image_size, pred.crop, pred.margin) for r in part]
+            return [pool.submit(_load_one, r, pred.image_size, pred.crop, pred.margin, segmenter) for r in part]
 
         pending = submit(parts[0]) if parts else []
         for k, part in enumerate(parts):
@@ -175,12 +185,13 @@ def _chunks(photos: pd.DataFrame, pred: Predictor, chunk: int, workers: int
 
 
 def predict_table(pred: Predictor, photos: pd.DataFrame, batch_size: int = 32, workers: int = 2,
-                  device: str = "cpu", explain_dir: str | Path | None = None) -> pd.DataFrame:
+                  device: str = "cpu", explain_dir: str | Path | None = None, segmenter: Any = None) -> pd.DataFrame:
     """One row per photo: id, image, mask_source, error, then p:<task>:<label> and the decisions.
 
     Decisions: pred:<task> (argmax class) for multiclass; pred:<task>:<label> (0/1 at the run's tuned
     threshold) for binary and multilabel. Rows whose photo could not be used keep their error and
-    empty scores. With explain_dir (one run only), a class-activation overlay per photo and task is
+    empty scores. A segmenter (tongue_nb.segment.Segmenter) masks the photos that come without one.
+    With explain_dir (one run only), a class-activation overlay per photo and task is
     written there as <row>-<id>-<task>.png: the evidence for the model's answer (tongue_nb.explain).
     """
     from .models import MultiTaskBackbone
@@ -193,7 +204,7 @@ def predict_table(pred: Predictor, photos: pd.DataFrame, batch_size: int = 32, w
     out_rows: list[dict[str, Any]] = []
     empty = {t.name: np.full(1, -1, dtype=np.int64) if t.kind == "multiclass" else np.full((1, t.n_outputs), np.nan)
              for t in pred.schema}
-    for part, loaded in _chunks(photos, pred, chunk=4 * batch_size, workers=workers):
+    for part, loaded in _chunks(photos, pred, chunk=4 * batch_size, workers=workers, segmenter=segmenter):
         ok = [i for i, (pix, _, err) in enumerate(loaded) if pix is not None]
         probs: dict[str, np.ndarray] = {}
         if ok:
