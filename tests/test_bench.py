@@ -296,3 +296,18 @@ def test_quality_main_fine_tunes_a_pretrained_recipe_and_writes_combinations(tmp
     assert set(combos["per-task selection"]["choice"].values()) <= {"recipe", "baseline", "recipe+baseline"}
     assert 0 <= combos["recipe+baseline"]["test_combined"] <= 1
     assert "per-task selection" in capsys.readouterr().out
+
+
+def test_segment_bench_trains_on_the_database_masks_and_writes_figures(tmp_path, capsys):
+    import json
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import segment as seg_bench
+
+    db = _fake_db(tmp_path / "db", n=30, size=48)
+    out = tmp_path / "seg"
+    res = seg_bench.main(["--data", str(db), "--work-dir", str(tmp_path / "work"), "--threads", "1", "--out", str(out),
+                          "--set", "image_size=32", "--set", "epochs=1", "--set", "batch_size=8"])
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["counts"]["test"] > 0 and 0 <= saved["test"]["iou"] <= 1 and res["params"]["epochs"] == 1
+    assert "| test |" in capsys.readouterr().out and out.with_suffix(".md").is_file()
