@@ -73,3 +73,18 @@ def test_module_entry_point_matches_console_script():
     parser = cli.build_parser()
     assert {"synth", "import-tonguexpert", "train", "compare", "baseline", "sweep"} <= set(
         parser._subparsers._group_actions[0].choices)
+
+
+def test_sweep_folders_are_checked_before_anything_is_written(tmp_path):
+    from tongue_nb.paths import FolderError
+    from tongue_nb.sweep import SweepError, run_sweep
+    from tongue_nb.synth import make_synthetic
+
+    data = make_synthetic(tmp_path / "data", n=12, size=32, seed=0)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FolderError, match=r"reports_dir \(--reports\)"):
+        run_sweep(str(data), ["test_convnext"], out_dir=tmp_path / "sweep", reports_dir=tmp_path / "afile" / "rep")
+    assert not (tmp_path / "sweep").exists()  # refused before the sweep folder was made
+    with pytest.raises(SweepError, match="inside the dataset"):
+        run_sweep(str(data), ["test_convnext"], out_dir=data / "sweep", reports_dir=tmp_path / "rep")
+    assert not (data / "sweep").exists() and not (tmp_path / "rep").exists()

@@ -137,3 +137,34 @@ def test_lock_race_has_exactly_one_winner(tmp_path, before):
             p.join(timeout=60)
         assert sum(wins) == 1, f"trial {trial}: {sum(wins)} of {n} processes got the lock"
         assert not (folder / ".lock").exists()  # the winner released it
+
+
+def test_a_write_on_a_full_disk_names_the_folder_and_leaves_nothing(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from tongue_nb import runio
+    from tongue_nb.paths import DiskFullError
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(100, 100, 0))
+
+    def failing_save(obj, fh, *a, **k):  # what torch.save says when the disk fills mid-write
+        fh.write(b"x" * 10)
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed; unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(DiskFullError, match=r"disk is full: writing last\.pt failed after 10 B, 0 B free.*--out"):
+        runio.save_checkpoint(tmp_path / "run" / "last.pt", {"a": torch.zeros(3)})
+    assert list((tmp_path / "run").iterdir()) == []  # no partial file
+    # ENOSPC from a plain write is the same error, whatever space the folder reports
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(100, 0, 100 << 20))
+    with pytest.raises(DiskFullError, match="summary.json"):
+        with runio._atomic_file(tmp_path / "run" / "summary.json") as fh:
+            fh.write(b"{")
+            raise OSError(28, "No space left on device")
+    # an ordinary error with room on the disk stays what it is
+    with pytest.raises(RuntimeError, match="boom"):
+        with runio._atomic_file(tmp_path / "run" / "x.json"):
+            raise RuntimeError("boom")

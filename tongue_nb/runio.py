@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import pickle
+import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -72,11 +73,40 @@ def _atomic_file(path: str | Path) -> Iterator[io.BufferedWriter]:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        written = 0
+        with contextlib.suppress(OSError):
+            written = os.path.getsize(tmp)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        full = _disk_full_error(exc, path, written)
+        if full is not None:
+            raise full from exc
         raise
     _fsync_dir(path.parent)
+
+
+# Below this much free space a failed write is taken for a full disk, whatever the writer's message
+# (torch.save reports a full disk as RuntimeError "unexpected pos ...", not as an OSError).
+_NEARLY_FULL_BYTES = 1 << 20
+
+
+def _disk_full_error(exc: BaseException, path: Path, written: int) -> "Exception | None":
+    """A DiskFullError naming the folder and the space for a write that failed on a full disk, else None."""
+    from .paths import DiskFullError, human_bytes, is_disk_full
+
+    if not isinstance(exc, (OSError, RuntimeError)) or isinstance(exc, DiskFullError):
+        return None
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    if not (is_disk_full(exc) or (free is not None and free < _NEARLY_FULL_BYTES)):
+        return None
+    left = "" if free is None else f", {human_bytes(free)} free"
+    return DiskFullError(f"{path.parent}: the disk is full: writing {path.name} failed after {human_bytes(written)}"
+                         f"{left}; free some space there or choose another folder (--out / out_dir, cache_dir). "
+                         "The partial file was removed")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

@@ -436,10 +436,18 @@ def run_sweep(data_dir: str | Path | None, backbones: Sequence[str], params_file
     data = Path(data_dir).resolve()
     if not (data / "labels.csv").exists():
         raise SweepError(f"run_sweep: data_dir {data} has no labels.csv")
+    from tongue_nb.paths import check_folder, prepare_folder
+    from tongue_nb.runio import RunLock
+
     sweep_dir = Path(out_dir or f"runs/sweep-{_dt.date.today():%Y%m%d}").resolve()
     reports = Path(reports_dir).resolve()
-    reports.mkdir(parents=True, exist_ok=True)
-    from tongue_nb.runio import RunLock
+    for folder, parameter in ((sweep_dir, "out_dir (--out)"), (reports, "reports_dir (--reports)")):
+        if folder == data or data in folder.parents:
+            raise SweepError(f"run_sweep: {parameter} {folder} is inside the dataset {data}; a sweep never writes "
+                             "into its dataset: choose a folder outside it")
+        check_folder(folder, parameter)  # both checked before either is created
+    prepare_folder(sweep_dir, "out_dir (--out)")
+    prepare_folder(reports, "reports_dir (--reports)")
 
     lock = RunLock(sweep_dir).acquire()  # a second sweep into the same folder is refused, not interleaved
     try:
