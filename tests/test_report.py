@@ -329,3 +329,18 @@ def test_rendered_pages_say_what_they_are_link_back_and_hide_logs(tmp_path):
     assert "INFO tongue_nb" not in html and "a printed result" in html
     assert page_title("reports/05_report.html") == "final report"
     assert page_title("04_error_analysis-tf_efficientnet_lite0.html") == "tf_efficientnet_lite0 - error analysis"
+
+
+def test_roc_pr_curves_one_panel_pair_per_task_with_scores_in_the_legend(sweep_dir):
+    from sklearn.metrics import roc_auc_score
+
+    run = report.load_run(sweep_dir / "runs" / "good")
+    fig = report.roc_pr_curves(run)
+    assert len(fig.axes) == 4  # (ROC, PR) x (shape, coat)
+    roc = fig.axes[0]
+    assert roc.get_xlabel() == "false positive rate" and roc.get_title().startswith("shape: ROC")
+    probs, targets, _ = report.arrays(run, "test")
+    keep = np.isfinite(targets["shape"][:, 0])
+    want = roc_auc_score(targets["shape"][keep, 0], probs["shape"][keep, 0])
+    labels = [t.get_text() for t in roc.get_legend().get_texts()]
+    assert f"{SHAPE[0]} ({want:.2f})" in labels

@@ -605,6 +605,52 @@ def threshold_curves(run: RunData, split: str = "val") -> Figure:
     return fig
 
 
+def _one_vs_rest(run: RunData, split: str) -> list[tuple[Task, str, np.ndarray, np.ndarray]]:
+    """(task, label, 0/1 truth, score) per yes/no label and per class (one against the rest), labelled rows only."""
+    probs, targets, _ = arrays(run, split)
+    out = []
+    for t in run.schema:
+        p, y = probs[t.name], targets[t.name]
+        for i, label in enumerate(t.labels):
+            if t.kind == "multiclass":
+                keep = y >= 0
+                out.append((t, label, (y[keep] == i).astype(float), p[keep, i]))
+            else:
+                keep = np.isfinite(y[:, i])
+                out.append((t, label, y[keep, i].astype(float), p[keep, i]))
+    return out
+
+
+def roc_pr_curves(run: RunData, split: str = "test") -> Figure:
+    """ROC and precision-recall curves per task: one line per label or class (one against the rest),
+    with its AUROC / average precision in the legend and the chance lines (diagonal, prevalence)."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+
+    items = _one_vs_rest(run, split)
+    tasks = list(dict.fromkeys(t.name for t, *_ in items))
+    fig = Figure(figsize=(6.4, 3.0 * len(tasks)), layout="constrained")
+    axes = fig.subplots(len(tasks), 2, squeeze=False)
+    for row, name in zip(axes, tasks):
+        roc_ax, pr_ax = row
+        for t, label, y, score in (it for it in items if it[0].name == name):
+            if len(np.unique(y)) < 2:
+                continue  # a label with one class among the labelled rows has no curve
+            fpr, tpr, _ = roc_curve(y, score)
+            roc_ax.plot(fpr, tpr, lw=1.2, label=f"{label} ({roc_auc_score(y, score):.2f})")
+            prec, rec, _ = precision_recall_curve(y, score)
+            line, = pr_ax.plot(rec, prec, lw=1.2, label=f"{label} ({average_precision_score(y, score):.2f})")
+            pr_ax.axhline(y.mean(), color=line.get_color(), ls=":", lw=0.8)  # chance: the prevalence
+        roc_ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=0.8)
+        roc_ax.set(title=f"{name}: ROC ({split})", xlabel="false positive rate", ylabel="true positive rate",
+                   xlim=(0, 1), ylim=(0, 1.01))
+        pr_ax.set(title=f"{name}: precision-recall ({split})", xlabel="recall", ylabel="precision",
+                  xlim=(0, 1), ylim=(0, 1.01))
+        for ax, what in ((roc_ax, "AUROC"), (pr_ax, "AP")):
+            if ax.lines:
+                ax.legend(fontsize=7, title=what, title_fontsize=7, loc="lower right" if ax is roc_ax else "lower left")
+    return fig
+
+
 def calibration_table(run: RunData, split: str = "test", bins: int = 10) -> pd.DataFrame:
     """Reliability bins per task: mean confidence vs observed frequency, and the expected calibration error."""
     probs, targets, _ = arrays(run, split)
