@@ -9,7 +9,7 @@ BACKBONES ?= convnext_atto resnet18 test_vit tf_efficientnet_lite0
 RECIPE ?= params/smoke.yaml
 DATA ?=
 
-.PHONY: report test test-all venv strip clean-reports bench
+.PHONY: report test test-all venv strip clean-reports bench browser
 
 venv: $(STAMP)
 
@@ -22,10 +22,18 @@ $(STAMP): pyproject.toml
 report: $(STAMP)
 	$(VENV)/bin/tongue-nb sweep $(if $(DATA),--data $(DATA)) -f $(RECIPE) --backbones $(BACKBONES) --reports reports
 
-test: $(STAMP)
+# Headless Chromium for the tests that read the HTML reports as a reader sees them (tests/test_pages.py);
+# installed with apt-get where it is missing and we may, else those tests skip and say why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1; } || \
+	  echo "chromium not installed: the report-page tests will be skipped"
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
-test-all: $(STAMP)
+test-all: $(STAMP) browser
 	$(PY) -m pytest -q -m ''
 
 strip: $(STAMP)

@@ -155,3 +155,13 @@ def test_stored_notebook_has_no_outputs_and_a_typed_parameters_cell() -> None:
     assert len(params) == 1
     lines = [ln for ln in params[0].source.splitlines() if ln and not ln.startswith("#")]
     assert all(": " in ln.split("=")[0] and "#" in ln for ln in lines)  # `name: type = value  # comment`
+
+
+def test_screen_table_marks_the_picks_and_leaves_failed_rows_out() -> None:
+    from tongue_nb.compare import screen_table
+
+    df = pd.DataFrame({"backbone": ["a", "b", "c"], "params_total_m": [1.0, 2.0, 9.0], "val_loss": [0.9, 0.5, 0.7],
+                       "train_samples_per_s": [30.0, 10.0, 20.0], "error": ["", "", "boom"]})
+    table = screen_table(df)
+    assert list(table["backbone"]) == ["a", "b"] and "parameters (M)" in table.columns
+    assert dict(zip(table["backbone"], table["pick"])) == {"a": "fastest", "b": "lowest val loss, largest"}

@@ -415,6 +415,20 @@ def recommendations(df: pd.DataFrame) -> dict[str, str | None]:
     return out
 
 
+def screen_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The comparison as what it is, a cost and speed screen: one row per backbone that finished, with the
+    seed's three picks (lowest validation loss, fastest, largest) marked in a `pick` column instead of a dict."""
+    ok = df[(df["error"].fillna("") == "")] if "error" in df else df
+    picks = recommendations(df)
+    cols = {"backbone": "backbone", "params_total_m": "parameters (M)", "val_loss": "val loss",
+            "train_loss_first": "train loss, first step", "train_loss_last": "train loss, last step",
+            "train_samples_per_s": "train samples/s", "infer_samples_per_s": "inference samples/s",
+            "peak_memory_mb": "peak memory (MB)"}
+    table = ok[[c for c in cols if c in ok]].rename(columns=cols).reset_index(drop=True)
+    table["pick"] = [", ".join(k.replace("_", " ") for k, v in picks.items() if v == b) for b in table["backbone"]]
+    return table
+
+
 def save_comparison(df: pd.DataFrame, out_dir: str | Path, settings: dict[str, Any] | None = None) -> Path:
     """Write `comparison.csv` and `comparison.json` (rows, recommendations, settings) into `out_dir`."""
     from tongue_nb.runio import atomic_write_json, atomic_write_text

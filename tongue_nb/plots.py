@@ -95,8 +95,29 @@ def metrics_table(summary: Mapping[str, Any], split: str = "test") -> pd.DataFra
     return pd.DataFrame(rows).set_index("task")
 
 
+def show(table: pd.DataFrame, digits: int = 3, empty: str = "none found") -> Any:
+    """A table as a reader should see it: numbers rounded, missing values as '-', no row-number index.
+
+    Returns a pandas Styler (renders as HTML in notebooks and reports), or `empty` for an empty table.
+    A meaningful index (anything but 0, 1, 2, ...) is kept.
+    """
+    if table is None or len(table) == 0:
+        return empty
+    table = table.copy()
+    for col in table.columns:  # whole numbers stored as floats (counts next to NaN) print as integers
+        values = table[col]
+        if values.dtype.kind == "f" and values.dropna().map(float.is_integer).all() and values.notna().any():
+            table[col] = values.astype("Int64")
+    styler = table.style.format(precision=digits, na_rep="-", thousands=",")
+    if isinstance(table.index, pd.RangeIndex):
+        styler = styler.hide(axis="index")
+    return styler
+
+
 def _plain(value: Any) -> Any:
     """A value for a two-column table: floats to 4 significant digits, sequences and mappings as short text."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, Mapping):
@@ -135,7 +156,8 @@ def run_overview(summary: Mapping[str, Any]) -> pd.DataFrame:
             "training samples/s": summary.get("train_samples_per_s"),
             "evaluation samples/s": summary.get("eval_samples_per_s"),
             "peak memory (MB)": summary.get("peak_memory_mb"),
-            "initial weights": f"{weights.get('kind', 'none')} {weights.get('detail', '')}".strip()}
+            "initial weights": ("random (pretrained: false)" if weights.get("kind", "none") == "none"
+                                else f"{weights['kind']} {weights.get('detail', '')}".strip())}
     return key_value_table(info)
 
 

@@ -923,11 +923,19 @@ def sweep_provenance(sweep: SweepData) -> str:
     synthetic = Path(data, ".synthetic.json").is_file()
     parts = [f"Data: {data}" + (" (the built-in synthetic set, not real photos)" if synthetic else "")]
     parts.append(f"recipe: {info.get('params_file') or '(per-backbone defaults)'}")
-    run = next((r for r in sweep.runs.values() if r.summary.get("counts")), None)
+    run = next((r for r in sweep.runs.values() if r.summary.get("counts") and "seed" in r.summary), None)
     if run is not None:
         c = run.summary["counts"]
         parts.append(f"split (seed {run.summary.get('seed', '?')}): "
                      + ", ".join(f"{c[s]['samples']} {s}" for s in ("train", "val", "test") if s in c) + " images")
+    trained = {name: r.summary for name, r in sweep.runs.items() if "image_size" in r.summary and "best_epoch" in r.summary}
+    sizes = sorted({int(sm["image_size"]) for sm in trained.values()})
+    if sizes:
+        parts.append("image size " + " / ".join(f"{v} px" for v in sizes))
+    pre = sorted(name for name, sm in trained.items() if (sm.get("pretrained") or {}).get("kind", "none") != "none")
+    if trained:
+        parts.append(f"pretrained: {', '.join(pre)}; the others from random weights" if pre
+                     else "every run from random weights")
     if info.get("started"):
         parts.append(f"started {info['started']}")
     commit = _git_commit()

@@ -608,7 +608,7 @@ def _index(result: SweepResult, reports: Path, ensemble_k: int = 3) -> Path:
             row.update(report=run.report, error_analysis=run.error_analysis)
     failures = [dict(f) for f in result.failures]
     failures += [dict(e, backbone=f"{e['backbone'] or 'sweep'} ({e['stage']})") for e in result.errors]
-    extra = [("Model comparison (same short training budget)", result.comparison_report)] if result.comparison_report else []
+    extra = [("Model comparison (a cost and speed screen)", result.comparison_report)] if result.comparison_report else []
     return write_index(reports, rows, failures, comparison=result.report, extra=extra,
                        title=f"tongue_nb sweep {result.sweep_dir.name}", provenance=provenance)
 
