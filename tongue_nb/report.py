@@ -685,7 +685,9 @@ def reliability_diagram(run: RunData, split: str = "test", bins: int = 10) -> Fi
         ece = float(np.sum(part["n"] * (part["confidence"] - part["observed"]).abs()) / max(part["n"].sum(), 1))
         ax.plot([0, 1], [0, 1], color="grey", ls=":")
         ax.plot(part["confidence"], part["observed"], marker="o")
-        ax.set_title(f"{name} (ECE {ece:.3f})", fontsize=9)
+        for x, y, n in zip(part["confidence"], part["observed"], part["n"]):
+            ax.annotate(str(n), (x, y), xytext=(3, -9), textcoords="offset points", fontsize=6, color="dimgrey")
+        ax.set_title(f"{name} (ECE {ece:.3f}; numbers: images per bin)", fontsize=8)
         ax.set_xlabel("predicted probability")
         ax.set_ylabel("observed frequency")
         ax.set_xlim(0, 1)
