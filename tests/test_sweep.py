@@ -70,6 +70,11 @@ def test_bad_kernel_and_bad_overrides_fail_fast(tmp_path):
         sweep._parse_overrides(["batch_sizze=4"])
     with pytest.raises(ParamError, match="expected key=value"):
         sweep._parse_overrides(["batch_size"])
+    # what the sweep itself sets per run cannot be silently replaced by a --set
+    for item, hint in (("data_dir=/elsewhere", "use --data"), ("backbone=resnet18", "use --backbones"),
+                       ("out_dir=x", "use --out")):
+        with pytest.raises(ParamError, match=f"sweep sets .*{hint}"):
+            sweep._parse_overrides([item])
 
 
 def test_skip_only_completed_runs(tmp_path):

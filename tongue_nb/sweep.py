@@ -373,6 +373,11 @@ def is_completed(run_dir: str | Path) -> bool:
     return summary.get("status", "completed") == "completed" and "final_metrics_fixed" in summary
 
 
+# Parameters the sweep itself gives each run: a --set of one of them would silently beat the sweep's own option.
+SWEEP_OWNED = {"data_dir": "use --data", "out_dir": "runs go to <sweep>/runs/<backbone>; use --out for the sweep",
+               "backbone": "use --backbones"}
+
+
 def _parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     """'key=value' strings into typed notebook parameters, checked by tongue_nb.params (errors name the override)."""
     from tongue_nb.params import ParamError, load_params
@@ -382,6 +387,9 @@ def _parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ParamError(f"override {item!r}: expected key=value")
         key = item.split("=", 1)[0].strip()
+        if key in SWEEP_OWNED:
+            raise ParamError(f"override {item!r}: the sweep sets {key} for every run ({SWEEP_OWNED[key]}); "
+                             "it cannot be overridden with --set")
         # Typing one override at a time keeps its error message about that override only.
         values[key] = getattr(load_params(overrides=[item]), key)
     return values
