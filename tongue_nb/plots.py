@@ -231,6 +231,20 @@ def confusion_matrices(predictions: pd.DataFrame, schema: TaskSchema, split: str
     return out
 
 
+def confusion_heatmap(ax: Any, counts: np.ndarray, true_names: list[str], pred_names: list[str], title: str) -> None:
+    """One confusion matrix as an annotated heat map (seaborn): rows the truth, columns the prediction, counts."""
+    import seaborn as sns
+
+    sns.heatmap(np.asarray(counts, dtype=int), ax=ax, annot=True, fmt="d", cmap="Blues", cbar=False,
+                xticklabels=pred_names, yticklabels=true_names, annot_kws={"fontsize": 8}, linewidths=0.5,
+                linecolor="white", square=len(true_names) == len(pred_names))
+    ax.set_xticklabels(ax.get_xticklabels(), rotation=30, ha="right", fontsize=7)
+    ax.set_yticklabels(ax.get_yticklabels(), rotation=0, fontsize=7)
+    ax.set_xlabel("predicted", fontsize=8)
+    ax.set_ylabel("true", fontsize=8)
+    ax.set_title(title, fontsize=9)
+
+
 def plot_confusion_matrices(predictions: pd.DataFrame, schema: TaskSchema, split: str = "test",
                             thresholded: bool = True) -> Figure:
     """All confusion matrices of a split as one figure of annotated heat maps."""
@@ -241,16 +255,7 @@ def plot_confusion_matrices(predictions: pd.DataFrame, schema: TaskSchema, split
     fig = Figure(figsize=(3.4 * cols, 3.0 * rows), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols)).reshape(-1)
     for ax, (name, cm) in zip(axes, mats.items()):
-        values = cm.to_numpy()
-        ax.imshow(values, cmap="Blues")
-        ax.set_xticks(range(values.shape[1]), cm.columns, rotation=30, ha="right", fontsize=8)
-        ax.set_yticks(range(values.shape[0]), cm.index, fontsize=8)
-        top = values.max() if values.size else 0
-        for (i, j), v in np.ndenumerate(values):
-            ax.text(j, i, int(v), ha="center", va="center", color="white" if v > top / 2 else "black")
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("predicted", fontsize=8)
-        ax.set_ylabel("true", fontsize=8)
+        confusion_heatmap(ax, cm.to_numpy(), [str(c) for c in cm.index], [str(c) for c in cm.columns], name)
     for ax in axes[len(mats):]:
         ax.axis("off")
     fig.suptitle(f"{split} split, {'tuned thresholds' if thresholded else 'threshold 0.5 / argmax'}")

@@ -556,15 +556,10 @@ def confusion_matrices(run: RunData, split: str = "test", thresholded: bool = Tr
     panels = confusion_panels(run, split, thresholded)
     fig = Figure(figsize=(3.0 * len(panels), 3.0), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    from tongue_nb.plots import confusion_heatmap
+
     for ax, (title, names, m) in zip(axes, panels):
-        ax.imshow(m, cmap="Blues")
-        for (i, j), v in np.ndenumerate(m):
-            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > m.max() / 2 else "black", fontsize=8)
-        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
-        ax.set_yticks(range(len(names)), names, fontsize=7)
-        ax.set_xlabel("predicted", fontsize=8)
-        ax.set_ylabel("true", fontsize=8)
-        ax.set_title(title, fontsize=9)
+        confusion_heatmap(ax, m, list(names), list(names), title)
     return fig
 
 
