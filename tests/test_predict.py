@@ -168,3 +168,18 @@ def test_onnx_export_matches_pytorch_and_documents_its_preprocessing(runs, tmp_p
         assert np.abs(got[task] - ref[task].numpy()).max() < 1e-4, task
     assert cli_main(["export", "--run", str(tmp_path), "--out", str(tmp_path / "x.onnx")]) == 2
     assert "finished training run" in capsys.readouterr().err
+
+
+def test_notebook_06_predicts_shows_the_gallery_and_renders(runs, tmp_path):
+    from tongue_nb import sweep
+
+    out_nb = tmp_path / "06.ipynb"
+    with sweep.project_kernel(tmp_path) as kernel:
+        sweep.execute_notebook(sweep.NOTEBOOKS / "06_predict.ipynb", out_nb,
+                               {"runs": str(runs["a"]), "images": str(_test_rows_csv(runs["data"], runs["a"])),
+                                "out_csv": str(tmp_path / "p.csv"), "n_gallery": 4}, kernel, sweep.PROJECT_ROOT)
+    table = pd.read_csv(tmp_path / "p.csv", dtype=str, keep_default_na=False)
+    assert len(table) > 0 and (table["error"] == "").all()
+    html = sweep.render_html(out_nb, tmp_path / "06_predict.html").read_text()
+    assert html.count("data:image/png;base64") >= 2  # gallery and class-activation maps
+    assert "mask_source" in html and "written:" in html

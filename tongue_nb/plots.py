@@ -231,6 +231,18 @@ def confusion_matrices(predictions: pd.DataFrame, schema: TaskSchema, split: str
     return out
 
 
+def image_grid(n: int, columns: int = 4, cell: tuple[float, float] = (3.0, 3.3)) -> tuple[Figure, list[Any]]:
+    """A figure with a grid of n image panels (at least one), `columns` wide, every axis off."""
+    n = max(n, 1)
+    cols = min(columns, n)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(cell[0] * cols, cell[1] * rows), layout="constrained")
+    axes = list(fig.subplots(rows, cols, squeeze=False).ravel())
+    for ax in axes:
+        ax.axis("off")
+    return fig, axes
+
+
 def confusion_heatmap(ax: Any, counts: np.ndarray, true_names: list[str], pred_names: list[str], title: str) -> None:
     """One confusion matrix as an annotated heat map (seaborn): rows the truth, columns the prediction, counts."""
     import seaborn as sns

@@ -15,7 +15,7 @@ import pandas as pd
 import yaml
 from matplotlib.figure import Figure
 
-from tongue_nb.plots import figure_png
+from tongue_nb.plots import figure_png, image_grid
 from tongue_nb.tasks import Task, TaskSchema, load_schema
 
 log = logging.getLogger(__name__)
@@ -778,13 +778,7 @@ def error_gallery(run: RunData, k: int = 12, data_dir: str | Path | None = None,
     """The worst errors as an image grid: mask outlined, true vs predicted and the probability of the truth."""
     worst = worst_errors(run, k, split, task, offset)
     root = _data_dir(run, data_dir)
-    n = max(len(worst), 1)
-    cols = min(columns, n)
-    nrows = math.ceil(n / cols)
-    fig = Figure(figsize=(3.0 * cols, 3.3 * nrows), layout="constrained")
-    axes = fig.subplots(nrows, cols, squeeze=False).ravel()
-    for ax in axes:
-        ax.axis("off")
+    fig, axes = image_grid(len(worst), columns)
     if not len(worst):
         axes[0].text(0.5, 0.5, "no errors on this split", ha="center")
         return fig
@@ -839,12 +833,7 @@ def cam_gallery(run: RunData, task: str, k: int = 6, per_class: int = 1, data_di
              .groupby("true", sort=True).head(per_class))
     chosen = pd.concat([worst.assign(kind="error"), right.assign(kind="correct")], ignore_index=True)
     root = _data_dir(run, data_dir)
-    n = max(len(chosen), 1)
-    cols = min(columns, n)
-    fig = Figure(figsize=(2.8 * cols, 3.1 * math.ceil(n / cols)), layout="constrained")
-    axes = fig.subplots(math.ceil(n / cols), cols, squeeze=False).ravel()
-    for ax in axes:
-        ax.axis("off")
+    fig, axes = image_grid(len(chosen), columns, cell=(2.8, 3.1))
     weights = run.path / "checkpoints" / "best.safetensors"
     problem = ("none found" if not len(chosen) else "images not found: set data_dir" if root is None
                else f"no model checkpoint ({weights.relative_to(run.path)}) in this run folder" if not weights.is_file()

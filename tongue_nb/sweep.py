@@ -298,7 +298,8 @@ def _run_jobs(jobs: list[dict], devices: list[str]) -> list[dict]:
 
 
 PAGE_TITLES = {"01_data_review": "data review", "02_model_comparison": "model comparison (cost and speed screen)",
-               "03_train": "training", "04_error_analysis": "error analysis", "05_report": "final report"}
+               "03_train": "training", "04_error_analysis": "error analysis", "05_report": "final report",
+               "06_predict": "predictions"}
 
 
 def page_title(html_path: str | Path) -> str:
