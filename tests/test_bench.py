@@ -311,3 +311,25 @@ def test_segment_bench_trains_on_the_database_masks_and_writes_figures(tmp_path,
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["counts"]["test"] > 0 and 0 <= saved["test"]["iou"] <= 1 and res["params"]["epochs"] == 1
     assert "| test |" in capsys.readouterr().out and out.with_suffix(".md").is_file()
+
+
+def test_predict_speed_bench_times_model_only_and_end_to_end(tmp_path, capsys):
+    import json
+
+    from tongue_nb import trainer
+    from tongue_nb.params import load_params
+    from tongue_nb.synth import make_synthetic
+
+    data = make_synthetic(tmp_path / "data", n=30, size=48, seed=0)
+    run = tmp_path / "run"
+    trainer.train(load_params(backbone="test_convnext", data_dir=str(data), out_dir=str(run), image_size=32,
+                              pretrained=False, batch_size=8, stage1_epochs=0, stage2_epochs=1, max_steps_per_epoch=1,
+                              warmup_epochs=0.0, progress=False, num_threads=1))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import predict_speed
+
+    res = predict_speed.main(["--run", str(run), "--images", str(data / "images"), "--n", "20", "--batch-size", "8",
+                              "--threads", "1", "--out", str(tmp_path / "ps.json")])
+    assert res["photos"] == 20 and res["failed"] == 0 and res["ratio"] > 0
+    assert re.fullmatch(r"ratio=\d+\.\d{3}", capsys.readouterr().out.strip().splitlines()[-1])
+    assert json.loads((tmp_path / "ps.json").read_text())["model_only_samples_per_s"] > 0
