@@ -135,3 +135,26 @@ def test_real_sweep_two_backbones_and_a_failure(tmp_path, tiny_data):
     assert again.runs[0].error_analysis == str(reports / "04_error_analysis-test_convnext.html")  # kept, not re-run
     assert again.comparison and again.comparison.exists() and "02_model_comparison.html" in (reports / "index.html").read_text()
     print(f"sweep: first {first:.1f} s, rerun {time.perf_counter() - t0:.1f} s")
+
+
+def test_sweep_over_seeds_keeps_one_split_and_reports_the_spread(tmp_path, tiny_data):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text("pretrained: false\nimage_size: 32\nbatch_size: 8\nstage1_epochs: 0\nstage2_epochs: 1\n"
+                      "num_threads: 1\nseed: 5\nseeds: [0, 1]\n")
+    out, reports = tmp_path / "sweep", tmp_path / "reports"
+    result = sweep.run_sweep(tiny_data, ["test_convnext"], params_file=recipe, out_dir=out, reports_dir=reports,
+                             compare=False, ensemble_k=0, baseline=False, seeds=sweep.recipe_seeds(recipe))
+    assert result.ok and [r.backbone for r in result.runs] == ["test_convnext-seed0", "test_convnext-seed1"]
+    summaries = [json.loads((out / "runs" / f"test_convnext-seed{k}" / "summary.json").read_text()) for k in (0, 1)]
+    assert [s["seed"] for s in summaries] == [0, 1] and {s["split_seed"] for s in summaries} == {5}
+    splits = [pd.read_csv(out / "runs" / f"test_convnext-seed{k}" / "split.csv") for k in (0, 1)]
+    assert splits[0].equals(splits[1])  # one split: the seeds differ in initialisation and order only
+    spread = report.seed_table(report.load_sweep(out))
+    assert list(spread["backbone"]) == ["test_convnext"] and spread.loc[0, "n"] == 2
+    assert spread.loc[0, "min"] <= spread.loc[0, "mean"] <= spread.loc[0, "max"]
+    assert "Seed spread" in (reports / "05_report.html").read_text()
+    with pytest.raises(ParamError, match="--seeds"):
+        sweep.run_sweep(tiny_data, ["test_convnext"], overrides=["seed=3"], seeds=[0, 1], out_dir=tmp_path / "x",
+                        reports_dir=tmp_path / "r")
+    with pytest.raises(ParamError, match="each seed once"):
+        sweep.run_sweep(tiny_data, ["test_convnext"], seeds=[1, 1], out_dir=tmp_path / "x", reports_dir=tmp_path / "r")

@@ -114,6 +114,8 @@ class TrainParams:
     oom_retry: bool = _p(True, "on CUDA out-of-memory retry with half batch, twice accumulation")
     # --- data handling
     seed: int = _p(0, "seed for split, initialisation, shuffling and augmentation", ge=0)
+    split_seed: int = _p(-1, "seed of the train/val/test split alone; -1: the same as seed (a sweep over seeds "
+                             "keeps one split)", ge=-1)
     val_fraction: float = _p(0.15, "validation fraction when labels.csv has no split column", gt=0.0, lt=1.0)
     test_fraction: float = _p(0.15, "test fraction when labels.csv has no split column", gt=0.0, lt=1.0)
     on_bad_image: str = _p("error", "unreadable image: error, or skip (listed in the run folder)",
@@ -167,6 +169,11 @@ class TrainParams:
             raise ParamError(f"parameter device: got {self.device!r}, expected auto, cpu, cuda, cuda:N or mps")
         if self.experiment_name and ("/" in self.experiment_name or self.experiment_name in (".", "..")):
             raise ParamError(f"parameter experiment_name: got {self.experiment_name!r}, expected a plain folder name")
+
+    @property
+    def effective_split_seed(self) -> int:
+        """The seed of the train/val/test split: split_seed, or seed when split_seed is -1."""
+        return self.split_seed if self.split_seed >= 0 else self.seed
 
     def as_dict(self) -> dict[str, Any]:
         """Plain dict of every parameter (field order)."""
@@ -282,11 +289,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 PER_BACKBONE_KEY = "per_backbone"
+SWEEP_KEY = "seeds"
 
 
 def _split_sections(data: dict[str, Any], path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """A parameter file's general values and its `per_backbone` sections (backbone name -> values)."""
     data = dict(data)
+    data.pop(SWEEP_KEY, None)  # the sweep's own key (one run per seed); training takes its one `seed`
     sections = data.pop(PER_BACKBONE_KEY, None) or {}
     if not isinstance(sections, dict) or not all(isinstance(v, dict) for v in sections.values()):
         raise ParamError(f"parameter file {path}: {PER_BACKBONE_KEY} must map backbone names to mappings of "

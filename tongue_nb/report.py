@@ -440,6 +440,21 @@ def bootstrap_table(sweep: SweepData, n_boot: int = 1000, seed: int = 0, view: s
     return table
 
 
+def seed_table(sweep: SweepData) -> pd.DataFrame:
+    """Per backbone trained with several seeds: the seeds, and the combined test score's mean, min and max."""
+    groups: dict[str, list[tuple[int, float]]] = {}
+    for run in sweep.runs.values():
+        s = run.summary
+        if "seed" in s and "best_epoch" in s:
+            groups.setdefault(str(s.get("backbone")), []).append((int(s["seed"]),
+                                                                  _metric(s.get("final_metrics_thresholded"))))
+    rows = [{"backbone": b, "seeds": ", ".join(str(k) for k, _ in sorted(v)), "n": len(v),
+             "mean": float(np.mean([x for _, x in v])), "min": float(np.min([x for _, x in v])),
+             "max": float(np.max([x for _, x in v]))} for b, v in groups.items() if len(v) >= 2]
+    return pd.DataFrame(rows, columns=["backbone", "seeds", "n", "mean", "min", "max"]).sort_values(
+        "mean", ascending=False).reset_index(drop=True)
+
+
 def format_p(p: float | None, n_boot: int = 1000) -> str:
     """A bootstrap p-value as text: '< 1/n_boot' when no resample crossed zero (never a bare 0.0)."""
     if p is None or (isinstance(p, float) and math.isnan(p)):
@@ -466,6 +481,13 @@ def verdict(sweep: SweepData, boot: pd.DataFrame, n_boot: int = 1000) -> str:
         text += (f"; {lead:.3f} ahead of {nxt['run']} (paired 95% CI {lo:.3f} to {hi:.3f}, "
                  f"p {format_p(nxt['p_value'], n_boot)}: {sig})")
     text += f". Always giving the constant answer scores {const:.3f}."
+    spread = seed_table(sweep)
+    if len(spread):
+        top = spread.iloc[0]
+        text += (f" Over seeds, {top['backbone']} leads: {top['mean']:.3f} on average over {int(top['n'])} seeds "
+                 f"(range {top['min']:.3f}-{top['max']:.3f})"
+                 + (f", next {spread.iloc[1]['backbone']} {spread.iloc[1]['mean']:.3f} "
+                    f"({spread.iloc[1]['min']:.3f}-{spread.iloc[1]['max']:.3f})" if len(spread) > 1 else "") + ".")
     return text + " Intervals cover the test images of one seed (one split)."
 
 

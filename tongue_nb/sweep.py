@@ -396,6 +396,32 @@ def _parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     return values
 
 
+def recipe_seeds(params_file: str | Path | None) -> list[int] | None:
+    """The `seeds:` list of a recipe file (a sweep key: each backbone trained once per seed), or None."""
+    if not params_file:
+        return None
+    import yaml
+
+    data = yaml.safe_load(Path(params_file).read_text()) or {}
+    return data.get("seeds") if isinstance(data, dict) else None
+
+
+def _check_seeds(seeds: Sequence[int] | None, extra: dict, params_file: str | Path | None) -> list[int] | None:
+    """Validated seeds (distinct integers >= 0), or None for one run per backbone."""
+    from tongue_nb.params import ParamError
+
+    if seeds is None:
+        return None
+    if isinstance(seeds, (str, bytes)) or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0
+                                                  for k in seeds) or not seeds:
+        raise ParamError(f"seeds: got {seeds!r}, expected a list of integers >= 0 (e.g. --seeds 0 1 2)")
+    if len(set(seeds)) != len(seeds):
+        raise ParamError(f"seeds: got {list(seeds)!r}, each seed once")
+    if "seed" in extra:
+        raise ParamError("override 'seed': give the seeds with --seeds (or the recipe's seeds:), not --set seed")
+    return list(seeds)
+
+
 def train_notebook_parameters(backbone: str, data: Path, run_dir: Path, recipe: str | Path, extra: dict) -> dict:
     """Papermill parameters of one 03_train run: the notebook applies the recipe, then every one of these
     (an override equal to a default included), so the run gets what `tongue-nb train -f recipe --set ...` gets."""
@@ -418,7 +444,7 @@ def run_sweep(data_dir: str | Path | None, backbones: Sequence[str], params_file
               overrides: Sequence[str] = (), out_dir: str | Path | None = None, reports_dir: str | Path = "reports",
               gpus: Sequence[str] | int | None = None, compare: bool = True, compare_steps: int = 10,
               kernel_name: str | None = None, ensemble_k: int = 3, compare_options: dict | None = None,
-              baseline: bool = True) -> SweepResult:
+              baseline: bool = True, seeds: Sequence[int] | None = None) -> SweepResult:
     """Compare the backbones, train one 03 notebook per backbone, analyse errors, report, and write index.html.
 
     `data_dir` None trains on the built-in synthetic set; an empty string is refused (an unset variable).
@@ -435,6 +461,7 @@ def run_sweep(data_dir: str | Path | None, backbones: Sequence[str], params_file
         if not (NOTEBOOKS / f"{name}.ipynb").exists():
             raise SweepError(f"run_sweep: notebook {NOTEBOOKS / name}.ipynb is missing from the project")
     extra = _parse_overrides(overrides)
+    seeds_list = _check_seeds(seeds, extra, params_file)
     if data_dir is not None and not str(data_dir).strip():
         raise SweepError(f"run_sweep: data_dir (--data) is {str(data_dir)!r}, expected a dataset folder (an unset "
                          "shell variable?); leave it out (None) to use the built-in synthetic set")
@@ -461,7 +488,7 @@ def run_sweep(data_dir: str | Path | None, backbones: Sequence[str], params_file
     lock = RunLock(sweep_dir).acquire()  # a second sweep into the same folder is refused, not interleaved
     try:
         with project_kernel(sweep_dir, kernel_name) as kernel:
-            return _sweep(data, list(backbones), params_file, extra, sweep_dir, reports, gpus,
+            return _sweep(data, list(backbones), params_file, extra | {"_seeds": seeds_list}, sweep_dir, reports, gpus,
                           dict(compare_options or {}, steps=compare_steps) if compare else None, kernel, ensemble_k,
                           baseline)
     finally:
@@ -473,8 +500,10 @@ def _sweep(data: Path, backbones: list[str], params_file: str | Path | None, ext
            ensemble_k: int, baseline: bool = True) -> SweepResult:
     result = SweepResult(sweep_dir, reports)
     (sweep_dir / "notebooks").mkdir(parents=True, exist_ok=True)
+    seeds = extra.pop("_seeds", None)
     _write_json(sweep_dir / "sweep.json", {"data_dir": str(data), "backbones": backbones, "params_file": str(params_file or ""),
-                                           "overrides": extra, "started": _dt.datetime.now().isoformat(timespec="seconds")})
+                                           "overrides": extra, "seeds": seeds,
+                                           "started": _dt.datetime.now().isoformat(timespec="seconds")})
     # The data review comes first: what the runs are trained on, in the same report folder.
     review_nb = sweep_dir / "notebooks" / "01_data_review.ipynb"
     if (NOTEBOOKS / "01_data_review.ipynb").exists() and _run_stage(
@@ -485,25 +514,35 @@ def _sweep(data: Path, backbones: list[str], params_file: str | Path | None, ext
     if baseline:
         _baseline(data, params_file, extra, sweep_dir / "runs" / BASELINE_RUN, result)
 
+    # One run per backbone, or per backbone and seed (named <backbone>-seed<k>) on one shared split.
+    plan = [(b, b, None) for b in backbones] if not seeds else \
+        [(f"{b}-seed{k}", b, k) for b in backbones for k in seeds]
+    split_seed = None
+    if seeds:
+        from tongue_nb.params import load_params
+
+        split_seed = load_params([params_file] if params_file else (), **extra).effective_split_seed
     jobs, outcomes = [], {}
-    for backbone in backbones:
-        name = _safe_name(backbone)
+    for label, backbone, seed in plan:
+        name = _safe_name(label)
         run_dir = sweep_dir / "runs" / name
         output_nb = sweep_dir / "notebooks" / f"03_train-{name}.ipynb"
         if is_completed(run_dir):
-            log.info("skipping %s: %s already completed", backbone, run_dir)
-            outcomes[backbone] = RunOutcome(backbone, str(run_dir), str(output_nb), status="skipped")
+            log.info("skipping %s: %s already completed", label, run_dir)
+            outcomes[label] = RunOutcome(label, str(run_dir), str(output_nb), status="skipped")
             continue
         recipe = params_file or (PARAMS_DIR / f"{backbone}.yaml" if (PARAMS_DIR / f"{backbone}.yaml").exists() else "")
         parameters = train_notebook_parameters(backbone, data, run_dir, recipe, extra)
+        if seed is not None:
+            parameters.update(seed=seed, split_seed=split_seed)
         if (run_dir / "checkpoints" / "last.pt").exists():
             parameters["resume"] = True  # an interrupted run continues from its last finished epoch
         (run_dir / "failure.json").unlink(missing_ok=True)
-        jobs.append({"backbone": backbone, "run_dir": str(run_dir), "input_nb": str(NOTEBOOKS / "03_train.ipynb"),
+        jobs.append({"backbone": label, "run_dir": str(run_dir), "input_nb": str(NOTEBOOKS / "03_train.ipynb"),
                      "output_nb": str(output_nb), "parameters": parameters, "kernel_name": kernel, "cwd": str(PROJECT_ROOT)})
     for res in _run_jobs(jobs, visible_gpus(gpus)):
         outcomes[res["backbone"]] = RunOutcome(**res)
-    result.runs = [outcomes[b] for b in backbones]
+    result.runs = [outcomes[label] for label, _, _ in plan]
 
     for run in result.runs:
         name = _safe_name(run.backbone)
@@ -545,7 +584,7 @@ def _baseline(data: Path, params_file: str | Path | None, extra: dict, run_dir: 
 
     try:
         params = load_params([params_file] if params_file else (), **extra)
-        fit_baseline_run(data, run_dir, image_size=params.image_size or 128, seed=params.seed,
+        fit_baseline_run(data, run_dir, image_size=params.image_size or 128, seed=params.effective_split_seed,
                          val_fraction=params.val_fraction, test_fraction=params.test_fraction,
                          tasks=params.tasks or None, on_problem=params.on_problem,
                          task_weights=params.task_weights)

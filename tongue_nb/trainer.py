@@ -507,7 +507,7 @@ def resolve_data(params: TrainParams) -> tuple[Path, TaskSchema]:
 def _load_split(params: TrainParams) -> tuple[Path, Labels, np.ndarray]:
     data_dir, schema = resolve_data(params)
     labels = load_labels(data_dir, schema=schema, on_problem=params.on_problem)
-    split = np.asarray(splits_mod.make_split(labels.table, labels.targets, labels.schema, seed=params.seed,
+    split = np.asarray(splits_mod.make_split(labels.table, labels.targets, labels.schema, seed=params.effective_split_seed,
                                              val_fraction=params.val_fraction, test_fraction=params.test_fraction),
                        dtype=object)
     return data_dir, labels, split
@@ -1126,6 +1126,7 @@ def _train_locked(params: TrainParams, info: DistInfo, device: torch.device, amp
         "channels_last": channels_last,
         "world_size": info.world_size,
         "seed": params.seed,
+        "split_seed": params.effective_split_seed,
         "torch_version": torch.__version__,
         "timm_version": timm.__version__,
         "python_version": platform.python_version(),
