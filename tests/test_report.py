@@ -344,3 +344,26 @@ def test_roc_pr_curves_one_panel_pair_per_task_with_scores_in_the_legend(sweep_d
     want = roc_auc_score(targets["shape"][keep, 0], probs["shape"][keep, 0])
     labels = [t.get_text() for t in roc.get_legend().get_texts()]
     assert f"{SHAPE[0]} ({want:.2f})" in labels
+
+
+def test_task_bars_carry_the_bootstrap_intervals(sweep_dir):
+    sweep = report.load_sweep(sweep_dir)
+    table = report.run_table(sweep, chance=True)
+    boot = report.bootstrap_table(sweep, n_boot=100)
+    fig = report.task_bars(table, SCHEMA, boot=boot)
+    ax = fig.axes[0]
+    assert "95% interval" in ax.get_title() and ax.get_ylabel()
+    assert any(len(c.get_segments()) == len(table) for c in ax.collections)  # one error bar per row
+
+
+def test_ranking_table_gives_auroc_and_ap_per_task(sweep_dir):
+    from sklearn.metrics import roc_auc_score
+
+    sweep = report.load_sweep(sweep_dir)
+    table = report.ranking_table(sweep).set_index("run")
+    run = sweep.runs["good"]
+    probs, targets, _ = report.arrays(run, "test")
+    keep = targets["coat"] >= 0
+    want = np.mean([roc_auc_score(targets["coat"][keep] == i, probs["coat"][keep, i]) for i in range(3)])
+    assert table.loc["good", "coat AUROC"] == pytest.approx(want)
+    assert table.loc["good", "shape AUROC"] > table.loc["weak", "shape AUROC"]

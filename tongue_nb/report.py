@@ -440,6 +440,26 @@ def bootstrap_table(sweep: SweepData, n_boot: int = 1000, seed: int = 0, view: s
     return table
 
 
+def ranking_table(sweep: SweepData, split: str = "test") -> pd.DataFrame:
+    """Threshold-free scores per run and task: mean AUROC and mean average precision over the task's labels or
+    classes (one against the rest), to read beside the F1 table: a high F1 with an AUROC near 0.5 is luck."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    rows = []
+    for name, run in sweep.runs.items():
+        row: dict[str, Any] = {"run": name}
+        for t in run.schema:
+            aucs, aps = [], []
+            for _, _, y, score in (it for it in _one_vs_rest(run, split) if it[0].name == t.name):
+                if len(np.unique(y)) == 2:
+                    aucs.append(roc_auc_score(y, score))
+                    aps.append(average_precision_score(y, score))
+            row[f"{t.name} AUROC"] = float(np.mean(aucs)) if aucs else np.nan
+            row[f"{t.name} AP"] = float(np.mean(aps)) if aps else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def seed_table(sweep: SweepData) -> pd.DataFrame:
     """Per backbone trained with several seeds: the seeds, and the combined test score's mean, min and max."""
     groups: dict[str, list[tuple[int, float]]] = {}
@@ -495,21 +515,31 @@ def verdict(sweep: SweepData, boot: pd.DataFrame, n_boot: int = 1000) -> str:
 # figures for the final report
 
 
-def task_bars(table: pd.DataFrame, schema: TaskSchema, view: str = "thresholded") -> Figure:
-    """One bar chart per task (and the combined score) comparing every row of a run table."""
+def task_bars(table: pd.DataFrame, schema: TaskSchema, view: str = "thresholded",
+              boot: pd.DataFrame | None = None) -> Figure:
+    """One bar chart per task (and the combined score) over every row of a run table, with the 95% bootstrap
+    interval of each run as an error bar when `boot` (bootstrap_table) is given; chance rows grey,
+    combinations orange."""
     names = ["combined"] + schema.names
-    fig = Figure(figsize=(3.2 * len(names), 3.2), layout="constrained")
+    ci = boot.set_index("run") if boot is not None and len(boot) else None
+    colours = ["#BBBBBB" if str(r).startswith("chance:") else "#4C72B0" if ci is None or r in ci.index else "#DD8452"
+               for r in table["run"]]
+    fig = Figure(figsize=(max(3.2, 0.45 * len(table) + 1.2) * len(names), 3.6), layout="constrained")
     axes = fig.subplots(1, len(names), squeeze=False)[0]
     for ax, name in zip(axes, names):
         col = f"{name}_{view}"
         values = table[col].astype(float).to_numpy() if col in table else np.full(len(table), np.nan)
-        ax.bar(range(len(table)), np.nan_to_num(values), color="#4C72B0")
-        ax.set_xticks(range(len(table)), table["run"], rotation=45, ha="right", fontsize=8)
-        ax.set_ylim(0, 1)
-        ax.set_title(f"{name} ({view})", fontsize=10)
-        for i, v in enumerate(values):
-            if np.isfinite(v):
-                ax.text(i, v + 0.02, f"{v:.2f}", ha="center", fontsize=7)
+        err = None
+        if ci is not None and view == "thresholded":
+            lo = np.array([ci.loc[r, f"{name}_lo"] if r in ci.index else np.nan for r in table["run"]], dtype=float)
+            hi = np.array([ci.loc[r, f"{name}_hi"] if r in ci.index else np.nan for r in table["run"]], dtype=float)
+            err = np.nan_to_num(np.vstack([np.clip(values - lo, 0, None), np.clip(hi - values, 0, None)]))
+        ax.bar(range(len(table)), np.nan_to_num(values), color=colours, yerr=err, capsize=3,
+               error_kw={"elinewidth": 0.8, "ecolor": "black"})
+        ax.set_xticks(range(len(table)), table["run"], rotation=45, ha="right", fontsize=7)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("macro-F1 (test)" if name != "combined" else "combined score (test)", fontsize=8)
+        ax.set_title(f"{name}" + (" (bars: 95% interval)" if err is not None else ""), fontsize=9)
     return fig
 
 
