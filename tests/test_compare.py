@@ -56,6 +56,8 @@ def test_in_process_rows_files_and_failed_backbone(synth_dir: Path, tmp_path: Pa
 
     df = compare_backbones(synth_dir, "test_convnext,no_such_net,test_convnext", out_dir=tmp_path, isolate=False, **FAST)
     assert list(df.columns) == compare.COLUMNS
+    ok = df[df["error"] == ""]
+    assert (ok["val_loss_se"].isna() | (ok["val_loss_se"] >= 0)).all()  # the spread of the val-loss reading
     assert list(df["backbone"]) == ["test_convnext", "no_such_net"]  # duplicates dropped, order kept
     ok, bad = df.iloc[0], df.iloc[1]
     assert ok["error"] == "" and "no_such_net" in bad["error"] and "convnext_tiny" in bad["error"]

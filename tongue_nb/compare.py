@@ -32,7 +32,7 @@ import pandas as pd
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["backbone", "timm_name", "params_total_m", "params_trainable_m", "val_loss", "train_loss_first",
+COLUMNS = ["backbone", "timm_name", "params_total_m", "params_trainable_m", "val_loss", "val_loss_se", "train_loss_first",
            "train_loss_last", "train_samples_per_s", "infer_samples_per_s", "peak_memory_mb", "memory_method",
            "device", "steps", "batch_size", "image_size", "seconds", "error"]
 RECOMMENDATIONS = {"lowest_val_loss": ("val_loss", "min"), "fastest": ("train_samples_per_s", "max"),
@@ -227,6 +227,7 @@ def _measure(name: str, data: _Data, cfg: dict[str, Any]) -> dict[str, Any]:
     # --- validation loss after the budget (sample-weighted mean over the evaluated batches)
     model.eval()
     loss_sum = count = 0.0
+    batch_losses = []
     with torch.no_grad():
         for i, batch in enumerate(val_loader):
             if cfg["eval_batches"] is not None and i >= cfg["eval_batches"]:
@@ -235,6 +236,7 @@ def _measure(name: str, data: _Data, cfg: dict[str, Any]) -> dict[str, Any]:
             total, _ = loss_fn(model(x), y, w)
             loss_sum += float(total) * len(x)
             count += len(x)
+            batch_losses.append(float(total))
         # --- inference speed: forward passes on validation batches after warm-up
         vbatches = _cycle(val_loader)
         n_seen = 0
@@ -259,6 +261,9 @@ def _measure(name: str, data: _Data, cfg: dict[str, Any]) -> dict[str, Any]:
         "params_total_m": counts["total"],
         "params_trainable_m": counts["trainable"],
         "val_loss": loss_sum / count if count else float("nan"),
+        # the spread of that reading: standard error of the batch losses (how far apart two losses can be by chance)
+        "val_loss_se": float(np.std(batch_losses, ddof=1) / np.sqrt(len(batch_losses))) if len(batch_losses) > 1
+        else float("nan"),
         "train_loss_first": float(losses_cpu[0]),
         "train_loss_last": float(losses_cpu[-1]),
         "train_samples_per_s": timed_steps * bs / train_time,
@@ -421,6 +426,7 @@ def screen_table(df: pd.DataFrame) -> pd.DataFrame:
     ok = df[(df["error"].fillna("") == "")] if "error" in df else df
     picks = recommendations(df)
     cols = {"backbone": "backbone", "params_total_m": "parameters (M)", "val_loss": "val loss",
+            "val_loss_se": "val loss standard error",
             "train_loss_first": "train loss, first step", "train_loss_last": "train loss, last step",
             "train_samples_per_s": "train samples/s", "infer_samples_per_s": "inference samples/s",
             "peak_memory_mb": "peak memory (MB)"}
