@@ -126,3 +126,20 @@ def test_papermill_empty_data_dir_is_refused(tmp_path):
     with pytest.raises(PapermillExecutionError) as info:
         _papermill_params(tmp_path, {"data_dir": ""})  # `-p data_dir "$DATA"` with DATA unset
     assert info.value.ename == "ParamError" and "notebook parameter data_dir: got ''" in info.value.evalue
+
+
+def test_sweep_layers_the_backbones_own_file_then_the_recipe_then_the_users_values(tmp_path):
+    from tongue_nb import sweep
+    recipe = tmp_path / "gpu.yaml"
+    recipe.write_text("stage2_epochs: 30\nprecision: bf16\n")
+    files = sweep.recipe_files("convnext_large", recipe)
+    assert [f.name for f in files] == ["convnext_large.yaml", "gpu.yaml"]
+    parameters = sweep.train_notebook_parameters("convnext_large", tmp_path / "data", tmp_path / "run", files,
+                                                 sweep._parse_overrides(["batch_size=4"]))
+    got = _papermill_params(tmp_path, parameters)
+    own = load_params(files=[sweep.PARAMS_DIR / "convnext_large.yaml"])
+    assert got["stage2_lr_backbone"] == own.stage2_lr_backbone == 2e-5  # the backbone's own learning rates kept
+    assert got["drop_rate"] == own.drop_rate
+    assert got["stage2_epochs"] == 30 and got["precision"] == "bf16"  # the recipe over the backbone's file
+    assert got["batch_size"] == 4  # the user's value over both
+    assert sweep.recipe_files("resnet18", recipe) == [recipe.resolve()]  # no file of its own: the recipe alone

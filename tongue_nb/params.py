@@ -428,11 +428,16 @@ def params_from_namespace(namespace: Mapping[str, Any], params_file: str | Path 
             # Passing an empty data_dir is an unset variable, not a wish for the synthetic set (leave it out).
             raise ParamError(f"notebook parameter data_dir: got {chosen['data_dir']!r}, expected a dataset folder "
                              "(an unset shell variable?); leave -p data_dir out to use the built-in synthetic set")
-    files = [params_file] if params_file else []
-    return load_params(files=files, overrides=overrides, **chosen)
+    return load_params(files=split_files(params_file), overrides=overrides, **chosen)
 
 
-NOTEBOOK_EXTRA = {"params_file": ("str", "", "YAML recipe (e.g. params/smoke.yaml); every value papermill passes wins over it")}
+def split_files(params_file: str | Path) -> list[str]:
+    """A notebook's params_file: one YAML file, or several comma-separated (applied in order, later wins)."""
+    return [f.strip() for f in str(params_file or "").split(",") if f.strip()]
+
+
+NOTEBOOK_EXTRA = {"params_file": ("str", "", "YAML recipe(s), comma-separated, later wins (e.g. params/convnext_large.yaml,"
+                                             "params/gpu.yaml); every value papermill passes wins over them")}
 
 
 def sync_notebook_parameters(path: str | Path) -> bool:

@@ -422,11 +422,21 @@ def _check_seeds(seeds: Sequence[int] | None, extra: dict, params_file: str | Pa
     return list(seeds)
 
 
-def train_notebook_parameters(backbone: str, data: Path, run_dir: Path, recipe: str | Path, extra: dict) -> dict:
-    """Papermill parameters of one 03_train run: the notebook applies the recipe, then every one of these
-    (an override equal to a default included), so the run gets what `tongue-nb train -f recipe --set ...` gets."""
+def recipe_files(backbone: str, params_file: str | Path | None) -> list[Path]:
+    """The parameter files of one sweep run, in the order they apply: params/<backbone>.yaml (the backbone's own
+    settings) when there is one, then the sweep's recipe; the user's --set values apply after both."""
+    own = PARAMS_DIR / f"{backbone}.yaml"
+    return [p.resolve() for p in ([own] if own.is_file() else []) + ([Path(params_file)] if params_file else [])]
+
+
+def train_notebook_parameters(backbone: str, data: Path, run_dir: Path, recipe: Sequence[Path] | str | Path,
+                              extra: dict) -> dict:
+    """Papermill parameters of one 03_train run: the notebook applies the recipe files in order, then every one
+    of these (an override equal to a default included), so the run gets what
+    `tongue-nb train -f own.yaml -f recipe --set ...` gets."""
+    files = [recipe] if isinstance(recipe, (str, Path)) else list(recipe)
     return {"backbone": backbone, "data_dir": str(data), "out_dir": str(run_dir),
-            "params_file": str(Path(recipe).resolve()) if recipe else "", "progress": False, **extra}
+            "params_file": ",".join(str(Path(f).resolve()) for f in files if str(f)), "progress": False, **extra}
 
 
 def _safe_name(backbone: str) -> str:
@@ -531,8 +541,7 @@ def _sweep(data: Path, backbones: list[str], params_file: str | Path | None, ext
             log.info("skipping %s: %s already completed", label, run_dir)
             outcomes[label] = RunOutcome(label, str(run_dir), str(output_nb), status="skipped")
             continue
-        recipe = params_file or (PARAMS_DIR / f"{backbone}.yaml" if (PARAMS_DIR / f"{backbone}.yaml").exists() else "")
-        parameters = train_notebook_parameters(backbone, data, run_dir, recipe, extra)
+        parameters = train_notebook_parameters(backbone, data, run_dir, recipe_files(backbone, params_file), extra)
         if seed is not None:
             parameters.update(seed=seed, split_seed=split_seed)
         if (run_dir / "checkpoints" / "last.pt").exists():
