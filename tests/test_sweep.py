@@ -37,6 +37,11 @@ def test_failures_are_recorded_with_their_cell(tmp_path):
     assert Path(failed["notebook"]).exists()  # the partial notebook is kept for rendering
     assert dead["status"] == "failed" and dead["error"]["error_type"] == "DeadKernelError"
     assert "os._exit" in dead["error"]["cell_source"]
+    hanging = _notebook(tmp_path / "hang.ipynb", "x = 1", "import time\ntime.sleep(60)", "z = 2")
+    with sweep.project_kernel(tmp_path) as kernel:
+        hung = sweep.run_job(dict(_job(tmp_path, "hung", hanging, kernel), cell_timeout=2))
+    assert hung["status"] == "failed" and "time.sleep(60)" in hung["error"]["cell_source"]
+    assert hung["seconds"] < 45  # the timeout stopped it, the sweep goes on
     html = sweep.render_html(failed["notebook"], tmp_path / "bad.html").read_text()
     assert "unknown backbone 7" in html and "y = x + 1" not in html  # partial output shown, code hidden
 

@@ -142,7 +142,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     result = run_sweep(_data_arg(args.data), args.backbones or default_backbones(args.file),
                        params_file=args.file, overrides=args.set or (), out_dir=args.out,
                        reports_dir=args.reports, compare=not args.no_compare,
-                       seeds=args.seeds if args.seeds is not None else recipe_seeds(args.file))
+                       seeds=args.seeds if args.seeds is not None else recipe_seeds(args.file),
+                       cell_timeout=args.cell_timeout)
     # run_sweep has logged its outcome (result.describe()); the exit status says whether all runs succeeded.
     return 0 if result.ok else 1
 
@@ -254,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="sweep folder (default runs/sweep-<date>)")
     p.add_argument("--reports", default="reports", help="HTML reports folder (default reports/)")
     p.add_argument("--no-compare", action="store_true", help="skip the model comparison")
+    p.add_argument("--cell-timeout", type=float, default=0, metavar="SECONDS",
+                   help="a training-notebook cell running longer than this fails its run (a hung run); 0: no limit")
     p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
                    help="train each backbone once per seed on one shared split (runs <backbone>-seed<k>); "
                         "also the recipe key seeds:")

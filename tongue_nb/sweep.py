@@ -198,15 +198,20 @@ def failure_record(backbone: str, exc: BaseException, notebook: Path | None, sta
 
 
 def execute_notebook(input_nb: Path, output_nb: Path, parameters: dict, kernel_name: str, cwd: Path,
-                     start_retries: int = 2) -> None:
-    """Run a notebook with papermill, retrying kernel-start races; execution errors propagate."""
+                     start_retries: int = 2, cell_timeout: float = 0) -> None:
+    """Run a notebook with papermill, retrying kernel-start races; execution errors propagate.
+
+    cell_timeout > 0: a cell still running after that many seconds stops the notebook (a hung run fails
+    with a timeout instead of holding the sweep); 0: no limit.
+    """
     import papermill as pm
 
     output_nb.parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(start_retries + 1):
         try:
             pm.execute_notebook(str(input_nb), str(output_nb), parameters=parameters, kernel_name=kernel_name, language="python",
-                                cwd=str(cwd), progress_bar=False, log_output=False, request_save_on_cell_execute=True)
+                                cwd=str(cwd), progress_bar=False, log_output=False, request_save_on_cell_execute=True,
+                                execution_timeout=cell_timeout if cell_timeout and cell_timeout > 0 else None)
             return
         except RuntimeError as exc:
             # DeadKernelError is a RuntimeError too: only messages of a kernel that never started are retried.
@@ -222,7 +227,8 @@ def run_job(job: dict) -> dict:
     out = RunOutcome(job["backbone"], job["run_dir"], job["output_nb"])
     start = time.perf_counter()
     try:
-        execute_notebook(Path(job["input_nb"]), Path(job["output_nb"]), job["parameters"], job["kernel_name"], Path(job["cwd"]))
+        execute_notebook(Path(job["input_nb"]), Path(job["output_nb"]), job["parameters"], job["kernel_name"], Path(job["cwd"]),
+                         cell_timeout=float(job.get("cell_timeout") or 0))
         out.status = "completed"
     except Exception as exc:  # every failure is recorded; the sweep goes on with the other backbones
         out.status = "failed"
@@ -454,7 +460,7 @@ def run_sweep(data_dir: str | Path | None, backbones: Sequence[str], params_file
               overrides: Sequence[str] = (), out_dir: str | Path | None = None, reports_dir: str | Path = "reports",
               gpus: Sequence[str] | int | None = None, compare: bool = True, compare_steps: int = 10,
               kernel_name: str | None = None, ensemble_k: int = 3, compare_options: dict | None = None,
-              baseline: bool = True, seeds: Sequence[int] | None = None) -> SweepResult:
+              baseline: bool = True, seeds: Sequence[int] | None = None, cell_timeout: float = 0) -> SweepResult:
     """Compare the backbones, train one 03 notebook per backbone, analyse errors, report, and write index.html.
 
     `data_dir` None trains on the built-in synthetic set; an empty string is refused (an unset variable).
@@ -498,19 +504,19 @@ def run_sweep(data_dir: str | Path | None, backbones: Sequence[str], params_file
     lock = RunLock(sweep_dir).acquire()  # a second sweep into the same folder is refused, not interleaved
     try:
         with project_kernel(sweep_dir, kernel_name) as kernel:
-            return _sweep(data, list(backbones), params_file, extra | {"_seeds": seeds_list}, sweep_dir, reports, gpus,
+            return _sweep(data, list(backbones), params_file, extra, sweep_dir, reports, gpus,
                           dict(compare_options or {}, steps=compare_steps) if compare else None, kernel, ensemble_k,
-                          baseline)
+                          baseline, seeds=seeds_list, cell_timeout=cell_timeout)
     finally:
         lock.release()
 
 
 def _sweep(data: Path, backbones: list[str], params_file: str | Path | None, extra: dict, sweep_dir: Path,
            reports: Path, gpus: Sequence[str] | int | None, compare: dict | None, kernel: str,
-           ensemble_k: int, baseline: bool = True) -> SweepResult:
+           ensemble_k: int, baseline: bool = True, seeds: list[int] | None = None, cell_timeout: float = 0
+           ) -> SweepResult:
     result = SweepResult(sweep_dir, reports)
     (sweep_dir / "notebooks").mkdir(parents=True, exist_ok=True)
-    seeds = extra.pop("_seeds", None)
     _write_json(sweep_dir / "sweep.json", {"data_dir": str(data), "backbones": backbones, "params_file": str(params_file or ""),
                                            "overrides": extra, "seeds": seeds,
                                            "started": _dt.datetime.now().isoformat(timespec="seconds")})
@@ -548,7 +554,8 @@ def _sweep(data: Path, backbones: list[str], params_file: str | Path | None, ext
             parameters["resume"] = True  # an interrupted run continues from its last finished epoch
         (run_dir / "failure.json").unlink(missing_ok=True)
         jobs.append({"backbone": label, "run_dir": str(run_dir), "input_nb": str(NOTEBOOKS / "03_train.ipynb"),
-                     "output_nb": str(output_nb), "parameters": parameters, "kernel_name": kernel, "cwd": str(PROJECT_ROOT)})
+                     "output_nb": str(output_nb), "parameters": parameters, "kernel_name": kernel, "cwd": str(PROJECT_ROOT),
+                     "cell_timeout": cell_timeout})
     for res in _run_jobs(jobs, visible_gpus(gpus)):
         outcomes[res["backbone"]] = RunOutcome(**res)
     result.runs = [outcomes[label] for label, _, _ in plan]

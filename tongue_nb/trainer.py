@@ -753,6 +753,9 @@ def _train(params: TrainParams, info: DistInfo, on_epoch_end: Callable[[dict[str
     if params.num_threads:
         torch.set_num_threads(params.num_threads)
     device = _resolve_device(params.device, info)
+    if device.type == "cuda":
+        # Fixed input sizes: let cuDNN pick its fastest convolution algorithms once, on the first batches.
+        torch.backends.cudnn.benchmark = True
     amp_dtype = _resolve_amp(params.precision, device)
     channels_last = params.channels_last
     progress = params.progress and info.is_main and progress_allowed()
