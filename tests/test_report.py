@@ -283,7 +283,7 @@ def test_chance_rows_flags_and_verdict(sweep_dir, tmp_path):
     assert report.run_row(good)["one_answer_labels"] == 0
     boot = report.bootstrap_table(sweep, n_boot=200)
     text = report.verdict(sweep, boot, n_boot=200)
-    assert text.startswith("Best on the combined test score") and "good" in text and "ahead of weak" in text
+    assert text.startswith("Best single run on the combined test score") and "good" in text and "ahead of weak" in text
     assert "10 test images" in text and "constant answer" in text
     assert report.format_p(0.0, 1000) == "< 0.001" and report.format_p(0.0421) == "0.042"
 

@@ -491,7 +491,7 @@ def verdict(sweep: SweepData, boot: pd.DataFrame, n_boot: int = 1000) -> str:
     ranked = boot.sort_values("combined", ascending=False, na_position="last").reset_index(drop=True)
     best = ranked.iloc[0]
     const = chance_rows(sweep.runs[best["run"]])[0]["combined_thresholded"]
-    text = (f"Best on the combined test score (macro-F1 per task, thresholds tuned on validation): "
+    text = (f"Best single run on the combined test score (macro-F1 per task, thresholds tuned on validation): "
             f"{best['run']}, {best['combined']:.3f} (95% CI {best['combined_lo']:.3f}-{best['combined_hi']:.3f}) "
             f"on {int(best['n_test'])} test images")
     if len(ranked) > 1:
