@@ -124,6 +124,8 @@ def test_plots_return_figures() -> None:
     assert len(speed.axes[0].patches) == 4
     empty = compare.plot_speed(df.assign(error="boom"))
     assert "nothing to plot" in empty.axes[0].texts[0].get_text()
+    one = compare.plot_params_vs_loss(df.head(1))  # no one-point scatter
+    assert "nothing to compare" in one.axes[0].texts[0].get_text()
 
 
 def test_notebook_runs_with_papermill(tmp_path: Path) -> None:

@@ -477,8 +477,8 @@ def plot_params_vs_loss(df: pd.DataFrame):
     from matplotlib.figure import Figure
 
     ok = _ok_rows(df).dropna(subset=["params_total_m", "val_loss"])
-    if ok.empty:
-        return _empty_figure("no backbone finished: nothing to plot")
+    if len(ok) < 2:  # a one-point scatter says nothing a table row does not
+        return _empty_figure("fewer than two backbones finished: nothing to compare (see the table)")
     # A Figure not registered with pyplot: no global state, and notebooks show it exactly once.
     fig = Figure(figsize=(6.5, 4.2), layout="constrained")
     ax = fig.add_subplot()
