@@ -118,3 +118,25 @@ def test_bad_segmenter_input_is_refused(tmp_path):
     assert cli_main(["train-segmenter", "--data", str(data), "--out", str(data / "inside")]) == 2
     assert cli_main(["train-segmenter", "--data", str(data), "--out", str(tmp_path / "s"), "--set", "epoch=3"]) == 2
     assert not (tmp_path / "s").exists()  # refused before anything was written
+
+
+def test_mask_acceptance_bench_scores_given_and_predicted_masks(seg_run, tmp_path):
+    import sys as _sys
+
+    from tongue_nb.params import load_params
+    from tongue_nb.trainer import train
+
+    run = tmp_path / "clf"
+    train(load_params(backbone="test_convnext", data_dir=str(seg_run["data"]), out_dir=str(run), image_size=32,
+                      pretrained=False, batch_size=8, stage1_epochs=0, stage2_epochs=1, max_steps_per_epoch=2,
+                      warmup_epochs=0.0, progress=False, num_threads=1, device="cpu", crop="crop_blank"))
+    _sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import mask_acceptance
+
+    res = mask_acceptance.main(["--run", str(run), "--segmenter", str(seg_run["out"]), "--threads", "1",
+                                "--out", str(tmp_path / "acc.json")])
+    split = pd.read_csv(run / "split.csv")
+    assert res["photos"] == int((split["split"] == "test").sum()) > 0
+    assert 0 <= res["given_masks_combined"] <= 1 and res["difference"] == pytest.approx(
+        res["predicted_masks_combined"] - res["given_masks_combined"])
+    assert json.loads((tmp_path / "acc.json").read_text())["per_task"].keys() == {"shape", "coat"}
