@@ -39,7 +39,7 @@ def seg_run(tmp_path_factory) -> dict[str, Path]:
     data = make_synthetic(root / "data", n=40, size=64, seed=3)
     out = root / "seg"
     code = cli_main(["train-segmenter", "--data", str(data), "--out", str(out), "--set", "image_size=64",
-                     "--set", "epochs=2", "--set", "batch_size=8", "--set", "num_threads=1"])
+                     "--set", "epochs=5", "--set", "lr=3e-3", "--set", "batch_size=8", "--set", "num_threads=1"])
     assert code == 0
     return {"data": data, "out": out}
 
@@ -52,15 +52,18 @@ def test_segmenter_run_folder_and_scores(seg_run):
     assert all(0.0 <= v <= 1.0 for v in summary["test"].values())
     assert summary["counts"]["train"] > 0 and summary["counts"]["test"] > 0
     history = pd.read_csv(out / "history.csv")
-    assert list(history["epoch"]) == [1, 2] and history["train_loss"].notna().all()
+    assert list(history["epoch"]) == [1, 2, 3, 4, 5] and history["train_loss"].notna().all()
     assert (out / "checkpoints" / "best.safetensors").is_file() and (out / "checkpoints" / "last.pt").is_file()
+    page = (out / "report.html").read_text()  # its own HTML report: scores, curves, overlays
+    assert "<title>segmenter - seg</title>" in page and "IoU (post-processed)" in page
+    assert page.count("data:image/png;base64") == 2
     # a second run into the same folder is refused; --resume of a finished run retrains nothing
     assert cli_main(["train-segmenter", "--data", str(seg_run["data"]), "--out", str(out), "--set", "image_size=64",
-                     "--set", "epochs=2", "--set", "batch_size=8"]) == 2
+                     "--set", "epochs=5", "--set", "lr=3e-3", "--set", "batch_size=8"]) == 2
     assert cli_main(["train-segmenter", "--data", str(seg_run["data"]), "--out", str(out), "--resume",
-                     "--set", "image_size=64", "--set", "epochs=2", "--set", "batch_size=8",
+                     "--set", "image_size=64", "--set", "epochs=5", "--set", "lr=3e-3", "--set", "batch_size=8",
                      "--set", "num_threads=1"]) == 0
-    assert len(pd.read_csv(out / "history.csv")) == 2
+    assert len(pd.read_csv(out / "history.csv")) == 5
 
 
 def test_segmenter_masks_photos_given_without_one(seg_run, tmp_path):
@@ -73,10 +76,10 @@ def test_segmenter_masks_photos_given_without_one(seg_run, tmp_path):
     assert len(masks) == 6
     for m, img in zip(masks, photos):
         assert m is None or (m.shape == img.shape[:2] and m.dtype == bool and m.any())
-    # the masks agree with the drawn ones better than chance would (a learnt, not a constant, mask)
+    # the masks agree with the drawn ones far better than the whole photo would (IoU ~0.19: the tongue's share)
     truth = [read_mask(seg_run["data"] / p, img.shape[:2]) for p, img in zip(labels["mask"], photos)]
     ious = [segment.iou_dice(m, t)[0] for m, t in zip(masks, truth) if m is not None]
-    assert ious and np.mean(ious) > 0.3
+    assert ious and np.mean(ious) > 0.5
 
 
 def test_predict_uses_the_segmenter_for_photos_without_masks(seg_run, tmp_path):
@@ -140,3 +143,22 @@ def test_mask_acceptance_bench_scores_given_and_predicted_masks(seg_run, tmp_pat
     assert 0 <= res["given_masks_combined"] <= 1 and res["difference"] == pytest.approx(
         res["predicted_masks_combined"] - res["given_masks_combined"])
     assert json.loads((tmp_path / "acc.json").read_text())["per_task"].keys() == {"shape", "coat"}
+
+
+def test_segmenter_onnx_export_matches_pytorch(seg_run, tmp_path):
+    import onnxruntime as ort
+    import torch
+
+    from tongue_nb.export import onnx_metadata
+
+    out = tmp_path / "seg.onnx"
+    assert cli_main(["export", "--run", str(seg_run["out"]), "--out", str(out)]) == 0
+    meta = onnx_metadata(out)
+    assert meta["kind"] == "segmenter" and meta["image_size"] == "64" and meta["threshold"] == "0.5"
+    seg = segment.Segmenter.from_run(seg_run["out"])
+    x = torch.rand(3, 3, 64, 64)
+    x = (x - seg.mean) / seg.std
+    got = ort.InferenceSession(str(out)).run(None, {"image": x.numpy()})[0]
+    with torch.no_grad():
+        ref = torch.sigmoid(seg.net(x)).numpy()
+    assert got.shape == (3, 1, 64, 64) and np.abs(got - ref).max() < 1e-4

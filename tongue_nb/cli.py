@@ -129,10 +129,20 @@ def _cmd_train_segmenter(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from tongue_nb.export import export_onnx
+    from pathlib import Path
 
-    out = export_onnx(args.run, args.out)
-    print(f"{out}: ONNX export of {args.run} (preprocessing, tasks and thresholds in its metadata)")
+    import yaml
+
+    from tongue_nb.export import export_onnx, export_segmenter_onnx
+
+    saved = Path(args.run, "params.yaml")
+    is_segmenter = saved.is_file() and "encoder" in (yaml.safe_load(saved.read_text()) or {})
+    if is_segmenter:
+        out = export_segmenter_onnx(args.run, args.out)
+        print(f"{out}: ONNX export of the segmenter {args.run} (preprocessing and post-processing in its metadata)")
+    else:
+        out = export_onnx(args.run, args.out)
+        print(f"{out}: ONNX export of {args.run} (preprocessing, tasks and thresholds in its metadata)")
     return 0
 
 
@@ -235,8 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     p.set_defaults(func=_cmd_train_segmenter)
 
-    p = sub.add_parser("export", help="export a trained run to ONNX (probabilities per task; metadata: preprocessing)")
-    p.add_argument("--run", required=True, metavar="RUN_DIR", help="trained run folder")
+    p = sub.add_parser("export", help="export a trained run or a segmenter run to ONNX (metadata: preprocessing)")
+    p.add_argument("--run", required=True, metavar="RUN_DIR", help="trained run folder, or a segmenter run folder")
     p.add_argument("--out", required=True, help="output .onnx file")
     p.set_defaults(func=_cmd_export)
 

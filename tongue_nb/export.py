@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .models import MultiTaskBackbone
 
-__all__ = ["export_onnx", "onnx_metadata", "FORMAT"]
+__all__ = ["export_onnx", "export_segmenter_onnx", "onnx_metadata", "FORMAT"]
 
 FORMAT = "tongue_nb-onnx-1"
 
@@ -55,6 +55,44 @@ def export_onnx(run_dir: str | Path, out: str | Path) -> Path:
             "std": json.dumps(list(pred.std)), "crop": pred.crop, "crop_margin": str(pred.margin),
             "tasks": json.dumps([{"name": t.name, "kind": t.kind, "labels": list(t.labels)} for t in model.schema]),
             "thresholds": json.dumps(pred.thresholds), "backbone": model.backbone_name, "timm_name": model.timm_name,
+            "run": str(Path(run_dir).resolve())}
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto)
+    return atomic_write_bytes(out, proto.SerializeToString())
+
+
+class _MaskProbability(nn.Module):
+    """A segmenter's tongue probability per pixel, [batch, 1, S, S]."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, image: Tensor) -> Tensor:
+        return torch.sigmoid(self.net(image))
+
+
+def export_segmenter_onnx(run_dir: str | Path, out: str | Path) -> Path:
+    """Write a segmenter run (tongue-nb train-segmenter) as ONNX: input `image` [batch, 3, S, S] (the whole photo
+    letterboxed to S, 0..1, normalised with mean/std), output `tongue` [batch, 1, S, S] probabilities; metadata
+    says so, with the threshold (0.5) and the post-processing (largest region, holes filled) a user applies."""
+    import onnx
+
+    from .runio import atomic_write_bytes
+    from .segment import Segmenter
+
+    seg = Segmenter.from_run(run_dir)
+    size = seg.image_size
+    program = torch.onnx.export(_MaskProbability(seg.net).eval(), (torch.zeros(2, 3, size, size),), dynamo=True,
+                                input_names=["image"], output_names=["tongue"],
+                                dynamic_shapes={"image": {0: torch.export.Dim("batch")}}, verbose=False)
+    proto = program.model_proto
+    meta = {"tongue_nb_format": FORMAT, "kind": "segmenter", "image_size": str(size),
+            "mean": json.dumps(seg.mean.flatten().tolist()), "std": json.dumps(seg.std.flatten().tolist()),
+            "preprocessing": "whole photo letterboxed (padded to a square, centred) and resized to image_size",
+            "threshold": "0.5", "postprocessing": "largest connected region, holes filled; none found: no tongue",
             "run": str(Path(run_dir).resolve())}
     for key, value in meta.items():
         entry = proto.metadata_props.add()

@@ -11,6 +11,7 @@ connected region, holes filled); a photo where no tongue is found gets None, nev
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
 import logging
 import math
@@ -334,8 +335,8 @@ def train_segmenter(params: SegParams) -> dict[str, Any]:
             save_checkpoint(last, {"model": net.state_dict(), "optimizer": opt.state_dict(),
                                    "scheduler": sched.state_dict(), "history": history, "best": best, "epoch": epoch})
         seg = Segmenter.from_run(out)
-        test = _scores(_predict_probs(seg.net, images[idx["test"]], seg.mean, seg.std), masks[idx["test"]]) \
-            if len(idx["test"]) else {}
+        test_probs = _predict_probs(seg.net, images[idx["test"]], seg.mean, seg.std)
+        test = _scores(test_probs, masks[idx["test"]]) if len(idx["test"]) else {}
         val = _scores(_predict_probs(seg.net, images[idx["val"]], seg.mean, seg.std), masks[idx["val"]])
         summary = {"kind": "segmenter", "status": "completed", "encoder": params.encoder, "image_size": params.image_size,
                    "pretrained": weights_info, "data_dir": str(data), "run_dir": str(out),
@@ -344,7 +345,59 @@ def train_segmenter(params: SegParams) -> dict[str, Any]:
                    "val": val, "test": test, "train_seconds": float(sum(r["seconds"] for r in history))}
         atomic_write_json(out / "summary.json", summary)
         pd.DataFrame({"image": rows["image"], "split": split}).to_csv(out / "split.csv", index=False)
+        write_report(out, summary, history, images[idx["test"]], masks[idx["test"]], test_probs,
+                     list(rows["image"].iloc[idx["test"]]))
     return summary
+
+
+def write_report(out: Path, summary: dict, history: list[dict], images: np.ndarray, masks: np.ndarray,
+                 probs: np.ndarray, names: list[str], k: int = 4) -> Path:
+    """<run>/report.html: the scores, the curves, and the k worst and k best test photos with both outlines."""
+    import html
+
+    from matplotlib.figure import Figure
+
+    from .plots import figure_png, image_grid
+    from .runio import atomic_write_text
+
+    def png(fig: Figure) -> str:
+        return f"<img alt='figure' src='data:image/png;base64,{base64.b64encode(figure_png(fig)).decode()}'>"
+
+    rows = "".join(f"<tr><td>{split}</td>" + "".join(f"<td>{summary[split].get(key, float('nan')):.4f}</td>"
+                                                     for key in ("iou", "dice", "iou_clean", "dice_clean")) + "</tr>"
+                   for split in ("val", "test") if summary.get(split))
+    hist = pd.DataFrame(history)
+    curves = Figure(figsize=(8, 3), layout="constrained")
+    a, b = curves.subplots(1, 2)
+    a.plot(hist["epoch"], hist["train_loss"], marker="o")
+    a.set(title="training loss (cross-entropy + Dice)", xlabel="epoch", ylabel="loss")
+    b.plot(hist["epoch"], hist["val_iou"], marker="o", label="IoU")
+    b.plot(hist["epoch"], hist["val_dice"], marker="o", label="Dice")
+    b.set(title="validation", xlabel="epoch", ylabel="score")
+    b.legend(fontsize=8)
+    cleaned = [clean_mask(p) for p in probs]
+    ious = np.array([iou_dice(np.zeros_like(m) if c is None else c, m)[0] for c, m in zip(cleaned, masks)])
+    order = list(np.argsort(ious)[:k]) + list(np.argsort(ious)[::-1][:k])
+    gallery, axes = image_grid(len(order), 4, cell=(2.6, 2.9))
+    for ax, i in zip(axes, order):
+        ax.imshow(images[i])
+        ax.contour(masks[i], levels=[0.5], colors="lime", linewidths=1)
+        if cleaned[i] is not None:
+            ax.contour(cleaned[i], levels=[0.5], colors="red", linewidths=1, linestyles="--")
+        ax.set_title(f"{Path(names[i]).name}: IoU {ious[i]:.3f}", fontsize=7)
+    c = summary["counts"]
+    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>segmenter - {html.escape(out.name)}"
+            f"</title><style>body{{font-family:sans-serif;max-width:1300px;margin:2em}}td,th{{padding:4px 10px}}"
+            f"</style></head><body><h1>segmenter - {html.escape(out.name)}</h1>"
+            f"<p>U-Net, encoder {html.escape(summary['encoder'])} (initial weights: "
+            f"{html.escape(str(summary['pretrained'].get('kind')))}), {summary['image_size']} px, "
+            f"{c['train']} train / {c['val']} val / {c['test']} test photos, best epoch {summary['best_epoch']}, "
+            f"{summary['train_seconds'] / 60:.1f} min of training.</p>"
+            "<h2>Scores</h2><table><tr><th>split</th><th>IoU</th><th>Dice</th><th>IoU (post-processed)</th>"
+            f"<th>Dice (post-processed)</th></tr>{rows}</table><p>Post-processed: the largest region, holes filled.</p>"
+            f"<h2>Training</h2>{png(curves)}<h2>The {k} worst and {k} best test photos</h2>"
+            f"<p>Green: the given mask; red dashed: the segmenter's (post-processed).</p>{png(gallery)}</body></html>")
+    return atomic_write_text(out / "report.html", page)
 
 
 # --------------------------------------------------------------------------- prediction
