@@ -36,31 +36,37 @@ class _Probabilities(nn.Module):
                      for n, k in self.kinds)
 
 
-def export_onnx(run_dir: str | Path, out: str | Path) -> Path:
-    """Write the run's best checkpoint as an ONNX file (dynamic batch) with its metadata; return the path."""
+def _save(module: nn.Module, size: int, output_names: list[str], meta: dict[str, str], out: str | Path) -> Path:
+    """Export `module` (input `image` [batch, 3, size, size], dynamic batch) with its metadata, checked, atomically."""
     import onnx
 
-    from .predict import Predictor
     from .runio import atomic_write_bytes
 
-    pred = Predictor.from_runs([run_dir])  # checks the run folder; one model, its thresholds and crop
-    model = pred.model
-    size = pred.image_size
-    example = torch.zeros(2, 3, size, size)
-    program = torch.onnx.export(_Probabilities(model).eval(), (example,), dynamo=True, input_names=["image"],
-                                output_names=[t.name for t in model.schema],
-                                dynamic_shapes={"image": {0: torch.export.Dim("batch")}}, verbose=False)
+    program = torch.onnx.export(module, (torch.zeros(2, 3, size, size),), dynamo=True, input_names=["image"],
+                                output_names=output_names, dynamic_shapes={"image": {0: torch.export.Dim("batch")}},
+                                verbose=False)
     proto = program.model_proto
-    meta = {"tongue_nb_format": FORMAT, "image_size": str(size), "mean": json.dumps(list(pred.mean)),
-            "std": json.dumps(list(pred.std)), "crop": pred.crop, "crop_margin": str(pred.margin),
-            "tasks": json.dumps([{"name": t.name, "kind": t.kind, "labels": list(t.labels)} for t in model.schema]),
-            "thresholds": json.dumps(pred.thresholds), "backbone": model.backbone_name, "timm_name": model.timm_name,
-            "run": str(Path(run_dir).resolve())}
     for key, value in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.checker.check_model(proto)
     return atomic_write_bytes(out, proto.SerializeToString())
+
+
+def export_onnx(run_dir: str | Path, out: str | Path) -> Path:
+    """Write the run's best checkpoint as an ONNX file (dynamic batch) with its metadata; return the path."""
+    from .predict import Predictor
+
+    pred = Predictor.from_runs([run_dir])  # checks the run folder; one model, its thresholds and crop
+    model = pred.model
+    size = pred.image_size
+    module, output_names = _Probabilities(model).eval(), [t.name for t in model.schema]
+    meta = {"tongue_nb_format": FORMAT, "image_size": str(size), "mean": json.dumps(list(pred.mean)),
+            "std": json.dumps(list(pred.std)), "crop": pred.crop, "crop_margin": str(pred.margin),
+            "tasks": json.dumps([{"name": t.name, "kind": t.kind, "labels": list(t.labels)} for t in model.schema]),
+            "thresholds": json.dumps(pred.thresholds), "backbone": model.backbone_name, "timm_name": model.timm_name,
+            "run": str(Path(run_dir).resolve())}
+    return _save(module, size, output_names, meta, out)
 
 
 class _MaskProbability(nn.Module):
@@ -78,27 +84,17 @@ def export_segmenter_onnx(run_dir: str | Path, out: str | Path) -> Path:
     """Write a segmenter run (tongue-nb train-segmenter) as ONNX: input `image` [batch, 3, S, S] (the whole photo
     letterboxed to S, 0..1, normalised with mean/std), output `tongue` [batch, 1, S, S] probabilities; metadata
     says so, with the threshold (0.5) and the post-processing (largest region, holes filled) a user applies."""
-    import onnx
-
-    from .runio import atomic_write_bytes
     from .segment import Segmenter
 
     seg = Segmenter.from_run(run_dir)
     size = seg.image_size
-    program = torch.onnx.export(_MaskProbability(seg.net).eval(), (torch.zeros(2, 3, size, size),), dynamo=True,
-                                input_names=["image"], output_names=["tongue"],
-                                dynamic_shapes={"image": {0: torch.export.Dim("batch")}}, verbose=False)
-    proto = program.model_proto
+    module, output_names = _MaskProbability(seg.net).eval(), ["tongue"]
     meta = {"tongue_nb_format": FORMAT, "kind": "segmenter", "image_size": str(size),
             "mean": json.dumps(seg.mean.flatten().tolist()), "std": json.dumps(seg.std.flatten().tolist()),
             "preprocessing": "whole photo letterboxed (padded to a square, centred) and resized to image_size",
             "threshold": "0.5", "postprocessing": "largest connected region, holes filled; none found: no tongue",
             "run": str(Path(run_dir).resolve())}
-    for key, value in meta.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.checker.check_model(proto)
-    return atomic_write_bytes(out, proto.SerializeToString())
+    return _save(module, size, output_names, meta, out)
 
 
 def onnx_metadata(path: str | Path) -> dict[str, object]:
