@@ -183,3 +183,32 @@ def test_notebook_06_predicts_shows_the_gallery_and_renders(runs, tmp_path):
     html = sweep.render_html(out_nb, tmp_path / "06_predict.html").read_text()
     assert html.count("data:image/png;base64") >= 2  # gallery and class-activation maps
     assert "mask_source" in html and "written:" in html
+
+
+def test_predict_with_a_per_task_selection(runs, tmp_path, capsys):
+    import json
+
+    photos = predict.list_photos(_test_rows_csv(runs["data"], runs["a"]))
+    sel = {"kind": "per_task_selection", "tasks": {
+        "shape": {"source": "a", "runs": [str(runs["a"])], "thresholds": [0.3, 0.3, 0.3]},
+        "coat": {"source": "ensemble(top 2)", "runs": [str(runs["a"]), str(runs["b"])], "thresholds": None}}}
+    (tmp_path / "selection.json").write_text(json.dumps(sel))
+    out = tmp_path / "p.csv"
+    assert cli_main(["predict", "--selection", str(tmp_path / "selection.json"), "--images",
+                     str(_test_rows_csv(runs["data"], runs["a"])), "--out", str(out)]) == 0
+    table = pd.read_csv(out, dtype=str, keep_default_na=False).set_index("id")
+    single = predict.predict_table(predict.Predictor.from_runs([runs["a"]]), photos).set_index("id")
+    ens = predict.predict_table(predict.Predictor.from_runs([runs["a"], runs["b"]]), photos).set_index("id")
+    shape_p = [c for c in single.columns if c.startswith("p:shape:")]
+    assert np.allclose(table[shape_p].astype(float), single[shape_p].astype(float), atol=1e-5)
+    coat_p = [c for c in ens.columns if c.startswith("p:coat:")]
+    assert np.allclose(table[coat_p].astype(float), ens[coat_p].astype(float), atol=1e-5)
+    want = (single["p:shape:spots"].astype(float) >= 0.3).astype(int).astype(str)
+    assert (table["pred:shape:spots"] == want).all()  # the selection's own thresholds
+    assert set(table["source:coat"]) == {"ensemble(top 2)"}
+    sel["tasks"]["coat"] = {"source": "classical-baseline", "runs": [str(tmp_path)], "thresholds": None}
+    (tmp_path / "selection.json").write_text(json.dumps(sel))
+    assert cli_main(["predict", "--selection", str(tmp_path / "selection.json"), "--images",
+                     str(_test_rows_csv(runs["data"], runs["a"])), "--out", str(tmp_path / "q.csv")]) == 2
+    assert "task coat was chosen from 'classical-baseline'" in capsys.readouterr().err
+    assert cli_main(["predict", "--images", str(runs["data"] / "images"), "--out", str(tmp_path / "q.csv")]) == 2

@@ -92,15 +92,26 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if bool(args.run) == bool(args.selection):
+        raise ValueError("predict: give trained runs (--run, repeatable) or a sweep's --selection selection.json, "
+                         "one of the two")
     photos = list_photos(args.images)  # checked before the models load: a bad list costs nothing
-    predictor = Predictor.from_runs(args.run, device=args.device)
     segmenter = None
     if args.segmenter:
         from tongue_nb.segment import Segmenter
 
         segmenter = Segmenter.from_run(args.segmenter)
-    table = predict_table(predictor, photos, batch_size=args.batch_size, workers=args.workers, device=args.device,
-                          explain_dir=args.explain, segmenter=segmenter)
+    if args.selection:
+        from tongue_nb.predict import predict_selection
+
+        if args.explain:
+            raise ValueError("predict: --explain maps one trained run; use --run with it, not --selection")
+        table = predict_selection(args.selection, photos, batch_size=args.batch_size, workers=args.workers,
+                                  device=args.device, segmenter=segmenter)
+    else:
+        predictor = Predictor.from_runs(args.run, device=args.device)
+        table = predict_table(predictor, photos, batch_size=args.batch_size, workers=args.workers, device=args.device,
+                              explain_dir=args.explain, segmenter=segmenter)
     atomic_write_text(args.out, table.to_csv(index=False, float_format="%.6g"))
     failed = int((table["error"] != "").sum())
     print(f"{args.out}: {len(table) - failed} of {len(table)} photos scored"
@@ -225,8 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("predict", help="apply trained runs to new photos: probabilities and decisions per task")
-    p.add_argument("--run", action="append", required=True, metavar="RUN_DIR",
+    p.add_argument("--run", action="append", metavar="RUN_DIR",
                    help="trained run folder (repeat for the ensemble of several runs)")
+    p.add_argument("--selection", metavar="SELECTION_JSON",
+                   help="instead of --run: a sweep's selection.json (each task from the run or ensemble chosen for it)")
     p.add_argument("--images", required=True, help="folder of photos, or a CSV with image (and optional mask, id)")
     p.add_argument("--out", required=True, help="output CSV (one row per photo)")
     p.add_argument("--batch-size", type=int, default=32)

@@ -225,6 +225,48 @@ def predict_table(pred: Predictor, photos: pd.DataFrame, batch_size: int = 32, w
     return pd.DataFrame(out_rows, columns=["id", "image", "mask_source", "error"] + _score_columns(pred.schema))
 
 
+def predict_selection(selection_file: str | Path, photos: pd.DataFrame, batch_size: int = 32, workers: int = 2,
+                      device: str = "cpu", segmenter: Any = None) -> pd.DataFrame:
+    """Apply a sweep's per-task selection (selection.json): each task answered by the run or ensemble chosen for it,
+    with the thresholds chosen with it; a `source:<task>` column says which. A task chosen from the classical
+    baseline (which keeps no model) cannot be applied and is refused, naming the task."""
+    import json
+
+    path = Path(selection_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"--selection {path}: no such file (a sweep writes <sweep>/selection.json)")
+    sel = json.loads(path.read_text())
+    if not isinstance(sel, dict) or sel.get("kind") != "per_task_selection" or not isinstance(sel.get("tasks"), dict):
+        raise ValueError(f"--selection {path}: not a per-task selection (expected kind per_task_selection and tasks)")
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for task, choice in sel["tasks"].items():
+        runs = tuple(choice.get("runs") or ())
+        unusable = [r for r in runs if not (Path(r) / "checkpoints" / "best.safetensors").is_file()]
+        if not runs or unusable:
+            raise ValueError(f"--selection {path}: task {task} was chosen from {choice.get('source')!r}, which keeps no "
+                             "model to apply to new photos (the classical baseline keeps none); pass --run instead")
+        groups.setdefault(runs, []).append(task)
+    if not groups:
+        raise ValueError(f"--selection {path}: names no task")
+    out: pd.DataFrame | None = None
+    for runs, tasks in groups.items():
+        pred = Predictor.from_runs(list(runs), device=device)
+        for task in tasks:
+            chosen = sel["tasks"][task].get("thresholds")
+            if chosen is not None:
+                pred.thresholds[task] = [float(v) for v in chosen]
+        table = predict_table(pred, photos, batch_size=batch_size, workers=workers, device=device, segmenter=segmenter)
+        cols = [c for c in table.columns if any(c.startswith(f"{k}:{t}:") or c == f"pred:{t}"
+                                                  for t in tasks for k in ("p", "pred"))]
+        part = table[cols].assign(**{f"source:{t}": sel["tasks"][t]["source"] for t in tasks})
+        if out is None:
+            out = pd.concat([table[["id", "image", "mask_source", "error"]], part], axis=1)
+        else:
+            out = pd.concat([out, part], axis=1)
+            out["error"] = [a or b for a, b in zip(out["error"], table["error"])]
+    return out
+
+
 def _write_explanations(pred: Predictor, images: np.ndarray, probs: dict[str, np.ndarray], names: list[str],
                         folder: Path) -> None:
     """One overlay PNG per photo and task: the Grad-CAM map of the model's answer over the prepared photo."""
