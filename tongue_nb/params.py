@@ -133,24 +133,12 @@ class TrainParams:
         # Coercion is applied here too, so TrainParams(batch_size="8") from a notebook works
         # exactly like load_params(batch_size="8"); checks run on every construction
         # (dataclasses.replace included) so an invalid object never exists.
-        for f in fields(self):
-            setattr(self, f.name, _coerce(f, getattr(self, f.name), source="value"))
+        coerce_fields(self)
         self.check()
 
     def check(self) -> None:
         """Raise ParamError naming the parameter and the expected value when one is invalid."""
-        for f in fields(self):
-            value = getattr(self, f.name)
-            meta = f.metadata
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ParamError(f"parameter {f.name}: got {value!r}, expected a finite number")
-            if meta.get("choices") and value not in meta["choices"]:
-                raise ParamError(f"parameter {f.name}: got {value!r}, expected one of {list(meta['choices'])}")
-            for key, ok, word in (("gt", lambda v, b: v > b, ">"), ("ge", lambda v, b: v >= b, ">="),
-                                  ("lt", lambda v, b: v < b, "<"), ("le", lambda v, b: v <= b, "<=")):
-                bound = meta.get(key)
-                if bound is not None and not ok(value, bound):
-                    raise ParamError(f"parameter {f.name}: got {value!r}, expected a number {word} {bound}")
+        check_fields(self)
         if not self.backbone.strip():
             raise ParamError("parameter backbone: got '', expected a timm model name or short alias")
         if self.stage1_epochs + self.stage2_epochs < 1:
@@ -199,6 +187,28 @@ class TrainParams:
     def effective_eval_batch_size(self) -> int:
         """eval_batch_size, or twice the training batch (no gradients to keep) when 0."""
         return self.eval_batch_size or 2 * self.batch_size
+
+
+def coerce_fields(obj: Any) -> None:
+    """Convert every field of a parameters dataclass to its declared type (strings from YAML or a CLI included)."""
+    for f in fields(obj):
+        setattr(obj, f.name, _coerce(f, getattr(obj, f.name), source="value"))
+
+
+def check_fields(obj: Any) -> None:
+    """Check every field of a parameters dataclass against its metadata: finite floats, choices, bounds."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        meta = f.metadata
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ParamError(f"parameter {f.name}: got {value!r}, expected a finite number")
+        if meta.get("choices") and value not in meta["choices"]:
+            raise ParamError(f"parameter {f.name}: got {value!r}, expected one of {list(meta['choices'])}")
+        for key, ok, word in (("gt", lambda v, b: v > b, ">"), ("ge", lambda v, b: v >= b, ">="),
+                              ("lt", lambda v, b: v < b, "<"), ("le", lambda v, b: v <= b, "<=")):
+            bound = meta.get(key)
+            if bound is not None and not ok(value, bound):
+                raise ParamError(f"parameter {f.name}: got {value!r}, expected a number {word} {bound}")
 
 
 _FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in fields(TrainParams)}

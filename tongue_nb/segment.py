@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -62,28 +62,10 @@ class SegParams:
     resume: bool = _f(False, "continue from checkpoints/last.pt")
 
     def __post_init__(self) -> None:
-        from .params import ParamError
+        from .params import ParamError, check_fields, coerce_fields
 
-        for f in fields(self):
-            value = getattr(self, f.name)
-            kind = type(f.default)
-            if kind is bool and isinstance(value, str):
-                value = value.strip().lower() in ("1", "true", "yes", "on")
-            elif kind in (int, float) and isinstance(value, str):
-                try:
-                    value = kind(value)
-                except ValueError:
-                    raise ParamError(f"parameter {f.name}: got {value!r}, expected a number") from None
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise ParamError(f"parameter {f.name}: got {value!r} ({type(value).__name__}), expected {kind.__name__}")
-            if kind is float and not math.isfinite(value):
-                raise ParamError(f"parameter {f.name}: got {value!r}, expected a finite number")
-            for key, ok in (("gt", lambda v, b: v > b), ("ge", lambda v, b: v >= b), ("lt", lambda v, b: v < b)):
-                if key in f.metadata and not ok(value, f.metadata[key]):
-                    raise ParamError(f"parameter {f.name}: got {value!r}, expected a number {key} {f.metadata[key]}")
-            setattr(self, f.name, value)
+        coerce_fields(self)  # the same typing and checks as training's parameters
+        check_fields(self)
         if not self.data_dir or not self.out_dir:
             raise ParamError("parameters data_dir and out_dir: both are needed (--data, --out)")
         if self.val_fraction + self.test_fraction >= 1:
