@@ -405,3 +405,43 @@ def test_ensemble_probabilities_are_exact_means_numpy():
     for task in SCHEMA:
         want = torch.stack([to_probs(SCHEMA, m)[task.name] for m in member]).mean(0)
         assert torch.allclose(p[task.name], want, atol=1e-6)
+
+
+def test_colour_statistics_match_the_baseline_features_on_the_tongue_region():
+    """The in-network colour statistics are the baseline's RGB/HSV statistics of the non-black pixels."""
+    import numpy as np
+
+    from tongue_nb import baseline
+    from tongue_nb.colour import colour_statistics, feature_names
+
+    rng = np.random.default_rng(0)
+    img = rng.uniform(0.2, 0.9, size=(2, 32, 32, 3)).astype(np.float32)
+    img[0, :10] = 0.0  # blanked background: left out of the statistics
+    mask = img.max(-1) > 4 / 255
+    stats = colour_statistics(torch.from_numpy(img).permute(0, 3, 1, 2)).numpy()
+    names = feature_names()
+    assert stats.shape == (2, len(names)) and np.isfinite(stats).all()
+    values = np.concatenate([img, baseline._rgb_to_hsv(img)], -1).reshape(2, -1, 6)
+    ref = baseline._masked_stats(values, mask.reshape(2, -1))  # [n, 6 channels, mean/std/percentiles]
+    ours = stats[:, : 6 * ref.shape[2]].reshape(2, 6, -1)
+    np.testing.assert_allclose(ours, ref, atol=1e-4)
+    # Lab lightness in [0, 1] (L / 100) agrees with the baseline's L / 100.
+    lab = baseline._rgb_to_lab(img).reshape(2, -1, 3)
+    l_mean = (lab[..., 0] * mask.reshape(2, -1)).sum(1) / mask.reshape(2, -1).sum(1) / 100
+    np.testing.assert_allclose(stats[:, names.index("L_mean")], l_mean, atol=1e-3)
+    # A black photo gives finite statistics, not NaN.
+    assert torch.isfinite(colour_statistics(torch.zeros(1, 3, 16, 16))).all()
+
+
+def test_colour_stats_heads_read_the_colour_embedding_and_round_trip():
+    model = MultiTaskBackbone("test_convnext", SCHEMA, pretrained=False, image_size=32, colour_stats=True).eval()
+    x = torch.rand(4, 3, 32, 32)
+    out = model(x)
+    assert all(torch.isfinite(v).all() for v in out.values())
+    names = [g["name"] for g in model.param_groups(1e-3, 1e-3, 0.05)]
+    assert names == ["head_decay", "head_no_decay"]  # frozen backbone; the colour embedding trains with the heads
+    n_head = sum(p.numel() for g in model.param_groups(1e-3, 1e-3, 0.05) for p in g["params"])
+    assert n_head > sum(p.numel() for p in model.heads.parameters())
+    # A colour-only change of the image changes the logits through the statistics even with the heads only.
+    brighter = model(x.clamp(0, 1) * 0.5)
+    assert any(not torch.allclose(out[k], brighter[k]) for k in out)

@@ -27,6 +27,7 @@ import yaml
 from torch import Tensor, nn
 
 from . import weights as weights_mod
+from .colour import ColourStats
 from .tasks import TaskSchema, load_schema
 
 log = logging.getLogger(__name__)
@@ -369,7 +370,7 @@ class MultiTaskBackbone(_InputConfig, nn.Module):
 
     def __init__(self, backbone_name: str, tasks: TaskSchema, pretrained: bool = True, freeze_backbone: bool = True,
                  drop_rate: float = 0.0, pretrained_path: str | Path | None = None,
-                 image_size: int | None = None) -> None:
+                 image_size: int | None = None, colour_stats: bool = False) -> None:
         super().__init__()
         if not isinstance(tasks, TaskSchema):
             raise TypeError(f"tasks must be a TaskSchema, got {type(tasks).__name__}")
@@ -419,14 +420,17 @@ class MultiTaskBackbone(_InputConfig, nn.Module):
         # Pooled features with num_classes=0 have the pre-logits width, which some models (e.g.
         # MobileNetV3, ConvNeXt variants with a head MLP) report as head_hidden_size, not num_features.
         self.num_features = int(getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features)
-        self.heads = nn.ModuleDict({
-            t.name: nn.Sequential(nn.Dropout(self.drop_rate), nn.Linear(self.num_features, t.n_outputs))
-            for t in tasks
-        })
         dc = dict(timm.data.resolve_model_data_config(self.backbone))
         if image_size is not None:
             dc["input_size"] = (3, image_size, image_size)
         self.data_config: dict[str, Any] = dc
+        # Optional colour statistics of the tongue region beside the pooled features (colour.py).
+        self.colour = ColourStats(dc["mean"], dc["std"]) if colour_stats else None
+        head_in = self.num_features + (self.colour.width if self.colour is not None else 0)
+        self.heads = nn.ModuleDict({
+            t.name: nn.Sequential(nn.Dropout(self.drop_rate), nn.Linear(head_in, t.n_outputs))
+            for t in tasks
+        })
         self._frozen = False
         if freeze_backbone:
             self.freeze_backbone()
@@ -439,6 +443,8 @@ class MultiTaskBackbone(_InputConfig, nn.Module):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """Logits per task for a normalised image batch [B, 3, H, W]."""
         feats = self.backbone(x)
+        if self.colour is not None:
+            feats = torch.cat([feats, self.colour(x).to(feats.dtype)], 1)
         return {name: head(feats) for name, head in self.heads.items()}
 
     @torch.no_grad()
@@ -482,7 +488,10 @@ class MultiTaskBackbone(_InputConfig, nn.Module):
         nwd_fn = getattr(self.backbone, "no_weight_decay", None)
         nwd = set(nwd_fn()) if callable(nwd_fn) else set()
         groups = _param_groups(self.backbone.named_parameters(), nwd, "backbone", lr_backbone, weight_decay)
-        groups += _param_groups(self.heads.named_parameters(), set(), "head", lr_head, weight_decay)
+        head_params = list(self.heads.named_parameters())
+        if self.colour is not None:
+            head_params += [(f"colour.{n}", p) for n, p in self.colour.named_parameters()]
+        groups += _param_groups(head_params, set(), "head", lr_head, weight_decay)
         return groups
 
     def params_m(self) -> dict[str, float]:
@@ -494,6 +503,23 @@ class MultiTaskBackbone(_InputConfig, nn.Module):
     def extra_repr(self) -> str:
         return f"backbone={self.backbone_name!r} ({self.timm_name}), tasks={self.schema.names}, " \
                f"input_size={self.input_size}, frozen={self._frozen}"
+
+
+def build_model(params: Mapping[str, Any] | Any, schema: TaskSchema, *, pretrained: bool | None = None,
+                freeze_backbone: bool = True) -> MultiTaskBackbone:
+    """The `MultiTaskBackbone` a training recipe describes (TrainParams or a params.yaml mapping).
+
+    ``pretrained=None`` follows the recipe; ``False`` builds random weights (counting parameters,
+    or rebuilding a trained run whose checkpoint holds every weight).
+    """
+    get = params.get if isinstance(params, Mapping) else lambda k, d=None: getattr(params, k, d)
+    use_pretrained = bool(get("pretrained", True)) if pretrained is None else pretrained
+    size = get("image_size", 0) or None  # 0 means "the pretrained default" in TrainParams
+    return MultiTaskBackbone(str(get("backbone")), schema, pretrained=use_pretrained,
+                             freeze_backbone=freeze_backbone, drop_rate=float(get("drop_rate", 0.0) or 0.0),
+                             pretrained_path=(get("pretrained_path", "") or None) if pretrained is None else None,
+                             image_size=int(size) if size else None,
+                             colour_stats=bool(get("colour_stats", False)))
 
 
 def load_run_model(run_dir: str | Path, map_location: str | torch.device = "cpu") -> MultiTaskBackbone:
@@ -509,11 +535,8 @@ def load_run_model(run_dir: str | Path, map_location: str | torch.device = "cpu"
     if not isinstance(params, Mapping) or not params.get("backbone"):
         raise ValueError(f"{paths['params']}: expected a mapping with a 'backbone' entry")
     schema = load_schema(paths["tasks"])
-    size = params.get("image_size") or None  # 0 means "the pretrained default" in TrainParams
     # pretrained=False: every weight comes from the checkpoint, so nothing is downloaded.
-    model = MultiTaskBackbone(str(params["backbone"]), schema, pretrained=False, freeze_backbone=False,
-                              drop_rate=float(params.get("drop_rate", 0.0) or 0.0),
-                              image_size=int(size) if size else None)
+    model = build_model(params, schema, pretrained=False, freeze_backbone=False)
     from safetensors.torch import load_file
     state = load_file(str(paths["weights"]), device=str(map_location))
     try:

@@ -71,6 +71,8 @@ class TrainParams:
     pretrained: bool = _p(True, "start from pretrained weights (hub or pretrained_path)")
     pretrained_path: str = _p("", "local weights file/folder for offline servers; empty: the hub")
     drop_rate: float = _p(0.0, "dropout before the task heads", ge=0.0, lt=1.0)
+    colour_stats: bool = _p(False, "heads also read colour statistics of the tongue region (RGB/HSV/Lab mean, "
+                                   "std, percentiles: tongue_nb/colour.py)")
     # --- batches
     batch_size: int = _p(32, "samples per optimizer micro-step", gt=0)
     eval_batch_size: int = _p(0, "samples per evaluation step; 0: twice batch_size", ge=0)

@@ -34,7 +34,7 @@ from . import metrics as metrics_mod
 from . import splits as splits_mod
 from .loader import Batch, BatchLoader, class_balanced_weights
 from .losses import MultiTaskLoss, class_weights_from_targets
-from .models import MultiTaskBackbone, to_probs
+from .models import MultiTaskBackbone, build_model, to_probs
 from .params import TrainParams
 from .paths import FolderError, check_folder, file_sha256, prepare_folder
 from .runio import (RunLock, atomic_write_json, atomic_write_text, load_checkpoint, load_weights, save_checkpoint,
@@ -544,8 +544,7 @@ def model_summary(params: TrainParams, schema: TaskSchema | None = None) -> dict
     if schema is None:
         schema = resolve_data(params)[1]
     # Counts do not depend on weights: build without pretrained loading (no download, no file read).
-    model = MultiTaskBackbone(params.backbone, schema, pretrained=False, freeze_backbone=True,
-                              drop_rate=params.drop_rate, image_size=params.image_size or None)
+    model = build_model(params, schema, pretrained=False)
     counts = _model_counts(model)
     if params.pretrained:  # where the weights would come from (located only: nothing is read here)
         from .weights import locate_weights
@@ -764,10 +763,7 @@ def _train(params: TrainParams, info: DistInfo, on_epoch_end: Callable[[dict[str
     # --- data and model (model first: its pretrained config gives the default input size)
     data_dir, labels, split = _load_split(params)
     schema = labels.schema
-    model = MultiTaskBackbone(params.backbone, schema, pretrained=params.pretrained,
-                              freeze_backbone=True, drop_rate=params.drop_rate,
-                              pretrained_path=params.pretrained_path or None,
-                              image_size=params.image_size or None)
+    model = build_model(params, schema)
     image_size = model.input_size
     counts_model = _model_counts(model)
     out_dir, experiment_name = _resolve_out_dir(params, image_size)
