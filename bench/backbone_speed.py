@@ -20,10 +20,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402,F401  (puts the repository root on sys.path)
 
-from tongue_nb.models import MultiTaskBackbone  # noqa: E402
-from tongue_nb.params import load_params  # noqa: E402
-from tongue_nb.sweep import PARAMS_DIR  # noqa: E402
-from tongue_nb.tasks import default_schema  # noqa: E402
+from tongue_nb.model.backbones import MultiTaskBackbone  # noqa: E402
+from tongue_nb.train.params import load_params  # noqa: E402
+from tongue_nb.pipeline.sweep import PARAMS_DIR  # noqa: E402
+from tongue_nb.data.tasks import default_schema  # noqa: E402
 
 
 def measure(name: str, batch: int, size: int, device: torch.device, precision: str, steps: int) -> dict:

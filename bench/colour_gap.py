@@ -1,6 +1,6 @@
 """Where the classical baseline's lead on the colour tasks comes from: classifier family or features?
 
-The baseline (tongue_nb.baseline) feeds colour/texture statistics of the tongue region to gradient
+The baseline (tongue_nb.model.baseline) feeds colour/texture statistics of the tongue region to gradient
 boosting. This script keeps those features fixed and swaps the classifier for smooth ones (a
 logistic regression and a one-hidden-layer MLP, both on standardised features), on the same
 deterministic splits bench/quality.py uses, and prints per-task macro-F1 on val and test. If the
@@ -28,8 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (bench/common.py also puts the repository root on sys.path)
 import quality  # noqa: E402  (bench/quality.py: a run's split and image cache, table cells)
 
-from tongue_nb import baseline, cache, splits  # noqa: E402
-from tongue_nb.tasks import load_labels  # noqa: E402
+from tongue_nb.model import baseline
+from tongue_nb.data import cache
+from tongue_nb.data import splits# noqa: E402
+from tongue_nb.data.tasks import load_labels  # noqa: E402
 
 log = logging.getLogger("bench.colour_gap")
 CLASSIFIERS = ("boosting", "logistic", "mlp")
@@ -88,8 +90,8 @@ def network_features(run_dir: Path, labels, batch_size: int = 128) -> tuple[np.n
     sample, and its own heads' class predictions per multiclass task (argmax of the logits)."""
     import torch
 
-    from tongue_nb.loader import BatchLoader
-    from tongue_nb.models import load_run_model
+    from tongue_nb.data.loader import BatchLoader
+    from tongue_nb.model.backbones import load_run_model
 
     model = load_run_model(run_dir).eval()
     images = quality.run_images(run_dir, labels, model.input_size)

@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python bench/x.py` from a clone: the package is the repo's own
     sys.path.insert(0, str(ROOT))
 
-from tongue_nb import cache as cache_mod  # noqa: E402
-from tongue_nb.importers import import_tonguexpert  # noqa: E402
+from tongue_nb.data import cache as cache_mod# noqa: E402
+from tongue_nb.data.importers import import_tonguexpert  # noqa: E402
 
 log = logging.getLogger("bench")
 

@@ -69,7 +69,7 @@ if [ "$DEV" = cuda ]; then
   rm -rf "$OUT/run-oom"
   run "$LIMIT" run-oom $PY -c "
 import torch; torch.cuda.set_per_process_memory_fraction(0.03)
-from tongue_nb.cli import main
+from tongue_nb.pipeline.cli import main
 raise SystemExit(main(['train', '--data', '$DATA', '--backbone', 'convnext_base', '--out', '$OUT/run-oom',
   '--set', 'pretrained=false', '--set', 'batch_size=256', '--set', 'stage1_epochs=0', '--set', 'stage2_epochs=1',
   '--set', 'max_steps_per_epoch=4', '--set', 'image_size=224', '--set', 'progress=false']))"

@@ -3,7 +3,7 @@
 Takes a classification run trained on an imported TonguExpert dataset (its split.csv names the test
 photos) and a segmenter run; predicts the test photos once with their given masks and once with the
 masks withheld (the segmenter masks them), and prints the combined macro-F1 of both against the
-labels (argmax / 0.5 decisions, tongue_nb.metrics) and the difference. Target: within 0.02.
+labels (argmax / 0.5 decisions, tongue_nb.analysis.metrics) and the difference. Target: within 0.02.
 
     .venv/bin/python bench/mask_acceptance.py --run RUN_DIR --segmenter SEG_RUN --threads 2
 
@@ -23,10 +23,10 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from tongue_nb import metrics  # noqa: E402
-from tongue_nb.predict import Predictor, predict_table  # noqa: E402
-from tongue_nb.segment import Segmenter  # noqa: E402
-from tongue_nb.tasks import load_labels  # noqa: E402
+from tongue_nb.analysis import metrics# noqa: E402
+from tongue_nb.pipeline.predict import Predictor, predict_table  # noqa: E402
+from tongue_nb.model.segment import Segmenter  # noqa: E402
+from tongue_nb.data.tasks import load_labels  # noqa: E402
 
 
 def scores(pred: Predictor, table: pd.DataFrame, targets: dict[str, np.ndarray]) -> dict:

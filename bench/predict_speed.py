@@ -1,4 +1,4 @@
-"""Prediction speed: photos from JPEG files to answers (`tongue_nb.predict`) against the model-only bound.
+"""Prediction speed: photos from JPEG files to answers (`tongue_nb.pipeline.predict`) against the model-only bound.
 
 Model-only: the run's model on ready tensors of its input size, batch after batch (no decoding).
 End to end: `predict_table` on the same number of photos read from JPEG files, decoded and prepared
@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from tongue_nb.predict import Predictor, list_photos, predict_table  # noqa: E402
+from tongue_nb.pipeline.predict import Predictor, list_photos, predict_table  # noqa: E402
 
 
 def model_only(pred: Predictor, n: int, batch_size: int) -> float:

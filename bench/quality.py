@@ -1,8 +1,8 @@
 """Accuracy on real tongue photos: a CPU recipe trained from scratch against the classical baseline (issue 5).
 
 Imports TonguExpert with the predicted (L2) labels, splits it with a fixed seed (the trainer's
-tongue_nb.splits split), trains the recipe (`--recipe`, from scratch) with `tongue_nb.trainer.train`,
-fits `tongue_nb.baseline` on the same train split, and prints per-task macro-F1 on the TEST split for
+tongue_nb.data.splits split), trains the recipe (`--recipe`, from scratch) with `tongue_nb.train.trainer.train`,
+fits `tongue_nb.model.baseline` on the same train split, and prints per-task macro-F1 on the TEST split for
 both, plus their agreement with the manual L1 labels on the test images that have them (and the L2
 labels' own agreement with L1 as a reference). Short ablation runs (`--ablations`) change one lever
 each (crop, resolution, class weighting, augmentation) and are compared on the VALIDATION split only:
@@ -34,14 +34,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (bench/common.py also puts the repository root on sys.path)
 
-from tongue_nb import baseline as baseline_mod  # noqa: E402
-from tongue_nb import cache as cache_mod  # noqa: E402
-from tongue_nb import metrics as metrics_mod  # noqa: E402
-from tongue_nb import trainer  # noqa: E402
-from tongue_nb.loader import BatchLoader  # noqa: E402
-from tongue_nb.models import load_run_model  # noqa: E402
-from tongue_nb.params import TrainParams, load_params  # noqa: E402
-from tongue_nb.tasks import Labels, TaskSchema, load_labels  # noqa: E402
+from tongue_nb.model import baseline as baseline_mod# noqa: E402
+from tongue_nb.data import cache as cache_mod# noqa: E402
+from tongue_nb.analysis import metrics as metrics_mod# noqa: E402
+from tongue_nb.train import trainer# noqa: E402
+from tongue_nb.data.loader import BatchLoader  # noqa: E402
+from tongue_nb.model.backbones import load_run_model  # noqa: E402
+from tongue_nb.train.params import TrainParams, load_params  # noqa: E402
+from tongue_nb.data.tasks import Labels, TaskSchema, load_labels  # noqa: E402
 
 log = logging.getLogger("bench.quality")
 
@@ -162,7 +162,7 @@ def combinations(schema: TaskSchema, members: Mapping[str, tuple[Mapping, Mappin
     of recipe, baseline and recipe+baseline with the best validation macro-F1 (report.rank_per_task),
     scored on test. members: name -> (val probs, test probs) on the same rows as targets["val"/"test"].
     """
-    from tongue_nb.report import rank_per_task
+    from tongue_nb.analysis.report import rank_per_task
 
     cands = dict(members)
     (rv, rt), (bv, bt) = members["recipe"], members["baseline"]

@@ -1,6 +1,6 @@
 """Tongue segmentation on real photos: train the segmenter on TonguExpert's masks, print test IoU / Dice.
 
-Imports TonguExpert (predicted labels; every photo has a mask), trains `tongue_nb.segment` with the
+Imports TonguExpert (predicted labels; every photo has a mask), trains `tongue_nb.model.segment` with the
 given settings on the trainer's seeded split (the same train/val/test images as bench/quality.py
 with that seed), and prints the validation and test IoU and Dice, raw (threshold 0.5) and
 post-processed (largest region, holes filled), with the training time. Target (issue 15): test
@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from tongue_nb.segment import SegParams, train_segmenter  # noqa: E402
+from tongue_nb.model.segment import SegParams, train_segmenter  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--run-dir", type=Path, default=None, help="segmenter run folder; default <work>/segment-run")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="segmenter parameter (tongue_nb.segment.SegParams)")
+                   help="segmenter parameter (tongue_nb.model.segment.SegParams)")
     p.add_argument("--out", type=Path, default=common.RESULTS_DIR / "segment", help="output prefix (.json, .md)")
     args = p.parse_args(argv)
     common.setup_logging()

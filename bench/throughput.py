@@ -3,7 +3,7 @@
 Model-only bound: a timm-benchmark-style loop on random tensors already in memory (warm-up, then
 timed forward + masked multi-task loss + backward + AdamW step), with the same MultiTaskBackbone,
 heads, loss, optimizer, batch size, precision and threads as the end-to-end measurement. End-to-end:
-`tongue_nb.trainer.train_one_epoch` / `tongue_nb.trainer.evaluate` (+ metrics) fed by a real
+`tongue_nb.train.trainer.train_one_epoch` / `tongue_nb.train.trainer.evaluate` (+ metrics) fed by a real
 `BatchLoader` over the decode-once cache of the TonguExpert images (L2 labels, augmentation on).
 The cache is built before any timing. Blocks of the two are interleaved (`--repeats`) so that load
 changes on a shared machine hit both alike; the ratio is end-to-end / model-only samples/s.
@@ -38,14 +38,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (bench/common.py also puts the repository root on sys.path)
 
-from tongue_nb import cache as cache_mod  # noqa: E402
-from tongue_nb import metrics as metrics_mod  # noqa: E402
-from tongue_nb import splits as splits_mod  # noqa: E402
-from tongue_nb import trainer  # noqa: E402
-from tongue_nb.loader import Augment, BatchLoader  # noqa: E402
-from tongue_nb.losses import MultiTaskLoss, class_weights_from_targets  # noqa: E402
-from tongue_nb.models import MultiTaskBackbone  # noqa: E402
-from tongue_nb.tasks import Labels, TaskSchema, load_labels  # noqa: E402
+from tongue_nb.data import cache as cache_mod# noqa: E402
+from tongue_nb.analysis import metrics as metrics_mod# noqa: E402
+from tongue_nb.data import splits as splits_mod# noqa: E402
+from tongue_nb.train import trainer# noqa: E402
+from tongue_nb.data.loader import Augment, BatchLoader  # noqa: E402
+from tongue_nb.model.losses import MultiTaskLoss, class_weights_from_targets  # noqa: E402
+from tongue_nb.model.backbones import MultiTaskBackbone  # noqa: E402
+from tongue_nb.data.tasks import Labels, TaskSchema, load_labels  # noqa: E402
 
 log = logging.getLogger("bench.throughput")
 
@@ -144,7 +144,7 @@ def e2e_train(model: torch.nn.Module, loader: BatchLoader, loss_fn: MultiTaskLos
               scheduler: Any, steps: int, epoch: int, device: torch.device, amp_dtype: torch.dtype | None = None,
               channels_last: bool = False, scaler: torch.amp.GradScaler | None = None, grad_clip: float = 1.0
               ) -> tuple[int, float]:
-    """`steps` micro-steps of tongue_nb.trainer.train_one_epoch (cache -> loader -> augment -> model -> step)."""
+    """`steps` micro-steps of tongue_nb.train.trainer.train_one_epoch (cache -> loader -> augment -> model -> step)."""
     def run() -> int:
         stats = trainer.train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device=device, epoch=epoch,
                                         stage=2, grad_clip=grad_clip, amp_dtype=amp_dtype, scaler=scaler,
@@ -157,7 +157,7 @@ def e2e_train(model: torch.nn.Module, loader: BatchLoader, loss_fn: MultiTaskLos
 def e2e_eval(model: torch.nn.Module, loader: BatchLoader, schema: TaskSchema, loss_fn: MultiTaskLoss, steps: int,
              device: torch.device, amp_dtype: torch.dtype | None = None, channels_last: bool = False
              ) -> tuple[int, float]:
-    """`steps` batches of tongue_nb.trainer.evaluate plus the metrics computed from its output (per-epoch val work)."""
+    """`steps` batches of tongue_nb.train.trainer.evaluate plus the metrics computed from its output (per-epoch val work)."""
     def run() -> int:
         probs, targets, _ = trainer.evaluate(model, loader, schema, loss_fn, device=device, amp_dtype=amp_dtype,
                                              channels_last=channels_last, max_steps=steps)
@@ -329,7 +329,7 @@ def measure_cache_build(labels: Labels, image_size: int, cache_dir: Path, crop: 
 
 def measure_peak_rss(data_dir: Path, backbone: str, image_size: int, batch_size: int, steps: int, threads: int,
                      cache_dir: Path) -> dict[str, Any]:
-    """Peak RSS of a short real training run (tongue_nb.trainer.train) in a fresh child process."""
+    """Peak RSS of a short real training run (tongue_nb.train.trainer.train) in a fresh child process."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--rss-child", "--data-dir", str(data_dir),
            "--backbone", backbone, "--image-size", str(image_size), "--batch-size", str(batch_size),
            "--steps", str(steps), "--threads", str(threads), "--cache-dir", str(cache_dir)]
@@ -355,11 +355,11 @@ def _run_child(cmd: list[str]) -> dict[str, Any]:
 
 def rss_child(args: argparse.Namespace) -> None:
     """Inside the child: train `steps` micro-steps (+ the trainer's val/test evaluation), print memory as JSON."""
-    from tongue_nb.params import TrainParams
+    from tongue_nb.train.params import TrainParams
 
     if args.rss_model_only:
         # The same model, loss and optimizer on in-memory random tensors: the memory the model itself needs.
-        from tongue_nb.importers import tonguexpert_schema
+        from tongue_nb.data.importers import tonguexpert_schema
 
         schema = tonguexpert_schema("predicted")
         model = MultiTaskBackbone(args.backbone, schema, pretrained=False, freeze_backbone=False,

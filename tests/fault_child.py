@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from tongue_nb.params import load_params
-from tongue_nb.trainer import train
+from tongue_nb.train.params import load_params
+from tongue_nb.train.trainer import train
 
 
 def die() -> None:

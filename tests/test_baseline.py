@@ -6,8 +6,8 @@ import pytest
 from sklearn.base import clone
 from sklearn.metrics import f1_score
 
-from tongue_nb.baseline import ColourTextureBaseline, extract_features, feature_names
-from tongue_nb.tasks import Task, TaskSchema
+from tongue_nb.model.baseline import ColourTextureBaseline, extract_features, feature_names
+from tongue_nb.data.tasks import Task, TaskSchema
 
 SCHEMA = TaskSchema((
     Task("shape", "multilabel", ("rough", "bright", "large"), 0.5),
@@ -144,8 +144,8 @@ def test_fit_baseline_run_writes_a_run_folder_and_learns_the_synthetic_set(tmp_p
 
     import pandas as pd
 
-    from tongue_nb.baseline import BACKBONE_NAME, fit_baseline_run
-    from tongue_nb.synth import make_synthetic
+    from tongue_nb.model.baseline import BACKBONE_NAME, fit_baseline_run
+    from tongue_nb.data.synth import make_synthetic
 
     data = make_synthetic(tmp_path / "data", n=200, size=64, seed=0)
     summary = fit_baseline_run(data, tmp_path / "run", image_size=64, seed=0, max_iter=100)
@@ -168,7 +168,7 @@ def test_fit_baseline_run_writes_a_run_folder_and_learns_the_synthetic_set(tmp_p
     assert len(split) == sum(c["samples"] for c in counts.values())
     assert counts["test"]["labelled"]["coat"] <= counts["test"]["samples"]
     # task_weights reweights only the combined score: same per-task figures, coat now counts 3x shape
-    from tongue_nb.tasks import load_schema
+    from tongue_nb.data.tasks import load_schema
 
     heavy = fit_baseline_run(data, tmp_path / "heavy", image_size=64, seed=0, max_iter=100, task_weights="coat=1.5")
     assert load_schema(tmp_path / "heavy" / "tasks.yaml")["coat"].weight == 1.5

@@ -21,7 +21,7 @@ sys.path.insert(0, str(BENCH))
 import quality  # noqa: E402
 import throughput  # noqa: E402
 
-from tongue_nb.tasks import Labels, Task, TaskSchema, load_labels  # noqa: E402
+from tongue_nb.data.tasks import Labels, Task, TaskSchema, load_labels  # noqa: E402
 
 L2_HEADER = ["SID", "coating_label", "tai_label", "zhi_label", "fissure_label", "tooth_mk_label"]
 L1_HEADER = ["SID", "labels_tai", "labels_zhi", "labels_fissure", "labels_tooth_mk"]
@@ -77,9 +77,9 @@ def test_throughput_cli_prints_ratios_and_writes_json(fake_db, tmp_path, capsys)
 
 
 def test_model_only_train_takes_real_optimizer_steps():
-    from tongue_nb.losses import MultiTaskLoss
-    from tongue_nb.models import MultiTaskBackbone
-    from tongue_nb.trainer import make_optimizer
+    from tongue_nb.model.losses import MultiTaskLoss
+    from tongue_nb.model.backbones import MultiTaskBackbone
+    from tongue_nb.train.trainer import make_optimizer
 
     schema = TaskSchema((Task("coat", "multiclass", ("a", "b", "c")), Task("shape", "multilabel", ("x", "y"))))
     torch.manual_seed(0)
@@ -183,7 +183,7 @@ def test_summarise_seeds_gives_mean_range_and_wins(tmp_path, capsys):
 def test_colour_gap_compares_three_classifiers_on_the_same_split(tmp_path):
     import colour_gap
 
-    from tongue_nb.tasks import Task, TaskSchema
+    from tongue_nb.data.tasks import Task, TaskSchema
 
     rng = np.random.default_rng(0)
     n = 1000
@@ -209,8 +209,8 @@ def test_colour_gap_cli_writes_tables_and_reads_out_a_trained_run(tmp_path, caps
     import colour_gap
     import common
 
-    from tongue_nb import trainer
-    from tongue_nb.params import load_params
+    from tongue_nb.train import trainer
+    from tongue_nb.train.params import load_params
 
     db = _fake_db(tmp_path / "db", n=60)
     data_dir = common.ensure_import(db, "predicted", tmp_path / "work")
@@ -247,7 +247,7 @@ def test_colour_gap_cli_writes_tables_and_reads_out_a_trained_run(tmp_path, caps
 
 
 def test_named_combinations_choose_per_task_on_validation():
-    from tongue_nb.tasks import Task, TaskSchema
+    from tongue_nb.data.tasks import Task, TaskSchema
 
     rng = np.random.default_rng(0)
     schema = TaskSchema([Task("colour", "multiclass", ("a", "b", "c")), Task("crack", "binary", ("crack",))])
@@ -268,7 +268,7 @@ def test_named_combinations_choose_per_task_on_validation():
     assert sel["choice"]["crack"] in ("recipe", "recipe+baseline") and sel["choice"]["colour"] != "recipe"
     assert sel["test_macro_f1"]["colour"] > 0.9 and sel["test_macro_f1"]["crack"] > 0.9
     assert sel["test_combined"] == pytest.approx(np.mean(list(sel["test_macro_f1"].values())))
-    from tongue_nb import metrics
+    from tongue_nb.analysis import metrics
 
     mean = {k: (members["recipe"][1][k] + members["baseline"][1][k]) / 2 for k in ("colour", "crack")}
     want = metrics.compute_metrics(schema, mean, targets["test"])["combined_score"]
@@ -316,9 +316,9 @@ def test_segment_bench_trains_on_the_database_masks_and_writes_figures(tmp_path,
 def test_predict_speed_bench_times_model_only_and_end_to_end(tmp_path, capsys):
     import json
 
-    from tongue_nb import trainer
-    from tongue_nb.params import load_params
-    from tongue_nb.synth import make_synthetic
+    from tongue_nb.train import trainer
+    from tongue_nb.train.params import load_params
+    from tongue_nb.data.synth import make_synthetic
 
     data = make_synthetic(tmp_path / "data", n=30, size=48, seed=0)
     run = tmp_path / "run"

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import tongue_nb.cache as cache_mod
-from tongue_nb.cache import build_cache, default_cache_dir
-from tongue_nb.images import ImageError
+import tongue_nb.data.cache as cache_mod
+from tongue_nb.data.cache import build_cache, default_cache_dir
+from tongue_nb.data.images import ImageError
 from tongue_nb.paths import DiskFullError, FolderError
-from tongue_nb.tasks import default_schema, load_labels
+from tongue_nb.data.tasks import default_schema, load_labels
 
 
 def _dataset(root, n=6, size=(40, 30)):
@@ -70,7 +70,7 @@ def test_build_then_hit_without_decoding(tmp_path, counting):
 
 
 def test_rows_match_prepare_image(tmp_path):
-    from tongue_nb.images import prepare_image, read_image, read_mask
+    from tongue_nb.data.images import prepare_image, read_image, read_mask
     labels = _dataset(tmp_path / "data", n=3)
     c = build_cache(labels, 24, "crop_blank", margin=0.2, cache_dir=tmp_path / "cache")
     for i in range(3):
@@ -245,7 +245,7 @@ def test_bad_arguments(tmp_path):
 
 
 def test_loader_reads_the_cache(tmp_path):
-    from tongue_nb.loader import BatchLoader
+    from tongue_nb.data.loader import BatchLoader
     labels = _dataset(tmp_path / "data", n=5)
     c = build_cache(labels, 16, "crop", cache_dir=tmp_path / "cache")
     ld = BatchLoader(c.images, labels.targets, labels.table["weight"].to_numpy(), np.arange(5), 2,

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from tongue_nb import cli
-from tongue_nb.synth import make_synthetic
+from tongue_nb.pipeline import cli
+from tongue_nb.data.synth import make_synthetic
 
 
 def test_synth_then_compare_with_a_failing_backbone(tmp_path, capsys):
@@ -47,12 +47,12 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
 ], ids=["train", "train-blank-resume", "sweep", "compare", "baseline"])
 def test_empty_data_is_refused_not_the_synthetic_set(tmp_path, capsys, monkeypatch, argv):
     # `--data "$DATA"` with DATA unset: only an absent --data means the built-in synthetic set.
-    import tongue_nb.synth
+    import tongue_nb.data.synth
 
     def no_synthetic(*args, **kwargs):
         raise AssertionError("the synthetic set was used")
 
-    monkeypatch.setattr(tongue_nb.synth, "ensure_synthetic", no_synthetic)
+    monkeypatch.setattr(tongue_nb.data.synth, "ensure_synthetic", no_synthetic)
     argv = [a.replace("OUT", str(tmp_path / "out")) for a in argv]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -62,7 +62,7 @@ def test_empty_data_is_refused_not_the_synthetic_set(tmp_path, capsys, monkeypat
 
 
 def test_sweep_refuses_an_empty_data_dir_from_python(tmp_path):
-    from tongue_nb import sweep
+    from tongue_nb.pipeline import sweep
 
     with pytest.raises(sweep.SweepError, match=r"data_dir \(--data\) is '', expected a dataset folder"):
         sweep.run_sweep("", ["test_convnext"], out_dir=tmp_path / "s", reports_dir=tmp_path / "r", compare=False)
@@ -77,8 +77,8 @@ def test_module_entry_point_matches_console_script():
 
 def test_sweep_folders_are_checked_before_anything_is_written(tmp_path):
     from tongue_nb.paths import FolderError
-    from tongue_nb.sweep import SweepError, run_sweep
-    from tongue_nb.synth import make_synthetic
+    from tongue_nb.pipeline.sweep import SweepError, run_sweep
+    from tongue_nb.data.synth import make_synthetic
 
     data = make_synthetic(tmp_path / "data", n=12, size=32, seed=0)
     (tmp_path / "afile").write_text("x")

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tongue_nb import compare
-from tongue_nb.compare import CompareError, compare_backbones, parse_backbones, recommendations
+from tongue_nb.pipeline import compare
+from tongue_nb.pipeline.compare import CompareError, compare_backbones, parse_backbones, recommendations
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(steps=4, warmup_steps=1, batch_size=4, image_size=32, eval_batches=2, infer_steps=2)
@@ -18,7 +18,7 @@ FAST = dict(steps=4, warmup_steps=1, batch_size=4, image_size=32, eval_batches=2
 
 @pytest.fixture(scope="module")
 def synth_dir(tmp_path_factory) -> Path:
-    from tongue_nb.synth import make_synthetic
+    from tongue_nb.data.synth import make_synthetic
 
     return make_synthetic(tmp_path_factory.mktemp("synth") / "data", n=48, size=32, seed=0)
 
@@ -51,8 +51,8 @@ def test_missing_data_dir(tmp_path: Path) -> None:
 def test_in_process_rows_files_and_failed_backbone(synth_dir: Path, tmp_path: Path) -> None:
     import torch
 
-    from tongue_nb.models import MultiTaskBackbone
-    from tongue_nb.tasks import load_schema
+    from tongue_nb.model.backbones import MultiTaskBackbone
+    from tongue_nb.data.tasks import load_schema
 
     df = compare_backbones(synth_dir, "test_convnext,no_such_net,test_convnext", out_dir=tmp_path, isolate=False, **FAST)
     assert list(df.columns) == compare.COLUMNS
@@ -162,7 +162,7 @@ def test_stored_notebook_has_no_outputs_and_a_typed_parameters_cell() -> None:
 
 
 def test_screen_table_marks_the_picks_and_leaves_failed_rows_out() -> None:
-    from tongue_nb.compare import screen_table
+    from tongue_nb.pipeline.compare import screen_table
 
     df = pd.DataFrame({"backbone": ["a", "b", "c"], "params_total_m": [1.0, 2.0, 9.0], "val_loss": [0.9, 0.5, 0.7],
                        "train_samples_per_s": [30.0, 10.0, 20.0], "error": ["", "", "boom"]})

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from tongue_nb.synth import make_synthetic
+from tongue_nb.data.synth import make_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = """
 import os, sys, torch
 torch.set_num_threads(1)
-from tongue_nb.params import load_params
-from tongue_nb.trainer import train
+from tongue_nb.train.params import load_params
+from tongue_nb.train.trainer import train
 summary = train(load_params(backbone="test_convnext", data_dir=sys.argv[1], out_dir=sys.argv[2], image_size=32,
                             pretrained=False, batch_size=8, stage1_epochs=1, stage2_epochs=1, progress=False,
                             num_threads=1, device="cpu"))

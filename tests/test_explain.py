@@ -1,4 +1,4 @@
-"""Class-activation maps (tongue_nb.explain): the map is the evidence the head reads, for CNNs and transformers."""
+"""Class-activation maps (tongue_nb.analysis.explain): the map is the evidence the head reads, for CNNs and transformers."""
 import numpy as np
 import pytest
 
@@ -8,9 +8,9 @@ def test_grad_cam_maps_the_feature_the_head_reads(tmp_path):
     import torch
     import torch.nn.functional as F
 
-    from tongue_nb.explain import class_activation_maps, overlay, target_layer
-    from tongue_nb.models import MultiTaskBackbone
-    from tongue_nb.tasks import default_schema
+    from tongue_nb.analysis.explain import class_activation_maps, overlay, target_layer
+    from tongue_nb.model.backbones import MultiTaskBackbone
+    from tongue_nb.data.tasks import default_schema
 
     torch.manual_seed(0)
     model = MultiTaskBackbone("resnet18", default_schema(), pretrained=False, freeze_backbone=True, image_size=64)
@@ -42,9 +42,9 @@ def test_grad_cam_maps_the_feature_the_head_reads(tmp_path):
 
 @pytest.mark.parametrize("backbone,size", [("test_vit", 32), ("convnext_atto", 32), ("tf_efficientnet_lite0", 32)])
 def test_grad_cam_works_for_cnn_and_transformer_backbones(backbone, size):
-    from tongue_nb.explain import class_activation_maps
-    from tongue_nb.models import MultiTaskBackbone
-    from tongue_nb.tasks import default_schema
+    from tongue_nb.analysis.explain import class_activation_maps
+    from tongue_nb.model.backbones import MultiTaskBackbone
+    from tongue_nb.data.tasks import default_schema
 
     model = MultiTaskBackbone(backbone, default_schema(), pretrained=False, image_size=size)
     images = np.random.default_rng(1).integers(0, 256, (3, size, size, 3), dtype=np.uint8)

@@ -17,12 +17,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tongue_nb import cli
-from tongue_nb.cache import build_cache
-from tongue_nb.params import load_params
-from tongue_nb.synth import make_synthetic
-from tongue_nb.tasks import LabelError, load_labels
-from tongue_nb.trainer import train
+from tongue_nb.pipeline import cli
+from tongue_nb.data.cache import build_cache
+from tongue_nb.train.params import load_params
+from tongue_nb.data.synth import make_synthetic
+from tongue_nb.data.tasks import LabelError, load_labels
+from tongue_nb.train.trainer import train
 
 TINY = ["--set", "pretrained=false", "--set", "image_size=32", "--set", "batch_size=8", "--set", "stage1_epochs=1",
         "--set", "stage2_epochs=1", "--set", "num_threads=1", "--set", "progress=false"]

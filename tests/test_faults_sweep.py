@@ -21,9 +21,10 @@ import pandas as pd
 import pytest
 from nbformat.v4 import new_code_cell
 
-from tongue_nb import cli, sweep
+from tongue_nb.pipeline import cli
+from tongue_nb.pipeline import sweep
 from tongue_nb.runio import RunLockedError
-from tongue_nb.synth import make_synthetic
+from tongue_nb.data.synth import make_synthetic
 
 from test_faults_training import assert_readable
 

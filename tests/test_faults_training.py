@@ -25,11 +25,11 @@ import pytest
 import torch
 import yaml
 
-from tongue_nb import cli
-from tongue_nb.params import load_params
+from tongue_nb.pipeline import cli
+from tongue_nb.train.params import load_params
 from tongue_nb.runio import CheckpointError, load_checkpoint, load_weights
-from tongue_nb.synth import make_synthetic
-from tongue_nb.trainer import TrainingError, train
+from tongue_nb.data.synth import make_synthetic
+from tongue_nb.train.trainer import TrainingError, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = Path(__file__).with_name("fault_child.py")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tongue_nb.images import (EmptyMaskWarning, ImageError, mask_box, prepare_image, read_image, read_mask,
+from tongue_nb.data.images import (EmptyMaskWarning, ImageError, mask_box, prepare_image, read_image, read_mask,
                               square_box)
 
 

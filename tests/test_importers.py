@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from tongue_nb import load_labels, load_schema
-from tongue_nb.importers import DatasetImportError, import_tonguexpert
+from tongue_nb.data.importers import DatasetImportError, import_tonguexpert
 
 from conftest import SHARED_DATA
 

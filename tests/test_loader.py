@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from tongue_nb.loader import Augment, BatchLoader, augment_batch, class_balanced_weights
-from tongue_nb.tasks import Task, TaskSchema
+from tongue_nb.data.loader import Augment, BatchLoader, augment_batch, class_balanced_weights
+from tongue_nb.data.tasks import Task, TaskSchema
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

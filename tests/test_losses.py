@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss
 
-from tongue_nb.losses import MultiTaskLoss, class_weights_from_targets
-from tongue_nb.tasks import Task, TaskSchema
+from tongue_nb.model.losses import MultiTaskLoss, class_weights_from_targets
+from tongue_nb.data.tasks import Task, TaskSchema
 
 SCHEMA = TaskSchema((
     Task("shape", "multilabel", ("spots", "cracks", "teethmarks"), 0.5),

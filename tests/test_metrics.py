@@ -7,9 +7,9 @@ import pytest
 from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, precision_score,
                              recall_score, roc_auc_score)
 
-from tongue_nb import metrics
-from tongue_nb.metrics import bootstrap_ci, combined_score, compute_metrics, paired_bootstrap_diff, tune_thresholds
-from tongue_nb.tasks import Task, TaskSchema
+from tongue_nb.analysis import metrics
+from tongue_nb.analysis.metrics import bootstrap_ci, combined_score, compute_metrics, paired_bootstrap_diff, tune_thresholds
+from tongue_nb.data.tasks import Task, TaskSchema
 
 SCHEMA = TaskSchema((
     Task("shape", "multilabel", ("spots", "cracks", "teethmarks"), 0.5),

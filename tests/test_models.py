@@ -8,11 +8,11 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import save_file
 
-from tongue_nb import models
-from tongue_nb.losses import MultiTaskLoss
-from tongue_nb.models import (BACKBONES, EnsembleMultiTaskModel, MultiTaskBackbone, PretrainedWeightsError,
+from tongue_nb.model import backbones as models
+from tongue_nb.model.losses import MultiTaskLoss
+from tongue_nb.model.backbones import (BACKBONES, EnsembleMultiTaskModel, MultiTaskBackbone, PretrainedWeightsError,
                               list_backbones, load_run_model, register_backbone, resolve_backbone, to_probs)
-from tongue_nb.tasks import Task, TaskSchema, default_schema
+from tongue_nb.data.tasks import Task, TaskSchema, default_schema
 
 SCHEMA = TaskSchema((
     Task("shape", "multilabel", ("spots", "cracks", "teethmarks"), 0.5),
@@ -411,8 +411,8 @@ def test_colour_statistics_match_the_baseline_features_on_the_tongue_region():
     """The in-network colour statistics are the baseline's RGB/HSV statistics of the non-black pixels."""
     import numpy as np
 
-    from tongue_nb import baseline
-    from tongue_nb.colour import colour_statistics, feature_names
+    from tongue_nb.model import baseline
+    from tongue_nb.model.colour import colour_statistics, feature_names
 
     rng = np.random.default_rng(0)
     img = rng.uniform(0.2, 0.9, size=(2, 32, 32, 3)).astype(np.float32)

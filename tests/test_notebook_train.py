@@ -7,9 +7,9 @@ import nbformat
 import pytest
 import yaml
 
-from tongue_nb.params import NOTEBOOK_EXTRA, TrainParams, load_params, notebook_parameters_source
-from tongue_nb.synth import make_synthetic
-from tongue_nb.trainer import train
+from tongue_nb.train.params import NOTEBOOK_EXTRA, TrainParams, load_params, notebook_parameters_source
+from tongue_nb.data.synth import make_synthetic
+from tongue_nb.train.trainer import train
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "03_train.ipynb"
 
@@ -18,7 +18,7 @@ def test_parameters_cell_matches_trainparams_and_notebook_has_no_outputs():
     nb = nbformat.read(str(NOTEBOOK), as_version=4)
     cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(cells) == 1
-    # Regenerate with tongue_nb.params.sync_notebook_parameters("notebooks/03_train.ipynb") after changing TrainParams.
+    # Regenerate with tongue_nb.train.params.sync_notebook_parameters("notebooks/03_train.ipynb") after changing TrainParams.
     assert cells[0].source == notebook_parameters_source(NOTEBOOK_EXTRA)
     namespace: dict = {}
     exec(cells[0].source, namespace)
@@ -101,7 +101,7 @@ def test_papermill_value_equal_to_the_default_still_beats_the_recipe(tmp_path):
 
 
 def test_sweep_overrides_reach_the_run_like_the_command_line(tmp_path):
-    from tongue_nb import sweep
+    from tongue_nb.pipeline import sweep
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("batch_size: 16\naugment: false\n")
     overrides = ["batch_size=32", "augment=true"]
@@ -129,7 +129,7 @@ def test_papermill_empty_data_dir_is_refused(tmp_path):
 
 
 def test_sweep_layers_the_backbones_own_file_then_the_recipe_then_the_users_values(tmp_path):
-    from tongue_nb import sweep
+    from tongue_nb.pipeline import sweep
     recipe = tmp_path / "gpu.yaml"
     recipe.write_text("stage2_epochs: 30\nprecision: bf16\n")
     files = sweep.recipe_files("convnext_large", recipe)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tongue_nb import sweep
+from tongue_nb.pipeline import sweep
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (make test installs "
@@ -54,7 +54,7 @@ def read_page(page: Path, screenshot: Path | None = None) -> dict:
 
 @pytest.fixture(scope="module")
 def pages(tmp_path_factory) -> dict[str, dict]:
-    from tongue_nb.synth import make_synthetic
+    from tongue_nb.data.synth import make_synthetic
 
     root = tmp_path_factory.mktemp("pages")
     data = make_synthetic(root / "data", n=60, size=48, seed=1)

@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import yaml
 
-from tongue_nb.params import ParamError, TrainParams, load_params, notebook_parameters_source, params_from_namespace
+from tongue_nb.train.params import ParamError, TrainParams, load_params, notebook_parameters_source, params_from_namespace
 
 
 def test_defaults_are_valid_and_round_trip_through_yaml(tmp_path):

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tongue_nb.params import TrainParams, load_params
+from tongue_nb.train.params import TrainParams, load_params
 
 PARAMS_DIR = Path(__file__).resolve().parents[1] / "params"
 SHORT_NAMES = ["convnext_tiny", "convnext_small", "convnext_base", "convnext_large", "swin_tiny",

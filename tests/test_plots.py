@@ -3,8 +3,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix
 
-from tongue_nb.plots import confusion_matrices, plot_confusion_matrices, plot_history
-from tongue_nb.tasks import default_schema
+from tongue_nb.analysis.plots import confusion_matrices, plot_confusion_matrices, plot_history
+from tongue_nb.data.tasks import default_schema
 
 
 def _predictions(n=40, seed=0):
@@ -49,8 +49,8 @@ def test_history_figure_has_four_panels():
 
 
 def test_details_table_is_a_classification_report_with_integer_support():
-    from tongue_nb import metrics
-    from tongue_nb.plots import details_table
+    from tongue_nb.analysis import metrics
+    from tongue_nb.analysis.plots import details_table
 
     rng = np.random.default_rng(1)
     schema = default_schema()
@@ -66,8 +66,8 @@ def test_details_table_is_a_classification_report_with_integer_support():
 
 
 def test_overview_tables_round_numbers_and_list_only_changed_parameters():
-    from tongue_nb.params import TrainParams
-    from tongue_nb.plots import params_table, run_overview
+    from tongue_nb.train.params import TrainParams
+    from tongue_nb.analysis.plots import params_table, run_overview
 
     table = params_table(TrainParams(backbone="resnet18", batch_size=8, stage2_lr_head=3e-4))
     assert set(table.index) == {"backbone", "data_dir", "out_dir", "batch_size", "stage2_lr_head"}

@@ -9,11 +9,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tongue_nb import predict, report
-from tongue_nb.cli import main as cli_main
-from tongue_nb.params import load_params
-from tongue_nb.synth import make_synthetic
-from tongue_nb.trainer import train
+from tongue_nb.pipeline import predict
+from tongue_nb.analysis import report
+from tongue_nb.pipeline.cli import main as cli_main
+from tongue_nb.train.params import load_params
+from tongue_nb.data.synth import make_synthetic
+from tongue_nb.train.trainer import train
 
 
 def _train(data: Path, out: Path, backbone: str = "test_convnext", seed: int = 0, **extra) -> Path:
@@ -89,7 +90,7 @@ def test_ensemble_of_runs_averages_and_tunes_its_thresholds(runs):
     mean = (single[0][col].to_numpy(float) + single[1][col].to_numpy(float)) / 2
     assert np.allclose(out[col].to_numpy(float), mean, atol=1e-5)
     probs, targets, _ = report._mean_probs([report.load_run(runs["a"]), report.load_run(runs["b"])], "val")
-    from tongue_nb import metrics
+    from tongue_nb.analysis import metrics
 
     assert ens.thresholds == metrics.tune_thresholds(ens.schema, probs, targets)
 
@@ -147,7 +148,7 @@ def test_onnx_export_matches_pytorch_and_documents_its_preprocessing(runs, tmp_p
     import onnxruntime as ort
     import torch
 
-    from tongue_nb.export import onnx_metadata
+    from tongue_nb.model.export import onnx_metadata
 
     out = tmp_path / "model.onnx"
     assert cli_main(["export", "--run", str(runs["a"]), "--out", str(out)]) == 0
@@ -171,7 +172,7 @@ def test_onnx_export_matches_pytorch_and_documents_its_preprocessing(runs, tmp_p
 
 
 def test_notebook_06_predicts_shows_the_gallery_and_renders(runs, tmp_path):
-    from tongue_nb import sweep
+    from tongue_nb.pipeline import sweep
 
     out_nb = tmp_path / "06.ipynb"
     with sweep.project_kernel(tmp_path) as kernel:

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from tongue_nb import report
-from tongue_nb.synth import make_synthetic
-from tongue_nb.tasks import default_schema
+from tongue_nb.analysis import report
+from tongue_nb.data.synth import make_synthetic
+from tongue_nb.data.tasks import default_schema
 
 SCHEMA = default_schema()
 SHAPE = SCHEMA["shape"].labels
@@ -189,7 +189,7 @@ def test_ensemble_and_bootstrap(sweep_dir):
     good, weak = boot.set_index("run").loc["good"], boot.set_index("run").loc["weak"]
     assert good["combined_lo"] <= good["combined_hi"] and good["vs_best"] == "(best)"
     assert weak["vs_best"] == "good" and weak["diff_lo"] <= weak["diff"] <= weak["diff_hi"]
-    from tongue_nb import metrics
+    from tongue_nb.analysis import metrics
 
     scores = {}
     for name in ("good", "weak"):
@@ -199,7 +199,7 @@ def test_ensemble_and_bootstrap(sweep_dir):
 
 
 def test_notebook_05_through_papermill(sweep_dir, tmp_path):
-    from tongue_nb import sweep
+    from tongue_nb.pipeline import sweep
 
     out_nb = tmp_path / "05.ipynb"
     with sweep.project_kernel(tmp_path) as kernel:
@@ -211,7 +211,7 @@ def test_notebook_05_through_papermill(sweep_dir, tmp_path):
 
 
 def test_notebook_04_through_papermill(sweep_dir, tmp_path):
-    from tongue_nb import sweep
+    from tongue_nb.pipeline import sweep
 
     out_nb = tmp_path / "04.ipynb"
     with sweep.project_kernel(tmp_path) as kernel:
@@ -225,7 +225,7 @@ def test_notebook_04_through_papermill(sweep_dir, tmp_path):
 def test_per_task_selection_chooses_on_validation_per_task(sweep_dir, tmp_path):
     import shutil
 
-    from tongue_nb import metrics
+    from tongue_nb.analysis import metrics
 
     root = tmp_path / "sel"
     rng = np.random.default_rng(3)
@@ -260,7 +260,7 @@ def test_per_task_selection_chooses_on_validation_per_task(sweep_dir, tmp_path):
 def test_chance_rows_flags_and_verdict(sweep_dir, tmp_path):
     import shutil
 
-    from tongue_nb import metrics
+    from tongue_nb.analysis import metrics
 
     sweep = report.load_sweep(sweep_dir)
     good = sweep.runs["good"]
@@ -316,7 +316,7 @@ def test_rendered_pages_say_what_they_are_link_back_and_hide_logs(tmp_path):
 
     import nbformat
 
-    from tongue_nb.sweep import page_title, render_html
+    from tongue_nb.pipeline.sweep import page_title, render_html
 
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_markdown_cell("# Train one backbone\n\nTwo stages."), nbformat.v4.new_code_cell("x")]

@@ -8,8 +8,9 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
-from tongue_nb import load_labels, review
-from tongue_nb.synth import make_synthetic
+from tongue_nb import load_labels
+from tongue_nb.analysis import review
+from tongue_nb.data.synth import make_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 

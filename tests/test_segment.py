@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tongue_nb import segment
-from tongue_nb.cli import main as cli_main
-from tongue_nb.params import ParamError
-from tongue_nb.synth import make_synthetic
+from tongue_nb.model import segment
+from tongue_nb.pipeline.cli import main as cli_main
+from tongue_nb.train.params import ParamError
+from tongue_nb.data.synth import make_synthetic
 
 
 def test_clean_mask_keeps_the_largest_region_and_fills_its_holes():
@@ -67,7 +67,7 @@ def test_segmenter_run_folder_and_scores(seg_run):
 
 
 def test_segmenter_masks_photos_given_without_one(seg_run, tmp_path):
-    from tongue_nb.images import read_image, read_mask
+    from tongue_nb.data.images import read_image, read_mask
 
     seg = segment.Segmenter.from_run(seg_run["out"])
     labels = pd.read_csv(seg_run["data"] / "labels.csv", dtype=str, keep_default_na=False).head(6)
@@ -83,8 +83,8 @@ def test_segmenter_masks_photos_given_without_one(seg_run, tmp_path):
 
 
 def test_predict_uses_the_segmenter_for_photos_without_masks(seg_run, tmp_path):
-    from tongue_nb.params import load_params
-    from tongue_nb.trainer import train
+    from tongue_nb.train.params import load_params
+    from tongue_nb.train.trainer import train
 
     run = tmp_path / "clf"
     train(load_params(backbone="test_convnext", data_dir=str(seg_run["data"]), out_dir=str(run), image_size=32,
@@ -126,8 +126,8 @@ def test_bad_segmenter_input_is_refused(tmp_path):
 def test_mask_acceptance_bench_scores_given_and_predicted_masks(seg_run, tmp_path):
     import sys as _sys
 
-    from tongue_nb.params import load_params
-    from tongue_nb.trainer import train
+    from tongue_nb.train.params import load_params
+    from tongue_nb.train.trainer import train
 
     run = tmp_path / "clf"
     train(load_params(backbone="test_convnext", data_dir=str(seg_run["data"]), out_dir=str(run), image_size=32,
@@ -149,7 +149,7 @@ def test_segmenter_onnx_export_matches_pytorch(seg_run, tmp_path):
     import onnxruntime as ort
     import torch
 
-    from tongue_nb.export import onnx_metadata
+    from tongue_nb.model.export import onnx_metadata
 
     out = tmp_path / "seg.onnx"
     assert cli_main(["export", "--run", str(seg_run["out"]), "--out", str(out)]) == 0

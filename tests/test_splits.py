@@ -3,8 +3,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tongue_nb.splits import make_split, split_stats
-from tongue_nb.tasks import Task, TaskSchema
+from tongue_nb.data.splits import make_split, split_stats
+from tongue_nb.data.tasks import Task, TaskSchema
 
 SCHEMA = TaskSchema((
     Task("coat", "multiclass", ("white", "yellow", "grey")),

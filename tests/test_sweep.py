@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from tongue_nb import report, sweep
-from tongue_nb.params import ParamError
+from tongue_nb.analysis import report
+from tongue_nb.pipeline import sweep
+from tongue_nb.train.params import ParamError
 
 
 def _notebook(path: Path, *sources: str) -> Path:
@@ -92,7 +93,7 @@ def test_skip_only_completed_runs(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
-    from tongue_nb.synth import make_synthetic
+    from tongue_nb.data.synth import make_synthetic
 
     return make_synthetic(tmp_path_factory.mktemp("sweepdata") / "syn", n=40, size=48, seed=0)
 

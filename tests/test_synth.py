@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from tongue_nb import default_schema, load_labels, load_schema
-from tongue_nb import synth
+from tongue_nb.data import synth
 
 
 def _rows(root: Path) -> list[dict]:

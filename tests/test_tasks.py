@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from tongue_nb.tasks import (LabelError, SchemaError, Task, TaskSchema, apply_task_weights, default_schema, load_labels,
+from tongue_nb.data.tasks import (LabelError, SchemaError, Task, TaskSchema, apply_task_weights, default_schema, load_labels,
                              load_schema, parse_task_weights)
 
 

@@ -8,14 +8,14 @@ import pandas as pd
 import pytest
 import torch
 
-from tongue_nb.loader import BatchLoader
-from tongue_nb.losses import MultiTaskLoss
-from tongue_nb.models import MultiTaskBackbone, load_run_model
-from tongue_nb.params import load_params
+from tongue_nb.data.loader import BatchLoader
+from tongue_nb.model.losses import MultiTaskLoss
+from tongue_nb.model.backbones import MultiTaskBackbone, load_run_model
+from tongue_nb.train.params import load_params
 from tongue_nb.runio import RunLock, load_checkpoint, load_weights
-from tongue_nb.synth import make_synthetic
-from tongue_nb.tasks import default_schema
-from tongue_nb.trainer import (NonFiniteLossError, TrainingError, WeightEMA, make_optimizer, train,
+from tongue_nb.data.synth import make_synthetic
+from tongue_nb.data.tasks import default_schema
+from tongue_nb.train.trainer import (NonFiniteLossError, TrainingError, WeightEMA, make_optimizer, train,
                                train_one_epoch, warmup_cosine)
 
 TIMING_COLUMNS = ["seconds", "train_samples_per_s"]
@@ -151,7 +151,7 @@ def test_cpu_bf16_channels_last_run(data_dir, tmp_path):
 
 
 def test_cpu_bf16_support_is_read_from_cpuinfo(tmp_path):
-    from tongue_nb.trainer import cpu_has_native_bf16
+    from tongue_nb.train.trainer import cpu_has_native_bf16
 
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f amx_bf16 amx_tile\n")
@@ -277,7 +277,7 @@ def test_oom_retry_halves_batch_and_keeps_effective_batch():
 
 def _chance_combined(schema, train_targets, test_targets, draws=20, seed=0):
     """The best of majority, all-positive and prior-stratified guessing per task, combined like the model's score."""
-    from tongue_nb.metrics import compute_metrics
+    from tongue_nb.analysis.metrics import compute_metrics
 
     rng = np.random.default_rng(seed)
     n = len(next(iter(test_targets.values())))
@@ -302,7 +302,7 @@ def _chance_combined(schema, train_targets, test_targets, draws=20, seed=0):
 
 def test_small_model_learns_synthetic_tongues_well_above_chance(tmp_path):
     """Issue 3's done-when: resnet18 from scratch on the synthetic set on CPU, in about a minute or two."""
-    from tongue_nb.tasks import load_labels
+    from tongue_nb.data.tasks import load_labels
 
     data = make_synthetic(tmp_path / "data", n=500, size=128, seed=0)
     params = load_params(backbone="resnet18", data_dir=str(data), out_dir=str(tmp_path / "run"), image_size=64,
@@ -322,8 +322,8 @@ def test_small_model_learns_synthetic_tongues_well_above_chance(tmp_path):
 
 
 def test_task_weights_reach_the_loss_the_score_and_the_run_folder(data_dir, tmp_path):
-    from tongue_nb.tasks import load_schema
-    from tongue_nb.trainer import resolve_data
+    from tongue_nb.data.tasks import load_schema
+    from tongue_nb.train.trainer import resolve_data
 
     params = tiny(data_dir, tmp_path / "run", task_weights="coat=3", stage1_epochs=0, stage2_epochs=1)
     schema = resolve_data(params)[1]
@@ -339,8 +339,8 @@ def test_task_weights_reach_the_loss_the_score_and_the_run_folder(data_dir, tmp_
 
 
 def test_augment_strength_scales_the_geometric_ranges(data_dir, tmp_path):
-    from tongue_nb.loader import Augment
-    from tongue_nb.trainer import _augment
+    from tongue_nb.data.loader import Augment
+    from tongue_nb.train.trainer import _augment
 
     assert _augment(tiny(data_dir, tmp_path)) == Augment()  # strength 1: the loader's defaults
     strong = _augment(tiny(data_dir, tmp_path, augment_strength=2))

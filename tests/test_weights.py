@@ -10,11 +10,11 @@ import timm
 import torch
 from PIL import Image
 
-from tongue_nb import weights
-from tongue_nb.cli import main as cli_main
-from tongue_nb.models import (MultiTaskBackbone, PretrainedWeightsError, describe_backbones,
+from tongue_nb.model import weights
+from tongue_nb.pipeline.cli import main as cli_main
+from tongue_nb.model.backbones import (MultiTaskBackbone, PretrainedWeightsError, describe_backbones,
                               load_pretrained_backbone)
-from tongue_nb.tasks import TaskSchema
+from tongue_nb.data.tasks import TaskSchema
 
 SCHEMA = TaskSchema.from_dict({"tasks": [{"name": "coat", "kind": "multiclass", "labels": ["a", "b", "c"]}]})
 LITES = ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"]

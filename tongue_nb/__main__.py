@@ -1,4 +1,4 @@
 """`python -m tongue_nb` is the `tongue-nb` command."""
-from tongue_nb.cli import main
+from tongue_nb.pipeline.cli import main
 
 raise SystemExit(main())

@@ -93,7 +93,7 @@ _NEARLY_FULL_BYTES = 1 << 20
 
 def _disk_full_error(exc: BaseException, path: Path, written: int) -> "Exception | None":
     """A DiskFullError naming the folder and the space for a write that failed on a full disk, else None."""
-    from .paths import DiskFullError, human_bytes, is_disk_full
+    from tongue_nb.paths import DiskFullError, human_bytes, is_disk_full
 
     if not isinstance(exc, (OSError, RuntimeError)) or isinstance(exc, DiskFullError):
         return None

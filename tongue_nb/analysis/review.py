@@ -16,11 +16,11 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from PIL import Image
 
-from tongue_nb.images import ImageError, read_image, read_mask
+from tongue_nb.data.images import ImageError, read_image, read_mask
 from tongue_nb.paths import file_sha256
-from tongue_nb.plots import figure_png
-from tongue_nb.splits import make_split, split_stats
-from tongue_nb.tasks import Labels, Task, load_labels, load_schema
+from tongue_nb.analysis.plots import figure_png
+from tongue_nb.data.splits import make_split, split_stats
+from tongue_nb.data.tasks import Labels, Task, load_labels, load_schema
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def load_dataset(data_dir: str | Path = "", tasks: str | Path = "", n_synthetic:
                  image_size: int = 128, seed: int = 0) -> Labels:
     """Load a dataset for review (problems reported, not raised); an empty data_dir uses the built-in synthetic set."""
     if not str(data_dir):
-        from tongue_nb.synth import ensure_synthetic
+        from tongue_nb.data.synth import ensure_synthetic
 
         data_dir = ensure_synthetic(n=n_synthetic, size=image_size, seed=seed)
     root = Path(data_dir)

@@ -124,7 +124,7 @@ def cached_hub_file(timm_name: str) -> Path | None:
         return None
     from huggingface_hub import try_to_load_from_cache
 
-    from .models import WEIGHT_FILES
+    from tongue_nb.model.backbones import WEIGHT_FILES
 
     filenames = [cfg.hf_hub_filename] if getattr(cfg, "hf_hub_filename", None) else list(WEIGHT_FILES)
     for filename in filenames:
@@ -137,7 +137,7 @@ def cached_hub_file(timm_name: str) -> Path | None:
 def locate_weights(timm_name: str, pretrained_path: str | Path | None = None) -> WeightsSource:
     """Where this architecture's pretrained weights would come from here (see the module docstring); no loading."""
     if pretrained_path:
-        from .models import find_weights_file
+        from tongue_nb.model.backbones import find_weights_file
 
         return WeightsSource("file", str(find_weights_file(pretrained_path)), "pretrained_path")
     cached = cached_hub_file(timm_name)

@@ -15,8 +15,8 @@ import pandas as pd
 import yaml
 from matplotlib.figure import Figure
 
-from tongue_nb.plots import figure_png, image_grid
-from tongue_nb.tasks import Task, TaskSchema, load_schema
+from tongue_nb.analysis.plots import figure_png, image_grid
+from tongue_nb.data.tasks import Task, TaskSchema, load_schema
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ def constant_flags(run: RunData, split: str = "val") -> pd.DataFrame:
 
     Such a label's F1 is the constant answer's (see chance_rows), not something the model learnt.
     """
-    from tongue_nb import metrics
+    from tongue_nb.analysis import metrics
 
     probs, _, rows = arrays(run, split)
     if not len(rows):
@@ -232,7 +232,7 @@ def constant_flags(run: RunData, split: str = "val") -> pd.DataFrame:
 
 def chance_rows(run: RunData, split: str = "test") -> list[dict]:
     """Run-table rows of the scores that need no model (metrics.chance_references) on a run's test labels."""
-    from tongue_nb import metrics
+    from tongue_nb.analysis import metrics
 
     _, targets, _ = arrays(run, split)
     rows = []
@@ -270,7 +270,7 @@ def run_table(sweep: SweepData, ensemble_k: int = 0, selection: bool = False, ch
 
 def per_label_table(run: RunData, view: str = "thresholded") -> pd.DataFrame:
     """Per-class / per-label classification report of a run on test (plots.details_table on its summary)."""
-    from tongue_nb.plots import details_table
+    from tongue_nb.analysis.plots import details_table
 
     return details_table(run.summary, view)
 
@@ -296,7 +296,7 @@ def _shared_rows(runs: Sequence[RunData], split: str) -> list[pd.DataFrame]:
 
 def ensemble_metrics(sweep: SweepData, k: int = 3) -> dict:
     """Average the probabilities of the best k runs over shared ids; thresholds tuned on val, scored on test."""
-    from tongue_nb import metrics
+    from tongue_nb.analysis import metrics
 
     ranked = sorted(sweep.runs.values(), key=lambda r: -np.nan_to_num(_metric(r.summary.get("final_metrics_thresholded")), nan=-1))
     members = ranked[:k]
@@ -351,7 +351,7 @@ def per_task_selection(sweep: SweepData, ensemble_k: int = 3) -> dict:
     selection's row (its combined score is the schema-weighted mean of those task scores). Returns
     {"choice": {task: {...}}, "table": per-task DataFrame, "row": a run_table row}.
     """
-    from tongue_nb import metrics
+    from tongue_nb.analysis import metrics
 
     runs = list(sweep.runs.values())
     if not runs:
@@ -403,7 +403,7 @@ def save_selection(selection: dict, path: str | Path) -> Path:
 
 def bootstrap_table(sweep: SweepData, n_boot: int = 1000, seed: int = 0, view: str = "thresholded") -> pd.DataFrame:
     """95% bootstrap CIs of each run's combined score and task metrics, and its paired difference to the best run."""
-    from tongue_nb import metrics
+    from tongue_nb.analysis import metrics
 
     runs = list(sweep.runs.values())
     if not runs:
@@ -608,7 +608,7 @@ def confusion_matrices(run: RunData, split: str = "test", thresholded: bool = Tr
     panels = confusion_panels(run, split, thresholded)
     fig = Figure(figsize=(3.0 * len(panels), 3.0), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    from tongue_nb.plots import confusion_heatmap
+    from tongue_nb.analysis.plots import confusion_heatmap
 
     for ax, (title, names, m) in zip(axes, panels):
         confusion_heatmap(ax, m, list(names), list(names), title)
@@ -867,15 +867,15 @@ def _mapped_index(task: Task, pred: str, true: str) -> int:
 
 def cam_gallery(run: RunData, task: str, k: int = 6, per_class: int = 1, data_dir: str | Path | None = None,
                 split: str = "test", columns: int = 4) -> Figure:
-    """Class-activation maps (Grad-CAM, tongue_nb.explain) over a task's k worst errors and `per_class`
+    """Class-activation maps (Grad-CAM, tongue_nb.analysis.explain) over a task's k worst errors and `per_class`
     confident correct answers per true class, on the images as the model saw them (crop, size).
 
     Each panel maps the evidence for the model's own answer, so a reader sees whether it looked at
     the tongue body, the coat, or the background.
     """
-    from tongue_nb.cache import _decode_one
-    from tongue_nb.explain import class_activation_maps, overlay
-    from tongue_nb.models import load_run_model
+    from tongue_nb.data.cache import _decode_one
+    from tongue_nb.analysis.explain import class_activation_maps, overlay
+    from tongue_nb.model.backbones import load_run_model
 
     t = run.schema[task]
     errors = sample_errors(run)
@@ -986,7 +986,7 @@ def _git_commit() -> str:
     """Short commit of the package's checkout ('' when not in git)."""
     import subprocess
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     try:
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=10)

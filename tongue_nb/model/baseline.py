@@ -16,7 +16,7 @@ import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.ensemble import HistGradientBoostingClassifier
 
-from tongue_nb.tasks import Task, TaskSchema, labelled_mask
+from tongue_nb.data.tasks import Task, TaskSchema, labelled_mask
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +298,7 @@ class ColourTextureBaseline(BaseEstimator):
 
 def _split_indices(labels, seed: int, val_fraction: float, test_fraction: float) -> dict[str, np.ndarray]:
     """Row indices of train/val/test from the project's deterministic split."""
-    from tongue_nb import splits
+    from tongue_nb.data import splits
 
     split = np.asarray(splits.make_split(labels.table, labels.targets, labels.schema, seed=seed,
                                          val_fraction=val_fraction, test_fraction=test_fraction))
@@ -358,9 +358,10 @@ def fit_baseline_run(data_dir: str | Path, out_dir: str | Path, image_size: int 
     import pandas as pd
     import yaml
 
-    from tongue_nb import cache, metrics
+    from tongue_nb.data import cache
+    from tongue_nb.analysis import metrics
     from tongue_nb.runio import atomic_write_json, atomic_write_text
-    from tongue_nb.tasks import apply_task_weights, load_labels, load_schema
+    from tongue_nb.data.tasks import apply_task_weights, load_labels, load_schema
 
     t_start = time.perf_counter()
     out = Path(out_dir)

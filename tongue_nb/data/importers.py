@@ -8,7 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
-from tongue_nb.tasks import Task, TaskSchema
+from tongue_nb.data.tasks import Task, TaskSchema
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tongue_nb.tasks import default_schema
+from tongue_nb.data.tasks import default_schema
 
 log = logging.getLogger(__name__)
 
@@ -337,7 +337,7 @@ def make_synthetic(out_dir: str | Path, n: int = 500, size: int = 128, seed: int
 def _cache_root() -> Path:
     """The package cache folder (cache.default_cache_dir when cache.py is there, else the same rule)."""
     try:
-        from tongue_nb.cache import default_cache_dir
+        from tongue_nb.data.cache import default_cache_dir
     except ImportError:  # cache.py not installed: follow its documented rule
         env = os.environ.get("TONGUE_NB_CACHE")
         return Path(env).expanduser() if env else Path.home() / ".cache" / "tongue_nb"

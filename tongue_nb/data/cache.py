@@ -21,8 +21,8 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from .images import CROP_MODES, EmptyMaskWarning, ImageError, prepare_image, read_image, read_mask
-from .paths import DiskFullError, check_free_space, human_bytes, is_disk_full, prepare_folder
+from tongue_nb.data.images import CROP_MODES, EmptyMaskWarning, ImageError, prepare_image, read_image, read_mask
+from tongue_nb.paths import DiskFullError, check_free_space, human_bytes, is_disk_full, prepare_folder
 
 log = logging.getLogger(__name__)
 

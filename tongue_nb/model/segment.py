@@ -1,7 +1,7 @@
 """Tongue segmentation: a U-Net learnt from a dataset's masks, so that new photos get a mask to crop to.
 
 `train_segmenter(SegParams(...))` trains segmentation-models-pytorch's U-Net with a timm encoder
-(default `tf_efficientnet_lite0`, seeded with the ImageNet weights `tongue_nb.weights` finds:
+(default `tf_efficientnet_lite0`, seeded with the ImageNet weights `tongue_nb.model.weights` finds:
 pretrained_path, hub cache, weights package) on the rows of labels.csv that have a mask, on the
 same seeded, group-aware split as training, and writes a run folder like the trainer's: params.yaml,
 history.csv, summary.json (kind "segmenter", val and test IoU / Dice), checkpoints/best.safetensors
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from .images import prepare_image, read_image, read_mask
+from tongue_nb.data.images import prepare_image, read_image, read_mask
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class SegParams:
     data_dir: str = _f("", "dataset folder with labels.csv holding a mask column")
     out_dir: str = _f("", "run folder")
     encoder: str = _f("tf_efficientnet_lite0", "timm encoder of the U-Net")
-    pretrained: bool = _f(True, "seed the encoder with ImageNet weights (tongue_nb.weights)")
+    pretrained: bool = _f(True, "seed the encoder with ImageNet weights (tongue_nb.model.weights)")
     pretrained_path: str = _f("", "encoder weights file; empty: hub cache, weights package, hub")
     image_size: int = _f(160, "square input side (the whole photo, letterboxed)", gt=31)
     batch_size: int = _f(16, "samples per step", gt=0)
@@ -62,7 +62,7 @@ class SegParams:
     resume: bool = _f(False, "continue from checkpoints/last.pt")
 
     def __post_init__(self) -> None:
-        from .params import ParamError, check_fields, coerce_fields
+        from tongue_nb.train.params import ParamError, check_fields, coerce_fields
 
         coerce_fields(self)  # the same typing and checks as training's parameters
         check_fields(self)
@@ -128,8 +128,8 @@ def _load_data(params: SegParams) -> tuple[pd.DataFrame, np.ndarray, np.ndarray,
     """Rows with a mask, their split, images [N, S, S, 3] and masks [N, S, S] at the input size."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .splits import make_split
-    from .tasks import load_labels
+    from tongue_nb.data.splits import make_split
+    from tongue_nb.data.tasks import load_labels
 
     labels = load_labels(params.data_dir)
     table = labels.table
@@ -158,12 +158,12 @@ def _load_data(params: SegParams) -> tuple[pd.DataFrame, np.ndarray, np.ndarray,
 
 
 def build_unet(encoder: str, pretrained: bool, pretrained_path: str = "") -> tuple[nn.Module, dict[str, Any]]:
-    """smp U-Net with a timm encoder; its encoder seeded from the weights tongue_nb.weights finds."""
+    """smp U-Net with a timm encoder; its encoder seeded from the weights tongue_nb.model.weights finds."""
     import segmentation_models_pytorch as smp
     import timm
 
-    from .models import PretrainedWeightsError, load_pretrained_backbone
-    from .weights import locate_weights, missing_weights_hint
+    from tongue_nb.model.backbones import PretrainedWeightsError, load_pretrained_backbone
+    from tongue_nb.model.weights import locate_weights, missing_weights_hint
 
     if not timm.is_model(encoder):
         raise ValueError(f"encoder {encoder!r} is not a timm model name")
@@ -232,7 +232,7 @@ def _scores(probs: np.ndarray, masks: np.ndarray) -> dict[str, float]:
 
 def train_segmenter(params: SegParams) -> dict[str, Any]:
     """Train (or resume) a segmenter into params.out_dir; returns its summary (also summary.json)."""
-    from .runio import (RunLock, atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint,
+    from tongue_nb.runio import (RunLock, atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint,
                         save_weights)
 
     out = Path(params.out_dir)
@@ -339,8 +339,8 @@ def write_report(out: Path, summary: dict, history: list[dict], images: np.ndarr
 
     from matplotlib.figure import Figure
 
-    from .plots import figure_png, image_grid
-    from .runio import atomic_write_text
+    from tongue_nb.analysis.plots import figure_png, image_grid
+    from tongue_nb.runio import atomic_write_text
 
     def png(fig: Figure) -> str:
         return f"<img alt='figure' src='data:image/png;base64,{base64.b64encode(figure_png(fig)).decode()}'>"
@@ -393,7 +393,7 @@ class Segmenter:
 
     @classmethod
     def from_run(cls, run_dir: str | Path) -> "Segmenter":
-        from .runio import load_weights
+        from tongue_nb.runio import load_weights
 
         run = Path(run_dir)
         params_file, weights = run / "params.yaml", run / "checkpoints" / "best.safetensors"

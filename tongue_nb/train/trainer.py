@@ -29,17 +29,17 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm  # not tqdm.auto: widget bars freeze or flood papermill outputs (STYLE.md)
 
-from . import cache as cache_mod
-from . import metrics as metrics_mod
-from . import splits as splits_mod
-from .loader import Batch, BatchLoader, class_balanced_weights
-from .losses import MultiTaskLoss, class_weights_from_targets
-from .models import MultiTaskBackbone, build_model, to_probs
-from .params import TrainParams
-from .paths import FolderError, check_folder, file_sha256, prepare_folder
-from .runio import (RunLock, atomic_write_json, atomic_write_text, load_checkpoint, load_weights, save_checkpoint,
+from tongue_nb.data import cache as cache_mod
+from tongue_nb.analysis import metrics as metrics_mod
+from tongue_nb.data import splits as splits_mod
+from tongue_nb.data.loader import Batch, BatchLoader, class_balanced_weights
+from tongue_nb.model.losses import MultiTaskLoss, class_weights_from_targets
+from tongue_nb.model.backbones import MultiTaskBackbone, build_model, to_probs
+from tongue_nb.train.params import TrainParams
+from tongue_nb.paths import FolderError, check_folder, file_sha256, prepare_folder
+from tongue_nb.runio import (RunLock, atomic_write_json, atomic_write_text, load_checkpoint, load_weights, save_checkpoint,
                     save_weights)
-from .tasks import (Labels, TaskSchema, apply_task_weights, default_schema, labelled_mask, load_labels,
+from tongue_nb.data.tasks import (Labels, TaskSchema, apply_task_weights, default_schema, labelled_mask, load_labels,
                     load_schema)
 
 log = logging.getLogger(__name__)
@@ -489,7 +489,7 @@ def resolve_data(params: TrainParams) -> tuple[Path, TaskSchema]:
         if not data_dir.is_dir():
             raise FileNotFoundError(f"parameter data_dir: folder {data_dir} not found")
     else:
-        from .synth import ensure_synthetic
+        from tongue_nb.data.synth import ensure_synthetic
         data_dir = ensure_synthetic()
         log.info("data_dir is empty: using the built-in synthetic set %s", data_dir)
     if params.tasks:
@@ -547,7 +547,7 @@ def model_summary(params: TrainParams, schema: TaskSchema | None = None) -> dict
     model = build_model(params, schema, pretrained=False)
     counts = _model_counts(model)
     if params.pretrained:  # where the weights would come from (located only: nothing is read here)
-        from .weights import locate_weights
+        from tongue_nb.model.weights import locate_weights
 
         counts["initial_weights"] = locate_weights(model.timm_name, params.pretrained_path or None).describe()
     else:
@@ -715,7 +715,7 @@ def train(params: TrainParams, on_epoch_end: Callable[[dict[str, Any]], None] | 
     stops the run exactly like a kill after that epoch (resume continues from it).
     """
     if not isinstance(params, TrainParams):
-        raise TypeError(f"train: expected TrainParams (see tongue_nb.params.load_params), got {type(params).__name__}")
+        raise TypeError(f"train: expected TrainParams (see tongue_nb.train.params.load_params), got {type(params).__name__}")
     info = _dist_from_env()
     own_group = False
     if info.enabled and not dist.is_initialized():
@@ -1139,14 +1139,14 @@ def _train_locked(params: TrainParams, info: DistInfo, device: torch.device, amp
         log.info("%s: test combined %.4f (fixed), %.4f (thresholded); best epoch %d", out_dir,
                  test_fixed["combined_score"], test_thr["combined_score"], state.best_epoch)
     _barrier(info)
-    from .runio import to_jsonable
+    from tongue_nb.runio import to_jsonable
     return to_jsonable(summary)
 
 
 def _augment(params: TrainParams):
     if not params.augment:
         return False
-    from .loader import Augment
+    from tongue_nb.data.loader import Augment
 
     k = params.augment_strength  # 0..4, checked by TrainParams; 1 = Augment's defaults
     return Augment(rotate=10.0 * k, scale=(1.0 - 0.1 * k, 1.0 + 0.1 * k), translate=0.05 * k,

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .models import MultiTaskBackbone
+from tongue_nb.model.backbones import MultiTaskBackbone
 
 __all__ = ["export_onnx", "export_segmenter_onnx", "onnx_metadata", "FORMAT"]
 
@@ -40,7 +40,7 @@ def _save(module: nn.Module, size: int, output_names: list[str], meta: dict[str,
     """Export `module` (input `image` [batch, 3, size, size], dynamic batch) with its metadata, checked, atomically."""
     import onnx
 
-    from .runio import atomic_write_bytes
+    from tongue_nb.runio import atomic_write_bytes
 
     program = torch.onnx.export(module, (torch.zeros(2, 3, size, size),), dynamo=True, input_names=["image"],
                                 output_names=output_names, dynamic_shapes={"image": {0: torch.export.Dim("batch")}},
@@ -55,7 +55,7 @@ def _save(module: nn.Module, size: int, output_names: list[str], meta: dict[str,
 
 def export_onnx(run_dir: str | Path, out: str | Path) -> Path:
     """Write the run's best checkpoint as an ONNX file (dynamic batch) with its metadata; return the path."""
-    from .predict import Predictor
+    from tongue_nb.pipeline.predict import Predictor
 
     pred = Predictor.from_runs([run_dir])  # checks the run folder; one model, its thresholds and crop
     model = pred.model
@@ -84,7 +84,7 @@ def export_segmenter_onnx(run_dir: str | Path, out: str | Path) -> Path:
     """Write a segmenter run (tongue-nb train-segmenter) as ONNX: input `image` [batch, 3, S, S] (the whole photo
     letterboxed to S, 0..1, normalised with mean/std), output `tongue` [batch, 1, S, S] probabilities; metadata
     says so, with the threshold (0.5) and the post-processing (largest region, holes filled) a user applies."""
-    from .segment import Segmenter
+    from tongue_nb.model.segment import Segmenter
 
     seg = Segmenter.from_run(run_dir)
     size = seg.image_size

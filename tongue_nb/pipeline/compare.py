@@ -112,8 +112,9 @@ class _Data:
 
 def _prepare_data(cfg: dict[str, Any]) -> _Data:
     """Labels, split and image cache: built once by the parent, re-opened (cache hit) by each child."""
-    from tongue_nb import cache, splits
-    from tongue_nb.tasks import load_labels, load_schema
+    from tongue_nb.data import cache
+    from tongue_nb.data import splits
+    from tongue_nb.data.tasks import load_labels, load_schema
 
     schema = load_schema(cfg["tasks"]) if cfg["tasks"] else None
     labels = load_labels(cfg["data_dir"], schema=schema, on_problem=cfg["on_problem"])
@@ -159,9 +160,9 @@ def _measure(name: str, data: _Data, cfg: dict[str, Any]) -> dict[str, Any]:
     """Build, train `steps` steps, evaluate and time one backbone; raises on any failure."""
     import torch
 
-    from tongue_nb.loader import BatchLoader
-    from tongue_nb.losses import MultiTaskLoss
-    from tongue_nb.models import MultiTaskBackbone
+    from tongue_nb.data.loader import BatchLoader
+    from tongue_nb.model.losses import MultiTaskLoss
+    from tongue_nb.model.backbones import MultiTaskBackbone
 
     dev = _resolve_device(cfg["device"])
     cuda = dev.type == "cuda"
@@ -376,7 +377,7 @@ def compare_backbones(data_dir: str | Path, backbones: str | Sequence[str], out_
     for pname, value in (("eval_batches", eval_batches), ("infer_steps", infer_steps)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
             raise CompareError(f"parameter {pname}: got {value!r}, expected None or an integer >= 1")
-    from tongue_nb.images import CROP_MODES
+    from tongue_nb.data.images import CROP_MODES
 
     if crop not in CROP_MODES:
         raise CompareError(f"parameter crop: got {crop!r}, expected one of {list(CROP_MODES)}")

@@ -20,9 +20,9 @@ from typing import Any, Iterator, Sequence
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = PROJECT_ROOT / "notebooks"
-PARAMS_DIR = PROJECT_ROOT / "params"
+from tongue_nb.resources import NOTEBOOKS, PARAMS_DIR, work_dir
+
+PROJECT_ROOT = work_dir()  # the notebooks' working folder
 BASELINE_RUN = "classical-baseline"  # run folder of the classical baseline inside a sweep
 KERNEL_NAME = "tongue-nb"
 # The seed document's backbones, used when neither --backbones nor a recipe names one.
@@ -245,7 +245,7 @@ def _run_job_in_subprocess(job: dict, device: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="tongue-nb-job-") as tmp:
         job_file, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job_file.write_text(json.dumps(job))
-        proc = subprocess.run([sys.executable, "-m", "tongue_nb.sweep", "--worker", str(job_file), str(result_file)],
+        proc = subprocess.run([sys.executable, "-m", "tongue_nb.pipeline.sweep", "--worker", str(job_file), str(result_file)],
                               env=env, cwd=job["cwd"], capture_output=True, text=True)
         if result_file.exists():
             return json.loads(result_file.read_text())
@@ -386,8 +386,8 @@ SWEEP_OWNED = {"data_dir": "use --data", "out_dir": "runs go to <sweep>/runs/<ba
 
 
 def _parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
-    """'key=value' strings into typed notebook parameters, checked by tongue_nb.params (errors name the override)."""
-    from tongue_nb.params import ParamError, load_params
+    """'key=value' strings into typed notebook parameters, checked by tongue_nb.train.params (errors name the override)."""
+    from tongue_nb.train.params import ParamError, load_params
 
     values: dict[str, Any] = {}
     for item in overrides:
@@ -414,7 +414,7 @@ def recipe_seeds(params_file: str | Path | None) -> list[int] | None:
 
 def _check_seeds(seeds: Sequence[int] | None, extra: dict, params_file: str | Path | None) -> list[int] | None:
     """Validated seeds (distinct integers >= 0), or None for one run per backbone."""
-    from tongue_nb.params import ParamError
+    from tongue_nb.train.params import ParamError
 
     if seeds is None:
         return None
@@ -482,7 +482,7 @@ def run_sweep(data_dir: str | Path | None, backbones: Sequence[str], params_file
         raise SweepError(f"run_sweep: data_dir (--data) is {str(data_dir)!r}, expected a dataset folder (an unset "
                          "shell variable?); leave it out (None) to use the built-in synthetic set")
     if data_dir is None:
-        from tongue_nb.synth import ensure_synthetic
+        from tongue_nb.data.synth import ensure_synthetic
 
         data_dir = ensure_synthetic()
     data = Path(data_dir).resolve()
@@ -535,7 +535,7 @@ def _sweep(data: Path, backbones: list[str], params_file: str | Path | None, ext
         [(f"{b}-seed{k}", b, k) for b in backbones for k in seeds]
     split_seed = None
     if seeds:
-        from tongue_nb.params import load_params
+        from tongue_nb.train.params import load_params
 
         split_seed = load_params([params_file] if params_file else (), **extra).effective_split_seed
     jobs, outcomes = [], {}
@@ -595,8 +595,8 @@ def _baseline(data: Path, params_file: str | Path | None, extra: dict, run_dir: 
     """The classical colour/texture baseline on the runs' own split (same seed and fractions), as one more run row."""
     if is_completed(run_dir):
         return
-    from tongue_nb.baseline import fit_baseline_run
-    from tongue_nb.params import load_params
+    from tongue_nb.model.baseline import fit_baseline_run
+    from tongue_nb.train.params import load_params
 
     try:
         params = load_params([params_file] if params_file else (), **extra)
@@ -619,7 +619,7 @@ def _compare(data: Path, backbones: list[str], sweep_dir: Path, options: dict, k
         if _run_stage("compare", None, "02_model_comparison", out_nb, parameters, kernel, result):
             result.comparison_report = _render(out_nb, result.reports_dir / "02_model_comparison.html", None, result)
     else:
-        from tongue_nb.compare import compare_backbones
+        from tongue_nb.pipeline.compare import compare_backbones
 
         try:
             compare_backbones(data, backbones, out_dir=out, **options)
@@ -655,7 +655,7 @@ def _render(notebook: Path, html_path: Path, backbone: str | None, result: Sweep
 
 def _index(result: SweepResult, reports: Path, ensemble_k: int = 3) -> Path:
     """reports/index.html from the sweep's outcomes: the final report's score rows, with links to each run's pages."""
-    from tongue_nb.report import index_rows, load_sweep, sweep_provenance, write_index
+    from tongue_nb.analysis.report import index_rows, load_sweep, sweep_provenance, write_index
 
     links = {_safe_name(run.backbone): run for run in result.runs if run.ok}
     rows, provenance = [], ""
@@ -678,7 +678,7 @@ def _index(result: SweepResult, reports: Path, ensemble_k: int = 3) -> Path:
 
 
 def _worker_main(argv: Sequence[str]) -> int:
-    """`python -m tongue_nb.sweep --worker JOB.json RESULT.json`: one run in its own process (one GPU)."""
+    """`python -m tongue_nb.pipeline.sweep --worker JOB.json RESULT.json`: one run in its own process (one GPU)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     job = json.loads(Path(argv[0]).read_text())
     Path(argv[1]).write_text(json.dumps(run_job(job)))
@@ -688,4 +688,4 @@ def _worker_main(argv: Sequence[str]) -> int:
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--worker":
         sys.exit(_worker_main(sys.argv[2:]))
-    sys.exit("usage: python -m tongue_nb.sweep --worker JOB.json RESULT.json (internal; use `tongue-nb sweep`)")
+    sys.exit("usage: python -m tongue_nb.pipeline.sweep --worker JOB.json RESULT.json (internal; use `tongue-nb sweep`)")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .tasks import TaskSchema
+from tongue_nb.data.tasks import TaskSchema
 
 log = logging.getLogger(__name__)
 

@@ -72,7 +72,7 @@ class TrainParams:
     pretrained_path: str = _p("", "local weights file/folder for offline servers; empty: the hub")
     drop_rate: float = _p(0.0, "dropout before the task heads", ge=0.0, lt=1.0)
     colour_stats: bool = _p(False, "heads also read colour statistics of the tongue region (RGB/HSV/Lab mean, "
-                                   "std, percentiles: tongue_nb/colour.py)")
+                                   "std, percentiles: tongue_nb/model/colour.py)")
     # --- batches
     batch_size: int = _p(32, "samples per optimizer micro-step", gt=0)
     eval_batch_size: int = _p(0, "samples per evaluation step; 0: twice batch_size", ge=0)
@@ -149,7 +149,7 @@ class TrainParams:
             raise ParamError(f"parameters val_fraction + test_fraction: got "
                              f"{self.val_fraction + self.test_fraction:g}, expected < 1 (training needs samples)")
         if self.task_weights.strip():
-            from .tasks import SchemaError, parse_task_weights  # local import: tasks imports pandas
+            from tongue_nb.data.tasks import SchemaError, parse_task_weights  # local import: tasks imports pandas
 
             try:
                 parse_task_weights(self.task_weights, source=f"parameter task_weights (got {self.task_weights!r})")
@@ -171,7 +171,7 @@ class TrainParams:
 
     def to_yaml(self, path: str | Path) -> Path:
         """Write every parameter to a YAML file (atomically) and return its path."""
-        from .runio import atomic_write_text  # local import: runio imports torch
+        from tongue_nb.runio import atomic_write_text  # local import: runio imports torch
 
         text = yaml.safe_dump(self.as_dict(), sort_keys=False, allow_unicode=True)
         return atomic_write_text(path, text)
@@ -367,7 +367,7 @@ def param_help() -> dict[str, str]:
 
 def notebook_parameters_source(extra: Mapping[str, tuple[str, Any, str]] | None = None) -> str:
     """Source of a papermill `parameters` cell: one typed, commented literal per TrainParams field."""
-    lines = ["# Parameters (papermill -p NAME VALUE), generated from tongue_nb.params.TrainParams."]
+    lines = ["# Parameters (papermill -p NAME VALUE), generated from tongue_nb.train.params.TrainParams."]
     for name, (kind, default, comment) in (extra or {}).items():
         lines.append(f"{name}: {kind} = {_literal(default)}  # {comment}")
     for f in fields(TrainParams):

@@ -20,8 +20,8 @@ import pandas as pd
 import torch
 import yaml
 
-from .images import ImageError, prepare_image, read_image, read_mask
-from .tasks import TaskSchema
+from tongue_nb.data.images import ImageError, prepare_image, read_image, read_mask
+from tongue_nb.data.tasks import TaskSchema
 
 __all__ = ["Predictor", "list_photos", "predict_table", "IMAGE_SUFFIXES", "MIN_SIDE"]
 
@@ -45,7 +45,7 @@ class Predictor:
     @classmethod
     def from_runs(cls, run_dirs: Sequence[str | Path], device: str = "cpu") -> "Predictor":
         """Load one run, or several as their ensemble; errors name the run and what it lacks."""
-        from .models import EnsembleMultiTaskModel, load_run_model
+        from tongue_nb.model.backbones import EnsembleMultiTaskModel, load_run_model
 
         if not run_dirs:
             raise ValueError("predict: give at least one trained run folder (--run)")
@@ -96,8 +96,8 @@ def _saved_thresholds(run: Path, schema: TaskSchema) -> dict[str, list[float]]:
 
 def _ensemble_thresholds(run_dirs: Sequence[str | Path]) -> dict[str, list[float]]:
     """Thresholds for the ensemble, tuned on the validation images its members share (as in the reports)."""
-    from . import metrics
-    from .report import _mean_probs, load_run
+    from tongue_nb.analysis import metrics
+    from tongue_nb.analysis.report import _mean_probs, load_run
 
     runs = [load_run(d) for d in run_dirs]
     probs, targets, ids = _mean_probs(runs, "val")
@@ -190,16 +190,16 @@ def predict_table(pred: Predictor, photos: pd.DataFrame, batch_size: int = 32, w
 
     Decisions: pred:<task> (argmax class) for multiclass; pred:<task>:<label> (0/1 at the run's tuned
     threshold) for binary and multilabel. Rows whose photo could not be used keep their error and
-    empty scores. A segmenter (tongue_nb.segment.Segmenter) masks the photos that come without one.
+    empty scores. A segmenter (tongue_nb.model.segment.Segmenter) masks the photos that come without one.
     With explain_dir (one run only), a class-activation overlay per photo and task is
-    written there as <row>-<id>-<task>.png: the evidence for the model's answer (tongue_nb.explain).
+    written there as <row>-<id>-<task>.png: the evidence for the model's answer (tongue_nb.analysis.explain).
     """
-    from .models import MultiTaskBackbone
+    from tongue_nb.model.backbones import MultiTaskBackbone
 
     if explain_dir is not None and not isinstance(pred.model, MultiTaskBackbone):
         raise ValueError("--explain maps one trained run; give a single --run (an ensemble has no one backbone)")
-    from .loader import BatchLoader
-    from .trainer import evaluate
+    from tongue_nb.data.loader import BatchLoader
+    from tongue_nb.train.trainer import evaluate
 
     out_rows: list[dict[str, Any]] = []
     empty = {t.name: np.full(1, -1, dtype=np.int64) if t.kind == "multiclass" else np.full((1, t.n_outputs), np.nan)
@@ -272,7 +272,7 @@ def _write_explanations(pred: Predictor, images: np.ndarray, probs: dict[str, np
     """One overlay PNG per photo and task: the Grad-CAM map of the model's answer over the prepared photo."""
     from PIL import Image
 
-    from .explain import class_activation_maps, overlay
+    from tongue_nb.analysis.explain import class_activation_maps, overlay
 
     folder.mkdir(parents=True, exist_ok=True)
     for t in pred.schema:
@@ -329,7 +329,7 @@ def _summary_lines(pred: Predictor, rec: dict[str, Any]) -> list[str]:
 def photo_gallery(pred: Predictor, photos: pd.DataFrame, table: pd.DataFrame, segmenter: Any = None,
                   k: int = 12, columns: int = 4) -> Any:
     """The first k photos with their mask outlined (given or predicted) and each task's answer."""
-    from .plots import image_grid
+    from tongue_nb.analysis.plots import image_grid
 
     rows = list(zip(photos.head(k).itertuples(index=False), table.head(k).to_dict("records")))
     fig, axes = image_grid(len(rows), columns, cell=(3.0, 3.6))
@@ -360,7 +360,7 @@ def upload_box(pred: Predictor, segmenter: Any = None) -> Any:
         return None
     import tempfile
 
-    from .plots import figure_png
+    from tongue_nb.analysis.plots import figure_png
 
     upload = widgets.FileUpload(accept="image/*", multiple=True, description="tongue photos")
     image = widgets.Image(format="png")

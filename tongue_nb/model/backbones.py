@@ -26,9 +26,9 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
-from . import weights as weights_mod
-from .colour import ColourStats
-from .tasks import TaskSchema, load_schema
+from tongue_nb.model import weights as weights_mod
+from tongue_nb.model.colour import ColourStats
+from tongue_nb.data.tasks import TaskSchema, load_schema
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from scipy.stats import rankdata
 
-from .tasks import Task, TaskSchema
+from tongue_nb.data.tasks import Task, TaskSchema
 
 log = logging.getLogger(__name__)
 

@@ -22,13 +22,13 @@ def _data_or_synthetic(data: str | None) -> str:
     """The dataset folder given, or the built-in synthetic set (made once, cached) when --data is absent."""
     if _data_arg(data) is not None:
         return data
-    from tongue_nb.synth import ensure_synthetic
+    from tongue_nb.data.synth import ensure_synthetic
 
     return str(ensure_synthetic())
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from tongue_nb.synth import make_synthetic
+    from tongue_nb.data.synth import make_synthetic
 
     out = make_synthetic(args.out, n=args.n, size=args.size, seed=args.seed, missing=args.missing)
     print(f"synthetic dataset: {out} ({args.n} images, {args.size} px)")
@@ -36,7 +36,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from tongue_nb.importers import import_tonguexpert
+    from tongue_nb.data.importers import import_tonguexpert
 
     out = import_tonguexpert(args.db_dir, args.out, labels=args.labels, link=args.link)
     print(f"TonguExpert ({args.labels} labels) imported into {out}")
@@ -44,8 +44,8 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from tongue_nb.params import load_params
-    from tongue_nb.trainer import train
+    from tongue_nb.train.params import load_params
+    from tongue_nb.train.trainer import train
 
     values = {"backbone": args.backbone, "out_dir": args.out}
     if _data_arg(args.data) is not None:
@@ -61,7 +61,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from tongue_nb.compare import compare_backbones, recommendations
+    from tongue_nb.pipeline.compare import compare_backbones, recommendations
 
     table = compare_backbones(_data_or_synthetic(args.data), args.backbones, out_dir=args.out, steps=args.steps,
                               warmup_steps=args.warmup_steps,
@@ -76,7 +76,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_baseline(args: argparse.Namespace) -> int:
-    from tongue_nb.baseline import fit_baseline_run
+    from tongue_nb.model.baseline import fit_baseline_run
 
     summary = fit_baseline_run(_data_or_synthetic(args.data), args.out, image_size=args.image_size, seed=args.seed)
     print(f"{args.out}: test combined score {summary['final_metrics_fixed']['combined_score']:.4f} (fixed), "
@@ -87,7 +87,7 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     import torch
 
-    from tongue_nb.predict import Predictor, list_photos, predict_table
+    from tongue_nb.pipeline.predict import Predictor, list_photos, predict_table
     from tongue_nb.runio import atomic_write_text
 
     if args.threads:
@@ -98,11 +98,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     photos = list_photos(args.images)  # checked before the models load: a bad list costs nothing
     segmenter = None
     if args.segmenter:
-        from tongue_nb.segment import Segmenter
+        from tongue_nb.model.segment import Segmenter
 
         segmenter = Segmenter.from_run(args.segmenter)
     if args.selection:
-        from tongue_nb.predict import predict_selection
+        from tongue_nb.pipeline.predict import predict_selection
 
         if args.explain:
             raise ValueError("predict: --explain maps one trained run; use --run with it, not --selection")
@@ -120,8 +120,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_segmenter(args: argparse.Namespace) -> int:
-    from tongue_nb.params import ParamError
-    from tongue_nb.segment import SegParams, train_segmenter
+    from tongue_nb.train.params import ParamError
+    from tongue_nb.model.segment import SegParams, train_segmenter
 
     values: dict = {"data_dir": args.data, "out_dir": args.out, "resume": args.resume}
     for item in args.set or ():
@@ -144,7 +144,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     import yaml
 
-    from tongue_nb.export import export_onnx, export_segmenter_onnx
+    from tongue_nb.model.export import export_onnx, export_segmenter_onnx
 
     saved = Path(args.run, "params.yaml")
     is_segmenter = saved.is_file() and "encoder" in (yaml.safe_load(saved.read_text()) or {})
@@ -158,7 +158,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from tongue_nb.sweep import default_backbones, recipe_seeds, run_sweep
+    from tongue_nb.pipeline.sweep import default_backbones, recipe_seeds, run_sweep
 
     result = run_sweep(_data_arg(args.data), args.backbones or default_backbones(args.file),
                        params_file=args.file, overrides=args.set or (), out_dir=args.out,
@@ -172,7 +172,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_backbones(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from tongue_nb.models import describe_backbones
+    from tongue_nb.model.backbones import describe_backbones
 
     table = pd.DataFrame(describe_backbones(args.names or None))
     hints = [h for h in table.pop("hint") if h]
@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset folder whose labels.csv has a mask column")
     p.add_argument("--out", required=True, help="segmenter run folder")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="segmenter parameter (tongue_nb.segment.SegParams: encoder, image_size, epochs, ...)")
+                   help="segmenter parameter (tongue_nb.model.segment.SegParams: encoder, image_size, epochs, ...)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     p.set_defaults(func=_cmd_train_segmenter)
 

@@ -1,7 +1,7 @@
 """Colour statistics of the tongue region, computed inside the network from its own input batch.
 
 ImageNet features are trained to ignore the exact hue and saturation that tongue colour labels are
-about; the classical baseline (`tongue_nb.baseline`) wins the colour tasks with plain statistics of
+about; the classical baseline (`tongue_nb.model.baseline`) wins the colour tasks with plain statistics of
 the tongue region. `ColourStats` computes the same kind of statistics (RGB, HSV, Lab: mean, std and
 percentiles over the non-background pixels) on the device, from the normalised batch the backbone
 sees, and turns them into a small learned embedding that the task heads read beside the pooled

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .tasks import TaskSchema
+from tongue_nb.data.tasks import TaskSchema
 
 __all__ = ["read_run", "plot_history", "metrics_table", "details_table", "thresholds_table",
            "confusion_matrices", "plot_confusion_matrices"]
@@ -32,7 +32,7 @@ def figure_png(fig: Figure, dpi: int = 90) -> bytes:
 def read_run(run_dir: str | Path) -> tuple[dict, pd.DataFrame, pd.DataFrame, TaskSchema]:
     """summary.json, history.csv, predictions.csv and tasks.yaml of a finished run folder."""
     # One reader of run folders (report.load_run checks every file); imported here because report imports plots.
-    from .report import load_run
+    from tongue_nb.analysis.report import load_run
 
     run = load_run(run_dir)
     return run.summary, run.history, run.predictions, run.schema

@@ -1,0 +1,1 @@
+"""Analysis: metrics, report tables, figures, error analysis and explanations, the data review."""
