@@ -19,6 +19,7 @@ Outputs: <out>.json and <out>.md (default bench/results/quality.*); run folders 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -113,7 +114,7 @@ def evaluate_run(run_dir: Path, labels: Labels, rows: Mapping[str, np.ndarray], 
     out = {}
     for name, idx in rows.items():
         loader = BatchLoader(images, labels.targets, None, idx, batch_size, model.mean, model.std)
-        probs, _, _ = trainer.evaluate(model, loader, labels.schema, device=torch.device("cpu"))
+        probs, _, _ = trainer.evaluate(model, loader, labels.schema)
         # evaluate returns rows in ascending index order: keep `rows` sorted so they line up.
         out[name] = probs
     return out
@@ -484,9 +485,8 @@ def run_main(args: argparse.Namespace, base: TrainParams, labels: Labels, l1_dir
         # --baseline-size keeps the baseline's features fixed when the recipe's resolution changes,
         # so a cheaper recipe is never compared against a baseline weakened by the same change.
         b_size = args.baseline_size or base.image_size or 128
-        baseline_mod.fit_baseline_run(labels.root, base_dir, image_size=b_size, seed=base.seed,
-                                      crop="crop_blank", val_fraction=base.val_fraction,
-                                      test_fraction=base.test_fraction, num_threads=args.threads)
+        baseline_mod.fit_baseline_run(dataclasses.replace(base, data_dir=str(labels.root), image_size=b_size,
+                                                          num_threads=args.threads), base_dir, crop="crop_blank")
         base_seconds = time.perf_counter() - t0
     else:
         base_seconds = prev.get("baseline", {}).get("fit_seconds")

@@ -41,7 +41,8 @@ import common  # noqa: E402  (bench/common.py also puts the repository root on s
 from tongue_nb.data import cache as cache_mod# noqa: E402
 from tongue_nb.analysis import metrics as metrics_mod# noqa: E402
 from tongue_nb.data import splits as splits_mod# noqa: E402
-from tongue_nb.train import trainer# noqa: E402
+from tongue_nb.train import trainer  # noqa: E402
+from tongue_nb.train.runtime import Runtime  # noqa: E402
 from tongue_nb.data.loader import Augment, BatchLoader  # noqa: E402
 from tongue_nb.model.losses import MultiTaskLoss, class_weights_from_targets  # noqa: E402
 from tongue_nb.model.backbones import MultiTaskBackbone  # noqa: E402
@@ -146,9 +147,9 @@ def e2e_train(model: torch.nn.Module, loader: BatchLoader, loss_fn: MultiTaskLos
               ) -> tuple[int, float]:
     """`steps` micro-steps of tongue_nb.train.trainer.train_one_epoch (cache -> loader -> augment -> model -> step)."""
     def run() -> int:
-        stats = trainer.train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device=device, epoch=epoch,
-                                        stage=2, grad_clip=grad_clip, amp_dtype=amp_dtype, scaler=scaler,
-                                        channels_last=channels_last, max_steps=steps, progress=False)
+        rt = Runtime(device=device, amp_dtype=amp_dtype, channels_last=channels_last, scaler=scaler)
+        stats = trainer.train_one_epoch(model, loader, loss_fn, optimizer, scheduler, rt, epoch=epoch, stage=2,
+                                        grad_clip=grad_clip, max_steps=steps)
         return stats.samples
 
     return _timed(device, run)
@@ -159,8 +160,8 @@ def e2e_eval(model: torch.nn.Module, loader: BatchLoader, schema: TaskSchema, lo
              ) -> tuple[int, float]:
     """`steps` batches of tongue_nb.train.trainer.evaluate plus the metrics computed from its output (per-epoch val work)."""
     def run() -> int:
-        probs, targets, _ = trainer.evaluate(model, loader, schema, loss_fn, device=device, amp_dtype=amp_dtype,
-                                             channels_last=channels_last, max_steps=steps)
+        rt = Runtime(device=device, amp_dtype=amp_dtype, channels_last=channels_last)
+        probs, targets, _ = trainer.evaluate(model, loader, schema, loss_fn, rt, max_steps=steps)
         metrics_mod.compute_metrics(schema, probs, targets)
         return len(next(iter(probs.values())))
 

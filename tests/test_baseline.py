@@ -148,7 +148,10 @@ def test_fit_baseline_run_writes_a_run_folder_and_learns_the_synthetic_set(tmp_p
     from tongue_nb.data.synth import make_synthetic
 
     data = make_synthetic(tmp_path / "data", n=200, size=64, seed=0)
-    summary = fit_baseline_run(data, tmp_path / "run", image_size=64, seed=0, max_iter=100)
+    from tongue_nb.train.params import TrainParams
+
+    recipe = TrainParams(data_dir=str(data), image_size=64, seed=0)
+    summary = fit_baseline_run(recipe, tmp_path / "run", max_iter=100)
     run = tmp_path / "run"
     for name in ("params.yaml", "tasks.yaml", "split.csv", "predictions.csv", "summary.json"):
         assert (run / name).is_file(), name
@@ -170,7 +173,8 @@ def test_fit_baseline_run_writes_a_run_folder_and_learns_the_synthetic_set(tmp_p
     # task_weights reweights only the combined score: same per-task figures, coat now counts 3x shape
     from tongue_nb.data.tasks import load_schema
 
-    heavy = fit_baseline_run(data, tmp_path / "heavy", image_size=64, seed=0, max_iter=100, task_weights="coat=1.5")
+    heavy = fit_baseline_run(TrainParams(data_dir=str(data), image_size=64, seed=0, task_weights="coat=1.5"),
+                             tmp_path / "heavy", max_iter=100)
     assert load_schema(tmp_path / "heavy" / "tasks.yaml")["coat"].weight == 1.5
     h = heavy["final_metrics_fixed"]
     prim = {t: fixed["tasks"][t]["primary"] for t in ("shape", "coat")}

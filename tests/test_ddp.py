@@ -24,15 +24,21 @@ with open(sys.argv[2] + ".rank" + os.environ["RANK"], "w") as f:
 """
 
 
-def test_torchrun_two_gloo_processes(tmp_path):
+def _torchrun(tmp_path: Path, script_text: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """Run a training script as two gloo processes under torchrun on a tiny synthetic set."""
     data = make_synthetic(tmp_path / "data", n=40, size=48, seed=4)
-    script = tmp_path / "ddp_train.py"
-    script.write_text(SCRIPT)
+    script = tmp_path / "ddp_script.py"
+    script.write_text(script_text)
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(script), str(data), str(run)], capture_output=True, text=True, env=env, timeout=240,
                           cwd=tmp_path)
+    return proc, run
+
+
+def test_torchrun_two_gloo_processes(tmp_path):
+    proc, run = _torchrun(tmp_path, SCRIPT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     done = [(tmp_path / f"run.rank{r}").read_text().split() for r in (0, 1)]
     assert len(done) == 2 and {d[1] for d in done} == {"2"}, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -48,3 +54,40 @@ def test_torchrun_two_gloo_processes(tmp_path):
         assert set(got) == expected and got.is_unique  # gathered from both ranks, DDP padding dropped
     assert len(pd.read_csv(run / "history.csv")) == 2
     assert not (run / ".lock").exists()
+
+
+OOM_SCRIPT = """
+import os, sys, torch
+torch.set_num_threads(1)
+from tongue_nb.train.callbacks import Callback
+from tongue_nb.train.params import load_params
+from tongue_nb.train.trainer import TrainingError, train
+
+class OomOnRank1(Callback):
+    # Rank 1 runs out of memory in its first stage-2 forward pass (a simulated CUDA OOM).
+    def on_stage_start(self, fit, stage):
+        if os.environ["RANK"] == "1" and stage.number == 2:
+            def forward(x):
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            fit.model.forward = forward
+
+try:
+    train(load_params(backbone="test_convnext", data_dir=sys.argv[1], out_dir=sys.argv[2], image_size=32,
+                      pretrained=False, batch_size=8, stage1_epochs=1, stage2_epochs=1, progress=False,
+                      num_threads=1, device="cpu"), callbacks=[OomOnRank1()])
+except TrainingError as exc:
+    with open(sys.argv[2] + ".rank" + os.environ["RANK"], "w") as f:
+        f.write(str(exc))
+    raise
+"""
+
+
+def test_out_of_memory_under_ddp_stops_with_a_clear_error_not_a_retry(tmp_path):
+    """Under DDP the ranks cannot agree on a new batch split mid-step: the retry is off and the OOM rank says why."""
+    proc, run = _torchrun(tmp_path, OOM_SCRIPT)
+    assert proc.returncode != 0  # torchrun stops the job when one rank fails (no hang, no silent retry)
+    message = (tmp_path / "run.rank1").read_text()
+    assert "CUDA out of memory at epoch 2" in message and "off under DDP" in message, message
+    assert "smaller batch_size" in message
+    assert not (run / "summary.json").exists()
+    assert pd.read_csv(run / "history.csv")["epoch"].tolist() == [1]  # stage 1 was kept

@@ -94,7 +94,7 @@ def assert_readable(run: Path) -> int:
         resume_after = state["progress"]["epoch"]
         # history.csv is written before last.pt: it may be one epoch ahead, never behind.
         assert resume_after <= epochs <= resume_after + 1
-        assert len(state["history"]) == resume_after
+        assert len(state["callbacks"]["history"]["rows"]) == resume_after
     return resume_after
 
 

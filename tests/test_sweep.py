@@ -10,6 +10,7 @@ from nbformat.v4 import new_code_cell, new_notebook
 
 from tongue_nb.analysis import report
 from tongue_nb.pipeline import sweep
+from tongue_nb.pipeline.executors import GpuPoolExecutor, SlurmExecutor, _SlurmJob, make_executor
 from tongue_nb.train.params import ParamError
 
 
@@ -53,10 +54,36 @@ def test_one_process_per_gpu_sees_only_its_device(tmp_path):
                       "import os, pathlib\npathlib.Path(target).write_text(os.environ.get('CUDA_VISIBLE_DEVICES', 'unset'))")
     with sweep.project_kernel(tmp_path) as kernel:
         jobs = [_job(tmp_path, f"j{i}", probe, kernel, target=str(tmp_path / f"j{i}.txt")) for i in range(2)]
-        results = sweep._run_jobs(jobs, ["5", "7"])
+        results = GpuPoolExecutor(["5", "7"]).run(jobs)
     assert [r["status"] for r in results] == ["completed"] * 2
     seen = [(tmp_path / f"j{i}.txt").read_text() for i in range(2)]
     assert sorted(seen) == ["5", "7"]  # two runs at the same time, each in a process that sees one GPU
+
+
+def test_slurm_executor_runs_jobs_through_submitit_and_requeues_to_resume(tmp_path):
+    ok = _notebook(tmp_path / "ok.ipynb", "target = ''", "import pathlib\npathlib.Path(target).write_text('ran')")
+    bad = _notebook(tmp_path / "bad.ipynb", "x = 1", "raise ValueError('broken recipe')")
+    with sweep.project_kernel(tmp_path) as kernel:
+        jobs = [_job(tmp_path, "ok", ok, kernel, target=str(tmp_path / "ok.txt")), _job(tmp_path, "bad", bad, kernel)]
+        ex = SlurmExecutor(tmp_path / "slurm", gpus_per_job=0, cpus_per_job=1, time_min=5, cluster="local")
+        results = ex.run(jobs)
+    assert [r["status"] for r in results] == ["completed", "failed"]
+    assert (tmp_path / "ok.txt").read_text() == "ran"
+    assert results[1]["error"]["error_type"] == "ValueError" and "broken recipe" in results[1]["error"]["message"]
+    assert len(list((tmp_path / "slurm").iterdir())) == 2  # one submitit folder (logs, pickles) per job
+    # Pre-emption or time-out: the requeued job resumes from the run's last checkpoint.
+    job = jobs[0]
+    assert "resume" not in _SlurmJob(job).checkpoint().function.job["parameters"]
+    (Path(job["run_dir"]) / "checkpoints").mkdir(parents=True)
+    (Path(job["run_dir"]) / "checkpoints" / "last.pt").write_bytes(b"x")
+    assert _SlurmJob(job).checkpoint().function.job["parameters"]["resume"] is True
+    # Options are checked before anything is submitted.
+    with pytest.raises(ValueError, match="cluster"):
+        SlurmExecutor(tmp_path, cluster="pbs")
+    with pytest.raises(ValueError, match="time_min"):
+        SlurmExecutor(tmp_path, time_min=0)
+    with pytest.raises(ValueError, match="executor='slurm'"):
+        make_executor("local", slurm={"partition": "gpu"})
 
 
 def test_visible_gpus(monkeypatch):
@@ -131,11 +158,15 @@ def test_real_sweep_two_backbones_and_a_failure(tmp_path, tiny_data):
     assert test_ids[0] == test_ids[1] and test_ids[0]
 
     # Started again: finished runs are skipped, the failed one is tried again; this time with the
-    # model comparison (a tiny budget), whose unknown backbone gets an error row, not a sweep error.
+    # model comparison (a tiny budget), whose unknown backbone gets an error row, not a sweep error,
+    # and the training jobs submitted through submitit's local backend (the Slurm executor's path).
     t0 = time.perf_counter()
     again = sweep.run_sweep(tiny_data, ["test_convnext", "no_such_net"], params_file=recipe, out_dir=out,
                             reports_dir=reports, compare=True, compare_steps=4,
-                            compare_options={"image_size": 32, "batch_size": 4, "isolate": False, "num_threads": 1})
+                            compare_options={"image_size": 32, "batch_size": 4, "isolate": False, "num_threads": 1},
+                            executor="slurm", slurm={"cluster": "local", "gpus_per_job": 0, "cpus_per_job": 1,
+                                                     "time_min": 10})
+    assert list((out / "slurm").iterdir()), "no submitit job folder"  # the job went through submitit
     assert {r.backbone: r.status for r in again.runs} == {"test_convnext": "skipped", "no_such_net": "failed"}
     assert not again.ok and not again.errors, again.errors
     assert again.runs[0].error_analysis == str(reports / "04_error_analysis-test_convnext.html")  # kept, not re-run

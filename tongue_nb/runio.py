@@ -40,6 +40,8 @@ __all__ = [
     "save_weights",
     "load_weights",
     "to_jsonable",
+    "RunFolder",
+    "predictions_table",
 ]
 
 
@@ -328,3 +330,141 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+# --------------------------------------------------------------------------- the run folder
+
+
+# Summary keys every run kind writes (trained runs, the classical baseline): what reports and the sweep read.
+SUMMARY_KEYS = ("experiment_name", "status", "kind", "backbone", "image_size", "counts", "val_metrics_fixed",
+                "final_metrics_fixed", "final_metrics_thresholded", "timings", "train_samples_per_s",
+                "eval_samples_per_s")
+# Timing keys of summary.json["timings"], in seconds; a run kind fills the ones it has.
+TIMING_KEYS = ("total_seconds", "train_seconds", "eval_seconds", "cache_build_seconds", "features_seconds",
+               "stage1_seconds", "stage2_seconds")
+
+
+class RunFolder:
+    """The one owner of a run folder's files: where each lives, and the only code that writes them.
+
+    Trainer, baseline and segmenter write through it (atomically, runio's writers); reports, prediction and
+    the sweep read through it. Layout: docs/internals.md ("The run folder").
+    """
+
+    PARAMS = "params.yaml"
+    TASKS = "tasks.yaml"
+    SPLIT = "split.csv"
+    SPLIT_STATS = "split_stats.csv"
+    SKIPPED = "skipped_images.csv"
+    FINGERPRINT = "data_fingerprint.json"
+    HISTORY = "history.csv"
+    PREDICTIONS = "predictions.csv"
+    SUMMARY = "summary.json"
+    BEST = "checkpoints/best.safetensors"
+    LAST = "checkpoints/last.pt"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def best(self) -> Path:
+        return self.path / self.BEST
+
+    @property
+    def last(self) -> Path:
+        return self.path / self.LAST
+
+    # --- writers
+    def write_yaml(self, name: str, data: Mapping[str, Any]) -> Path:
+        import yaml
+
+        return atomic_write_text(self.path / name, yaml.safe_dump(to_jsonable(dict(data)), sort_keys=False))
+
+    def write_table(self, name: str, table: Any, float_format: str | None = "%.6g") -> Path:
+        """A pandas table as CSV (history, predictions, split, ...)."""
+        return atomic_write_text(self.path / name, table.to_csv(index=False, float_format=float_format))
+
+    def write_json(self, name: str, data: Any) -> Path:
+        return atomic_write_json(self.path / name, data)
+
+    def write_split(self, ids: Any, split: Any) -> Path:
+        """split.csv: id and split (train/val/test) of every labelled sample the run used."""
+        import pandas as pd
+
+        table = pd.DataFrame({"id": np.asarray(ids), "split": np.asarray(split, dtype=object)})
+        return self.write_table(self.SPLIT, table[table["split"] != ""], float_format=None)
+
+    def write_predictions(self, tables: list[Any]) -> Path:
+        """predictions.csv from `predictions_table` parts (val, test): the one writer of that file."""
+        import pandas as pd
+
+        return self.write_table(self.PREDICTIONS, pd.concat(tables, ignore_index=True))
+
+    def write_summary(self, summary: Mapping[str, Any]) -> Path:
+        """summary.json; refuses a summary missing a key that readers rely on, or an unknown timing key."""
+        missing = [k for k in SUMMARY_KEYS if k not in summary]
+        if missing:
+            raise ValueError(f"{self.path / self.SUMMARY}: summary lacks {missing} (runio.SUMMARY_KEYS)")
+        unknown = sorted(set(summary["timings"]) - set(TIMING_KEYS))
+        if unknown:
+            raise ValueError(f"{self.path / self.SUMMARY}: unknown timing keys {unknown}; use {TIMING_KEYS}")
+        return atomic_write_json(self.path / self.SUMMARY, summary)
+
+    def save_best(self, state_dict: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Path:
+        return save_weights(self.best, state_dict, meta)
+
+    def save_last(self, state: Mapping[str, Any]) -> Path:
+        return save_checkpoint(self.last, state)
+
+    # --- readers
+    def read_summary(self) -> dict[str, Any]:
+        file = self.path / self.SUMMARY
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: no summary.json; is {self.path} a finished run folder?")
+        try:
+            return json.loads(file.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{file}: not valid JSON: {exc}") from None
+
+    def is_completed(self) -> bool:
+        """A finished run: a readable summary with status completed and test metrics."""
+        try:
+            summary = self.read_summary()
+        except (OSError, ValueError):
+            return False
+        return summary.get("status", "completed") == "completed" and "final_metrics_fixed" in summary
+
+
+def predictions_table(schema: Any, table: Any, probs: Mapping[str, np.ndarray], targets: Mapping[str, np.ndarray],
+                      thresholds: Mapping[str, Any], split_name: str) -> Any:
+    """predictions.csv rows of one split (docs/internals.md): id, split, image, group, then per task
+    ``p:`` probabilities, ``true:`` labels (empty when missing), ``pred:`` at 0.5 / argmax and ``pred_t:`` at the
+    tuned thresholds. `table` holds the split's rows of labels.csv, in the order of `probs` and `targets`."""
+    import pandas as pd
+
+    cols: dict[str, Any] = {"id": table["id"].to_numpy(), "split": split_name,
+                            "image": table["image"].to_numpy(), "group": table["group"].to_numpy()}
+    for task in schema:
+        p, t = probs[task.name], targets[task.name]
+        if task.kind == "multiclass":
+            names = np.array(task.labels, dtype=object)
+            for j, lab in enumerate(task.labels):
+                cols[f"p:{task.name}:{lab}"] = p[:, j]
+            cols[f"true:{task.name}"] = np.where(t >= 0, names[np.clip(t, 0, None)], "")
+            cols[f"pred:{task.name}"] = names[p.argmax(axis=1)]
+            continue
+        thr = list(thresholds.get(task.name, [0.5] * task.n_outputs))
+        for j, lab in enumerate(task.labels):
+            key = f"{task.name}:{lab}"
+            cols[f"p:{key}"] = p[:, j]
+            missing = np.isnan(t[:, j])  # missing truth stays an empty cell; ints otherwise
+            cols[f"true:{key}"] = pd.Series(np.where(missing, 0, t[:, j]).astype(int), dtype="Int64").mask(missing)
+            cols[f"pred:{key}"] = (p[:, j] >= 0.5).astype(int)
+            cols[f"pred_t:{key}"] = (p[:, j] >= float(thr[j])).astype(int)
+    return pd.DataFrame(cols)

@@ -179,6 +179,26 @@ def _div(a: float, b: float) -> float:
 # --------------------------------------------------------------------------- metrics
 
 
+# Per-task figures the reports show, in order, as (key in a task's compute_metrics entry, column title); every
+# task kind fills each key (None where it cannot be computed). A new figure in the reports (the 03 metrics
+# table, the training history, the 05 per-task table): compute it in compute_metrics and name it here.
+REPORTED: tuple[tuple[str, str], ...] = (("primary", "macro-F1"), ("macro_auroc", "AUROC"),
+                                         ("balanced_accuracy", "balanced accuracy"))
+
+
+def reported_figures(task_metrics: Mapping[str, Any]) -> dict[str, float | None]:
+    """The REPORTED figures of one task's metrics, by column title."""
+    return {title: task_metrics.get(key) for key, title in REPORTED}
+
+
+def _balanced_accuracy(lab: float, tp: float, fp: float, fn: float) -> float | None:
+    """Mean of sensitivity and specificity of one label from its counts (None without both classes)."""
+    tn = lab - tp - fp - fn
+    if tp + fn == 0 or tn + fp == 0:
+        return None
+    return float((tp / (tp + fn) + tn / (tn + fp)) / 2)
+
+
 def compute_metrics(schema: TaskSchema, probs: Mapping[str, Any], targets: Mapping[str, Any],
                     thresholds: Mapping[str, Sequence[float]] | None = None) -> dict:
     """Per-task metrics and the combined score; see the module docstring for the conventions."""
@@ -205,14 +225,18 @@ def compute_metrics(schema: TaskSchema, probs: Mapping[str, Any], targets: Mappi
                 "support": int(tp + fn),
                 "n": int(lab),
                 "threshold": float(thr[j]),
+                "balanced_accuracy": _balanced_accuracy(lab, tp, fp, fn),
             }
         n = int((~np.isnan(t)).any(axis=1).sum())
         if task.kind == "binary":
-            tasks[task.name] = {"kind": "binary", "primary": primary, "n": n, **per_label[task.labels[0]]}
+            only = per_label[task.labels[0]]
+            tasks[task.name] = {"kind": "binary", "primary": primary, "n": n, **only, "macro_auroc": only["auroc"]}
         else:
             aurocs = [v["auroc"] for v in per_label.values() if v["auroc"] is not None]
+            bal = [v["balanced_accuracy"] for v in per_label.values() if v["balanced_accuracy"] is not None]
             tasks[task.name] = {"kind": "multilabel", "primary": primary, "n": n, "macro_f1": primary,
-                                "macro_auroc": float(np.mean(aurocs)) if aurocs else None, "per_label": per_label}
+                                "macro_auroc": float(np.mean(aurocs)) if aurocs else None,
+                                "balanced_accuracy": float(np.mean(bal)) if bal else None, "per_label": per_label}
     return {"combined_score": combined_score(schema, tasks), "tasks": tasks}
 
 

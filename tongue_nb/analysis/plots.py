@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from tongue_nb.analysis.runs import load_run
 from tongue_nb.data.tasks import TaskSchema
 
 __all__ = ["read_run", "plot_history", "metrics_table", "details_table", "thresholds_table",
@@ -31,9 +32,6 @@ def figure_png(fig: Figure, dpi: int = 90) -> bytes:
 
 def read_run(run_dir: str | Path) -> tuple[dict, pd.DataFrame, pd.DataFrame, TaskSchema]:
     """summary.json, history.csv, predictions.csv and tasks.yaml of a finished run folder."""
-    # One reader of run folders (report.load_run checks every file); imported here because report imports plots.
-    from tongue_nb.analysis.report import load_run
-
     run = load_run(run_dir)
     return run.summary, run.history, run.predictions, run.schema
 
@@ -83,15 +81,20 @@ def plot_history(history: pd.DataFrame, schema: TaskSchema) -> Figure:
 
 
 def metrics_table(summary: Mapping[str, Any], split: str = "test") -> pd.DataFrame:
-    """Primary metric per task and the combined score, fixed (0.5/argmax) vs thresholded (tuned on val)."""
+    """Per task: the primary metric fixed (0.5/argmax) vs thresholded (tuned on val), then the other
+    `metrics.REPORTED` figures (at the tuned thresholds); and the combined score."""
+    from tongue_nb.analysis.metrics import REPORTED
+
     key = "final_metrics" if split == "test" else f"{split}_metrics"
     fixed, thr = summary[f"{key}_fixed"], summary[f"{key}_thresholded"]
+    others = [(k, title) for k, title in REPORTED if k != "primary"]
     rows = []
     for name, m in fixed["tasks"].items():
+        tuned = thr["tasks"][name]
         rows.append({"task": name, "kind": m["kind"], "n": m["n"], "fixed": m["primary"],
-                     "thresholded": thr["tasks"][name]["primary"]})
+                     "thresholded": tuned["primary"], **{title: tuned.get(k) for k, title in others}})
     rows.append({"task": "combined_score", "kind": "", "n": None, "fixed": fixed["combined_score"],
-                 "thresholded": thr["combined_score"]})
+                 "thresholded": thr["combined_score"], **{title: None for _, title in others}})
     return pd.DataFrame(rows).set_index("task")
 
 

@@ -10,13 +10,16 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.ensemble import HistGradientBoostingClassifier
 
 from tongue_nb.data.tasks import Task, TaskSchema, labelled_mask
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tongue_nb.train.params import TrainParams
 
 log = logging.getLogger(__name__)
 
@@ -305,77 +308,54 @@ def _split_indices(labels, seed: int, val_fraction: float, test_fraction: float)
     return {name: np.flatnonzero(split == name) for name in ("train", "val", "test")}
 
 
-def _prediction_table(schema: TaskSchema, table, probs: Mapping[str, np.ndarray], targets: Mapping[str, np.ndarray],
-                      thresholds: Mapping[str, Sequence[float]], split_name: str):
-    """predictions.csv rows of one split, in the trained runs' column layout (docs/internals.md)."""
-    import pandas as pd
+def fit_baseline_run(params: "TrainParams", out_dir: str | Path | None = None, *, crop: str = "crop_blank",
+                     class_weight: str | None = "balanced", max_iter: int = 200) -> dict:
+    """Fit the baseline on a recipe's train split and write a run folder like a trained run's; return the summary.
 
-    cols: dict[str, object] = {"id": table["id"].to_numpy(), "split": split_name,
-                               "image": table["image"].to_numpy(), "group": table["group"].to_numpy()}
-    for task in schema:
-        p, t = probs[task.name], targets[task.name]
-        if task.kind == "multiclass":
-            names = np.array(task.labels, dtype=object)
-            for j, lab in enumerate(task.labels):
-                cols[f"p:{task.name}:{lab}"] = p[:, j]
-            cols[f"true:{task.name}"] = np.where(t >= 0, names[np.clip(t, 0, None)], "")
-            cols[f"pred:{task.name}"] = names[p.argmax(axis=1)]
-            continue
-        thr = thresholds.get(task.name, [0.5] * task.n_outputs)
-        for j, lab in enumerate(task.labels):
-            key = f"{task.name}:{lab}"
-            cols[f"p:{key}"] = p[:, j]
-            # Missing truth stays an empty cell, as in trained runs; ints otherwise.
-            missing = np.isnan(t[:, j])
-            cols[f"true:{key}"] = pd.Series(np.where(missing, 0, t[:, j]).astype(int), dtype="Int64").mask(missing)
-            cols[f"pred:{key}"] = (p[:, j] >= 0.5).astype(int)
-            cols[f"pred_t:{key}"] = (p[:, j] >= float(thr[j])).astype(int)
-    return pd.DataFrame(cols)
-
-
-def fit_baseline_run(data_dir: str | Path, out_dir: str | Path, image_size: int = 128, seed: int = 0,
-                     crop: str = "crop_blank", tasks: str | Path | None = None, class_weight: str | None = "balanced",
-                     max_iter: int = 200, val_fraction: float = 0.15, test_fraction: float = 0.15,
-                     on_problem: str = "error", experiment_name: str = "", num_threads: int = 0,
-                     task_weights: str = "") -> dict:
-    """Fit the baseline on the train split and write a run folder like a trained run's; return the summary.
-
-    Thresholds are tuned on the validation split and applied to the test split (never tuned on the
-    split they are reported on); `final_metrics_*` are test-split metrics. `num_threads` > 0 caps
-    the OpenMP threads of the boosting (0 = library default: all cores). `task_weights` ('name=w, ...',
-    as the training parameter) only reweights the combined score, so it stays comparable with
-    trained runs that used the same weights.
+    `params` is the training recipe (tongue_nb.train.params.TrainParams) whose split the baseline shares: its
+    data_dir, tasks, task_weights, split seed and fractions, on_problem, image_size (0: 128 px), seed (the
+    boosting's random state), num_threads (> 0 caps the boosting's OpenMP threads) and experiment_name;
+    `out_dir` defaults to params.out_dir. The baseline's own settings are keywords: `crop` (default
+    crop_blank, because the features are statistics of the tongue region that blanking marks),
+    `class_weight` and `max_iter` of the gradient boosting. Thresholds are tuned on the validation split and
+    applied to the test split; `final_metrics_*` are test-split metrics. task_weights only reweights the
+    combined score, so it stays comparable with trained runs that used the same weights.
     """
-    if num_threads:
+    from tongue_nb.train.params import TrainParams
+
+    if not isinstance(params, TrainParams):
+        raise TypeError(f"fit_baseline_run: expected TrainParams (tongue_nb.train.params.load_params), got "
+                        f"{type(params).__name__}")
+    target = out_dir if out_dir is not None else params.out_dir
+    if not str(target or "").strip():
+        raise ValueError("fit_baseline_run: no run folder: give out_dir or params.out_dir")
+    if params.num_threads:
         from threadpoolctl import threadpool_limits
 
         # OpenMP workers spin-wait; on a shared machine, fewer threads are often much faster.
-        with threadpool_limits(limits=int(num_threads)):
-            return fit_baseline_run(data_dir, out_dir, image_size=image_size, seed=seed, crop=crop, tasks=tasks,
-                                    class_weight=class_weight, max_iter=max_iter, val_fraction=val_fraction,
-                                    test_fraction=test_fraction, on_problem=on_problem,
-                                    experiment_name=experiment_name, num_threads=0, task_weights=task_weights)
-    import pandas as pd
-    import yaml
+        with threadpool_limits(limits=int(params.num_threads)):
+            return _fit_baseline_run(params, Path(target), crop, class_weight, max_iter)
+    return _fit_baseline_run(params, Path(target), crop, class_weight, max_iter)
 
-    from tongue_nb.data import cache
+
+def _fit_baseline_run(params: "TrainParams", out: Path, crop: str, class_weight: str | None, max_iter: int) -> dict:
     from tongue_nb.analysis import metrics
-    from tongue_nb.runio import atomic_write_json, atomic_write_text
-    from tongue_nb.data.tasks import apply_task_weights, load_labels, load_schema
+    from tongue_nb.data import cache
+    from tongue_nb.data.tasks import load_labels
+    from tongue_nb.runio import RunFolder, predictions_table
+    from tongue_nb.train.trainer import resolve_data
 
     t_start = time.perf_counter()
-    out = Path(out_dir)
-    schema = load_schema(tasks) if tasks else None
-    labels = load_labels(data_dir, schema=schema, on_problem=on_problem)
+    data_dir, schema = resolve_data(params)
+    labels = load_labels(data_dir, schema=schema, on_problem=params.on_problem)
     schema = labels.schema
-    if task_weights.strip():
-        schema = apply_task_weights(schema, task_weights)
-    idx = _split_indices(labels, seed, val_fraction, test_fraction)
+    image_size = params.image_size or 128
+    idx = _split_indices(labels, params.effective_split_seed, params.val_fraction, params.test_fraction)
     for name in ("train", "val", "test"):
         if len(idx[name]) == 0:
             raise ValueError(f"{data_dir}: the {name} split is empty; the baseline needs train, val and test samples")
     t0 = time.perf_counter()
-    images = cache.build_cache(labels, image_size, crop=crop).images
+    images = cache.build_cache(labels, image_size, crop=crop, cache_dir=params.cache_dir or None).images
     t_cache = time.perf_counter() - t0
     # Features once for every sample; blanked background (crop_blank) marks the tongue region, and
     # without blanking the whole (cropped) image is the region.
@@ -385,7 +365,7 @@ def fit_baseline_run(data_dir: str | Path, out_dir: str | Path, image_size: int 
     sub = {name: {k: v[rows] for k, v in labels.targets.items()} for name, rows in idx.items()}
     weights = labels.table["weight"].to_numpy(np.float64)
 
-    est = ColourTextureBaseline(max_iter=max_iter, class_weight=class_weight, random_state=seed)
+    est = ColourTextureBaseline(max_iter=max_iter, class_weight=class_weight, random_state=params.seed)
     t0 = time.perf_counter()
     est.fit_features(feats[idx["train"]], sub["train"], schema, sample_weight=weights[idx["train"]])
     t_fit = time.perf_counter() - t0
@@ -399,25 +379,27 @@ def fit_baseline_run(data_dir: str | Path, out_dir: str | Path, image_size: int 
     tuned["thresholds"] = thresholds
     val_fixed = metrics.compute_metrics(schema, probs["val"], sub["val"])
 
-    name = experiment_name or f"{time.strftime('%Y%m%d')}-{BACKBONE_NAME}-{image_size}"
+    name = params.experiment_name or f"{time.strftime('%Y%m%d')}-{BACKBONE_NAME}-{image_size}"
+    folder = RunFolder(out)
     out.mkdir(parents=True, exist_ok=True)
-    run_params = {"backbone": BACKBONE_NAME, "data_dir": str(data_dir), "tasks": str(tasks or ""),
-                  "image_size": image_size, "crop": crop, "seed": seed, "val_fraction": val_fraction,
-                  "test_fraction": test_fraction, "on_problem": on_problem, "experiment_name": name,
+    run_params = {"backbone": BACKBONE_NAME, "data_dir": str(data_dir), "tasks": str(params.tasks or ""),
+                  "task_weights": params.task_weights, "image_size": image_size, "crop": crop, "seed": params.seed,
+                  "split_seed": params.effective_split_seed, "val_fraction": params.val_fraction,
+                  "test_fraction": params.test_fraction, "on_problem": params.on_problem, "experiment_name": name,
                   "estimator": est.get_params()}
-    atomic_write_text(out / "params.yaml", yaml.safe_dump(run_params, sort_keys=False))
-    atomic_write_text(out / "tasks.yaml", yaml.safe_dump(schema.as_dict(), sort_keys=False))
+    folder.write_yaml(RunFolder.PARAMS, run_params)
+    folder.write_yaml(RunFolder.TASKS, schema.as_dict())
     split_col = np.full(len(labels.table), "", dtype=object)
     for split_name, rows in idx.items():
         split_col[rows] = split_name
-    atomic_write_text(out / "split.csv", pd.DataFrame({"id": labels.table["id"], "split": split_col})
-                      .query("split != ''").to_csv(index=False))
-    preds = pd.concat([_prediction_table(schema, labels.table.iloc[idx[s]].reset_index(drop=True), probs[s], sub[s],
-                                         thresholds, s) for s in ("val", "test")], ignore_index=True)
-    atomic_write_text(out / "predictions.csv", preds.to_csv(index=False))
+    folder.write_split(labels.table["id"].to_numpy(), split_col)
+    folder.write_predictions([predictions_table(schema, labels.table.iloc[idx[s]], probs[s], sub[s], thresholds, s)
+                              for s in ("val", "test")])
     n_eval = len(idx["val"]) + len(idx["test"])
     summary = {
         "experiment_name": name,
+        "status": "completed",
+        "kind": "baseline",
         "backbone": BACKBONE_NAME,
         "timm_name": None,
         "params_m": None,  # not a neural network: no parameter count to compare
@@ -430,13 +412,15 @@ def fit_baseline_run(data_dir: str | Path, out_dir: str | Path, image_size: int 
         "val_metrics_fixed": val_fixed,
         "final_metrics_fixed": fixed,
         "final_metrics_thresholded": tuned,
-        "timings": {"cache_s": t_cache, "features_s": t_feat, "fit_s": t_fit, "predict_s": t_pred,
-                    "total_s": time.perf_counter() - t_start},
+        "timings": {"cache_build_seconds": t_cache, "features_seconds": t_feat, "train_seconds": t_fit,
+                    "eval_seconds": t_pred, "total_seconds": time.perf_counter() - t_start},
         "train_samples_per_s": len(idx["train"]) / max(t_fit, 1e-9),
         "eval_samples_per_s": n_eval / max(t_pred + t_feat * n_eval / len(labels.table), 1e-9),
         "n_features": int(feats.shape[1]),
+        "seed": params.seed,
+        "split_seed": params.effective_split_seed,
     }
-    atomic_write_json(out / "summary.json", summary)
+    folder.write_summary(summary)
     log.info("baseline run %s: test combined score %.3f fixed, %.3f thresholded", out,
              fixed["combined_score"], tuned["combined_score"])
     return summary

@@ -37,7 +37,7 @@ class MultiTaskLoss:
 
     def __init__(self, schema: TaskSchema, task_weights: Mapping[str, float] | None = None,
                  class_weights: Mapping[str, Tensor | Sequence[float]] | None = None,
-                 label_smoothing: float = 0.0, focal_gamma: float = 0.0) -> None:
+                 label_smoothing: float = 0.0, focal_gamma: float = 0.0, check_targets: bool = True) -> None:
         # Only checks and stores its arguments (sklearn style); nothing is derived from data here.
         if not isinstance(schema, TaskSchema):
             raise TypeError(f"schema must be a TaskSchema, got {type(schema).__name__}")
@@ -69,6 +69,14 @@ class MultiTaskLoss:
         self.class_weights = cw
         self.label_smoothing = float(label_smoothing)
         self.focal_gamma = float(focal_gamma)
+        # Class-index check on every call: one host read per multiclass task and batch. The trainer turns it
+        # off (its targets come from load_labels, which checked them) so the training step never waits on it.
+        self.check_targets = bool(check_targets)
+
+    def to(self, device: torch.device | str) -> "MultiTaskLoss":
+        """Move the class weights to `device` once (not on every call); returns self."""
+        self.class_weights = {k: v.to(device) for k, v in self.class_weights.items()}
+        return self
 
     def __call__(self, logits: Mapping[str, Tensor], targets: Mapping[str, Tensor],
                  sample_weight: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
@@ -106,7 +114,7 @@ class MultiTaskLoss:
         if t.shape[0] != z.shape[0]:
             raise ValueError(f"MultiTaskLoss: targets of task {name!r} have {t.shape[0]} rows, logits {z.shape[0]}")
         labelled = t >= 0
-        if bool((t >= n_cls).any()):
+        if self.check_targets and bool((t >= n_cls).any()):
             raise ValueError(f"MultiTaskLoss: task {name!r} has a class index >= {n_cls} (max {int(t.max())}); "
                              "expected 0..C-1 or -1 for missing")
         safe_t = torch.where(labelled, t, torch.zeros_like(t))  # any valid index; masked out below

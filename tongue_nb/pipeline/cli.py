@@ -77,8 +77,18 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _cmd_baseline(args: argparse.Namespace) -> int:
     from tongue_nb.model.baseline import fit_baseline_run
+    from tongue_nb.train.params import load_params
 
-    summary = fit_baseline_run(_data_or_synthetic(args.data), args.out, image_size=args.image_size, seed=args.seed)
+    values: dict = {"out_dir": args.out}
+    if _data_arg(args.data) is not None:
+        values["data_dir"] = args.data
+    if args.image_size is not None:
+        values["image_size"] = args.image_size
+    if args.seed is not None:
+        values["seed"] = args.seed
+    # The same recipe files and --set values as `train`: the baseline shares the runs' split and task weights.
+    params = load_params(files=args.file or (), overrides=args.set or (), **values)
+    summary = fit_baseline_run(params)
     print(f"{args.out}: test combined score {summary['final_metrics_fixed']['combined_score']:.4f} (fixed), "
           f"{summary['final_metrics_thresholded']['combined_score']:.4f} (thresholded)")
     return 0
@@ -164,9 +174,30 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                        params_file=args.file, overrides=args.set or (), out_dir=args.out,
                        reports_dir=args.reports, compare=not args.no_compare,
                        seeds=args.seeds if args.seeds is not None else recipe_seeds(args.file),
-                       cell_timeout=args.cell_timeout)
+                       cell_timeout=args.cell_timeout, executor=args.executor, slurm=_slurm_options(args))
     # run_sweep has logged its outcome (result.describe()); the exit status says whether all runs succeeded.
     return 0 if result.ok else 1
+
+
+def _slurm_options(args: argparse.Namespace) -> dict | None:
+    """The --slurm-* options as SlurmExecutor fields (None when none is given)."""
+    opts: dict = {}
+    for name in ("partition", "gpus_per_job", "cpus_per_job", "mem_gb", "time_min", "max_requeues", "cluster",
+                 "folder"):
+        value = getattr(args, f"slurm_{name}")
+        if value is not None:
+            opts[name] = value
+    extra = {}
+    for item in args.slurm_option or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--slurm-option {item!r}: expected KEY=VALUE (an sbatch option, e.g. account=lab)")
+        extra[key.strip()] = value.strip()
+    if extra:
+        opts["sbatch"] = extra
+    if opts and args.executor != "slurm":
+        raise ValueError(f"--slurm-* options given but --executor is {args.executor!r}; add --executor slurm")
+    return opts or None
 
 
 def _cmd_backbones(args: argparse.Namespace) -> int:
@@ -266,8 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("baseline", help="fit the classical colour/texture baseline and write its run folder")
     p.add_argument("--data", help="dataset folder (default: the built-in synthetic set)")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0, help="split seed (use the trained runs' seed to compare)")
+    p.add_argument("-f", "--file", action="append", help="the runs' recipe YAML (repeatable): split, tasks, weights")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one parameter (repeatable)")
+    p.add_argument("--image-size", type=int, default=None, help="feature image size (default: the recipe's, else 128)")
+    p.add_argument("--seed", type=int, default=None, help="seed (split and boosting; use the trained runs' seed)")
     p.set_defaults(func=_cmd_baseline)
 
     p = sub.add_parser("sweep", help="one training notebook per backbone, then HTML reports")
@@ -283,6 +316,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
                    help="train each backbone once per seed on one shared split (runs <backbone>-seed<k>); "
                         "also the recipe key seeds:")
+    p.add_argument("--executor", choices=("auto", "local", "gpus", "slurm"), default="auto",
+                   help="where training notebooks run: auto (one process per GPU when several, else here), local, "
+                        "gpus, or slurm (one Slurm job per backbone through submitit)")
+    p.add_argument("--slurm-partition", help="Slurm partition")
+    p.add_argument("--slurm-gpus-per-job", type=int, help="GPUs per training job (default 1)")
+    p.add_argument("--slurm-cpus-per-job", type=int, help="CPU cores per training job (default 8)")
+    p.add_argument("--slurm-mem-gb", type=float, help="memory per job in GB (default: the partition's)")
+    p.add_argument("--slurm-time-min", type=int, help="time limit per job in minutes (default 240)")
+    p.add_argument("--slurm-max-requeues", type=int, help="requeues after pre-emption or time-out (default 3)")
+    p.add_argument("--slurm-option", action="append", metavar="KEY=VALUE",
+                   help="another sbatch option, e.g. account=lab or constraint=a100 (repeatable)")
+    p.add_argument("--slurm-folder", help="submitit's logs and pickles (default <sweep>/slurm; a shared file system)")
+    p.add_argument("--slurm-cluster", choices=("slurm", "local"),
+                   help="local: submit the same jobs to submitit's local backend (a dry run before a cluster)")
     p.set_defaults(func=_cmd_sweep)
     return parser
 

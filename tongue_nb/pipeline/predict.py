@@ -199,7 +199,8 @@ def predict_table(pred: Predictor, photos: pd.DataFrame, batch_size: int = 32, w
     if explain_dir is not None and not isinstance(pred.model, MultiTaskBackbone):
         raise ValueError("--explain maps one trained run; give a single --run (an ensemble has no one backbone)")
     from tongue_nb.data.loader import BatchLoader
-    from tongue_nb.train.trainer import evaluate
+    from tongue_nb.train.loop import evaluate
+    from tongue_nb.train.runtime import Runtime
 
     out_rows: list[dict[str, Any]] = []
     empty = {t.name: np.full(1, -1, dtype=np.int64) if t.kind == "multiclass" else np.full((1, t.n_outputs), np.nan)
@@ -212,7 +213,7 @@ def predict_table(pred: Predictor, photos: pd.DataFrame, batch_size: int = 32, w
             targets = {k: np.repeat(v, len(ok), axis=0) for k, v in empty.items()}  # no labels: scores only
             loader = BatchLoader(images, targets, None, np.arange(len(ok)), batch_size, pred.mean, pred.std)
             with torch.no_grad():
-                probs, _, _ = evaluate(pred.model, loader, pred.schema, device=torch.device(device))
+                probs, _, _ = evaluate(pred.model, loader, pred.schema, rt=Runtime(device=torch.device(device)))
             if explain_dir is not None:
                 names = [f"{len(out_rows) + i:05d}-{Path(str(part['id'].iloc[i])).stem}" for i in ok]
                 _write_explanations(pred, images, probs, names, Path(explain_dir))

@@ -7,11 +7,7 @@ import importlib.util
 import json
 import logging
 import os
-import queue
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -239,22 +235,6 @@ def run_job(job: dict) -> dict:
     return asdict(out)
 
 
-def _run_job_in_subprocess(job: dict, device: str) -> dict:
-    """Run a job in its own Python process that sees one GPU (kernels inherit the process environment)."""
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES=device)
-    with tempfile.TemporaryDirectory(prefix="tongue-nb-job-") as tmp:
-        job_file, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
-        job_file.write_text(json.dumps(job))
-        proc = subprocess.run([sys.executable, "-m", "tongue_nb.pipeline.sweep", "--worker", str(job_file), str(result_file)],
-                              env=env, cwd=job["cwd"], capture_output=True, text=True)
-        if result_file.exists():
-            return json.loads(result_file.read_text())
-        out = RunOutcome(job["backbone"], job["run_dir"], job["output_nb"], status="failed")
-        out.error = failure_record(job["backbone"], RuntimeError(f"sweep worker exited with {proc.returncode}: "
-                                                                 f"{proc.stderr.strip()[-1500:]}"), Path(job["output_nb"]))
-        return asdict(out)
-
-
 def visible_gpus(gpus: Sequence[str] | int | None = None) -> list[str]:
     """GPU ids to spread runs over: the given ones, else CUDA_VISIBLE_DEVICES, else torch's device count."""
     if isinstance(gpus, int):
@@ -270,33 +250,6 @@ def visible_gpus(gpus: Sequence[str] | int | None = None) -> list[str]:
         return [str(i) for i in range(torch.cuda.device_count())]
     except ImportError:
         return []
-
-
-def _run_jobs(jobs: list[dict], devices: list[str]) -> list[dict]:
-    """Run jobs one after another (CPU, one GPU) or one per GPU at a time in worker processes."""
-    if len(devices) <= 1:
-        return [run_job(job) for job in jobs]
-    free: queue.Queue[str] = queue.Queue()
-    for d in devices:
-        free.put(d)
-    results: dict[int, dict] = {}
-
-    def worker(i: int, job: dict) -> None:
-        device = free.get()
-        try:
-            results[i] = _run_job_in_subprocess(job, device)
-        finally:
-            free.put(device)
-
-    threads = []
-    for i, job in enumerate(jobs):
-        t = threading.Thread(target=worker, args=(i, job), daemon=True)
-        t.start()
-        threads.append(t)
-        time.sleep(0.5)  # staggered starts make kernel port races rarer (they are retried anyway)
-    for t in threads:
-        t.join()
-    return [results[i] for i in range(len(jobs))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -460,12 +413,16 @@ def run_sweep(data_dir: str | Path | None, backbones: Sequence[str], params_file
               overrides: Sequence[str] = (), out_dir: str | Path | None = None, reports_dir: str | Path = "reports",
               gpus: Sequence[str] | int | None = None, compare: bool = True, compare_steps: int = 10,
               kernel_name: str | None = None, ensemble_k: int = 3, compare_options: dict | None = None,
-              baseline: bool = True, seeds: Sequence[int] | None = None, cell_timeout: float = 0) -> SweepResult:
+              baseline: bool = True, seeds: Sequence[int] | None = None, cell_timeout: float = 0,
+              executor: str = "auto", slurm: dict | None = None) -> SweepResult:
     """Compare the backbones, train one 03 notebook per backbone, analyse errors, report, and write index.html.
 
     `data_dir` None trains on the built-in synthetic set; an empty string is refused (an unset variable).
     `compare_options` go to compare.compare_backbones (e.g. image_size, batch_size) besides `steps=compare_steps`.
     `baseline` fits the classical colour/texture baseline on the same split as a reference row of the report.
+    `executor` says where the training notebooks run (pipeline/executors.py): "auto" (one worker process per GPU
+    when several are visible, else in this process), "local", "gpus" or "slurm" with `slurm` options
+    (partition, gpus_per_job, cpus_per_job, mem_gb, time_min, sbatch, max_requeues, folder, cluster).
     """
     if not backbones:
         raise SweepError("run_sweep: no backbones given")
@@ -498,6 +455,13 @@ def run_sweep(data_dir: str | Path | None, backbones: Sequence[str], params_file
             raise SweepError(f"run_sweep: {parameter} {folder} is inside the dataset {data}; a sweep never writes "
                              "into its dataset: choose a folder outside it")
         check_folder(folder, parameter)  # both checked before either is created
+    from tongue_nb.pipeline.executors import make_executor
+
+    try:
+        runner = make_executor(executor, visible_gpus(gpus) if executor in ("auto", "gpus") else None, slurm,
+                               folder=sweep_dir)
+    except (TypeError, ValueError) as exc:
+        raise SweepError(f"run_sweep: executor: {exc}") from None
     prepare_folder(sweep_dir, "out_dir (--out)")
     prepare_folder(reports, "reports_dir (--reports)")
 
@@ -506,15 +470,19 @@ def run_sweep(data_dir: str | Path | None, backbones: Sequence[str], params_file
         with project_kernel(sweep_dir, kernel_name) as kernel:
             return _sweep(data, list(backbones), params_file, extra, sweep_dir, reports, gpus,
                           dict(compare_options or {}, steps=compare_steps) if compare else None, kernel, ensemble_k,
-                          baseline, seeds=seeds_list, cell_timeout=cell_timeout)
+                          baseline, seeds=seeds_list, cell_timeout=cell_timeout, executor=runner)
     finally:
         lock.release()
 
 
 def _sweep(data: Path, backbones: list[str], params_file: str | Path | None, extra: dict, sweep_dir: Path,
            reports: Path, gpus: Sequence[str] | int | None, compare: dict | None, kernel: str,
-           ensemble_k: int, baseline: bool = True, seeds: list[int] | None = None, cell_timeout: float = 0
-           ) -> SweepResult:
+           ensemble_k: int, baseline: bool = True, seeds: list[int] | None = None, cell_timeout: float = 0,
+           executor: Any = None) -> SweepResult:
+    if executor is None:
+        from tongue_nb.pipeline.executors import LocalExecutor
+
+        executor = LocalExecutor()
     result = SweepResult(sweep_dir, reports)
     (sweep_dir / "notebooks").mkdir(parents=True, exist_ok=True)
     _write_json(sweep_dir / "sweep.json", {"data_dir": str(data), "backbones": backbones, "params_file": str(params_file or ""),
@@ -556,7 +524,7 @@ def _sweep(data: Path, backbones: list[str], params_file: str | Path | None, ext
         jobs.append({"backbone": label, "run_dir": str(run_dir), "input_nb": str(NOTEBOOKS / "03_train.ipynb"),
                      "output_nb": str(output_nb), "parameters": parameters, "kernel_name": kernel, "cwd": str(PROJECT_ROOT),
                      "cell_timeout": cell_timeout})
-    for res in _run_jobs(jobs, visible_gpus(gpus)):
+    for res in executor.run(jobs):
         outcomes[res["backbone"]] = RunOutcome(**res)
     result.runs = [outcomes[label] for label, _, _ in plan]
 
@@ -599,11 +567,9 @@ def _baseline(data: Path, params_file: str | Path | None, extra: dict, run_dir: 
     from tongue_nb.train.params import load_params
 
     try:
-        params = load_params([params_file] if params_file else (), **extra)
-        fit_baseline_run(data, run_dir, image_size=params.image_size or 128, seed=params.effective_split_seed,
-                         val_fraction=params.val_fraction, test_fraction=params.test_fraction,
-                         tasks=params.tasks or None, on_problem=params.on_problem,
-                         task_weights=params.task_weights)
+        params = load_params([params_file] if params_file else (), **{**extra, "data_dir": str(data),
+                                                                      "out_dir": str(run_dir)})
+        fit_baseline_run(params)
     except Exception as exc:  # the baseline is a reference row; the trained runs go on without it
         result.errors.append(failure_record(BASELINE_RUN, exc, None, stage="baseline"))
         log.error("classical baseline failed: %s", exc)

@@ -180,8 +180,14 @@ def train_one_epoch(model: nn.Module, loader: BatchLoader, loss_fn: MultiTaskLos
                                       step - len(window) + i + 1)
                 return w
             except RuntimeError as exc:
-                if not (oom_retry and is_oom(exc)):
+                if not is_oom(exc):
                     raise
+                if not oom_retry:
+                    why = ("the retry is off under DDP: every rank must cut its batches the same way"
+                           if rt.dist.enabled else "oom_retry is off")
+                    raise TrainingError(f"CUDA out of memory at epoch {epoch}, step {step} ({why}); use a smaller "
+                                        "batch_size (accumulation_steps keeps the effective batch), image_size or "
+                                        "backbone") from exc
                 smallest = min(len(b) for b in window)
                 if micro_split * 2 > smallest:
                     raise TrainingError(f"CUDA out of memory even with micro-batches of 1 sample at epoch {epoch}, "
@@ -232,13 +238,13 @@ def train_one_epoch(model: nn.Module, loader: BatchLoader, loss_fn: MultiTaskLos
             samples += window_samples
             bar.update(1)
             window = []
-            if step % SYNC_EVERY == 0 or step >= n_micro:
+            if step % SYNC_EVERY == 0:
                 epoch_watch.raise_if_bad(epoch, stage)  # the interval's one read of the device
                 if rt.progress:
                     bar.set_postfix(loss=f"{float(epoch_watch.total) / max(1, samples):.4f}", refresh=False)
             if step >= n_micro:  # stop before the loader builds a batch that would not be used
                 break
-        epoch_watch.raise_if_bad(epoch, stage)
+        epoch_watch.raise_if_bad(epoch, stage)  # and the epoch's last one
     finally:
         bar.close()
     seconds = time.perf_counter() - t0

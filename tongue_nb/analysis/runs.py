@@ -1,0 +1,157 @@
+"""Run folders and sweeps read back: summaries, histories, predictions, and predictions as metric arrays.
+
+The one reader of run folders for the analysis side (tables in report.py, figures in plots.py); the files
+are written by `runio.RunFolder` (layout: docs/internals.md, "Run folder").
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from tongue_nb.data.tasks import TaskSchema, load_schema
+from tongue_nb.runio import RunFolder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunData:
+    """One run folder read back: summary, history, predictions, resolved parameters and schema."""
+
+    path: Path
+    name: str
+    summary: dict
+    history: pd.DataFrame
+    predictions: pd.DataFrame
+    params: dict
+    schema: TaskSchema
+
+
+@dataclass
+class SweepData:
+    """A sweep folder read back: its successful runs, its failures and the model comparison table."""
+
+    path: Path
+    runs: dict[str, RunData] = field(default_factory=dict)
+    failures: pd.DataFrame = field(default_factory=pd.DataFrame)
+    comparison: pd.DataFrame | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# reading run folders
+
+
+def _read_predictions(path: Path, schema: TaskSchema) -> pd.DataFrame:
+    """Read predictions.csv keeping class names as text and turning probabilities and 0/1 cells into floats."""
+    if not path.exists():
+        return pd.DataFrame(columns=["id", "split", "image", "group"])
+    # Everything as text first: an empty cell is a missing label and must not become the string 'nan'.
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    for col in ("id", "split"):
+        if col not in table.columns:
+            raise ValueError(f"{path}: column {col!r} is missing; expected id, split, image, group, then p:/true:/pred: columns")
+    for task in schema:
+        numeric = [f"p:{task.name}:{label}" for label in task.labels]
+        if task.kind != "multiclass":
+            numeric += [f"{kind}:{task.name}:{label}" for label in task.labels for kind in ("true", "pred", "pred_t")]
+        needed = [f"p:{task.name}:{label}" for label in task.labels] + (
+            [f"true:{task.name}"] if task.kind == "multiclass" else [f"true:{task.name}:{label}" for label in task.labels])
+        absent = [c for c in needed if c not in table.columns]
+        if absent:
+            raise ValueError(f"{path}: task {task.name!r} needs columns {absent} (see docs/internals.md, predictions.csv)")
+        for col in numeric:
+            if col not in table.columns:
+                continue
+            values = pd.to_numeric(table[col].replace("", np.nan), errors="coerce")
+            bad = values.isna() & (table[col] != "")
+            if bad.any():
+                row = int(np.flatnonzero(bad.to_numpy())[0]) + 2  # header is line 1
+                raise ValueError(f"{path}: line {row}, column {col!r}: expected a number, got {table[col].iloc[row - 2]!r}")
+            table[col] = values
+    for col in ("image", "group"):
+        if col not in table.columns:
+            table[col] = table["id"]
+    return table
+
+
+def load_run(run_dir: str | Path) -> RunData:
+    """Read a run folder (summary.json, history.csv, predictions.csv, params.yaml, tasks.yaml)."""
+    path = Path(run_dir)
+    summary = RunFolder(path).read_summary()
+    schema_file = path / "tasks.yaml"
+    if not schema_file.exists():
+        raise FileNotFoundError(f"{schema_file}: the run folder has no tasks.yaml (the schema it was trained with)")
+    schema = load_schema(schema_file)
+    params_file = path / "params.yaml"
+    params = (yaml.safe_load(params_file.read_text()) or {}) if params_file.exists() else {}
+    history_file = path / "history.csv"
+    history = pd.read_csv(history_file) if history_file.exists() and history_file.stat().st_size else pd.DataFrame()
+    predictions = _read_predictions(path / "predictions.csv", schema)
+    name = str(summary.get("experiment_name") or path.name)
+    return RunData(path, name, summary, history, predictions, params, schema)
+
+
+def load_failures(sweep_dir: str | Path) -> pd.DataFrame:
+    """The sweep's failures.json as a table (backbone, error_type, message, cell_index, cell_source)."""
+    columns = ["backbone", "error_type", "message", "cell_index", "cell_source", "notebook"]
+    file = Path(sweep_dir) / "failures.json"
+    if not file.exists():
+        return pd.DataFrame(columns=columns)
+    records = json.loads(file.read_text() or "[]")
+    return pd.DataFrame(records, columns=columns) if records else pd.DataFrame(columns=columns)
+
+
+def load_sweep(sweep_dir: str | Path) -> SweepData:
+    """Read every run folder under <sweep>/runs that has a summary, the failures and the comparison table."""
+    path = Path(sweep_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: sweep folder not found")
+    sweep = SweepData(path, failures=load_failures(path))
+    failed = set(sweep.failures["backbone"]) if len(sweep.failures) else set()
+    runs_root = path / "runs"
+    for run_dir in sorted(runs_root.iterdir()) if runs_root.is_dir() else []:
+        # A failed run may leave a partial summary behind; it belongs in the failures table only.
+        if not (run_dir / "summary.json").exists() or run_dir.name in failed:
+            continue
+        try:
+            run = load_run(run_dir)
+        except (OSError, ValueError) as exc:
+            log.warning("skipping run folder %s: %s", run_dir, exc)
+            continue
+        sweep.runs[run_dir.name] = run
+    for name in ("comparison.csv", "comparison/comparison.csv"):
+        if (path / name).exists():
+            sweep.comparison = pd.read_csv(path / name)
+            break
+    return sweep
+
+
+# ----------------------------------------------------------------------------------------------
+# predictions -> arrays in the internals.md encodings
+
+
+def arrays(run: RunData, split: str = "test") -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], pd.DataFrame]:
+    """Probabilities and targets for one split of a run's predictions (internals.md encodings), plus its rows."""
+    rows = run.predictions[run.predictions["split"] == split].reset_index(drop=True)
+    return _probs(run.schema, rows), _targets(run.schema, rows), rows
+
+
+def _probs(schema: TaskSchema, rows: pd.DataFrame) -> dict[str, np.ndarray]:
+    return {t.name: rows[[f"p:{t.name}:{label}" for label in t.labels]].to_numpy(np.float64) for t in schema}
+
+
+def _targets(schema: TaskSchema, rows: pd.DataFrame) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for t in schema:
+        if t.kind == "multiclass":
+            index = {label: i for i, label in enumerate(t.labels)}
+            out[t.name] = np.array([index.get(v, -1) for v in rows[f"true:{t.name}"]], dtype=np.int64)
+        else:
+            out[t.name] = rows[[f"true:{t.name}:{label}" for label in t.labels]].to_numpy(np.float32)
+    return out

@@ -1,0 +1,210 @@
+"""Where a sweep's training jobs run: in this process, one worker process per local GPU, or on a Slurm cluster.
+
+Every executor takes the same job dicts (one training notebook each, `sweep.run_job`) and returns one outcome
+dict per job, in order, never raising for a failed job: the sweep renders, reports and indexes the outcomes
+the same way whichever executor ran them.
+
+- `LocalExecutor`: one job after another in this process (CPU, or one GPU).
+- `GpuPoolExecutor`: one worker process per GPU id, each seeing only its GPU (CUDA_VISIBLE_DEVICES).
+- `SlurmExecutor`: one Slurm job per training notebook through submitit, with partition, GPUs per job, time
+  limit and extra sbatch options; a job that is pre-empted or reaches its time limit is requeued and resumes
+  from its run folder's last checkpoint. ``cluster="local"`` sends the same submissions to submitit's local
+  backend (jobs as local processes): how the tests run it, and a dry run before a cluster.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+log = logging.getLogger(__name__)
+
+
+class Executor(Protocol):
+    """Runs training jobs (dicts made by the sweep) and returns their outcomes (RunOutcome dicts), in order."""
+
+    def run(self, jobs: list[dict]) -> list[dict]: ...
+
+
+def _failed(job: dict, exc: BaseException) -> dict:
+    from tongue_nb.pipeline.sweep import RunOutcome, failure_record
+
+    out = RunOutcome(job["backbone"], job["run_dir"], job["output_nb"], status="failed")
+    out.error = failure_record(job["backbone"], exc, Path(job["output_nb"]))
+    return asdict(out)
+
+
+class LocalExecutor:
+    """Jobs one after another in this process."""
+
+    def run(self, jobs: list[dict]) -> list[dict]:
+        from tongue_nb.pipeline.sweep import run_job
+
+        return [run_job(job) for job in jobs]
+
+
+def _run_job_in_subprocess(job: dict, device: str) -> dict:
+    """Run a job in its own Python process that sees one GPU (kernels inherit the process environment)."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=device)
+    with tempfile.TemporaryDirectory(prefix="tongue-nb-job-") as tmp:
+        job_file, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        job_file.write_text(json.dumps(job))
+        proc = subprocess.run([sys.executable, "-m", "tongue_nb.pipeline.sweep", "--worker", str(job_file),
+                               str(result_file)], env=env, cwd=job["cwd"], capture_output=True, text=True)
+        if result_file.exists():
+            return json.loads(result_file.read_text())
+        return _failed(job, RuntimeError(f"sweep worker exited with {proc.returncode}: {proc.stderr.strip()[-1500:]}"))
+
+
+@dataclass
+class GpuPoolExecutor:
+    """One worker process per GPU at a time; each job sees only the GPU it was given."""
+
+    devices: Sequence[str]
+
+    def run(self, jobs: list[dict]) -> list[dict]:
+        free: queue.Queue[str] = queue.Queue()
+        for d in self.devices:
+            free.put(d)
+        results: dict[int, dict] = {}
+
+        def worker(i: int, job: dict) -> None:
+            device = free.get()
+            try:
+                results[i] = _run_job_in_subprocess(job, device)
+            finally:
+                free.put(device)
+
+        threads = []
+        for i, job in enumerate(jobs):
+            t = threading.Thread(target=worker, args=(i, job), daemon=True)
+            t.start()
+            threads.append(t)
+            time.sleep(0.5)  # staggered starts make kernel port races rarer (they are retried anyway)
+        for t in threads:
+            t.join()
+        return [results[i] for i in range(len(jobs))]
+
+
+class _SlurmJob:
+    """The submitted callable: one training notebook; on pre-emption or time-out it requeues itself to resume."""
+
+    def __init__(self, job: dict) -> None:
+        self.job = job
+
+    def __call__(self) -> dict:
+        from tongue_nb.pipeline.sweep import run_job
+
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        return run_job(self.job)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """Called by submitit before a requeue: the next attempt resumes from the run folder's last.pt."""
+        import submitit
+
+        job = dict(self.job)
+        if (Path(job["run_dir"]) / "checkpoints" / "last.pt").exists():
+            job["parameters"] = dict(job["parameters"], resume=True)
+        return submitit.helpers.DelayedSubmission(_SlurmJob(job))
+
+
+@dataclass
+class SlurmExecutor:
+    """One Slurm job per training notebook through submitit (https://github.com/facebookincubator/submitit).
+
+    `folder` keeps submitit's pickles and each job's logs (it must be on a file system the compute nodes
+    share); `partition`, `gpus_per_job`, `cpus_per_job`, `mem_gb` and `time_min` are the sbatch resources;
+    `sbatch` adds any other option (e.g. {"account": "lab", "qos": "high", "constraint": "a100"});
+    `max_requeues` bounds the requeues after pre-emption or time-out. `cluster` "slurm", or "local" for
+    submitit's local backend.
+    """
+
+    folder: str | Path
+    partition: str = ""
+    gpus_per_job: int = 1
+    cpus_per_job: int = 8
+    mem_gb: float = 0
+    time_min: int = 240
+    sbatch: dict[str, Any] = field(default_factory=dict)
+    max_requeues: int = 3
+    cluster: str = "slurm"
+
+    def __post_init__(self) -> None:
+        if self.cluster not in ("slurm", "local"):
+            raise ValueError(f"SlurmExecutor: cluster must be 'slurm' or 'local', got {self.cluster!r}")
+        for name in ("gpus_per_job", "cpus_per_job", "time_min", "max_requeues"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name in ("gpus_per_job", "max_requeues")
+                                                                  else 1):
+                raise ValueError(f"SlurmExecutor: {name} must be a whole number, got {v!r}")
+
+    def _executor(self) -> Any:
+        try:
+            import submitit
+        except ImportError as exc:  # pragma: no cover - submitit is a dependency
+            raise RuntimeError("the Slurm executor needs submitit: pip install submitit") from exc
+        ex = submitit.AutoExecutor(folder=str(Path(self.folder) / "%j"), cluster=self.cluster,
+                                   slurm_max_num_timeout=self.max_requeues,
+                                   local_max_num_timeout=self.max_requeues)
+        params: dict[str, Any] = {"timeout_min": self.time_min, "cpus_per_task": self.cpus_per_job,
+                                  "gpus_per_node": self.gpus_per_job, "tasks_per_node": 1, "nodes": 1,
+                                  "name": "tongue-nb"}
+        if self.mem_gb:
+            params["mem_gb"] = self.mem_gb
+        if self.cluster == "slurm":
+            if self.partition:
+                params["slurm_partition"] = self.partition
+            if self.sbatch:
+                params["slurm_additional_parameters"] = dict(self.sbatch)
+        ex.update_parameters(**params)
+        return ex
+
+    def run(self, jobs: list[dict]) -> list[dict]:
+        if not jobs:
+            return []
+        ex = self._executor()
+        submitted = []
+        for job in jobs:
+            try:
+                submitted.append(ex.submit(_SlurmJob(job)))
+                log.info("submitted %s as %s job %s", job["backbone"], self.cluster, submitted[-1].job_id)
+            except Exception as exc:  # noqa: BLE001 - a refused submission is that job's failure
+                submitted.append(exc)
+        outcomes = []
+        for job, sub in zip(jobs, submitted):
+            if isinstance(sub, BaseException):
+                outcomes.append(_failed(job, sub))
+                continue
+            try:
+                outcomes.append(sub.result())
+            except Exception as exc:  # noqa: BLE001 - died without a result (killed, OOM, node failure)
+                outcomes.append(_failed(job, RuntimeError(f"{self.cluster} job {sub.job_id} failed: {exc}")))
+        return outcomes
+
+
+def make_executor(kind: str = "auto", gpus: Sequence[str] | None = None, slurm: dict | None = None,
+                  folder: str | Path | None = None) -> Executor:
+    """'auto' (one worker per GPU when there are several, else in-process), 'local', 'gpus' or 'slurm'."""
+    if kind == "slurm":
+        opts = dict(slurm or {})
+        opts.setdefault("folder", str(Path(folder or ".") / "slurm"))
+        return SlurmExecutor(**opts)
+    if slurm:
+        raise ValueError(f"Slurm options given ({sorted(slurm)}) but executor is {kind!r}; use executor='slurm'")
+    if kind == "local":
+        return LocalExecutor()
+    if kind in ("auto", "gpus"):
+        devices = list(gpus or [])
+        if kind == "gpus" and not devices:
+            raise ValueError("executor 'gpus': no GPU visible (CUDA_VISIBLE_DEVICES, torch.cuda.device_count())")
+        return GpuPoolExecutor(devices) if len(devices) > 1 or kind == "gpus" else LocalExecutor()
+    raise ValueError(f"executor must be one of auto, local, gpus, slurm; got {kind!r}")
