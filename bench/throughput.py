@@ -168,15 +168,42 @@ def e2e_eval(model: torch.nn.Module, loader: BatchLoader, schema: TaskSchema, lo
     return _timed(device, run)
 
 
+def profile_breakdown(model: torch.nn.Module, loader: BatchLoader, loss_fn: MultiTaskLoss,
+                      optimizer: torch.optim.Optimizer, scheduler: Any, steps: int, device: torch.device,
+                      amp_dtype: torch.dtype | None, channels_last: bool, scaler: Any, grad_clip: float
+                      ) -> dict[str, Any]:
+    """Where `steps` end-to-end training steps spend their wall time, by the loop's named scopes (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    rt = Runtime(device=device, amp_dtype=amp_dtype, channels_last=channels_last, scaler=scaler)
+    with profile(activities=activities) as prof:
+        _sync(device)
+        t0 = time.perf_counter()
+        trainer.train_one_epoch(model, loader, loss_fn, optimizer, scheduler, rt, epoch=999, stage=2,
+                                grad_clip=grad_clip, max_steps=steps)
+        _sync(device)
+        wall = time.perf_counter() - t0
+    scopes = {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages() if e.key.startswith("step:")}
+    shares = {k: v / wall for k, v in sorted(scopes.items(), key=lambda kv: -kv[1])}
+    shares["outside the scopes (data path, loop)"] = max(0.0, 1.0 - sum(shares.values()))
+    top = [{"op": e.key, "self_cpu_s": e.self_cpu_time_total / 1e6, "calls": e.count}
+           for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]]
+    return {"steps": steps, "wall_seconds": wall, "shares": shares, "top_self_cpu_ops": top}
+
+
 def data_path_only(loader: BatchLoader, steps: int, epoch: int) -> tuple[int, float]:
     """Batches of the loader alone (cache gather, tensor conversion, augmentation, normalisation); (samples, s)."""
     loader.set_epoch(epoch)
+    device = loader.device or torch.device("cpu")
+    _sync(device)
     t0 = time.perf_counter()
     samples = 0
     for i, batch in enumerate(loader):
         if i >= steps:
             break
         samples += len(batch)
+    _sync(device)  # device-side batches: count them once they are really built
     return samples, time.perf_counter() - t0
 
 
@@ -195,8 +222,12 @@ def _median_ratio(blocks: list[dict[str, float]]) -> float:
 def measure_throughput(labels: Labels, backbone: str, image_size: int, batch_size: int, eval_batch_size: int = 0,
                        steps: int = 10, warmup: int = 2, repeats: int = 2, device: str = "cpu",
                        precision: str = "fp32", channels_last: bool = False, crop: str = "crop",
-                       cache_dir: str | Path | None = None, seed: int = 0, grad_clip: float = 1.0) -> dict[str, Any]:
-    """Model-only and end-to-end samples/s for training and evaluation, and their ratios (see module docstring)."""
+                       cache_dir: str | Path | None = None, seed: int = 0, grad_clip: float = 1.0,
+                       profile_steps: int = 0) -> dict[str, Any]:
+    """Model-only and end-to-end samples/s for training and evaluation, and their ratios (see module docstring).
+
+    `profile_steps` > 0 adds a torch.profiler breakdown of that many end-to-end training steps by the loop's
+    named scopes (forward, loss, backward, optimizer, ...; "outside the scopes" is mostly the data path)."""
     if steps < 1 or warmup < 0 or repeats < 1 or batch_size < 1:
         raise ValueError(f"need steps >= 1, warmup >= 0, repeats >= 1, batch_size >= 1; got steps={steps}, "
                          f"warmup={warmup}, repeats={repeats}, batch_size={batch_size}")
@@ -233,9 +264,12 @@ def measure_throughput(labels: Labels, backbone: str, image_size: int, batch_siz
     if channels_last:
         model.to(memory_format=torch.channels_last)
     class_w = class_weights_from_targets(schema, labels.targets, train_idx, mode="balanced")
-    loss_fn = MultiTaskLoss(schema, task_weights={t.name: t.weight for t in schema}, class_weights=class_w)
+    # As the trainer builds it (trainer.make_loss): class weights on the device once, no per-call target check.
+    loss_fn = MultiTaskLoss(schema, task_weights={t.name: t.weight for t in schema}, class_weights=class_w,
+                            check_targets=False).to(dev)
     weights = labels.table["weight"].to_numpy(np.float32)
-    common_kw = dict(channels_last=channels_last, pin_memory=dev.type == "cuda")
+    # As the trainer builds them: on CUDA the batches are made on the device (uint8 in, augmented there).
+    common_kw = dict(channels_last=channels_last, pin_memory=dev.type == "cuda", device=dev)
     train_loader = BatchLoader(img_cache.images, labels.targets, weights, train_idx, batch_size, model.mean,
                                model.std, shuffle=True, augment=Augment(), seed=seed, drop_last=True, **common_kw)
     eval_loader = BatchLoader(img_cache.images, labels.targets, weights, eval_idx, eval_bs, model.mean, model.std,
@@ -296,7 +330,10 @@ def measure_throughput(labels: Labels, backbone: str, image_size: int, batch_siz
     d_eval = data_path_only(eval_loader, steps_eval, 0)
     train_mo, train_e2e = _rate(*mo_t), _rate(*e2e_t)
     eval_mo, eval_e2e = _rate(*mo_e), _rate(*e2e_e)
+    breakdown = (profile_breakdown(model, train_loader, loss_fn, optimizer, scheduler, profile_steps, dev, amp_dtype,
+                                   channels_last, scaler, grad_clip) if profile_steps else None)
     return {
+        "profile": breakdown,
         "backbone": backbone, "timm_name": model.timm_name, "params_m": model.params_m()["total"],
         "image_size": image_size, "batch_size": batch_size, "eval_batch_size": eval_bs,
         "steps": steps_train, "eval_steps": steps_eval, "warmup": warmup, "repeats": repeats,
@@ -415,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-ratio", action="store_true", help="with --cache-build: skip the throughput ratio")
     p.add_argument("--out", type=Path, default=None, help="JSON output; default bench/results/throughput-<b>-<s>.json")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="also profile STEPS end-to-end training steps (torch.profiler) by the loop's scopes")
     p.add_argument("--verbose", action="store_true")
     # internal: the peak-RSS child process
     p.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
@@ -441,7 +480,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.skip_ratio:
         res = measure_throughput(labels, args.backbone, args.image_size, args.batch_size, args.eval_batch_size,
                                  args.steps, args.warmup, args.repeats, args.device, args.precision,
-                                 args.channels_last, args.crop, args.cache_dir, args.seed, args.grad_clip)
+                                 args.channels_last, args.crop, args.cache_dir, args.seed, args.grad_clip,
+                                 args.profile)
         result.update(res)
         tr, ev = res["train"], res["eval"]
         print(f"{args.backbone} {args.image_size}px batch {args.batch_size} (eval {res['eval_batch_size']}), "
@@ -452,6 +492,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"eval   model-only {ev['model_only_samples_per_s']:8.2f} samples/s   "
               f"end-to-end {ev['end_to_end_samples_per_s']:8.2f} samples/s   ratio {ev['ratio']:.3f} "
               f"(median of blocks {ev['median_block_ratio']:.3f})")
+        if res.get("profile"):
+            shares = ", ".join(f"{k.replace('step:', '')} {v:.1%}" for k, v in res["profile"]["shares"].items())
+            print(f"profile of {res['profile']['steps']} end-to-end training steps (share of wall time): {shares}")
         print(f"data path alone (cache -> batch, augmented for training): train "
               f"{tr['data_path_only_samples_per_s']:.0f} samples/s, eval {ev['data_path_only_samples_per_s']:.0f} "
               "samples/s")

@@ -63,9 +63,13 @@ def test_throughput_cli_prints_ratios_and_writes_json(fake_db, tmp_path, capsys)
     res = throughput.main(["--backbone", "test_convnext", "--image-size", "32", "--batch-size", "4", "--steps", "2",
                            "--warmup", "1", "--repeats", "2", "--threads", "1", "--data", str(fake_db),
                            "--work-dir", str(tmp_path / "work"), "--cache-dir", str(tmp_path / "cache"),
-                           "--out", str(out)])
+                           "--out", str(out), "--profile", "2"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(r"train_ratio=\d+\.\d{3} eval_ratio=\d+\.\d{3}", lines[-1]), lines[-1]
+    # the profile splits the end-to-end step by the loop's scopes
+    shares = res["profile"]["shares"]
+    assert {"step:forward", "step:backward", "step:optimizer", "step:loss"} <= set(shares)
+    assert 0.99 <= sum(shares.values()) <= 1.01 and any(line.startswith("profile of 2") for line in lines)
     saved = pd.read_json(out, typ="series")
     for part in ("train", "eval"):
         mo, e2e = res[part]["model_only_samples_per_s"], res[part]["end_to_end_samples_per_s"]

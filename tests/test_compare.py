@@ -10,7 +10,14 @@ import pandas as pd
 import pytest
 
 from tongue_nb.pipeline import compare
-from tongue_nb.pipeline.compare import CompareError, compare_backbones, parse_backbones, recommendations
+from tongue_nb.pipeline.compare import (CompareError, CompareParams, compare_backbones, parse_backbones,
+                                        recommendations)
+from tongue_nb.train.params import ParamError
+
+
+def screen(data_dir, backbones, out_dir=None, **values):
+    """compare_backbones with its parameters given as keywords (CompareParams)."""
+    return compare_backbones(CompareParams(data_dir=str(data_dir), **values), backbones, out_dir=out_dir)
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(steps=4, warmup_steps=1, batch_size=4, image_size=32, eval_batches=2, infer_steps=2)
@@ -35,17 +42,17 @@ def test_parse_backbones() -> None:
     (dict(steps=3, warmup_steps=3), "warmup_steps"),
     (dict(batch_size=-1), "batch_size"),
     (dict(lr=0.0), "lr"),
-    (dict(eval_batches=0), "eval_batches"),
+    (dict(eval_batches=-1), "eval_batches"),
     (dict(crop="zoom"), "crop"),
 ])
 def test_bad_arguments_name_the_parameter(synth_dir: Path, kwargs: dict, match: str) -> None:
-    with pytest.raises(CompareError, match=match):
-        compare_backbones(synth_dir, ["test_convnext"], **kwargs)
+    with pytest.raises(ParamError, match=match):
+        screen(synth_dir, ["test_convnext"], **kwargs)
 
 
 def test_missing_data_dir(tmp_path: Path) -> None:
     with pytest.raises(CompareError, match="data_dir"):
-        compare_backbones(tmp_path / "nope", ["test_convnext"])
+        screen(tmp_path / "nope", ["test_convnext"])
 
 
 def test_in_process_rows_files_and_failed_backbone(synth_dir: Path, tmp_path: Path) -> None:
@@ -54,7 +61,7 @@ def test_in_process_rows_files_and_failed_backbone(synth_dir: Path, tmp_path: Pa
     from tongue_nb.model.backbones import MultiTaskBackbone
     from tongue_nb.data.tasks import load_schema
 
-    df = compare_backbones(synth_dir, "test_convnext,no_such_net,test_convnext", out_dir=tmp_path, isolate=False, **FAST)
+    df = screen(synth_dir, "test_convnext,no_such_net,test_convnext", out_dir=tmp_path, isolate=False, **FAST)
     assert list(df.columns) == compare.COLUMNS
     ok = df[df["error"] == ""]
     assert (ok["val_loss_se"].isna() | (ok["val_loss_se"] >= 0)).all()  # the spread of the val-loss reading
@@ -82,16 +89,16 @@ def test_in_process_rows_files_and_failed_backbone(synth_dir: Path, tmp_path: Pa
 
 def test_same_budget_gives_the_same_validation_loss(synth_dir: Path) -> None:
     """Same seed, same batches, same steps: a rerun reproduces the loss, a longer budget changes it."""
-    a = compare_backbones(synth_dir, ["test_vit"], isolate=False, **FAST)
-    b = compare_backbones(synth_dir, ["test_vit"], isolate=False, **FAST)
-    c = compare_backbones(synth_dir, ["test_vit"], isolate=False, **(FAST | {"steps": 8}))
+    a = screen(synth_dir, ["test_vit"], isolate=False, **FAST)
+    b = screen(synth_dir, ["test_vit"], isolate=False, **FAST)
+    c = screen(synth_dir, ["test_vit"], isolate=False, **(FAST | {"steps": 8}))
     assert a.loc[0, "error"] == "" and a.loc[0, "val_loss"] == pytest.approx(b.loc[0, "val_loss"], rel=1e-5)
     assert a.loc[0, "train_loss_first"] == pytest.approx(c.loc[0, "train_loss_first"], rel=1e-5)
     assert c.loc[0, "val_loss"] != pytest.approx(a.loc[0, "val_loss"], rel=1e-4)
 
 
 def test_isolated_process_measures_peak_memory(synth_dir: Path) -> None:
-    df = compare_backbones(synth_dir, ["test_convnext"], isolate=True, num_threads=1, **FAST)
+    df = screen(synth_dir, ["test_convnext"], isolate=True, num_threads=1, **FAST)
     row = df.iloc[0]
     assert row["error"] == "", row["error"]
     assert row["memory_method"] == "cpu_peak_rss_increase"
@@ -169,3 +176,16 @@ def test_screen_table_marks_the_picks_and_leaves_failed_rows_out() -> None:
     table = screen_table(df)
     assert list(table["backbone"]) == ["a", "b"] and "parameters (M)" in table.columns
     assert dict(zip(table["backbone"], table["pick"])) == {"a": "fastest", "b": "lowest val loss, largest"}
+
+
+def test_compare_params_take_the_shared_fields_of_a_training_recipe(synth_dir: Path) -> None:
+    from tongue_nb.train.params import TrainParams
+
+    recipe = TrainParams(data_dir=str(synth_dir), image_size=96, batch_size=16, seed=3, split_seed=7, crop="crop_blank",
+                         pretrained=False, device="cpu", num_threads=1)
+    p = CompareParams.from_recipe(recipe, steps=5, warmup_steps=1)
+    assert (p.data_dir, p.image_size, p.batch_size, p.seed, p.crop, p.pretrained, p.device, p.num_threads) == (
+        str(synth_dir), 96, 16, 7, "crop_blank", False, "cpu", 1)  # the runs' split seed: the same split
+    assert p.steps == 5 and CompareParams.from_recipe(TrainParams(image_size=0)).image_size == 224
+    with pytest.raises(ParamError, match="device"):
+        CompareParams(device="gpu0")

@@ -233,3 +233,26 @@ def test_class_balanced_weights():
     assert only[3] / only[0] == pytest.approx(3.0)
     # balanced sampling really balances: expected class-b share 1/2
     assert only[3] / only.sum() == pytest.approx(0.5)
+
+
+def test_a_cpu_device_gives_the_host_path_batch_for_batch():
+    """device=cpu is the host path; the device branch builds the same batch where the device is."""
+    import numpy as np
+    import torch
+
+    from tongue_nb.data.loader import Augment, BatchLoader
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (12, 24, 24, 3), dtype=np.uint8)
+    targets = {"coat": rng.integers(0, 3, 12)}
+    kw = dict(shuffle=True, augment=Augment(), seed=3, prefetch=False)
+    host = BatchLoader(images, targets, None, np.arange(12), 4, (0.5,) * 3, (0.25,) * 3, **kw)
+    dev = BatchLoader(images, targets, None, np.arange(12), 4, (0.5,) * 3, (0.25,) * 3, device="cpu", **kw)
+    assert dev.device is None
+    for a, b in zip(host, dev):
+        assert torch.equal(a.x, b.x) and torch.equal(a.targets["coat"], b.targets["coat"])
+    # The device branch itself (gather uint8, move, convert, augment and normalise where the batch lives),
+    # run with the CPU standing in for the device: the same batches.
+    dev.device = torch.device("cpu")
+    for a, b in zip(host, dev):
+        assert torch.allclose(a.x, b.x, atol=1e-5) and torch.equal(a.weight, b.weight)

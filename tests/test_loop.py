@@ -147,3 +147,36 @@ def test_a_custom_callback_sees_every_hook_and_resumes_with_its_state(tmp_path):
     assert rec.steps > 0 and summary["epochs_run"] == 2
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["callbacks"]["recorder"] == {"steps": rec.steps}
+
+
+def test_last_checkpoint_in_the_background_snapshots_the_state_and_reports_a_failed_write():
+    import threading
+    import time as _time
+    from types import SimpleNamespace
+
+    from tongue_nb.train.callbacks import LastCheckpoint
+
+    weights = torch.zeros(3)
+    written, started = [], threading.Event()
+
+    def slow_save(state):
+        started.set()
+        _time.sleep(0.2)
+        written.append(state["model"]["w"].clone())
+
+    fit = SimpleNamespace(rt=Runtime(), checkpoint_state=lambda: {"model": {"w": weights}})
+    cb = LastCheckpoint(slow_save, background=True)
+    cb.after_epoch(fit, {})
+    started.wait(5)
+    weights += 1  # the next epoch changes the live weights while the write is in flight
+    assert not written  # the epoch did not wait for the disk
+    cb.on_fit_end(fit)
+    assert len(written) == 1 and torch.equal(written[0], torch.zeros(3))  # the snapshot, not the live tensor
+
+    def failing_save(state):
+        raise OSError("No space left on device")
+
+    cb = LastCheckpoint(failing_save, background=True)
+    cb.after_epoch(fit, {})
+    with pytest.raises(OSError, match="No space left"):
+        cb.on_fit_end(fit)

@@ -21,8 +21,12 @@ def test_every_params_file_loads_and_only_overrides_defaults(path: Path) -> None
         if key == "per_backbone":  # sections: each one's values also only change what the file gives
             for backbone, section in value.items():
                 own = load_params([path], backbone=backbone)
+                # ... or what the backbone's own file sets, which the section overrides when layered under it
+                mine = PARAMS_DIR / f"{backbone}.yaml"
+                under = load_params([mine]) if mine.is_file() else params
                 for k, v in section.items():
-                    assert getattr(own, k) == getattr(load_params(**{k: v}), k) != getattr(params, k), \
+                    assert getattr(own, k) == getattr(load_params(**{k: v}), k), f"{path.name}: {backbone}.{k}"
+                    assert getattr(own, k) != getattr(params, k) or getattr(own, k) != getattr(under, k), \
                         f"{path.name}: per_backbone.{backbone}.{k} repeats the file's value"
             continue
         assert getattr(params, key) == getattr(load_params(**{key: value}), key)
@@ -50,3 +54,13 @@ def test_seed_document_settings() -> None:
     assert (sl.batch_size, sl.batch_size * sl.accumulation_steps) == (4, 16)
     vl = get("vit_large")
     assert (vl.batch_size, vl.accumulation_steps) == (2, 8)
+
+
+def test_large_gpu_recipe_keeps_each_backbones_effective_batch_and_rates() -> None:
+    """params/gpu_large.yaml over params/<backbone>.yaml (the sweep's layering): one step per effective batch."""
+    for name in SHORT_NAMES:
+        small = load_params([PARAMS_DIR / f"{name}.yaml"])
+        large = load_params([PARAMS_DIR / f"{name}.yaml", PARAMS_DIR / "gpu_large.yaml"], backbone=name)
+        assert large.batch_size * large.accumulation_steps == small.batch_size * small.accumulation_steps, name
+        assert large.accumulation_steps == 1 and large.precision == "bf16" and large.device == "cuda", name
+        assert (large.stage2_lr_backbone, large.stage2_lr_head) == (small.stage2_lr_backbone, small.stage2_lr_head)

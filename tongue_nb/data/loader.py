@@ -88,20 +88,20 @@ def augment_batch(x: torch.Tensor, aug: Augment, generator: torch.Generator) -> 
         # a flip negates x, and a shift of f x side is 2f in normalised units.
         sx = torch.where(flip, -1.0, 1.0)
         cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-        theta = torch.zeros((b, 2, 3))
+        theta = torch.zeros((b, 2, 3))  # drawn and built on the host (tiny), used where the batch lives
         theta[:, 0, 0] = cos * sx
         theta[:, 0, 1] = -sin
         theta[:, 1, 0] = sin * sx
         theta[:, 1, 1] = cos
         theta[:, 0, 2] = (u[:, 3] * 2 - 1) * 2 * aug.translate
         theta[:, 1, 2] = (u[:, 4] * 2 - 1) * 2 * aug.translate
-        grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+        grid = F.affine_grid(theta.to(device=x.device, dtype=x.dtype), list(x.shape), align_corners=False)
         # zeros padding = black, the same as blanked backgrounds and letterbox padding in the cache
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    elif bool(flip.any()):
-        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    elif bool(flip.any()):  # a host tensor: no device read
+        x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(3), x)
     if aug.brightness > 0 or aug.contrast > 0:
-        v = torch.rand((b, 2), generator=generator) * 2 - 1
+        v = (torch.rand((b, 2), generator=generator) * 2 - 1).to(x.device)
         if aug.contrast > 0:
             mean = x.mean(dim=(1, 2, 3), keepdim=True)
             x = (x - mean) * (1 + v[:, 1] * aug.contrast)[:, None, None, None] + mean
@@ -135,7 +135,7 @@ class BatchLoader:
                  shuffle: bool = False, augment: bool | Augment | None = False, seed: int = 0,
                  drop_last: bool = False, sampler_weights: np.ndarray | None = None, *, rank: int = 0,
                  world_size: int = 1, prefetch: bool | None = None, pin_memory: bool = False,
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, device: torch.device | str | None = None) -> None:
         images = cache_images
         if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
             raise ValueError(f"cache_images must be uint8 [N, S, S, 3], got {images.dtype} {images.shape}")
@@ -189,10 +189,18 @@ class BatchLoader:
         self.prefetch = torch.cuda.is_available() if prefetch is None else bool(prefetch)
         self.pin_memory = bool(pin_memory)
         self.channels_last = bool(channels_last)
+        # The device-side data path: uint8 pixels go to the device (pinned, non-blocking: a quarter of the
+        # float bytes) and conversion, augmentation and normalisation run there; with prefetch, on a side
+        # CUDA stream that overlaps the previous step. None or a CPU device: everything on the host.
+        dev = torch.device(device) if device is not None else None
+        self.device = dev if dev is not None and dev.type != "cpu" else None
+        self._stream = None
         self.epoch = 0
         # Normalisation folded into one multiply-add on the 0..255 scale: x * 1/(255 std) - mean/std.
         self._scale = torch.tensor([1.0 / (255.0 * s) for s in self.std]).view(1, 3, 1, 1)
         self._shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std)]).view(1, 3, 1, 1)
+        if self.device is not None:
+            self._scale, self._shift = self._scale.to(self.device), self._shift.to(self.device)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose shuffle / sampling / augmentation draws the next iteration uses."""
@@ -238,31 +246,59 @@ class BatchLoader:
         return out
 
     def make_batch(self, idx: np.ndarray, generator: torch.Generator | None = None) -> Batch:
-        """Gather rows `idx` into a normalised (and, with a generator and augment on, augmented) Batch."""
+        """Gather rows `idx` into a normalised (and, with a generator and augment on, augmented) Batch.
+
+        With a `device`, the batch is built there (see the constructor); the result is the same batch.
+        """
         raw = torch.from_numpy(np.ascontiguousarray(self.images[idx]))  # one gather from the memmap
+        targets = {k: torch.from_numpy(np.ascontiguousarray(v[idx])) for k, v in self.targets.items()}
         b, s = raw.shape[0], raw.shape[1]
+        weight = (torch.from_numpy(self.weights[idx].copy()) if self.weights is not None
+                  else torch.ones(b, dtype=torch.float32))
+        index = torch.from_numpy(idx.astype(np.int64, copy=True))
+        if self.device is not None:
+            pin = self.pin_memory and torch.cuda.is_available()
+            move = (lambda t: t.pin_memory().to(self.device, non_blocking=True)) if pin else \
+                (lambda t: t.to(self.device, non_blocking=True))
+            raw, weight = move(raw), move(weight)
+            targets = {k: move(v) for k, v in targets.items()}
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        x = torch.empty((b, 3, s, s), dtype=torch.float32, memory_format=fmt)
+        x = torch.empty((b, 3, s, s), dtype=torch.float32, memory_format=fmt, device=raw.device)
         x.copy_(raw.permute(0, 3, 1, 2))  # uint8 -> float and NHWC -> NCHW in one pass
         if self.augment is not None and generator is not None:
             x = augment_batch(x, self.augment, generator)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
         x.mul_(self._scale).add_(self._shift)
-        targets = {k: torch.from_numpy(np.ascontiguousarray(v[idx])) for k, v in self.targets.items()}
-        weight = (torch.from_numpy(self.weights[idx].copy()) if self.weights is not None
-                  else torch.ones(b, dtype=torch.float32))
-        index = torch.from_numpy(idx.astype(np.int64, copy=True))
-        if self.pin_memory and torch.cuda.is_available():
+        if self.device is None and self.pin_memory and torch.cuda.is_available():
             x = x.pin_memory()
         return Batch(x=x, targets=targets, weight=weight, index=index)
 
-    def _batches(self) -> Iterator[Batch]:
+    def _make_on_side_stream(self, idx: np.ndarray, generator: torch.Generator | None) -> tuple[Batch, object]:
+        """Build a batch on a side CUDA stream; returns it with the event the consumer waits for."""
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._stream):
+            batch = self.make_batch(idx, generator)
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        return batch, event
+
+    def _batches(self, side_stream: bool = False) -> Iterator[Batch | tuple[Batch, object]]:
         gen = None
         if self.augment is not None:
             gen = torch.Generator().manual_seed(_seed(self.seed, self.epoch, self.rank + 1))
         for idx in self.index_batches():
-            yield self.make_batch(idx, gen)
+            yield self._make_on_side_stream(idx, gen) if side_stream else self.make_batch(idx, gen)
+
+    def _ready(self, item: tuple[Batch, object]) -> Batch:
+        """A side-stream batch made safe to use on the current stream (wait for it; keep its memory alive)."""
+        batch, event = item
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(event)
+        for t in (batch.x, batch.weight, *batch.targets.values()):
+            t.record_stream(current)
+        return batch
 
     def __iter__(self) -> Iterator[Batch]:
         if not self.prefetch or len(self) <= 1:
@@ -282,9 +318,11 @@ class BatchLoader:
                     continue
             return False
 
+        side_stream = self.device is not None and self.device.type == "cuda"
+
         def produce() -> None:
             try:
-                for batch in self._batches():
+                for batch in self._batches(side_stream):
                     if not put(batch):
                         return
                 put(_END)
@@ -300,7 +338,7 @@ class BatchLoader:
                     return
                 if isinstance(item, _Failure):
                     raise item.exc
-                yield item
+                yield self._ready(item) if side_stream else item
         finally:
             stop.set()  # also when the consumer stops early (break, exception): the producer exits
             worker.join()

@@ -61,12 +61,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from tongue_nb.pipeline.compare import compare_backbones, recommendations
+    from tongue_nb.pipeline.compare import CompareParams, compare_backbones, recommendations
 
-    table = compare_backbones(_data_or_synthetic(args.data), args.backbones, out_dir=args.out, steps=args.steps,
-                              warmup_steps=args.warmup_steps,
-                              batch_size=args.batch_size, image_size=args.image_size, seed=args.seed,
-                              pretrained=args.pretrained, device=args.device)
+    params = CompareParams(data_dir=_data_or_synthetic(args.data), steps=args.steps, warmup_steps=args.warmup_steps,
+                           batch_size=args.batch_size, image_size=args.image_size, seed=args.seed,
+                           pretrained=args.pretrained, device=args.device)
+    table = compare_backbones(params, args.backbones, out_dir=args.out)
     with_cols = [c for c in ("backbone", "params_total_m", "val_loss", "train_samples_per_s", "infer_samples_per_s",
                              "peak_memory_mb", "error") if c in table.columns]
     print(table[with_cols].to_string(index=False))

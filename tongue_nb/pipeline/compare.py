@@ -16,13 +16,13 @@ Peak memory:
 from __future__ import annotations
 
 import logging
-import math
 import multiprocessing as mp
 import re
 import resource
 import sys
 import time
 import traceback
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -40,7 +40,64 @@ RECOMMENDATIONS = {"lowest_val_loss": ("val_loss", "min"), "fastest": ("train_sa
 
 
 class CompareError(ValueError):
-    """Bad arguments to the model comparison."""
+    """The comparison cannot run on this data (split too small, no validation samples, no data)."""
+
+
+def _p(*args: Any, **kwargs: Any) -> Any:
+    from tongue_nb.train.params import _p as declare
+
+    return declare(*args, **kwargs)
+
+
+@dataclass
+class CompareParams:
+    """Every option of the comparison, typed and checked like TrainParams (the same field checker).
+
+    The fields it shares with a training recipe have the same names and meaning; `from_recipe` takes them
+    from a TrainParams, so the screen sees the data, split, image size and batch the runs will use.
+    """
+
+    data_dir: str = _p("", "dataset folder with labels.csv")
+    tasks: str = _p("", "task schema YAML; empty: <data_dir>/tasks.yaml")
+    steps: int = _p(20, "optimizer steps per backbone: the identical short training budget", gt=0)
+    warmup_steps: int = _p(3, "first steps left out of the speed timing", ge=0)
+    batch_size: int = _p(8, "samples per step, the same for every backbone", gt=0)
+    image_size: int = _p(128, "square input size in px, the same for every backbone", ge=8)
+    lr: float = _p(1e-4, "AdamW learning rate during the budget", gt=0.0)
+    seed: int = _p(0, "split, initialisation and batch order")
+    pretrained: bool = _p(False, "start from pretrained weights (tongue_nb.model.weights)")
+    device: str = _p("auto", "auto, cpu, cuda or cuda:N")
+    crop: str = _p("crop", "tongue mask use: none, crop, blank, crop_blank", choices=("none", "crop", "blank",
+                                                                                     "crop_blank"))
+    eval_batches: int = _p(0, "validation batches for the loss; 0: the whole validation split", ge=0)
+    infer_steps: int = _p(0, "timed inference batches after warm-up; 0: steps", ge=0)
+    isolate: bool = _p(True, "one fresh process per backbone: honest CPU peak memory, crash isolation")
+    num_threads: int = _p(0, "torch CPU threads; 0: torch default", ge=0)
+    on_problem: str = _p("error", "bad label rows: error, drop or report", choices=("error", "drop", "report"))
+
+    def __post_init__(self) -> None:
+        from tongue_nb.train.params import ParamError, check_fields, coerce_fields
+
+        coerce_fields(self)
+        check_fields(self)
+        if self.warmup_steps >= self.steps:
+            raise ParamError(f"parameter warmup_steps: got {self.warmup_steps}, expected fewer than steps="
+                             f"{self.steps} (the steps after warm-up are the timed ones)")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
+            raise ParamError(f"parameter device: got {self.device!r}, expected auto, cpu, cuda, cuda:N or mps")
+
+    @classmethod
+    def from_recipe(cls, recipe: Any, **screen: Any) -> "CompareParams":
+        """The comparison of a training recipe (TrainParams): its data, tasks, split seed, image size (0: 224),
+        batch size, pretraining, device, crop, threads and label handling; `screen` sets the rest (steps, ...)."""
+        shared = {"data_dir": recipe.data_dir, "tasks": recipe.tasks, "seed": recipe.effective_split_seed,
+                  "image_size": recipe.image_size or 224, "batch_size": recipe.batch_size,
+                  "pretrained": recipe.pretrained, "device": recipe.device, "crop": recipe.crop,
+                  "num_threads": recipe.num_threads, "on_problem": recipe.on_problem}
+        return cls(**{**shared, **screen})
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 def parse_backbones(backbones: str | Sequence[str]) -> list[str]:
@@ -132,14 +189,13 @@ def _prepare_data(cfg: dict[str, Any]) -> _Data:
 
 
 def _resolve_device(device: str):
-    import torch
+    """The training runtime's device choice (tongue_nb.train.runtime), as a comparison error when unavailable."""
+    from tongue_nb.train.runtime import TrainingError, resolve_device
 
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CompareError(f"parameter device: got {device!r}, but CUDA is not available here")
-    return dev
+    try:
+        return resolve_device(device)
+    except TrainingError as exc:
+        raise CompareError(str(exc)) from None
 
 
 def _cycle(loader) -> Iterator[Any]:
@@ -350,59 +406,39 @@ def _run_isolated(name: str, cfg: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- public API
 
-def compare_backbones(data_dir: str | Path, backbones: str | Sequence[str], out_dir: str | Path | None = None,
-                      steps: int = 20, warmup_steps: int = 3, batch_size: int = 8, image_size: int = 128,
-                      lr: float = 1e-4, seed: int = 0, pretrained: bool = False, device: str = "auto",
-                      tasks: str | Path | None = None, eval_batches: int | None = None,
-                      infer_steps: int | None = None, crop: str = "crop", isolate: bool = True,
-                      num_threads: int = 0, on_problem: str = "error") -> pd.DataFrame:
+def compare_backbones(params: CompareParams, backbones: str | Sequence[str],
+                      out_dir: str | Path | None = None) -> pd.DataFrame:
     """Compare backbones on one dataset: parameters, val loss after `steps` identical steps, samples/s, memory.
 
     One row per backbone (columns `COLUMNS`); a failing backbone gets its `error` and the others
     still run. With `out_dir`, writes `comparison.csv` and `comparison.json` (rows + recommendations).
-    `eval_batches` caps the validation batches for the loss (None = the whole val split);
-    `infer_steps` timed inference batches (None = `steps`); `isolate` runs each backbone in its own
-    process (honest CPU peak memory, crash isolation); `num_threads` sets torch threads (0 = default).
+    `params` (CompareParams, or CompareParams.from_recipe(train_params, ...)) holds every setting.
     """
+    if not isinstance(params, CompareParams):
+        raise TypeError(f"compare_backbones: expected CompareParams, got {type(params).__name__}")
     names = parse_backbones(backbones)
-    for pname, value, low in (("steps", steps, 1), ("warmup_steps", warmup_steps, 0), ("batch_size", batch_size, 1),
-                              ("image_size", image_size, 8), ("num_threads", num_threads, 0)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise CompareError(f"parameter {pname}: got {value!r}, expected an integer >= {low}")
-    if warmup_steps >= steps:
-        raise CompareError(f"parameter warmup_steps: got {warmup_steps}, expected fewer than steps={steps} "
-                           "(the steps after warm-up are the timed ones)")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise CompareError(f"parameter lr: got {lr!r}, expected a number > 0")
-    for pname, value in (("eval_batches", eval_batches), ("infer_steps", infer_steps)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
-            raise CompareError(f"parameter {pname}: got {value!r}, expected None or an integer >= 1")
-    from tongue_nb.data.images import CROP_MODES
+    if not params.data_dir or not Path(params.data_dir).is_dir():
+        raise CompareError(f"parameter data_dir: dataset folder not found: {params.data_dir!r}")
+    _resolve_device(params.device)  # fail now, not once per backbone
 
-    if crop not in CROP_MODES:
-        raise CompareError(f"parameter crop: got {crop!r}, expected one of {list(CROP_MODES)}")
-    if not str(data_dir) or not Path(data_dir).is_dir():
-        raise CompareError(f"parameter data_dir: dataset folder not found: {str(data_dir)!r}")
-    _resolve_device(device)  # fail now, not once per backbone
-
-    cfg = {"data_dir": str(data_dir), "tasks": str(tasks) if tasks else "", "steps": int(steps),
-           "warmup_steps": int(warmup_steps), "batch_size": int(batch_size), "image_size": int(image_size),
-           "lr": float(lr), "seed": int(seed), "pretrained": bool(pretrained), "device": device,
-           "eval_batches": None if eval_batches is None else int(eval_batches),
-           "infer_steps": int(infer_steps) if infer_steps is not None else int(steps), "crop": crop,
-           "isolated": bool(isolate), "num_threads": int(num_threads), "on_problem": on_problem}
+    cfg = {"data_dir": str(params.data_dir), "tasks": params.tasks, "steps": params.steps,
+           "warmup_steps": params.warmup_steps, "batch_size": params.batch_size, "image_size": params.image_size,
+           "lr": params.lr, "seed": params.seed, "pretrained": params.pretrained, "device": params.device,
+           "eval_batches": params.eval_batches or None, "infer_steps": params.infer_steps or params.steps,
+           "crop": params.crop, "isolated": params.isolate, "num_threads": params.num_threads,
+           "on_problem": params.on_problem}
     # Labels, split and cache once here: data errors surface before any model is built, and the
     # children (or the in-process loop) only re-open the cache.
     data = _prepare_data(cfg)
     rows = []
     for name in names:
-        log.info("comparing %s (%d steps, batch %d, %d px)", name, steps, batch_size, image_size)
-        row = _run_isolated(name, cfg) if isolate else _run_one(name, data, cfg)
+        log.info("comparing %s (%d steps, batch %d, %d px)", name, params.steps, params.batch_size, params.image_size)
+        row = _run_isolated(name, cfg) if params.isolate else _run_one(name, data, cfg)
         rows.append(row)
     df = pd.DataFrame(rows).reindex(columns=COLUMNS)
     df["error"] = df["error"].fillna("").astype(str)
     if out_dir is not None:
-        save_comparison(df, out_dir, settings={k: v for k, v in cfg.items() if k != "isolated"} | {"isolate": isolate})
+        save_comparison(df, out_dir, settings=params.as_dict())
     return df
 
 

@@ -585,10 +585,10 @@ def _compare(data: Path, backbones: list[str], sweep_dir: Path, options: dict, k
         if _run_stage("compare", None, "02_model_comparison", out_nb, parameters, kernel, result):
             result.comparison_report = _render(out_nb, result.reports_dir / "02_model_comparison.html", None, result)
     else:
-        from tongue_nb.pipeline.compare import compare_backbones
+        from tongue_nb.pipeline.compare import CompareParams, compare_backbones
 
         try:
-            compare_backbones(data, backbones, out_dir=out, **options)
+            compare_backbones(CompareParams(data_dir=str(data), **options), backbones, out_dir=out)
         except Exception as exc:  # the comparison is informative; training still runs without it
             result.errors.append(failure_record("", exc, None, stage="compare"))
             log.error("model comparison failed: %s", exc)

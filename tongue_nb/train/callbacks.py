@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import threading
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
@@ -217,21 +218,64 @@ class History(Callback):
         self.rows = [dict(r) for r in state["rows"]]
 
 
+def _host_copy(obj: Any) -> Any:
+    """A copy of a checkpoint state with every tensor on the host (a snapshot the next steps cannot change)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_host_copy(v) for v in obj)
+    return obj
+
+
 class LastCheckpoint(Callback):
     """last.pt after every epoch: the resume point (position, model, optimizer, RNG and every callback's state).
 
     Written last of an epoch's files, so a kill at any moment redoes at most the epoch being written.
-    `save(path_state)` does the writing (the run folder's); `extra` adds fixed entries (params, data fingerprint).
+    `save(state)` does the writing (the run folder's); `extra` adds fixed entries (params, data fingerprint).
+    With `background` (the trainer's choice on CUDA, where a large model's optimizer state makes last.pt
+    gigabytes) the state is copied to host memory and written by a thread while the next epoch trains; the
+    next write, and the end of the fit, wait for it, and a failed write is raised there.
     """
 
-    def __init__(self, save: Callable[[dict[str, Any]], None], extra: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, save: Callable[[dict[str, Any]], None], extra: Mapping[str, Any] | None = None,
+                 background: bool = False) -> None:
         self.save = save
         self.extra = dict(extra or {})
+        self.background = background
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def wait(self) -> None:
+        """Block until the write in flight is on disk; raise its error if it failed."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _write(self, state: dict[str, Any]) -> None:
+        try:
+            self.save(state)
+        except BaseException as exc:  # noqa: BLE001 - handed to the training thread at its next wait()
+            self._error = exc
 
     def after_epoch(self, fit: "Fit", row: dict[str, Any]) -> None:
+        self.wait()
         if fit.rt.dist.is_main:
-            self.save({**fit.checkpoint_state(), **self.extra})
+            state = {**fit.checkpoint_state(), **self.extra}
+            if self.background:
+                self._writer = threading.Thread(target=self._write, args=(_host_copy(state),),
+                                                name="tongue_nb-last-checkpoint", daemon=False)
+                self._writer.start()
+            else:
+                self.save(state)
         fit.rt.dist.barrier()
+
+    def on_fit_end(self, fit: "Fit") -> None:
+        self.wait()
 
 
 class EpochHook(Callback):

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.profiler import record_function
 from tqdm import tqdm  # not tqdm.auto: widget bars freeze or flood papermill outputs (STYLE.md)
 
 from tongue_nb.data.loader import Batch, BatchLoader
@@ -120,22 +121,29 @@ def _sync_context(model: nn.Module, sync: bool):
 
 def _forward_backward(model: nn.Module, batch: Batch, loss_fn: MultiTaskLoss, rt: Runtime, watch: _LossWatch,
                       scale: float, pieces: int, sync_last: bool, step: int) -> None:
-    """Backward one loaded batch, cut in `pieces` chunks; its size-weighted losses go to `watch`."""
+    """Backward one loaded batch, cut in `pieces` chunks; its size-weighted losses go to `watch`.
+
+    The named scopes show in a torch.profiler trace (bench/throughput.py --profile); they cost nothing else.
+    """
     n = len(batch)
     bounds = np.linspace(0, n, min(pieces, n) + 1).astype(int)
     for j in range(len(bounds) - 1):
         lo, hi = int(bounds[j]), int(bounds[j + 1])
-        x = rt.images(batch.x[lo:hi])
-        targets = rt.tensors({k: v[lo:hi] for k, v in batch.targets.items()})
-        weight = batch.weight[lo:hi].to(rt.device, non_blocking=True)
+        with record_function("step:to_device"):
+            x = rt.images(batch.x[lo:hi])
+            targets = rt.tensors({k: v[lo:hi] for k, v in batch.targets.items()})
+            weight = batch.weight[lo:hi].to(rt.device, non_blocking=True)
         frac = (hi - lo) / n
         with _sync_context(model, sync_last and j == len(bounds) - 2):
-            with rt.autocast():
+            with record_function("step:forward"), rt.autocast():
                 logits = model(x)
-            total, per_task = loss_fn(logits, targets, weight)
-            loss = total * (frac * scale)
-            (rt.scaler.scale(loss) if rt.scaler is not None else loss).backward()
-        watch.add(total, torch.stack([per_task[k] for k in watch.names]), frac * n, step)
+            with record_function("step:loss"):
+                total, per_task = loss_fn(logits, targets, weight)
+                loss = total * (frac * scale)
+            with record_function("step:backward"):
+                (rt.scaler.scale(loss) if rt.scaler is not None else loss).backward()
+        with record_function("step:bookkeeping"):
+            watch.add(total, torch.stack([per_task[k] for k in watch.names]), frac * n, step)
 
 
 def train_one_epoch(model: nn.Module, loader: BatchLoader, loss_fn: MultiTaskLoss, optimizer: torch.optim.Optimizer,
@@ -212,17 +220,20 @@ def train_one_epoch(model: nn.Module, loader: BatchLoader, loss_fn: MultiTaskLos
                 bar.update(1)
                 continue
             w = run_window(final_size)
-            if grad_clip > 0:
+            with record_function("step:clip"):
+                if grad_clip > 0:
+                    if rt.scaler is not None:
+                        rt.scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
+            with record_function("step:optimizer"):
                 if rt.scaler is not None:
-                    rt.scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
-            if rt.scaler is not None:
-                rt.scaler.step(optimizer)
-                rt.scaler.update()
-            else:
-                optimizer.step()
+                    rt.scaler.step(optimizer)
+                    rt.scaler.update()
+                else:
+                    optimizer.step()
             if on_step is not None:
-                on_step()
+                with record_function("step:on_step"):
+                    on_step()
             last_lrs = {g.get("name", f"group{i}"): float(g["lr"]) for i, g in enumerate(optimizer.param_groups)}
             if lr_trace is not None:
                 lr_trace.append(list(last_lrs.values()))

@@ -295,8 +295,9 @@ def _make_loaders(params: TrainParams, rt: Runtime, images: np.ndarray, labels: 
     sampler_weights = (class_balanced_weights(labels.targets, labels.schema, idx["train"])
                        if params.balanced_sampler else None)
     info = rt.dist
+    # On CUDA the batches are built on the device (uint8 over the bus, augmentation there; data/loader.py).
     common = dict(rank=info.rank, world_size=info.world_size, channels_last=rt.channels_last,
-                  pin_memory=rt.device.type == "cuda")
+                  pin_memory=rt.device.type == "cuda", device=rt.device)
     # drop_last whenever a full batch exists: a 1-sample last batch breaks BatchNorm backbones in train mode.
     train_loader = BatchLoader(images, labels.targets, weights, idx["train"], params.batch_size, model.mean,
                                model.std, shuffle=True, augment=_augment(params), seed=params.seed,
@@ -386,7 +387,9 @@ def default_callbacks(params: TrainParams, folder: RunFolder, model: MultiTaskBa
             History(write=lambda rows: folder.write_table(RunFolder.HISTORY, pd.DataFrame(rows, columns=columns))),
             LogEpoch(),
             # Written last of an epoch's files: a kill at any moment redoes at most that epoch.
-            LastCheckpoint(folder.save_last, extra={"params": resolved.as_dict(), "data": dict(fingerprint)})]
+            # On CUDA last.pt (optimizer state included: up to gigabytes) is written while the next epoch trains.
+            LastCheckpoint(folder.save_last, extra={"params": resolved.as_dict(), "data": dict(fingerprint)},
+                           background=params.device != "cpu" and torch.cuda.is_available())]
     if on_epoch_end is not None:
         cbs.append(EpochHook(on_epoch_end))
     return cbs
