@@ -37,10 +37,10 @@ step "machine"
 nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"
 $PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
 
-step "train / eval ratios: $RATIO_BACKBONE, $SIZE px, batch $BATCH, $PREC, channels_last (targets >= 0.95)"
+step "train / eval ratios: $RATIO_BACKBONE, $SIZE px, batch $BATCH, $PREC, channels_last (targets >= 0.95; data path alone >= 10,000/s), with the profile by loop scope"
 run "$LIMIT" "throughput-$RATIO_BACKBONE" $PY bench/throughput.py --backbone "$RATIO_BACKBONE" --image-size "$SIZE" \
   --batch-size "$BATCH" --device "$DEV" --precision "$PREC" --channels-last --steps "$STEPS" --warmup "$WARM" \
-  --repeats "$REPEATS" --out "$OUT/throughput-$RATIO_BACKBONE.json"
+  --repeats "$REPEATS" --profile "$STEPS" --out "$OUT/throughput-$RATIO_BACKBONE.json"
 
 step "every backbone: model-only samples/s and peak memory at its recipe batch and at batch 64"
 run "$LIMIT" backbones $PY bench/backbone_speed.py --device "$DEV" --image-size "$SIZE" --precision "$PREC" \
