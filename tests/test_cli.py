@@ -88,3 +88,18 @@ def test_sweep_folders_are_checked_before_anything_is_written(tmp_path):
     with pytest.raises(SweepError, match="inside the dataset"):
         run_sweep(str(data), ["test_convnext"], out_dir=data / "sweep", reports_dir=tmp_path / "rep")
     assert not (data / "sweep").exists() and not (tmp_path / "rep").exists()
+
+
+def test_bad_executor_options_are_refused_before_anything_is_written(tmp_path, capsys):
+    from tongue_nb.data.synth import make_synthetic
+
+    data = make_synthetic(tmp_path / "data", n=12, size=32, seed=0)
+    base = ["sweep", "--data", str(data), "--backbones", "test_convnext", "--out", str(tmp_path / "sweep"),
+            "--reports", str(tmp_path / "rep")]
+    for extra, expected in ((["--slurm-partition", "gpu"], "add --executor slurm"),
+                            (["--executor", "slurm", "--slurm-option", "account"], "expected KEY=VALUE"),
+                            (["--executor", "slurm", "--slurm-time-min", "0"], "time_min")):
+        assert cli.main(base + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err, err
+        assert not (tmp_path / "sweep").exists() and not (tmp_path / "rep").exists()

@@ -142,10 +142,9 @@ class SlurmExecutor:
         if self.cluster not in ("slurm", "local"):
             raise ValueError(f"SlurmExecutor: cluster must be 'slurm' or 'local', got {self.cluster!r}")
         for name in ("gpus_per_job", "cpus_per_job", "time_min", "max_requeues"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name in ("gpus_per_job", "max_requeues")
-                                                                  else 1):
-                raise ValueError(f"SlurmExecutor: {name} must be a whole number, got {v!r}")
+            v, low = getattr(self, name), (0 if name in ("gpus_per_job", "max_requeues") else 1)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"SlurmExecutor: {name} must be a whole number >= {low}, got {v!r}")
 
     def _executor(self) -> Any:
         try:

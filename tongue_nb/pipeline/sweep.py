@@ -461,7 +461,9 @@ def run_sweep(data_dir: str | Path | None, backbones: Sequence[str], params_file
         runner = make_executor(executor, visible_gpus(gpus) if executor in ("auto", "gpus") else None, slurm,
                                folder=sweep_dir)
     except (TypeError, ValueError) as exc:
-        raise SweepError(f"run_sweep: executor: {exc}") from None
+        from tongue_nb.train.params import ParamError
+
+        raise ParamError(f"sweep executor options: {exc}") from None
     prepare_folder(sweep_dir, "out_dir (--out)")
     prepare_folder(reports, "reports_dir (--reports)")
 
