@@ -42,7 +42,7 @@ from tongue_nb.data import cache as cache_mod# noqa: E402
 from tongue_nb.analysis import metrics as metrics_mod# noqa: E402
 from tongue_nb.data import splits as splits_mod# noqa: E402
 from tongue_nb.train import trainer  # noqa: E402
-from tongue_nb.train.runtime import Runtime  # noqa: E402
+from tongue_nb.train.runtime import Runtime, tune_host_allocator  # noqa: E402
 from tongue_nb.data.loader import Augment, BatchLoader  # noqa: E402
 from tongue_nb.model.losses import MultiTaskLoss, class_weights_from_targets  # noqa: E402
 from tongue_nb.model.backbones import MultiTaskBackbone  # noqa: E402
@@ -241,6 +241,8 @@ def measure_throughput(labels: Labels, backbone: str, image_size: int, batch_siz
         raise SystemExit("--precision fp16 needs --device cuda")
     eval_bs = eval_batch_size or 2 * batch_size  # the trainer's default eval batch
     schema = labels.schema
+    # As every training run does (Runtime.create): both loops, the bound and the real one, get it.
+    allocator_tuned = tune_host_allocator()
 
     t0 = time.perf_counter()
     img_cache = cache_mod.build_cache(labels, image_size, crop=crop, cache_dir=cache_dir)
@@ -339,6 +341,7 @@ def measure_throughput(labels: Labels, backbone: str, image_size: int, batch_siz
         "steps": steps_train, "eval_steps": steps_eval, "warmup": warmup, "repeats": repeats,
         "device": str(dev), "precision": precision, "channels_last": channels_last, "crop": crop,
         "threads": torch.get_num_threads(), "n_images": len(labels.table), "cache_path": str(img_cache.path),
+        "host_allocator_tuned": allocator_tuned,
         "cache_hit": not img_cache.built, "cache_seconds": cache_s,
         "train": {"model_only_samples_per_s": train_mo, "end_to_end_samples_per_s": train_e2e,
                   "ratio": train_e2e / train_mo, "blocks": blocks, "median_block_ratio": _median_ratio(blocks),

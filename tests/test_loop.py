@@ -180,3 +180,18 @@ def test_last_checkpoint_in_the_background_snapshots_the_state_and_reports_a_fai
     cb.after_epoch(fit, {})
     with pytest.raises(OSError, match="No space left"):
         cb.on_fit_end(fit)
+
+
+def test_the_host_allocator_is_tuned_once_unless_the_user_chose(monkeypatch):
+    import platform
+
+    from tongue_nb.train import runtime
+
+    monkeypatch.setattr(runtime, "_allocator_tuned", None)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
+    assert runtime.tune_host_allocator() is False  # the user's own malloc settings win
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.setattr(runtime, "_allocator_tuned", None)
+    expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert runtime.tune_host_allocator() is expected
+    assert runtime.tune_host_allocator() is expected  # applied once, remembered

@@ -367,3 +367,17 @@ def test_ranking_table_gives_auroc_and_ap_per_task(sweep_dir):
     want = np.mean([roc_auc_score(targets["coat"][keep] == i, probs["coat"][keep, i]) for i in range(3)])
     assert table.loc["good", "coat AUROC"] == pytest.approx(want)
     assert table.loc["good", "shape AUROC"] > table.loc["weak", "shape AUROC"]
+
+
+def test_ensemble_members_are_chosen_on_validation_never_on_test(tmp_path, data_dir):
+    """A run best on test but worst on validation stays out of the ensemble: test is scored, never used to choose."""
+    root = tmp_path / "sweep"
+    for name, seed, skill, val in (("a", 0, 0.3, 0.9), ("b", 1, 0.9, 0.2), ("c", 2, 0.6, 0.7)):
+        run = write_run(root / "runs" / name, data_dir, seed, skill, name)
+        s = json.loads((run / "summary.json").read_text())
+        s["val_metrics_thresholded"] = {"combined_score": val, "tasks": {}}
+        (run / "summary.json").write_text(json.dumps(s))
+    sweep = report.load_sweep(root)
+    assert [r.path.name for r in report.ranked_on_val(list(sweep.runs.values()))] == ["a", "c", "b"]
+    assert report.ensemble_metrics(sweep, 2)["members"] == ["a", "c"]  # b has the best test score
+    assert report.per_task_selection(sweep, ensemble_k=2)["table"] is not None

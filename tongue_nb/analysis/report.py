@@ -41,15 +41,6 @@ def _thresholds(run: RunData) -> dict[str, list[float]]:
 # tables
 
 
-def _first(summary: dict, *keys: str) -> Any:
-    """First of several summary keys present (timings are nested under 'timings' or flat)."""
-    for key in keys:
-        for source in (summary, summary.get("timings") or {}):
-            if isinstance(source, dict) and source.get(key) is not None:
-                return source[key]
-    return None
-
-
 def run_row(run: RunData) -> dict:
     """One row of the run table for a run."""
     s = run.summary
@@ -66,10 +57,11 @@ def run_row(run: RunData) -> dict:
         row[f"{t.name}_thresholded"] = _metric(s.get("final_metrics_thresholded"), t.name)
     row["one_answer_labels"] = len(constant_flags(run))
     row["best_epoch"] = s.get("best_epoch")
-    row["train_time_s"] = _first(s, "train_seconds", "train_time_s", "total_seconds", "train_time")
-    row["train_samples_per_s"] = _first(s, "train_samples_per_s", "samples_per_s", "train_samples_per_sec")
-    row["eval_samples_per_s"] = _first(s, "eval_samples_per_s", "eval_samples_per_sec")
-    row["peak_memory_mb"] = _first(s, "peak_memory_mb", "peak_memory_MB", "peak_mem_mb")
+    # One spelling per figure: runio.RunFolder.write_summary refuses others (runio.TIMING_KEYS).
+    row["train_time_s"] = (s.get("timings") or {}).get("train_seconds")
+    row["train_samples_per_s"] = s.get("train_samples_per_s")
+    row["eval_samples_per_s"] = s.get("eval_samples_per_s")
+    row["peak_memory_mb"] = s.get("peak_memory_mb")
     return row
 
 
@@ -151,12 +143,23 @@ def _shared_rows(runs: Sequence[RunData], split: str) -> list[pd.DataFrame]:
     return [run.predictions[run.predictions["split"] == split].set_index("id").loc[order].reset_index() for run in runs]
 
 
+def ranked_on_val(runs: Sequence[RunData]) -> list[RunData]:
+    """Runs from best to worst validation combined score (tuned thresholds where the run has them).
+
+    What picks an ensemble's members: the test split is only ever scored, never used to choose.
+    """
+    def val_score(run: RunData) -> float:
+        s = run.summary
+        return float(np.nan_to_num(_metric(s.get("val_metrics_thresholded") or s.get("val_metrics_fixed")), nan=-1))
+
+    return sorted(runs, key=lambda r: -val_score(r))
+
+
 def ensemble_metrics(sweep: SweepData, k: int = 3) -> dict:
-    """Average the probabilities of the best k runs over shared ids; thresholds tuned on val, scored on test."""
+    """Average the probabilities of the k runs best on val over shared ids; thresholds tuned on val, scored on test."""
     from tongue_nb.analysis import metrics
 
-    ranked = sorted(sweep.runs.values(), key=lambda r: -np.nan_to_num(_metric(r.summary.get("final_metrics_thresholded")), nan=-1))
-    members = ranked[:k]
+    members = ranked_on_val(list(sweep.runs.values()))[:k]
     if len(members) < 2:
         raise ValueError(f"an ensemble needs at least 2 runs, the sweep has {len(sweep.runs)}")
     schema = members[0].schema
@@ -216,8 +219,7 @@ def per_task_selection(sweep: SweepData, ensemble_k: int = 3) -> dict:
     schema = runs[0].schema
     candidates: dict[str, list[RunData]] = {r.path.name: [r] for r in runs if r.schema == schema}
     if ensemble_k >= 2 and len(candidates) >= 2:
-        ranked = sorted((r for r in runs if r.schema == schema),
-                        key=lambda r: -np.nan_to_num(_metric(r.summary.get("final_metrics_thresholded")), nan=-1))
+        ranked = ranked_on_val([r for r in runs if r.schema == schema])
         candidates[f"ensemble(top {min(ensemble_k, len(ranked))})"] = ranked[:ensemble_k]
     scores: dict[str, dict] = {}
     for name, members in candidates.items():

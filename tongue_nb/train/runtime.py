@@ -117,6 +117,45 @@ def cpu_has_native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool | None:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+# glibc's mallopt parameters (malloc.h) and the values a training process wants on the host.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD = 32 * 2**20      # glibc's largest: blocks up to 32 MiB come from the heap, not fresh mmaps
+_TRIM_THRESHOLD = 2**31 - 1       # keep freed heap memory for the next step instead of handing it back
+_allocator_tuned: bool | None = None
+
+
+def tune_host_allocator() -> bool:
+    """Keep glibc malloc from returning freed memory to the OS between training steps; True when applied.
+
+    By default glibc serves large blocks (activations, gradients, batches) with fresh mmaps and trims freed heap
+    memory, so every step page-faults its working set back in. On this project's 2-core CPU that cost a
+    convnext_atto training step 10-20% against the model-only bound (bench/RESULTS.md); with the thresholds
+    fixed the step reuses its memory. Applied once per process, on Linux with glibc; left alone when the user
+    set MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ (their choice wins) or another allocator is preloaded.
+    """
+    global _allocator_tuned
+    if _allocator_tuned is not None:
+        return _allocator_tuned
+    _allocator_tuned = False
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")) or \
+            any(name in os.environ.get("LD_PRELOAD", "") for name in ("jemalloc", "tcmalloc", "mimalloc")):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) == 1 and libc.mallopt(_M_TRIM_THRESHOLD,
+                                                                                   _TRIM_THRESHOLD) == 1
+    except (OSError, AttributeError):
+        return False
+    _allocator_tuned = bool(ok)
+    if ok:
+        log.debug("host allocator: glibc mmap threshold %d MiB, no trimming between steps", _MMAP_THRESHOLD >> 20)
+    return _allocator_tuned
+
+
 def progress_allowed() -> bool:
     """Whether progress bars can be drawn: a terminal, or a kernel started by Jupyter (not papermill, not a pipe)."""
     # jupyter_server sets JPY_SESSION_NAME for the kernels it starts; papermill's kernels and
@@ -152,6 +191,7 @@ class Runtime:
     def create(cls, params: Any, info: DistInfo | None = None) -> "Runtime":
         """The runtime a TrainParams asks for, on this machine (also sets threads and cuDNN autotuning)."""
         info = info or DistInfo.from_env()
+        tune_host_allocator()
         if getattr(params, "num_threads", 0):
             torch.set_num_threads(params.num_threads)
         device = resolve_device(params.device, info)
