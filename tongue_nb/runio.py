@@ -448,6 +448,9 @@ def predictions_table(schema: Any, table: Any, probs: Mapping[str, np.ndarray], 
     tuned thresholds. `table` holds the split's rows of labels.csv, in the order of `probs` and `targets`."""
     import pandas as pd
 
+    from tongue_nb.analysis.metrics import predict
+
+    fixed, tuned = predict(schema, probs), predict(schema, probs, thresholds)  # the one decision rule
     cols: dict[str, Any] = {"id": table["id"].to_numpy(), "split": split_name,
                             "image": table["image"].to_numpy(), "group": table["group"].to_numpy()}
     for task in schema:
@@ -457,14 +460,13 @@ def predictions_table(schema: Any, table: Any, probs: Mapping[str, np.ndarray], 
             for j, lab in enumerate(task.labels):
                 cols[f"p:{task.name}:{lab}"] = p[:, j]
             cols[f"true:{task.name}"] = np.where(t >= 0, names[np.clip(t, 0, None)], "")
-            cols[f"pred:{task.name}"] = names[p.argmax(axis=1)]
+            cols[f"pred:{task.name}"] = names[fixed[task.name]]
             continue
-        thr = list(thresholds.get(task.name, [0.5] * task.n_outputs))
         for j, lab in enumerate(task.labels):
             key = f"{task.name}:{lab}"
             cols[f"p:{key}"] = p[:, j]
             missing = np.isnan(t[:, j])  # missing truth stays an empty cell; ints otherwise
             cols[f"true:{key}"] = pd.Series(np.where(missing, 0, t[:, j]).astype(int), dtype="Int64").mask(missing)
-            cols[f"pred:{key}"] = (p[:, j] >= 0.5).astype(int)
-            cols[f"pred_t:{key}"] = (p[:, j] >= float(thr[j])).astype(int)
+            cols[f"pred:{key}"] = fixed[task.name][:, j].astype(int)
+            cols[f"pred_t:{key}"] = tuned[task.name][:, j].astype(int)
     return pd.DataFrame(cols)

@@ -119,7 +119,8 @@ def _indicators(task: Task, p: np.ndarray, t: np.ndarray, thr: np.ndarray) -> np
     return np.stack([lab, truth & pred, pred & ~truth, truth & ~pred], axis=1).astype(np.float32)
 
 
-def _f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
+def f1_from_counts(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
+    """F1 from true-positive, false-positive and false-negative counts (0 where all three are 0)."""
     den = 2 * tp + fp + fn
     return np.divide(2 * tp, den, out=np.zeros_like(den, dtype=np.float64), where=den > 0)
 
@@ -127,7 +128,7 @@ def _f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
 def _primary_from_counts(task: Task, c: np.ndarray) -> np.ndarray:
     """Primary metric per row of summed counts c [B, 4, K] (NaN where the task has no labelled sample)."""
     lab, tp, fp, fn = (c[:, i, :].astype(np.float64) for i in range(4))
-    f1 = _f1(tp, fp, fn)
+    f1 = f1_from_counts(tp, fp, fn)
     if task.kind == "binary":
         return np.where(lab[:, 0] > 0, f1[:, 0], np.nan)
     if task.kind == "multilabel":
@@ -372,7 +373,7 @@ def tune_thresholds(schema: TaskSchema, probs_val: Mapping[str, Any], targets_va
             tp = (pred & y).sum(axis=1)
             fp = (pred & ~y).sum(axis=1)
             fn = (~pred & y).sum(axis=1)
-            f1 = _f1(tp.astype(np.float64), fp.astype(np.float64), fn.astype(np.float64))
+            f1 = f1_from_counts(tp.astype(np.float64), fp.astype(np.float64), fn.astype(np.float64))
             best = np.flatnonzero(f1 >= f1.max() - 1e-12)
             # Among equally good thresholds, the one nearest 0.5 generalises most predictably.
             thr.append(float(g[best[np.argmin(np.abs(g[best] - 0.5))]]))

@@ -438,30 +438,19 @@ def training_curves(sweep: SweepData) -> Figure:
 # figures and tables for one run's error analysis
 
 
-def _binary_confusion(true: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    keep = np.isfinite(true) & np.isfinite(pred)
-    t, p = true[keep].astype(int), pred[keep].astype(int)
-    return np.array([[np.sum((t == a) & (p == b)) for b in (0, 1)] for a in (0, 1)])
-
-
 def confusion_panels(run: RunData, split: str = "test", thresholded: bool = True) -> list[tuple[str, list[str], np.ndarray]]:
-    """(title, class names, matrix) for every task: one CxC for multiclass, one 2x2 per label otherwise."""
-    rows = run.predictions[run.predictions["split"] == split]
+    """(title, class names, matrix) for every task: one CxC for multiclass, one 2x2 per label otherwise.
+
+    The counts are plots.confusion_matrices' (the one implementation); this names and orders them for figures.
+    """
+    from tongue_nb.analysis.plots import confusion_matrices as count_matrices
+
+    has_tuned = all(f"pred_t:{t.name}:{t.labels[0]}" in run.predictions for t in run.schema if t.kind != "multiclass")
+    mats = count_matrices(run.predictions, run.schema, split, thresholded=thresholded and has_tuned)
     out = []
-    for t in run.schema:
-        if t.kind == "multiclass":
-            true, pred = rows[f"true:{t.name}"], rows[f"pred:{t.name}"]
-            keep = true != ""
-            index = {c: i for i, c in enumerate(t.labels)}
-            m = np.zeros((len(t.labels), len(t.labels)), dtype=int)
-            for a, b in zip(true[keep], pred[keep]):
-                m[index[a], index[b]] += 1
-            out.append((t.name, list(t.labels), m))
-        else:
-            kind = "pred_t" if thresholded and f"pred_t:{t.name}:{t.labels[0]}" in rows else "pred"
-            for label in t.labels:
-                m = _binary_confusion(rows[f"true:{t.name}:{label}"].to_numpy(float), rows[f"{kind}:{t.name}:{label}"].to_numpy(float))
-                out.append((f"{t.name}: {label}", ["no", "yes"], m))
+    for key, m in mats.items():
+        task, _, label = key.partition(":")
+        out.append((f"{task}: {label}" if label else task, [str(c) for c in m.columns], m.to_numpy(int)))
     return out
 
 
@@ -483,10 +472,12 @@ def _label_columns(run: RunData) -> list[tuple[Task, int, str]]:
 
 
 def _f1(true: np.ndarray, score: np.ndarray, threshold: float) -> float:
+    """F1 of one yes/no label at a threshold (metrics' F1 of the counts; 0 where it is undefined)."""
+    from tongue_nb.analysis.metrics import f1_from_counts
+
     pred = score >= threshold
-    tp = np.sum(pred & (true == 1))
-    denom = pred.sum() + (true == 1).sum()
-    return float(2 * tp / denom) if denom else 0.0
+    tp, fp, fn = (np.array([float(np.sum(c))]) for c in (pred & (true == 1), pred & (true == 0), ~pred & (true == 1)))
+    return float(np.nan_to_num(f1_from_counts(tp, fp, fn)[0]))
 
 
 def threshold_curves(run: RunData, split: str = "val") -> Figure:
