@@ -337,3 +337,26 @@ def test_predict_speed_bench_times_model_only_and_end_to_end(tmp_path, capsys):
     assert res["photos"] == 20 and res["failed"] == 0 and res["ratio"] > 0
     assert re.fullmatch(r"ratio=\d+\.\d{3}", capsys.readouterr().out.strip().splitlines()[-1])
     assert json.loads((tmp_path / "ps.json").read_text())["model_only_samples_per_s"] > 0
+
+
+def test_combine_chooses_each_task_on_validation_over_every_average(tmp_path, capsys):
+    import json as _json
+
+    import combine
+    from test_report import write_run
+
+    from tongue_nb.data.synth import make_synthetic
+
+    data = make_synthetic(tmp_path / "data", n=24, size=32, seed=1)
+    runs = {name: write_run(tmp_path / name, data, seed, skill, name)
+            for name, seed, skill in (("a", 0, 0.9), ("b", 1, 0.2), ("c", 2, 0.5))}
+    out = tmp_path / "combine.json"
+    res = combine.main([arg for n, d in runs.items() for arg in ("--run", f"{n}={d}")] + ["--out", str(out)])
+    assert len(res["candidates"]) == 7  # every non-empty subset of three runs
+    for task, chosen in res["choice"].items():  # the choice is the best on validation, whatever test says
+        best_val = max(np.nan_to_num(c["val"][task], nan=-1) for c in res["candidates"].values())
+        assert res["candidates"][chosen]["val"][task] == best_val == res["val"][task]
+        assert res["test"][task] == res["candidates"][chosen]["test"][task]
+    assert _json.loads(out.read_text())["test_combined"] == pytest.approx(res["test_combined"])
+    summary = combine.main(["--summarise", str(out), str(out)])
+    assert len(summary["results"]) == 2 and "| combined |" in capsys.readouterr().out
