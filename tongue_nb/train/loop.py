@@ -287,7 +287,7 @@ def evaluate(model: nn.Module, loader: BatchLoader, schema: TaskSchema, loss_fn:
     model.eval()
     index_parts: list[np.ndarray] = []
     prob_parts: dict[str, list[torch.Tensor]] = {t.name: [] for t in schema}
-    target_parts: dict[str, list[np.ndarray]] = {t.name: [] for t in schema}
+    target_parts: dict[str, list[torch.Tensor]] = {t.name: [] for t in schema}  # on the device with a device loader
     loss_sum = torch.zeros((), device=rt.device)
     n_seen = 0
     n_batches = len(loader) if max_steps <= 0 else min(len(loader), max_steps)
@@ -305,13 +305,13 @@ def evaluate(model: nn.Module, loader: BatchLoader, schema: TaskSchema, loss_fn:
             for k, p in to_probs(schema, logits).items():
                 prob_parts[k].append(p)
             for k, t in batch.targets.items():
-                target_parts[k].append(t.numpy())
+                target_parts[k].append(t)
             index_parts.append(batch.index.numpy())
             bar.update(1)
     index = np.concatenate(index_parts) if index_parts else np.zeros(0, np.int64)
     probs = {k: torch.cat(v).cpu().numpy() if v else np.zeros((0, schema[k].n_outputs), np.float32)
              for k, v in prob_parts.items()}
-    targets = {k: np.concatenate(v) if v else _empty_target(schema, k) for k, v in target_parts.items()}
+    targets = {k: torch.cat(v).cpu().numpy() if v else _empty_target(schema, k) for k, v in target_parts.items()}
     loss_total = float(loss_sum)
     if _dist_active():
         # Every rank gets every rank's rows, so metrics (and early-stopping decisions) agree everywhere.
