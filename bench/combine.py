@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (bench/common.py also puts the repository root on sys.path)
 
 from tongue_nb.analysis import metrics  # noqa: E402
-from tongue_nb.analysis.report import _mean_probs, rank_per_task  # noqa: E402
+from tongue_nb.analysis.report import rank_per_task, score_candidates  # noqa: E402
 from tongue_nb.analysis.runs import load_run  # noqa: E402
 
 
@@ -34,16 +34,8 @@ def select(runs: dict[str, Path]) -> dict[str, Any]:
     schema = next(iter(loaded.values())).schema
     if any(r.schema != schema for r in loaded.values()):
         raise SystemExit("the runs were trained on different task schemas")
-    scores: dict[str, dict] = {}
-    for k in range(1, len(loaded) + 1):
-        for combo in itertools.combinations(loaded, k):
-            members = [loaded[n] for n in combo]
-            val_p, val_t, _ = _mean_probs(members, "val")
-            test_p, test_t, test_ids = _mean_probs(members, "test")
-            thr = metrics.tune_thresholds(schema, val_p, val_t)
-            scores["+".join(combo)] = {"val": metrics.compute_metrics(schema, val_p, val_t, thresholds=thr),
-                                       "test": metrics.compute_metrics(schema, test_p, test_t, thresholds=thr),
-                                       "n_test": len(test_ids)}
+    subsets = [combo for k in range(1, len(loaded) + 1) for combo in itertools.combinations(loaded, k)]
+    scores = score_candidates(schema, {"+".join(c): [loaded[n] for n in c] for c in subsets})
     ranked = rank_per_task(schema, {n: v["val"] for n, v in scores.items()})
     choice = {t: r[0] for t, r in ranked.items()}
     test = {t: scores[c]["test"]["tasks"][t]["primary"] for t, c in choice.items()}

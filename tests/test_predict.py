@@ -89,7 +89,7 @@ def test_ensemble_of_runs_averages_and_tunes_its_thresholds(runs):
     col = [c for c in out.columns if c.startswith("p:coat:")]
     mean = (single[0][col].to_numpy(float) + single[1][col].to_numpy(float)) / 2
     assert np.allclose(out[col].to_numpy(float), mean, atol=1e-5)
-    probs, targets, _ = report._mean_probs([report.load_run(runs["a"]), report.load_run(runs["b"])], "val")
+    probs, targets, _ = report.mean_probs([report.load_run(runs["a"]), report.load_run(runs["b"])], "val")
     from tongue_nb.analysis import metrics
 
     assert ens.thresholds == metrics.tune_thresholds(ens.schema, probs, targets)

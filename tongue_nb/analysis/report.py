@@ -167,7 +167,7 @@ def ensemble_metrics(sweep: SweepData, k: int = 3) -> dict:
         raise ValueError("the runs were trained on different task schemas; their probabilities cannot be averaged")
     out: dict[str, Any] = {}
     for split in SPLITS:
-        probs, targets, ids = _mean_probs(members, split)
+        probs, targets, ids = mean_probs(members, split)
         if not ids:
             raise ValueError(f"the best {len(members)} runs share no {split} ids; they were trained on different data")
         out[split] = (probs, targets)
@@ -185,7 +185,7 @@ def ensemble_metrics(sweep: SweepData, k: int = 3) -> dict:
             "n_test": int(len(out["test"][1][schema.names[0]]))}
 
 
-def _mean_probs(members: Sequence[RunData], split: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[str]]:
+def mean_probs(members: Sequence[RunData], split: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[str]]:
     """Mean probabilities of several runs on the ids they all predicted (one run: its own), targets and ids."""
     schema = members[0].schema
     rows = _shared_rows(members, split)
@@ -200,6 +200,29 @@ def rank_per_task(schema: TaskSchema, val_metrics: dict[str, dict]) -> dict[str,
     """
     return {t.name: sorted(val_metrics, key=lambda n: -np.nan_to_num(_metric(val_metrics[n], t.name), nan=-1))
             for t in schema}
+
+
+def score_candidates(schema: TaskSchema, candidates: dict[str, Sequence[RunData]]) -> dict[str, dict]:
+    """Each candidate (the mean of its member runs' probabilities) scored on val and test, thresholds tuned on val.
+
+    name -> {"val", "test" (tuned thresholds), "test_fixed", "thresholds", "n_test", "runs"}; a candidate with no
+    shared val or test rows is left out.
+    """
+    from tongue_nb.analysis import metrics
+
+    scores: dict[str, dict] = {}
+    for name, members in candidates.items():
+        val_p, val_t, _ = mean_probs(members, "val")
+        test_p, test_t, test_ids = mean_probs(members, "test")
+        if not len(test_ids) or not len(val_t[schema.names[0]]):
+            continue
+        thresholds = metrics.tune_thresholds(schema, val_p, val_t)
+        scores[name] = {"val": metrics.compute_metrics(schema, val_p, val_t, thresholds=thresholds),
+                        "test": metrics.compute_metrics(schema, test_p, test_t, thresholds=thresholds),
+                        "test_fixed": metrics.compute_metrics(schema, test_p, test_t),
+                        "thresholds": thresholds, "n_test": len(test_ids),
+                        "runs": [str(m.path) for m in members]}
+    return scores
 
 
 def per_task_selection(sweep: SweepData, ensemble_k: int = 3) -> dict:
@@ -221,18 +244,7 @@ def per_task_selection(sweep: SweepData, ensemble_k: int = 3) -> dict:
     if ensemble_k >= 2 and len(candidates) >= 2:
         ranked = ranked_on_val([r for r in runs if r.schema == schema])
         candidates[f"ensemble(top {min(ensemble_k, len(ranked))})"] = ranked[:ensemble_k]
-    scores: dict[str, dict] = {}
-    for name, members in candidates.items():
-        val_p, val_t, _ = _mean_probs(members, "val")
-        test_p, test_t, test_ids = _mean_probs(members, "test")
-        if not len(test_ids) or not len(val_t[schema.names[0]]):
-            continue
-        thresholds = metrics.tune_thresholds(schema, val_p, val_t)
-        scores[name] = {"val": metrics.compute_metrics(schema, val_p, val_t, thresholds=thresholds),
-                        "test": metrics.compute_metrics(schema, test_p, test_t, thresholds=thresholds),
-                        "test_fixed": metrics.compute_metrics(schema, test_p, test_t),
-                        "thresholds": thresholds, "n_test": len(test_ids),
-                        "runs": [str(m.path) for m in members]}
+    scores = score_candidates(schema, candidates)
     choice, rows = {}, []
     for t in schema:
         ranked = rank_per_task(schema, {n: v["val"] for n, v in scores.items()})[t.name]

@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,6 +29,8 @@ from torch import nn
 
 from tongue_nb.data.images import prepare_image, read_image, read_mask
 
+from tongue_nb.train.params import ParamError, check_fields, coerce_fields, param
+
 log = logging.getLogger(__name__)
 
 __all__ = ["SegParams", "train_segmenter", "Segmenter", "clean_mask", "iou_dice", "MIN_TONGUE_FRACTION"]
@@ -36,34 +38,28 @@ __all__ = ["SegParams", "train_segmenter", "Segmenter", "clean_mask", "iou_dice"
 MIN_TONGUE_FRACTION = 0.005  # a predicted region smaller than this share of the photo is "no tongue found"
 
 
-def _f(default: Any, help: str, **check: float) -> Any:
-    return field(default=default, metadata={"help": help, **check})
-
-
 @dataclass
 class SegParams:
     """Every segmenter option with its default; construction checks the values."""
 
-    data_dir: str = _f("", "dataset folder with labels.csv holding a mask column")
-    out_dir: str = _f("", "run folder")
-    encoder: str = _f("tf_efficientnet_lite0", "timm encoder of the U-Net")
-    pretrained: bool = _f(True, "seed the encoder with ImageNet weights (tongue_nb.model.weights)")
-    pretrained_path: str = _f("", "encoder weights file; empty: hub cache, weights package, hub")
-    image_size: int = _f(160, "square input side (the whole photo, letterboxed)", gt=31)
-    batch_size: int = _f(16, "samples per step", gt=0)
-    epochs: int = _f(12, "epochs", gt=0)
-    max_steps_per_epoch: int = _f(0, "cap on steps per epoch; 0: all", ge=0)
-    lr: float = _f(1e-3, "AdamW learning rate (cosine after one epoch of warm-up)", gt=0)
-    weight_decay: float = _f(1e-4, "AdamW weight decay", ge=0)
-    seed: int = _f(0, "split, initialisation and shuffling seed", ge=0)
-    val_fraction: float = _f(0.15, "validation fraction (as training's split)", gt=0, lt=1)
-    test_fraction: float = _f(0.15, "test fraction (as training's split)", gt=0, lt=1)
-    num_threads: int = _f(0, "torch CPU threads; 0: torch default", ge=0)
-    resume: bool = _f(False, "continue from checkpoints/last.pt")
+    data_dir: str = param("", "dataset folder with labels.csv holding a mask column")
+    out_dir: str = param("", "run folder")
+    encoder: str = param("tf_efficientnet_lite0", "timm encoder of the U-Net")
+    pretrained: bool = param(True, "seed the encoder with ImageNet weights (tongue_nb.model.weights)")
+    pretrained_path: str = param("", "encoder weights file; empty: hub cache, weights package, hub")
+    image_size: int = param(160, "square input side (the whole photo, letterboxed)", gt=31)
+    batch_size: int = param(16, "samples per step", gt=0)
+    epochs: int = param(12, "epochs", gt=0)
+    max_steps_per_epoch: int = param(0, "cap on steps per epoch; 0: all", ge=0)
+    lr: float = param(1e-3, "AdamW learning rate (cosine after one epoch of warm-up)", gt=0)
+    weight_decay: float = param(1e-4, "AdamW weight decay", ge=0)
+    seed: int = param(0, "split, initialisation and shuffling seed", ge=0)
+    val_fraction: float = param(0.15, "validation fraction (as training's split)", gt=0, lt=1)
+    test_fraction: float = param(0.15, "test fraction (as training's split)", gt=0, lt=1)
+    num_threads: int = param(0, "torch CPU threads; 0: torch default", ge=0)
+    resume: bool = param(False, "continue from checkpoints/last.pt")
 
     def __post_init__(self) -> None:
-        from tongue_nb.train.params import ParamError, check_fields, coerce_fields
-
         coerce_fields(self)  # the same typing and checks as training's parameters
         check_fields(self)
         if not self.data_dir or not self.out_dir:

@@ -30,6 +30,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
+from tongue_nb.train.params import CROPS, ON_PROBLEM, ParamError, check_device, check_fields, coerce_fields, param
+
 log = logging.getLogger(__name__)
 
 COLUMNS = ["backbone", "timm_name", "params_total_m", "params_trainable_m", "val_loss", "val_loss_se", "train_loss_first",
@@ -43,12 +45,6 @@ class CompareError(ValueError):
     """The comparison cannot run on this data (split too small, no validation samples, no data)."""
 
 
-def _p(*args: Any, **kwargs: Any) -> Any:
-    from tongue_nb.train.params import _p as declare
-
-    return declare(*args, **kwargs)
-
-
 @dataclass
 class CompareParams:
     """Every option of the comparison, typed and checked like TrainParams (the same field checker).
@@ -57,34 +53,30 @@ class CompareParams:
     from a TrainParams, so the screen sees the data, split, image size and batch the runs will use.
     """
 
-    data_dir: str = _p("", "dataset folder with labels.csv")
-    tasks: str = _p("", "task schema YAML; empty: <data_dir>/tasks.yaml")
-    steps: int = _p(20, "optimizer steps per backbone: the identical short training budget", gt=0)
-    warmup_steps: int = _p(3, "first steps left out of the speed timing", ge=0)
-    batch_size: int = _p(8, "samples per step, the same for every backbone", gt=0)
-    image_size: int = _p(128, "square input size in px, the same for every backbone", ge=8)
-    lr: float = _p(1e-4, "AdamW learning rate during the budget", gt=0.0)
-    seed: int = _p(0, "split, initialisation and batch order")
-    pretrained: bool = _p(False, "start from pretrained weights (tongue_nb.model.weights)")
-    device: str = _p("auto", "auto, cpu, cuda or cuda:N")
-    crop: str = _p("crop", "tongue mask use: none, crop, blank, crop_blank", choices=("none", "crop", "blank",
-                                                                                     "crop_blank"))
-    eval_batches: int = _p(0, "validation batches for the loss; 0: the whole validation split", ge=0)
-    infer_steps: int = _p(0, "timed inference batches after warm-up; 0: steps", ge=0)
-    isolate: bool = _p(True, "one fresh process per backbone: honest CPU peak memory, crash isolation")
-    num_threads: int = _p(0, "torch CPU threads; 0: torch default", ge=0)
-    on_problem: str = _p("error", "bad label rows: error, drop or report", choices=("error", "drop", "report"))
+    data_dir: str = param("", "dataset folder with labels.csv")
+    tasks: str = param("", "task schema YAML; empty: <data_dir>/tasks.yaml")
+    steps: int = param(20, "optimizer steps per backbone: the identical short training budget", gt=0)
+    warmup_steps: int = param(3, "first steps left out of the speed timing", ge=0)
+    batch_size: int = param(8, "samples per step, the same for every backbone", gt=0)
+    image_size: int = param(128, "square input size in px, the same for every backbone", ge=8)
+    lr: float = param(1e-4, "AdamW learning rate during the budget", gt=0.0)
+    seed: int = param(0, "split, initialisation and batch order")
+    pretrained: bool = param(False, "start from pretrained weights (tongue_nb.model.weights)")
+    device: str = param("auto", "auto, cpu, cuda or cuda:N")
+    crop: str = param("crop", "tongue mask use: none, crop, blank, crop_blank", choices=CROPS)
+    eval_batches: int = param(0, "validation batches for the loss; 0: the whole validation split", ge=0)
+    infer_steps: int = param(0, "timed inference batches after warm-up; 0: steps", ge=0)
+    isolate: bool = param(True, "one fresh process per backbone: honest CPU peak memory, crash isolation")
+    num_threads: int = param(0, "torch CPU threads; 0: torch default", ge=0)
+    on_problem: str = param("error", "bad label rows: error, drop or report", choices=ON_PROBLEM)
 
     def __post_init__(self) -> None:
-        from tongue_nb.train.params import ParamError, check_fields, coerce_fields
-
         coerce_fields(self)
         check_fields(self)
         if self.warmup_steps >= self.steps:
             raise ParamError(f"parameter warmup_steps: got {self.warmup_steps}, expected fewer than steps="
                              f"{self.steps} (the steps after warm-up are the timed ones)")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
-            raise ParamError(f"parameter device: got {self.device!r}, expected auto, cpu, cuda, cuda:N or mps")
+        check_device(self.device)
 
     @classmethod
     def from_recipe(cls, recipe: Any, **screen: Any) -> "CompareParams":

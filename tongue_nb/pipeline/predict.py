@@ -89,7 +89,9 @@ class Predictor:
 
 
 def _saved_thresholds(run: Path, schema: TaskSchema) -> dict[str, list[float]]:
-    summary = json.loads((run / "summary.json").read_text())
+    from tongue_nb.runio import RunFolder
+
+    summary = RunFolder(run).read_summary()
     saved = (summary.get("final_metrics_thresholded") or {}).get("thresholds") or {}
     return {t.name: [float(v) for v in saved.get(t.name, [0.5] * t.n_outputs)] for t in schema if t.kind != "multiclass"}
 
@@ -97,10 +99,10 @@ def _saved_thresholds(run: Path, schema: TaskSchema) -> dict[str, list[float]]:
 def _ensemble_thresholds(run_dirs: Sequence[str | Path]) -> dict[str, list[float]]:
     """Thresholds for the ensemble, tuned on the validation images its members share (as in the reports)."""
     from tongue_nb.analysis import metrics
-    from tongue_nb.analysis.report import _mean_probs, load_run
+    from tongue_nb.analysis.report import mean_probs, load_run
 
     runs = [load_run(d) for d in run_dirs]
-    probs, targets, ids = _mean_probs(runs, "val")
+    probs, targets, ids = mean_probs(runs, "val")
     if not ids:
         raise ValueError(f"predict: the runs {list(map(str, run_dirs))} share no validation images, so the "
                          "ensemble's thresholds cannot be tuned; ensemble runs trained on the same data")
@@ -231,7 +233,6 @@ def predict_selection(selection_file: str | Path, photos: pd.DataFrame, batch_si
     """Apply a sweep's per-task selection (selection.json): each task answered by the run or ensemble chosen for it,
     with the thresholds chosen with it; a `source:<task>` column says which. A task chosen from the classical
     baseline (which keeps no model) cannot be applied and is refused, naming the task."""
-    import json
 
     path = Path(selection_file)
     if not path.is_file():

@@ -322,15 +322,10 @@ def default_backbones(params_file: str | Path | None = None) -> list[str]:
 
 
 def is_completed(run_dir: str | Path) -> bool:
-    """True when the run folder holds a summary of a finished training run."""
-    file = Path(run_dir) / "summary.json"
-    if not file.exists():
-        return False
-    try:
-        summary = json.loads(file.read_text())
-    except (OSError, ValueError):
-        return False
-    return summary.get("status", "completed") == "completed" and "final_metrics_fixed" in summary
+    """True when the run folder holds a summary of a finished training run (runio.RunFolder decides)."""
+    from tongue_nb.runio import RunFolder
+
+    return RunFolder(run_dir).is_completed()
 
 
 # Parameters the sweep itself gives each run: a --set of one of them would silently beat the sweep's own option.
@@ -470,21 +465,16 @@ def run_sweep(data_dir: str | Path | None, backbones: Sequence[str], params_file
     lock = RunLock(sweep_dir).acquire()  # a second sweep into the same folder is refused, not interleaved
     try:
         with project_kernel(sweep_dir, kernel_name) as kernel:
-            return _sweep(data, list(backbones), params_file, extra, sweep_dir, reports, gpus,
+            return _sweep(data, list(backbones), params_file, extra, sweep_dir, reports,
                           dict(compare_options or {}, steps=compare_steps) if compare else None, kernel, ensemble_k,
-                          baseline, seeds=seeds_list, cell_timeout=cell_timeout, executor=runner)
+                          runner, baseline, seeds=seeds_list, cell_timeout=cell_timeout)
     finally:
         lock.release()
 
 
 def _sweep(data: Path, backbones: list[str], params_file: str | Path | None, extra: dict, sweep_dir: Path,
-           reports: Path, gpus: Sequence[str] | int | None, compare: dict | None, kernel: str,
-           ensemble_k: int, baseline: bool = True, seeds: list[int] | None = None, cell_timeout: float = 0,
-           executor: Any = None) -> SweepResult:
-    if executor is None:
-        from tongue_nb.pipeline.executors import LocalExecutor
-
-        executor = LocalExecutor()
+           reports: Path, compare: dict | None, kernel: str, ensemble_k: int, executor: Any, baseline: bool = True, seeds: list[int] | None = None,
+           cell_timeout: float = 0) -> SweepResult:
     result = SweepResult(sweep_dir, reports)
     (sweep_dir / "notebooks").mkdir(parents=True, exist_ok=True)
     _write_json(sweep_dir / "sweep.json", {"data_dir": str(data), "backbones": backbones, "params_file": str(params_file or ""),

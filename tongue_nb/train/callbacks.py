@@ -234,13 +234,13 @@ class LastCheckpoint(Callback):
 
     Written last of an epoch's files, so a kill at any moment redoes at most the epoch being written.
     `save(state)` does the writing (the run folder's); `extra` adds fixed entries (params, data fingerprint).
-    With `background` (the trainer's choice on CUDA, where a large model's optimizer state makes last.pt
-    gigabytes) the state is copied to host memory and written by a thread while the next epoch trains; the
+    With `background` (None, the default: when the run is on CUDA, where a large model's optimizer state makes
+    last.pt gigabytes) the state is copied to host memory and written by a thread while the next epoch trains; the
     next write, and the end of the fit, wait for it, and a failed write is raised there.
     """
 
     def __init__(self, save: Callable[[dict[str, Any]], None], extra: Mapping[str, Any] | None = None,
-                 background: bool = False) -> None:
+                 background: bool | None = None) -> None:
         self.save = save
         self.extra = dict(extra or {})
         self.background = background
@@ -266,7 +266,8 @@ class LastCheckpoint(Callback):
         self.wait()
         if fit.rt.dist.is_main:
             state = {**fit.checkpoint_state(), **self.extra}
-            if self.background:
+            background = fit.rt.device.type == "cuda" if self.background is None else self.background
+            if background:
                 self._writer = threading.Thread(target=self._write, args=(_host_copy(state),),
                                                 name="tongue_nb-last-checkpoint", daemon=False)
                 self._writer.start()

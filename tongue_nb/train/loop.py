@@ -104,6 +104,14 @@ class _LossWatch:
         self.total += total.detach() * weight
         self.tasks += per_task.detach() * weight
 
+    def merge(self, other: "_LossWatch") -> None:
+        """Add a finished accumulation window's sums; its first bad step counts if none came before."""
+        first = (self.bad_step < 0) & (other.bad_step >= 0)
+        self.bad_step = torch.where(first, other.bad_step, self.bad_step)
+        self.bad_tasks = torch.where(first, other.bad_tasks, self.bad_tasks)
+        self.total += other.total
+        self.tasks += other.tasks
+
     def raise_if_bad(self, epoch: int, stage: int) -> None:
         """The one host read of a check: raise NonFiniteLossError naming the first bad step and its tasks."""
         bad = int(self.bad_step)
@@ -240,13 +248,8 @@ def train_one_epoch(model: nn.Module, loader: BatchLoader, loss_fn: MultiTaskLos
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             opt_steps += 1
-            epoch_watch.total += w.total
-            epoch_watch.tasks += w.tasks
-            first = (epoch_watch.bad_step < 0) & (w.bad_step >= 0)
-            epoch_watch.bad_step = torch.where(first, w.bad_step, epoch_watch.bad_step)
-            epoch_watch.bad_tasks = torch.where(first, w.bad_tasks, epoch_watch.bad_tasks)
-            window_samples = sum(len(b) for b in window)
-            samples += window_samples
+            epoch_watch.merge(w)  # a window's sums count once it is stepped (an OOM replay starts it over)
+            samples += sum(len(b) for b in window)
             bar.update(1)
             window = []
             if step % SYNC_EVERY == 0:

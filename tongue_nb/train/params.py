@@ -20,6 +20,8 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from tongue_nb.data.images import CROP_MODES
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -37,7 +39,7 @@ class ParamError(ValueError):
     """A training parameter has an unknown name, a wrong type or a value out of range."""
 
 
-def _p(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
+def param(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
        gt: float | None = None, ge: float | None = None, lt: float | None = None, le: float | None = None) -> Any:
     """Declare a field with its one-line help and its range/choice check in the metadata."""
     return field(default=default, metadata={"help": help, "choices": choices, "gt": gt, "ge": ge, "lt": lt,
@@ -46,10 +48,16 @@ def _p(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CLASS_WEIGHTINGS = ("none", "balanced", "effective")
-CROPS = ("none", "crop", "blank", "crop_blank")
+CROPS = CROP_MODES  # the cache's crop modes (data/images.py)
 ON_BAD_IMAGE = ("error", "skip")
 ON_PROBLEM = ("error", "drop", "report")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+
+def check_device(device: str) -> None:
+    """Refuse a device name no run could use (the parameter `device` of every parameters class)."""
+    if not _DEVICE_RE.match(device):
+        raise ParamError(f"parameter device: got {device!r}, expected auto, cpu, cuda, cuda:N or mps")
 
 
 @dataclass
@@ -57,79 +65,79 @@ class TrainParams:
     """Every training option with its default; construction checks all values."""
 
     # --- what to train on, where to write
-    backbone: str = _p("convnext_tiny", "timm model name or short alias (see models.list_backbones())")
-    data_dir: str = _p("", "dataset folder with labels.csv; empty: the built-in synthetic set")
-    tasks: str = _p("", "task schema YAML; empty: <data_dir>/tasks.yaml (else the seed schema)")
-    out_dir: str = _p("", "run folder; empty: runs/<experiment_name>")
-    experiment_name: str = _p("", "run name; empty: <date>-<backbone>-<image_size>")
+    backbone: str = param("convnext_tiny", "timm model name or short alias (see models.list_backbones())")
+    data_dir: str = param("", "dataset folder with labels.csv; empty: the built-in synthetic set")
+    tasks: str = param("", "task schema YAML; empty: <data_dir>/tasks.yaml (else the seed schema)")
+    out_dir: str = param("", "run folder; empty: runs/<experiment_name>")
+    experiment_name: str = param("", "run name; empty: <date>-<backbone>-<image_size>")
     # --- images
-    image_size: int = _p(0, "square input size in px; 0: the model's pretrained default", ge=0)
-    crop: str = _p("crop", "tongue mask use: none, crop (bbox+margin), blank (background), crop_blank",
+    image_size: int = param(0, "square input size in px; 0: the model's pretrained default", ge=0)
+    crop: str = param("crop", "tongue mask use: none, crop (bbox+margin), blank (background), crop_blank",
                    choices=CROPS)
-    crop_margin: float = _p(0.1, "margin around the mask bounding box, fraction of its size", ge=0.0)
+    crop_margin: float = param(0.1, "margin around the mask bounding box, fraction of its size", ge=0.0)
     # --- model
-    pretrained: bool = _p(True, "start from pretrained weights (hub or pretrained_path)")
-    pretrained_path: str = _p("", "local weights file/folder for offline servers; empty: the hub")
-    drop_rate: float = _p(0.0, "dropout before the task heads", ge=0.0, lt=1.0)
-    colour_stats: bool = _p(False, "heads also read colour statistics of the tongue region (RGB/HSV/Lab mean, "
+    pretrained: bool = param(True, "start from pretrained weights (hub or pretrained_path)")
+    pretrained_path: str = param("", "local weights file/folder for offline servers; empty: the hub")
+    drop_rate: float = param(0.0, "dropout before the task heads", ge=0.0, lt=1.0)
+    colour_stats: bool = param(False, "heads also read colour statistics of the tongue region (RGB/HSV/Lab mean, "
                                    "std, percentiles: tongue_nb/model/colour.py)")
     # --- batches
-    batch_size: int = _p(32, "samples per optimizer micro-step", gt=0)
-    eval_batch_size: int = _p(0, "samples per evaluation step; 0: twice batch_size", ge=0)
-    accumulation_steps: int = _p(1, "micro-steps per optimizer step (effective batch: batch_size x this)", gt=0)
-    max_steps_per_epoch: int = _p(0, "cap on micro-steps per epoch (smoke recipes); 0: all", ge=0)
+    batch_size: int = param(32, "samples per optimizer micro-step", gt=0)
+    eval_batch_size: int = param(0, "samples per evaluation step; 0: twice batch_size", ge=0)
+    accumulation_steps: int = param(1, "micro-steps per optimizer step (effective batch: batch_size x this)", gt=0)
+    max_steps_per_epoch: int = param(0, "cap on micro-steps per epoch (smoke recipes); 0: all", ge=0)
     # --- stage 1: heads on a frozen backbone
-    stage1_epochs: int = _p(5, "epochs training the heads only; 0 skips stage 1", ge=0)
-    stage1_lr_head: float = _p(1e-3, "head learning rate in stage 1", gt=0.0)
+    stage1_epochs: int = param(5, "epochs training the heads only; 0 skips stage 1", ge=0)
+    stage1_lr_head: float = param(1e-3, "head learning rate in stage 1", gt=0.0)
     # --- stage 2: everything
-    stage2_epochs: int = _p(20, "epochs training backbone and heads; 0 skips stage 2", ge=0)
-    stage2_lr_backbone: float = _p(5e-5, "backbone learning rate in stage 2", gt=0.0)
-    stage2_lr_head: float = _p(2e-4, "head learning rate in stage 2", gt=0.0)
+    stage2_epochs: int = param(20, "epochs training backbone and heads; 0 skips stage 2", ge=0)
+    stage2_lr_backbone: float = param(5e-5, "backbone learning rate in stage 2", gt=0.0)
+    stage2_lr_head: float = param(2e-4, "head learning rate in stage 2", gt=0.0)
     # --- optimisation
-    weight_decay: float = _p(0.05, "AdamW weight decay (never on norms and biases)", ge=0.0)
-    warmup_epochs: float = _p(1.0, "linear warm-up length per stage, in epochs (then cosine)", ge=0.0)
-    grad_clip: float = _p(1.0, "max gradient norm; 0: no clipping", ge=0.0)
-    early_stopping_patience: int = _p(5, "epochs without val improvement before a stage stops; 0: off", ge=0)
-    min_delta: float = _p(0.0, "smallest val combined-score gain that counts as improvement", ge=0.0)
-    ema_decay: float = _p(0.0, "moving average of the weights, evaluated and saved in their place; 0: off "
+    weight_decay: float = param(0.05, "AdamW weight decay (never on norms and biases)", ge=0.0)
+    warmup_epochs: float = param(1.0, "linear warm-up length per stage, in epochs (then cosine)", ge=0.0)
+    grad_clip: float = param(1.0, "max gradient norm; 0: no clipping", ge=0.0)
+    early_stopping_patience: int = param(5, "epochs without val improvement before a stage stops; 0: off", ge=0)
+    min_delta: float = param(0.0, "smallest val combined-score gain that counts as improvement", ge=0.0)
+    ema_decay: float = param(0.0, "moving average of the weights, evaluated and saved in their place; 0: off "
                              "(e.g. 0.998)", ge=0.0, lt=1.0)
     # --- loss and imbalance
-    task_weights: str = _p("", "per-task loss weight, also its share of the combined score that picks the best "
+    task_weights: str = param("", "per-task loss weight, also its share of the combined score that picks the best "
                                "epoch, e.g. coat_color:2, body_color:2; unnamed tasks keep the schema weight")
-    label_smoothing: float = _p(0.0, "label smoothing for every task", ge=0.0, lt=1.0)
-    class_weighting: str = _p("none", "per-class loss weights: none, balanced, effective (number)",
+    label_smoothing: float = param(0.0, "label smoothing for every task", ge=0.0, lt=1.0)
+    class_weighting: str = param("none", "per-class loss weights: none, balanced, effective (number)",
                               choices=CLASS_WEIGHTINGS)
-    focal_gamma: float = _p(0.0, "focal loss gamma; 0: plain cross-entropy", ge=0.0)
-    balanced_sampler: bool = _p(False, "draw training samples inversely to their class frequency")
+    focal_gamma: float = param(0.0, "focal loss gamma; 0: plain cross-entropy", ge=0.0)
+    balanced_sampler: bool = param(False, "draw training samples inversely to their class frequency")
     # --- augmentation
-    augment: bool = _p(True, "flip + small affine/scale augmentation on training batches")
-    augment_strength: float = _p(1.0, "scales the rotation, zoom and shift ranges (1: +-10 deg, 0.9-1.1x, +-5%; "
+    augment: bool = param(True, "flip + small affine/scale augmentation on training batches")
+    augment_strength: float = param(1.0, "scales the rotation, zoom and shift ranges (1: +-10 deg, 0.9-1.1x, +-5%; "
                                       "0: flips only)", ge=0.0, le=4.0)
-    color_jitter: float = _p(0.0, "brightness/contrast jitter strength; 0: off (colour is a label)", ge=0.0)
+    color_jitter: float = param(0.0, "brightness/contrast jitter strength; 0: off (colour is a label)", ge=0.0)
     # --- speed / hardware
-    precision: str = _p("auto", "auto (bf16 on CUDA if supported, else fp32), fp32, bf16, fp16",
+    precision: str = param("auto", "auto (bf16 on CUDA if supported, else fp32), fp32, bf16, fp16",
                         choices=PRECISIONS)
-    channels_last: bool = _p(False, "channels_last memory format (faster on CUDA and with bf16 on recent CPUs)")
-    compile: bool = _p(False, "torch.compile the model (CUDA only)")
-    device: str = _p("auto", "auto, cpu, cuda, cuda:N or mps")
-    num_threads: int = _p(0, "CPU threads for torch; 0: torch default", ge=0)
-    oom_retry: bool = _p(True, "on CUDA out-of-memory retry with half batch, twice accumulation")
+    channels_last: bool = param(False, "channels_last memory format (faster on CUDA and with bf16 on recent CPUs)")
+    compile: bool = param(False, "torch.compile the model (CUDA only)")
+    device: str = param("auto", "auto, cpu, cuda, cuda:N or mps")
+    num_threads: int = param(0, "CPU threads for torch; 0: torch default", ge=0)
+    oom_retry: bool = param(True, "on CUDA out-of-memory retry with half batch, twice accumulation")
     # --- data handling
-    seed: int = _p(0, "seed for split, initialisation, shuffling and augmentation", ge=0)
-    split_seed: int = _p(-1, "seed of the train/val/test split alone; -1: the same as seed (a sweep over seeds "
+    seed: int = param(0, "seed for split, initialisation, shuffling and augmentation", ge=0)
+    split_seed: int = param(-1, "seed of the train/val/test split alone; -1: the same as seed (a sweep over seeds "
                              "keeps one split)", ge=-1)
-    val_fraction: float = _p(0.15, "validation fraction when labels.csv has no split column", gt=0.0, lt=1.0)
-    test_fraction: float = _p(0.15, "test fraction when labels.csv has no split column", gt=0.0, lt=1.0)
-    on_bad_image: str = _p("error", "unreadable image: error, or skip (listed in the run folder)",
+    val_fraction: float = param(0.15, "validation fraction when labels.csv has no split column", gt=0.0, lt=1.0)
+    test_fraction: float = param(0.15, "test fraction when labels.csv has no split column", gt=0.0, lt=1.0)
+    on_bad_image: str = param("error", "unreadable image: error, or skip (listed in the run folder)",
                            choices=ON_BAD_IMAGE)
-    on_problem: str = _p("error", "label conflicts/missing images: error, drop rows, report (mask)",
+    on_problem: str = param("error", "label conflicts/missing images: error, drop rows, report (mask)",
                          choices=ON_PROBLEM)
-    cache_dir: str = _p("", "decode-once image cache folder; empty: $TONGUE_NB_CACHE or ~/.cache/tongue_nb")
+    cache_dir: str = param("", "decode-once image cache folder; empty: $TONGUE_NB_CACHE or ~/.cache/tongue_nb")
     # --- run control
-    resume: bool = _p(False, "continue from <out_dir>/checkpoints/last.pt")
-    resume_changed_data: bool = _p(False, "let resume go on although labels.csv or the task schema changed since "
+    resume: bool = param(False, "continue from <out_dir>/checkpoints/last.pt")
+    resume_changed_data: bool = param(False, "let resume go on although labels.csv or the task schema changed since "
                                           "the run started (refused otherwise)")
-    progress: bool = _p(True, "show tqdm progress bars (turn off under papermill)")
+    progress: bool = param(True, "show tqdm progress bars (turn off under papermill)")
 
     def __post_init__(self) -> None:
         # Coercion is applied here too, so TrainParams(batch_size="8") from a notebook works
@@ -155,8 +163,7 @@ class TrainParams:
                 parse_task_weights(self.task_weights, source=f"parameter task_weights (got {self.task_weights!r})")
             except SchemaError as exc:
                 raise ParamError(str(exc)) from None
-        if not _DEVICE_RE.match(self.device):
-            raise ParamError(f"parameter device: got {self.device!r}, expected auto, cpu, cuda, cuda:N or mps")
+        check_device(self.device)
         if self.experiment_name and ("/" in self.experiment_name or self.experiment_name in (".", "..")):
             raise ParamError(f"parameter experiment_name: got {self.experiment_name!r}, expected a plain folder name")
 

@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 
 from tongue_nb.analysis import metrics as metrics_mod
-from tongue_nb.analysis.metrics import REPORTED
 from tongue_nb.data import cache as cache_mod
 from tongue_nb.data import splits as splits_mod
 from tongue_nb.data.loader import BatchLoader, class_balanced_weights
@@ -35,7 +34,7 @@ from tongue_nb.paths import FolderError, check_folder, file_sha256, prepare_fold
 from tongue_nb.runio import RunFolder, RunLock, load_checkpoint, load_weights, predictions_table, to_jsonable
 from tongue_nb.train.callbacks import (BestTracker, Callback, EarlyStopping, EpochHook, History, LastCheckpoint,
                                        LogEpoch, WeightAveraging, WeightEMA)
-from tongue_nb.train.fit import GROUP_NAMES, Fit, FitConfig, stages_from_params
+from tongue_nb.train.fit import Fit, FitConfig, stages_from_params
 from tongue_nb.train.loop import EpochStats, NonFiniteLossError, evaluate, make_optimizer, train_one_epoch, warmup_cosine
 from tongue_nb.train.params import TrainParams
 from tongue_nb.train.runtime import DistInfo, Runtime, TrainingError, peak_memory_mb, progress_allowed
@@ -157,14 +156,6 @@ def _model_counts(model: MultiTaskBackbone) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- the run folder's files
-
-
-def _history_columns(schema: TaskSchema) -> list[str]:
-    cols = ["epoch", "stage", "stage_epoch", "train_loss"]
-    cols += [f"train_loss_{t.name}" for t in schema]
-    cols += ["val_loss"] + [f"val_{t.name}_{key}" for key, _ in REPORTED for t in schema] + ["val_combined"]
-    cols += [f"lr_{g}" for g in GROUP_NAMES] + ["seconds", "train_samples_per_s", "best"]
-    return cols
 
 
 def _seed_everything(seed: int) -> None:
@@ -379,17 +370,15 @@ def default_callbacks(params: TrainParams, folder: RunFolder, model: MultiTaskBa
                               "backbone": params.backbone, "timm_name": model.timm_name,
                               "image_size": model.input_size, "tasks": schema.names})
 
-    columns = _history_columns(schema)
     cbs: list[Callback] = []
     if params.ema_decay > 0:
         cbs.append(WeightAveraging(params.ema_decay))
     cbs += [BestTracker(on_best=save_best), EarlyStopping(params.early_stopping_patience, params.min_delta),
-            History(write=lambda rows: folder.write_table(RunFolder.HISTORY, pd.DataFrame(rows, columns=columns))),
+            History(write=lambda rows: folder.write_table(RunFolder.HISTORY, pd.DataFrame(rows))),  # columns: fit's row
             LogEpoch(),
             # Written last of an epoch's files: a kill at any moment redoes at most that epoch.
             # On CUDA last.pt (optimizer state included: up to gigabytes) is written while the next epoch trains.
-            LastCheckpoint(folder.save_last, extra={"params": resolved.as_dict(), "data": dict(fingerprint)},
-                           background=params.device != "cpu" and torch.cuda.is_available())]
+            LastCheckpoint(folder.save_last, extra={"params": resolved.as_dict(), "data": dict(fingerprint)})]
     if on_epoch_end is not None:
         cbs.append(EpochHook(on_epoch_end))
     return cbs
