@@ -79,6 +79,29 @@ def test_missing_recipe_and_bad_override_stop_the_sweep_before_any_kernel(data, 
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"cell_timeout": -3}, r"cell_timeout \(--cell-timeout\): got -3, expected seconds >= 0"),
+    ({"cell_timeout": float("nan")}, r"cell_timeout .*got nan"),
+    ({"ensemble_k": -1}, r"ensemble_k: got -1, expected an integer >= 0"),
+    ({"compare_steps": 0}, r"parameter steps: got 0, expected a number > 0"),
+    ({"compare_options": {"image_size": 4}}, r"parameter image_size: got 4, expected a number >= 8"),
+    ({"compare_options": {"imagesize": 64}}, r"compare options \['imagesize', 'steps'\]: .*imagesize"),
+])
+def test_bad_sweep_options_are_refused_before_anything_is_written(data, tmp_path, options, message):
+    """The sweep's own options (not a run's parameters, which fail their run only) are never silently replaced."""
+    with pytest.raises(ValueError, match=message):
+        sweep.run_sweep(data, ["test_convnext"], out_dir=tmp_path / "s", reports_dir=tmp_path / "r", **options)
+    assert not (tmp_path / "s").exists() and not (tmp_path / "r").exists()
+
+
+def test_cli_refuses_a_negative_cell_timeout(data, tmp_path, capsys):
+    argv = ["sweep", "--data", str(data), "--backbones", "test_convnext", "--out", str(tmp_path / "s"),
+            "--reports", str(tmp_path / "r"), "--cell-timeout", "-3"]
+    assert cli.main(argv) == 2
+    assert "--cell-timeout" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists() and not (tmp_path / "r").exists()
+
+
 def _fault_notebooks(folder: Path) -> Path:
     """Copies of the project's notebooks; 03_train gets DIE_CELL right after its parameters cell."""
     shutil.copytree(sweep.NOTEBOOKS, folder)

@@ -376,6 +376,26 @@ def _check_seeds(seeds: Sequence[int] | None, extra: dict, params_file: str | Pa
     return list(seeds)
 
 
+def _check_sweep_options(data: Path, compare_options: dict | None, cell_timeout: Any, ensemble_k: Any) -> None:
+    """The sweep's own options, checked before anything is written (a run's parameters are its notebook's)."""
+    import math
+
+    from tongue_nb.train.params import ParamError
+
+    if isinstance(cell_timeout, bool) or not isinstance(cell_timeout, (int, float)) \
+            or not math.isfinite(cell_timeout) or cell_timeout < 0:
+        raise ParamError(f"cell_timeout (--cell-timeout): got {cell_timeout!r}, expected seconds >= 0 (0: no limit)")
+    if isinstance(ensemble_k, bool) or not isinstance(ensemble_k, int) or ensemble_k < 0:
+        raise ParamError(f"ensemble_k: got {ensemble_k!r}, expected an integer >= 0 (0 or 1: no ensemble row)")
+    if compare_options is not None:
+        from tongue_nb.pipeline.compare import CompareParams
+
+        try:  # the 02 notebook builds the same CompareParams from these options
+            CompareParams(data_dir=str(data), **compare_options)
+        except TypeError as exc:
+            raise ParamError(f"compare options {sorted(compare_options)}: {exc}") from None
+
+
 def recipe_files(backbone: str, params_file: str | Path | None) -> list[Path]:
     """The parameter files of one sweep run, in the order they apply: params/<backbone>.yaml (the backbone's own
     settings) when there is one, then the sweep's recipe; the user's --set values apply after both."""
@@ -440,6 +460,8 @@ def run_sweep(data_dir: str | Path | None, backbones: Sequence[str], params_file
     data = Path(data_dir).resolve()
     if not (data / "labels.csv").exists():
         raise SweepError(f"run_sweep: data_dir {data} has no labels.csv")
+    compare_options = dict(compare_options or {}, steps=compare_steps) if compare else None
+    _check_sweep_options(data, compare_options, cell_timeout, ensemble_k)
     from tongue_nb.paths import check_folder, prepare_folder
     from tongue_nb.runio import RunLock
 
@@ -466,7 +488,7 @@ def run_sweep(data_dir: str | Path | None, backbones: Sequence[str], params_file
     try:
         with project_kernel(sweep_dir, kernel_name) as kernel:
             return _sweep(data, list(backbones), params_file, extra, sweep_dir, reports,
-                          dict(compare_options or {}, steps=compare_steps) if compare else None, kernel, ensemble_k,
+                          compare_options, kernel, ensemble_k,
                           runner, baseline, seeds=seeds_list, cell_timeout=cell_timeout)
     finally:
         lock.release()
