@@ -158,7 +158,7 @@ def test_onnx_export_matches_pytorch_and_documents_its_preprocessing(runs, tmp_p
     assert [t["name"] for t in meta["tasks"]] == pred.schema.names and meta["thresholds"] == pred.thresholds
     # the same prepared photos through onnxruntime and through PyTorch
     photos = predict.list_photos(_test_rows_csv(runs["data"], runs["a"]))
-    images = np.stack([predict._load_one(r, 32, pred.crop, pred.margin)[0] for r in photos.itertuples(index=False)])
+    images = np.stack([predict._load_one(r, [(32, pred.crop, pred.margin)])[0][0] for r in photos.itertuples(index=False)])
     x = (images.astype(np.float32) / 255 - np.array(meta["mean"], np.float32)) / np.array(meta["std"], np.float32)
     x = x.transpose(0, 3, 1, 2).copy()
     session = ort.InferenceSession(str(out))
@@ -213,3 +213,96 @@ def test_predict_with_a_per_task_selection(runs, tmp_path, capsys):
                      str(_test_rows_csv(runs["data"], runs["a"])), "--out", str(tmp_path / "q.csv")]) == 2
     assert "task coat was chosen from 'classical-baseline'" in capsys.readouterr().err
     assert cli_main(["predict", "--images", str(runs["data"] / "images"), "--out", str(tmp_path / "q.csv")]) == 2
+
+
+@pytest.fixture(scope="module")
+def with_baseline(tmp_path_factory) -> dict[str, Path]:
+    """A network run and the classical baseline on the same split, at another image size (each its own preparation)."""
+    from tongue_nb.model.baseline import fit_baseline_run
+
+    root = tmp_path_factory.mktemp("predict_baseline")
+    data = make_synthetic(root / "data", n=120, size=48, seed=3)
+    net = _train(data, root / "net")
+    fit_baseline_run(load_params(data_dir=str(data), out_dir=str(root / "base"), image_size=40, num_threads=1),
+                     max_iter=30)
+    return {"data": data, "net": net, "base": root / "base"}
+
+
+def test_a_baseline_run_is_applied_to_photos_like_a_trained_run(with_baseline, tmp_path, capsys):
+    import json
+
+    from tongue_nb.analysis import metrics
+
+    data, net, base = with_baseline["data"], with_baseline["net"], with_baseline["base"]
+    photos = predict.list_photos(_test_rows_csv(data, base))
+    alone = predict.Predictor.from_runs([base])
+    assert alone.model is None and (alone.image_size, alone.crop) == (40, "crop_blank")
+    out = predict.predict_table(alone, photos, batch_size=5).set_index("id")
+    saved = pd.read_csv(base / "predictions.csv", dtype=str, keep_default_na=False)
+    saved = saved[saved["split"] == "test"].set_index("id")
+    p_cols = [c for c in saved.columns if c.startswith("p:")]
+    got = out.loc[saved.index, p_cols].to_numpy(float)
+    assert np.ptp(got, axis=0).max() > 0.05  # a real model, not a constant: preparation differences would show
+    assert np.allclose(got, saved[p_cols].to_numpy(float), atol=1e-6)  # the cache's preparation, reproduced
+
+    # network + baseline: each prepared its own way (32 px and 40 px), probabilities averaged run by run,
+    # thresholds tuned on the validation images both predicted (as the reports' ensembles)
+    both = predict.Predictor.from_runs([net, base])
+    assert both.settings() == [(32, "crop_blank", 0.1), (40, "crop_blank", 0.1)]
+    mixed = predict.predict_table(both, photos).set_index("id")
+    single = predict.predict_table(predict.Predictor.from_runs([net]), photos).set_index("id")
+    assert np.allclose(mixed[p_cols].to_numpy(float),
+                       (single[p_cols].to_numpy(float) + out[p_cols].to_numpy(float)) / 2, atol=1e-5)
+    probs, targets, _ = report.mean_probs([report.load_run(net), report.load_run(base)], "val")
+    assert both.thresholds == metrics.tune_thresholds(both.schema, probs, targets)
+    with pytest.raises(ValueError, match="explain maps one trained network run"):
+        predict.predict_table(both, photos, explain_dir=tmp_path / "cams")
+
+    # a per-task selection that chose the baseline for a task is applied, not refused
+    sel = {"kind": "per_task_selection", "tasks": {
+        "shape": {"source": "net", "runs": [str(net)], "thresholds": None},
+        "coat": {"source": "classical-baseline", "runs": [str(base)], "thresholds": None}}}
+    (tmp_path / "selection.json").write_text(json.dumps(sel))
+    assert cli_main(["predict", "--selection", str(tmp_path / "selection.json"), "--images",
+                     str(_test_rows_csv(data, base)), "--out", str(tmp_path / "p.csv")]) == 0
+    table = pd.read_csv(tmp_path / "p.csv", dtype=str, keep_default_na=False).set_index("id")
+    coat = [c for c in p_cols if c.startswith("p:coat:")]
+    assert np.allclose(table.loc[saved.index, coat].astype(float), saved[coat].astype(float), atol=1e-6)
+    assert set(table["source:coat"]) == {"classical-baseline"}
+
+    # the baseline has no network to export; a damaged or missing model file is named
+    assert cli_main(["export", "--run", str(base), "--out", str(tmp_path / "b.onnx")]) == 2
+    assert "no network to export" in capsys.readouterr().err and not (tmp_path / "b.onnx").exists()
+    broken = tmp_path / "broken"
+    shutil.copytree(base, broken)
+    (broken / "baseline_model.pkl").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match=r"broken/baseline_model.pkl: not a readable baseline model"):
+        predict.Predictor.from_runs([broken])
+    (broken / "baseline_model.pkl").unlink()
+    with pytest.raises(FileNotFoundError, match="no baseline_model.pkl; .* fit it again"):
+        predict.Predictor.from_runs([broken])
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--batch-size", "0", r"batch_size \(--batch-size\): got 0, expected an integer >= 1"),
+    ("--workers", "-1", r"workers \(--workers\): got -1, expected an integer >= 1"),
+    ("--threads", "-2", r"threads \(--threads\): got -2, expected an integer >= 0"),
+    ("--device", "tpu", r"parameter device: got 'tpu'"),
+    ("--explain", "FILE", r"parameter explain \(--explain\): .* is a file, expected a folder"),
+    ("--out", "FOLDER", r"parameter out \(--out\): .* is a folder, expected a file path"),
+])
+def test_bad_predict_options_are_refused_before_any_work(runs, tmp_path, capsys, option, value, message):
+    import re
+
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "folder").mkdir()
+    value = {"FILE": str(tmp_path / "file.txt"), "FOLDER": str(tmp_path / "folder")}.get(value, value)
+    argv = ["predict", "--run", str(runs["a"]), "--images", str(runs["data"] / "images"),
+            "--out", str(tmp_path / "out" / "p.csv"), option, value]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert cli_main(argv) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written
+    with pytest.raises(ValueError, match=r"batch_size"):
+        predict.predict_table(predict.Predictor.from_runs([runs["a"]]), predict.list_photos(runs["data"] / "images"),
+                              batch_size=0)

@@ -8,7 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
-__all__ = ["FolderError", "DiskFullError", "check_folder", "prepare_folder", "check_free_space", "describe_os_error", "is_disk_full", "human_bytes", "file_sha256"]
+__all__ = ["FolderError", "DiskFullError", "check_folder", "check_file_target", "prepare_folder", "check_free_space", "describe_os_error", "is_disk_full", "human_bytes", "file_sha256"]
 
 _FULL = {errno.ENOSPC, errno.EDQUOT}
 
@@ -76,6 +76,16 @@ def check_folder(folder: str | Path, parameter: str, instead: str = "choose a fo
         raise FolderError(describe_os_error(PermissionError(errno.EACCES, "Permission denied"), folder, parameter,
                                             instead))
     return folder
+
+
+def check_file_target(path: str | Path, parameter: str, instead: str = "choose a file path you can write to") -> Path:
+    """Without writing anything: FolderError naming the parameter when a file could not be written at `path`
+    (it is a folder, a file stands on its parent path, or the nearest existing folder is not writable)."""
+    path = Path(path)
+    if path.is_dir():
+        raise FolderError(f"parameter {parameter}: {path} is a folder, expected a file path; {instead}")
+    check_folder(path.parent, parameter, instead)
+    return path
 
 
 def prepare_folder(folder: str | Path, parameter: str, instead: str = "choose a folder you can write to") -> Path:

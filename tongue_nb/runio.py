@@ -362,6 +362,7 @@ class RunFolder:
     SUMMARY = "summary.json"
     BEST = "checkpoints/best.safetensors"
     LAST = "checkpoints/last.pt"
+    BASELINE_MODEL = "baseline_model.pkl"  # the classical baseline's fitted estimator (model/baseline.py)
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)

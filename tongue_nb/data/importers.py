@@ -147,6 +147,9 @@ def import_tonguexpert(db_dir: str | Path, out_dir: str | Path, labels: str = "m
     out = Path(out_dir)
     if out.resolve() == db or db in out.resolve().parents:
         raise ValueError(f"out_dir {out} is inside the source database {db}; choose a folder outside it")
+    from tongue_nb.paths import check_folder
+
+    check_folder(out, "out_dir (import out)")
     rows = _read_label_file(db / LABEL_FILES[labels], labels)
 
     missing = [r["SID"] for r in rows if not (db / IMAGE_DIR / f"{r['SID']}.jpg").is_file()]

@@ -281,7 +281,9 @@ def make_synthetic(out_dir: str | Path, n: int = 500, size: int = 128, seed: int
         raise ValueError(f"make_synthetic: seed must be an integer >= 0, got {seed!r}")
     if not isinstance(missing, (int, float)) or not 0.0 <= float(missing) < 1.0:
         raise ValueError(f"make_synthetic: missing must be a fraction in [0, 1), got {missing!r}")
-    out = Path(out_dir)
+    from tongue_nb.paths import check_folder
+
+    out = check_folder(Path(out_dir), "out_dir (synth out)")
     if (out / "labels.csv").exists() or (out / "images").exists():
         # Refuse to mix two generations in one folder: stale images would stay listed nowhere.
         raise FileExistsError(f"make_synthetic: {out} already holds a dataset (labels.csv or images/); "

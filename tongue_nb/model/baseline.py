@@ -19,6 +19,7 @@ from sklearn.ensemble import HistGradientBoostingClassifier
 from tongue_nb.data.tasks import Task, TaskSchema, labelled_mask
 
 if TYPE_CHECKING:  # pragma: no cover
+    from tongue_nb.runio import RunFolder
     from tongue_nb.train.params import TrainParams
 
 log = logging.getLogger(__name__)
@@ -297,6 +298,77 @@ class ColourTextureBaseline(BaseEstimator):
         return full
 
 
+# ---------------------------------------------------------------------------- saved model
+
+MODEL_FORMAT = "tongue_nb-baseline/1"
+
+
+class BaselineModel:
+    """A fitted baseline with the preprocessing it was fitted on: applied to new photos like a trained run.
+
+    `predict_proba(images)` takes uint8 images `[N, S, S, 3]` prepared as the run's cache was (image_size,
+    crop, margin): the blanked background (crop_blank) marks the tongue region, as in training.
+    """
+
+    def __init__(self, estimator: ColourTextureBaseline, image_size: int, crop: str, margin: float,
+                 run: str = "") -> None:
+        self.estimator, self.image_size, self.crop, self.margin, self.run = estimator, image_size, crop, margin, run
+        self.schema: TaskSchema = estimator.schema_
+
+    def predict_proba(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        return self.estimator.predict_proba(images)
+
+
+def save_baseline_model(folder: "RunFolder", est: ColourTextureBaseline, image_size: int, crop: str,
+                        margin: float) -> Path:
+    """The fitted estimator and its preprocessing, pickled (a scikit-learn model has no tensor format)."""
+    import pickle
+
+    import sklearn
+
+    from tongue_nb.runio import atomic_write_bytes
+
+    blob = {"format": MODEL_FORMAT, "sklearn": sklearn.__version__, "estimator": est, "image_size": int(image_size),
+            "crop": crop, "margin": float(margin)}
+    return atomic_write_bytes(folder.file(folder.BASELINE_MODEL), pickle.dumps(blob, protocol=5))
+
+
+def load_baseline_model(run_dir: str | Path) -> BaselineModel:
+    """The baseline a run folder keeps (pickled: load only run folders you trust, like any pickle)."""
+    import pickle
+
+    import sklearn
+
+    from tongue_nb.runio import RunFolder
+
+    folder = RunFolder(run_dir)
+    file = folder.file(RunFolder.BASELINE_MODEL)
+    if not file.is_file():
+        raise FileNotFoundError(f"--run {run_dir}: no {RunFolder.BASELINE_MODEL}; this baseline run was written "
+                                "before baselines kept their model: fit it again (tongue-nb baseline) to apply it")
+    try:
+        blob = pickle.loads(file.read_bytes())
+    except Exception as exc:  # a truncated or foreign file: name it
+        raise ValueError(f"{file}: not a readable baseline model ({type(exc).__name__}: {exc})") from None
+    if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT \
+            or not isinstance(blob.get("estimator"), ColourTextureBaseline):
+        raise ValueError(f"{file}: not a tongue_nb baseline model (expected format {MODEL_FORMAT})")
+    if blob.get("sklearn") != sklearn.__version__:
+        log.warning("%s was saved with scikit-learn %s, this is %s: its probabilities may differ slightly",
+                    file, blob.get("sklearn"), sklearn.__version__)
+    return BaselineModel(blob["estimator"], blob["image_size"], blob["crop"], blob["margin"], str(run_dir))
+
+
+def is_baseline_run(run_dir: str | Path) -> bool:
+    """True for a run folder the classical baseline wrote (summary kind 'baseline')."""
+    from tongue_nb.runio import RunFolder
+
+    try:
+        return RunFolder(run_dir).read_summary().get("kind") == "baseline"
+    except (OSError, ValueError):
+        return False
+
+
 # ---------------------------------------------------------------------------- run folder
 
 def _split_indices(labels, seed: int, val_fraction: float, test_fraction: float) -> dict[str, np.ndarray]:
@@ -355,7 +427,8 @@ def _fit_baseline_run(params: "TrainParams", out: Path, crop: str, class_weight:
         if len(idx[name]) == 0:
             raise ValueError(f"{data_dir}: the {name} split is empty; the baseline needs train, val and test samples")
     t0 = time.perf_counter()
-    images = cache.build_cache(labels, image_size, crop=crop, cache_dir=params.cache_dir or None).images
+    images = cache.build_cache(labels, image_size, crop=crop, margin=params.crop_margin,
+                               cache_dir=params.cache_dir or None).images
     t_cache = time.perf_counter() - t0
     # Features once for every sample; blanked background (crop_blank) marks the tongue region, and
     # without blanking the whole (cropped) image is the region.
@@ -383,12 +456,14 @@ def _fit_baseline_run(params: "TrainParams", out: Path, crop: str, class_weight:
     folder = RunFolder(out)
     out.mkdir(parents=True, exist_ok=True)
     run_params = {"backbone": BACKBONE_NAME, "data_dir": str(data_dir), "tasks": str(params.tasks or ""),
-                  "task_weights": params.task_weights, "image_size": image_size, "crop": crop, "seed": params.seed,
+                  "task_weights": params.task_weights, "image_size": image_size, "crop": crop,
+                  "crop_margin": params.crop_margin, "seed": params.seed,
                   "split_seed": params.effective_split_seed, "val_fraction": params.val_fraction,
                   "test_fraction": params.test_fraction, "on_problem": params.on_problem, "experiment_name": name,
                   "estimator": est.get_params()}
     folder.write_yaml(RunFolder.PARAMS, run_params)
     folder.write_yaml(RunFolder.TASKS, schema.as_dict())
+    save_baseline_model(folder, est, image_size, crop, params.crop_margin)
     split_col = np.full(len(labels.table), "", dtype=object)
     for split_name, rows in idx.items():
         split_col[rows] = split_name

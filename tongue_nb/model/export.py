@@ -55,8 +55,14 @@ def _save(module: nn.Module, size: int, output_names: list[str], meta: dict[str,
 
 def export_onnx(run_dir: str | Path, out: str | Path) -> Path:
     """Write the run's best checkpoint as an ONNX file (dynamic batch) with its metadata; return the path."""
+    from tongue_nb.model.baseline import is_baseline_run
+    from tongue_nb.paths import check_file_target
     from tongue_nb.pipeline.predict import Predictor
 
+    check_file_target(out, "out (--out)")
+    if is_baseline_run(run_dir):
+        raise ValueError(f"--run {run_dir}: the classical baseline (gradient boosting on colour statistics) has no "
+                         "network to export to ONNX; tongue-nb predict applies it to new photos")
     pred = Predictor.from_runs([run_dir])  # checks the run folder; one model, its thresholds and crop
     model = pred.model
     size = pred.image_size
@@ -85,7 +91,9 @@ def export_segmenter_onnx(run_dir: str | Path, out: str | Path) -> Path:
     letterboxed to S, 0..1, normalised with mean/std), output `tongue` [batch, 1, S, S] probabilities; metadata
     says so, with the threshold (0.5) and the post-processing (largest region, holes filled) a user applies."""
     from tongue_nb.model.segment import Segmenter
+    from tongue_nb.paths import check_file_target
 
+    check_file_target(out, "out (--out)")
     seg = Segmenter.from_run(run_dir)
     size = seg.image_size
     module, output_names = _MaskProbability(seg.net).eval(), ["tongue"]

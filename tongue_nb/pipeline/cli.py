@@ -100,11 +100,22 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from tongue_nb.pipeline.predict import Predictor, list_photos, predict_table
     from tongue_nb.runio import atomic_write_text
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from tongue_nb.paths import check_file_target, check_folder
+    from tongue_nb.pipeline.predict import check_options
+    from tongue_nb.train.params import ParamError
+
     if bool(args.run) == bool(args.selection):
         raise ValueError("predict: give trained runs (--run, repeatable) or a sweep's --selection selection.json, "
                          "one of the two")
+    # Everything the command was given is checked before a photo or model is read, and before anything is written.
+    if args.threads < 0:
+        raise ParamError(f"threads (--threads): got {args.threads}, expected an integer >= 0 (0: torch's default)")
+    check_options(args.batch_size, args.workers, args.device)
+    check_file_target(args.out, "out (--out)")
+    if args.explain:
+        check_folder(args.explain, "explain (--explain)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     photos = list_photos(args.images)  # checked before the models load: a bad list costs nothing
     segmenter = None
     if args.segmenter:

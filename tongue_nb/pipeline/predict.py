@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -30,62 +30,119 @@ CSV_COLUMNS = ("image", "mask", "id")
 MIN_SIDE = 32  # a photo smaller than this on either side holds too little tongue to judge
 
 
+Setting = tuple  # (image_size, crop, margin): how a member wants each photo prepared
+
+
 @dataclass
 class Predictor:
-    """A trained run (or an ensemble of runs) ready to score photos."""
+    """Trained runs ready to score photos: one run, or the ensemble (mean probabilities) of several.
 
-    model: torch.nn.Module
+    `model` is the network part (one MultiTaskBackbone, or the ensemble of the network runs; None when only
+    baselines were given); `baselines` are classical-baseline runs (model/baseline.py) averaged with it, each
+    run weighing the same. `image_size`, `crop` and `margin` are the networks' preprocessing (the first
+    baseline's when there is no network); each baseline prepares photos its own way.
+    """
+
+    model: torch.nn.Module | None
     schema: TaskSchema
     runs: list[str]
     image_size: int
     crop: str
     margin: float
     thresholds: dict[str, list[float]]
+    baselines: list[Any] = field(default_factory=list)
 
     @classmethod
     def from_runs(cls, run_dirs: Sequence[str | Path], device: str = "cpu") -> "Predictor":
         """Load one run, or several as their ensemble; errors name the run and what it lacks."""
         from tongue_nb.model.backbones import EnsembleMultiTaskModel, load_run_model
+        from tongue_nb.model.baseline import is_baseline_run, load_baseline_model
+        from tongue_nb.train.params import check_device
 
         if not run_dirs:
             raise ValueError("predict: give at least one trained run folder (--run)")
-        settings = []
+        check_device(device)
+        settings, nets, baselines = [], [], []
         for d in run_dirs:
             run = Path(d)
             if not run.is_dir():
                 raise FileNotFoundError(f"--run {run}: no such folder")
             if not (run / "summary.json").is_file():
                 raise FileNotFoundError(f"--run {run}: no summary.json; expected a finished training run folder")
+            if is_baseline_run(run):
+                baselines.append(load_baseline_model(run))
+                continue
             params = yaml.safe_load((run / "params.yaml").read_text()) if (run / "params.yaml").is_file() else None
             if not isinstance(params, dict):
                 raise ValueError(f"--run {run}: params.yaml missing or not a mapping; expected a training run folder")
             settings.append((str(params.get("crop", "crop")), float(params.get("crop_margin", 0.1))))
+            nets.append(d)
         if len(set(settings)) > 1:
             raise ValueError(f"predict: the runs were trained with different crop settings {settings}; an ensemble "
                              "needs one preprocessing (train them with the same crop and crop_margin)")
-        models = [load_run_model(d, device) for d in run_dirs]
-        for d, m in zip(run_dirs, models):
-            if m.schema != models[0].schema:
-                raise ValueError(f"--run {d}: trained on tasks {m.schema.names} with other labels than "
-                                 f"{run_dirs[0]} ({models[0].schema.names}); an ensemble needs one task schema")
-        schema = models[0].schema
+        models = [load_run_model(d, device) for d in nets]
+        schemas = [(str(d), m.schema) for d, m in zip(nets, models)] + [(b.run, b.schema) for b in baselines]
+        for d, schema in schemas[1:]:
+            if schema != schemas[0][1]:
+                raise ValueError(f"--run {d}: trained on tasks {schema.names} with other labels than "
+                                 f"{schemas[0][0]} ({schemas[0][1].names}); an ensemble needs one task schema")
+        schema = schemas[0][1]
+        model: torch.nn.Module | None = None
         if len(models) == 1:
-            model: torch.nn.Module = models[0]
+            model = models[0].eval()
+        elif models:
+            model = EnsembleMultiTaskModel(models).to(device).eval()
+        if len(run_dirs) == 1:
             thresholds = _saved_thresholds(Path(run_dirs[0]), schema)
         else:
-            model = EnsembleMultiTaskModel(models).to(device).eval()
             thresholds = _ensemble_thresholds(run_dirs)
-        return cls(model=model.eval(), schema=schema, runs=[str(d) for d in run_dirs],
-                   image_size=int(model.input_size), crop=settings[0][0], margin=settings[0][1],
-                   thresholds=thresholds)
+        if model is not None:
+            size, (crop, margin) = int(model.input_size), settings[0]
+        else:
+            size, crop, margin = baselines[0].image_size, baselines[0].crop, baselines[0].margin
+        return cls(model=model, schema=schema, runs=[str(d) for d in nets] + [b.run for b in baselines],
+                   image_size=size, crop=crop, margin=margin, thresholds=thresholds, baselines=baselines)
 
     @property
     def mean(self) -> tuple[float, ...]:
-        return tuple(self.model.mean)
+        return tuple(self.model.mean) if self.model is not None else (0.0, 0.0, 0.0)
 
     @property
     def std(self) -> tuple[float, ...]:
-        return tuple(self.model.std)
+        return tuple(self.model.std) if self.model is not None else (1.0, 1.0, 1.0)
+
+    @property
+    def n_networks(self) -> int:
+        return len(self.runs) - len(self.baselines)
+
+    def settings(self) -> list[Setting]:
+        """The distinct preparations the members need, networks' first."""
+        wanted = ([(self.image_size, self.crop, self.margin)] if self.model is not None else []) + \
+            [(b.image_size, b.crop, b.margin) for b in self.baselines]
+        return list(dict.fromkeys(wanted))
+
+    def predict_proba(self, prepared: dict[Setting, np.ndarray], batch_size: int = 32,
+                      device: str = "cpu") -> dict[str, np.ndarray]:
+        """Mean probabilities of the members (each run weighing the same) for photos prepared per `settings()`."""
+        from tongue_nb.data.loader import BatchLoader
+        from tongue_nb.train.loop import evaluate
+        from tongue_nb.train.runtime import Runtime
+
+        parts: list[tuple[float, dict[str, np.ndarray]]] = []
+        if self.model is not None:
+            images = prepared[(self.image_size, self.crop, self.margin)]
+            empty = {t.name: np.full(1, -1, dtype=np.int64) if t.kind == "multiclass"
+                     else np.full((1, t.n_outputs), np.nan) for t in self.schema}
+            targets = {k: np.repeat(v, len(images), axis=0) for k, v in empty.items()}  # no labels: scores only
+            loader = BatchLoader(images, targets, None, np.arange(len(images)), batch_size, self.mean, self.std)
+            with torch.no_grad():
+                probs, _, _ = evaluate(self.model, loader, self.schema, rt=Runtime(device=torch.device(device)))
+            parts.append((float(self.n_networks), probs))
+        for b in self.baselines:
+            parts.append((1.0, b.predict_proba(prepared[(b.image_size, b.crop, b.margin)])))
+        total = sum(w for w, _ in parts)
+        return {t.name: sum(w * np.asarray(p[t.name], dtype=np.float64) for w, p in parts) / total
+                for t in self.schema}
 
 
 def _saved_thresholds(run: Path, schema: TaskSchema) -> dict[str, list[float]]:
@@ -141,14 +198,15 @@ def list_photos(images: str | Path) -> pd.DataFrame:
     return out
 
 
-def _load_one(row: Any, size: int, crop: str, margin: float, segmenter: Any = None
-              ) -> tuple[np.ndarray | None, str, str]:
-    """(pixels or None, mask source given/predicted/none, error) for one photo.
+def _load_one(row: Any, settings: Sequence[Setting], segmenter: Any = None
+              ) -> tuple[list[np.ndarray] | None, str, str]:
+    """(the photo prepared for each setting, or None; mask source given/predicted/none; error) for one photo.
 
-    With a segmenter, a photo without a mask gets a predicted one (when the run crops or blanks);
+    With a segmenter, a photo without a mask gets a predicted one (when a member crops or blanks);
     a photo where it finds no tongue is an error, never an empty crop.
     """
-    predicted = segmenter is not None and not row.mask and crop != "none"
+    masked = any(crop != "none" for _, crop, _ in settings)
+    predicted = segmenter is not None and not row.mask and masked
     mask_source = "given" if row.mask else "predicted" if predicted else "none"
     try:
         if not row.image:
@@ -157,7 +215,7 @@ def _load_one(row: Any, size: int, crop: str, margin: float, segmenter: Any = No
         if min(img.shape[:2]) < MIN_SIDE:
             raise ImageError(f"{row.image}: {img.shape[1]}x{img.shape[0]} px is too small (at least {MIN_SIDE} px a side)")
         mask = None
-        if row.mask and crop != "none":
+        if row.mask and masked:
             mask = read_mask(row.mask, img.shape[:2])
             if not mask.any():
                 raise ImageError(f"{row.mask}: the mask is empty (no tongue marked)")
@@ -165,25 +223,36 @@ def _load_one(row: Any, size: int, crop: str, margin: float, segmenter: Any = No
             mask = segmenter.predict([img])[0]
             if mask is None:
                 raise ImageError(f"{row.image}: no tongue found by the segmenter")
-        return prepare_image(img, mask, size, crop, margin), mask_source, ""
+        return [prepare_image(img, mask, size, crop, margin) for size, crop, margin in settings], mask_source, ""
     except (ImageError, OSError, ValueError) as exc:
         return None, mask_source, str(exc).splitlines()[0]
 
 
 def _chunks(photos: pd.DataFrame, pred: Predictor, chunk: int, workers: int, segmenter: Any = None
-            ) -> Iterator[tuple[pd.DataFrame, list[tuple[np.ndarray | None, str, str]]]]:
+            ) -> Iterator[tuple[pd.DataFrame, list[tuple[list[np.ndarray] | None, str, str]]]]:
     """Decoded chunks of photos; the next chunk decodes in the thread pool while the caller runs the model."""
     rows = list(photos.itertuples(index=False))
     parts = [rows[i:i + chunk] for i in range(0, len(rows), chunk)]
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    settings = pred.settings()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         def submit(part: list) -> list:
-            return [pool.submit(_load_one, r, pred.image_size, pred.crop, pred.margin, segmenter) for r in part]
+            return [pool.submit(_load_one, r, settings, segmenter) for r in part]
 
         pending = submit(parts[0]) if parts else []
         for k, part in enumerate(parts):
             nxt = submit(parts[k + 1]) if k + 1 < len(parts) else []
             yield pd.DataFrame(part, columns=photos.columns), [f.result() for f in pending]
             pending = nxt
+
+
+def check_options(batch_size: Any, workers: Any, device: Any) -> None:
+    """The scoring options, checked before any photo is read: errors name the option."""
+    from tongue_nb.train.params import ParamError, check_device
+
+    for name, value in (("batch_size (--batch-size)", batch_size), ("workers (--workers)", workers)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ParamError(f"{name}: got {value!r}, expected an integer >= 1")
+    check_device(device)
 
 
 def predict_table(pred: Predictor, photos: pd.DataFrame, batch_size: int = 32, workers: int = 2,
@@ -193,32 +262,26 @@ def predict_table(pred: Predictor, photos: pd.DataFrame, batch_size: int = 32, w
     Decisions: pred:<task> (argmax class) for multiclass; pred:<task>:<label> (0/1 at the run's tuned
     threshold) for binary and multilabel. Rows whose photo could not be used keep their error and
     empty scores. A segmenter (tongue_nb.model.segment.Segmenter) masks the photos that come without one.
-    With explain_dir (one run only), a class-activation overlay per photo and task is
+    With explain_dir (one network run only), a class-activation overlay per photo and task is
     written there as <row>-<id>-<task>.png: the evidence for the model's answer (tongue_nb.analysis.explain).
     """
     from tongue_nb.model.backbones import MultiTaskBackbone
 
-    if explain_dir is not None and not isinstance(pred.model, MultiTaskBackbone):
-        raise ValueError("--explain maps one trained run; give a single --run (an ensemble has no one backbone)")
-    from tongue_nb.data.loader import BatchLoader
-    from tongue_nb.train.loop import evaluate
-    from tongue_nb.train.runtime import Runtime
-
+    check_options(batch_size, workers, device)
+    if explain_dir is not None and (not isinstance(pred.model, MultiTaskBackbone) or pred.baselines):
+        raise ValueError("--explain maps one trained network run; give a single --run of a network (an ensemble "
+                         "has no one backbone, the classical baseline none)")
     out_rows: list[dict[str, Any]] = []
-    empty = {t.name: np.full(1, -1, dtype=np.int64) if t.kind == "multiclass" else np.full((1, t.n_outputs), np.nan)
-             for t in pred.schema}
+    settings = pred.settings()
     for part, loaded in _chunks(photos, pred, chunk=4 * batch_size, workers=workers, segmenter=segmenter):
         ok = [i for i, (pix, _, err) in enumerate(loaded) if pix is not None]
         probs: dict[str, np.ndarray] = {}
         if ok:
-            images = np.stack([loaded[i][0] for i in ok])
-            targets = {k: np.repeat(v, len(ok), axis=0) for k, v in empty.items()}  # no labels: scores only
-            loader = BatchLoader(images, targets, None, np.arange(len(ok)), batch_size, pred.mean, pred.std)
-            with torch.no_grad():
-                probs, _, _ = evaluate(pred.model, loader, pred.schema, rt=Runtime(device=torch.device(device)))
+            prepared = {s: np.stack([loaded[i][0][k] for i in ok]) for k, s in enumerate(settings)}
+            probs = pred.predict_proba(prepared, batch_size, device)
             if explain_dir is not None:
                 names = [f"{len(out_rows) + i:05d}-{Path(str(part['id'].iloc[i])).stem}" for i in ok]
-                _write_explanations(pred, images, probs, names, Path(explain_dir))
+                _write_explanations(pred, prepared[settings[0]], probs, names, Path(explain_dir))
         where = {i: k for k, i in enumerate(ok)}
         for i, row in enumerate(part.itertuples(index=False)):
             rec: dict[str, Any] = {"id": row.id, "image": row.image, "mask_source": loaded[i][1], "error": loaded[i][2]}
@@ -231,8 +294,8 @@ def predict_table(pred: Predictor, photos: pd.DataFrame, batch_size: int = 32, w
 def predict_selection(selection_file: str | Path, photos: pd.DataFrame, batch_size: int = 32, workers: int = 2,
                       device: str = "cpu", segmenter: Any = None) -> pd.DataFrame:
     """Apply a sweep's per-task selection (selection.json): each task answered by the run or ensemble chosen for it,
-    with the thresholds chosen with it; a `source:<task>` column says which. A task chosen from the classical
-    baseline (which keeps no model) cannot be applied and is refused, naming the task."""
+    with the thresholds chosen with it; a `source:<task>` column says which. A chosen run that keeps no model
+    (no best checkpoint, or a baseline folder from before baselines kept theirs) is refused, naming the task."""
 
     path = Path(selection_file)
     if not path.is_file():
@@ -240,13 +303,19 @@ def predict_selection(selection_file: str | Path, photos: pd.DataFrame, batch_si
     sel = json.loads(path.read_text())
     if not isinstance(sel, dict) or sel.get("kind") != "per_task_selection" or not isinstance(sel.get("tasks"), dict):
         raise ValueError(f"--selection {path}: not a per-task selection (expected kind per_task_selection and tasks)")
+    from tongue_nb.runio import RunFolder
+
+    check_options(batch_size, workers, device)
     groups: dict[tuple[str, ...], list[str]] = {}
     for task, choice in sel["tasks"].items():
         runs = tuple(choice.get("runs") or ())
-        unusable = [r for r in runs if not (Path(r) / "checkpoints" / "best.safetensors").is_file()]
-        if not runs or unusable:
-            raise ValueError(f"--selection {path}: task {task} was chosen from {choice.get('source')!r}, which keeps no "
-                             "model to apply to new photos (the classical baseline keeps none); pass --run instead")
+        if not runs:
+            raise ValueError(f"--selection {path}: task {task} names no run folder (source {choice.get('source')!r})")
+        for r in runs:
+            if not (RunFolder(r).best.is_file() or RunFolder(r).file(RunFolder.BASELINE_MODEL).is_file()):
+                raise ValueError(f"--selection {path}: task {task} was chosen from {choice.get('source')!r}, whose run "
+                                 f"{r} keeps no model to apply to new photos (neither {RunFolder.BEST} nor "
+                                 f"{RunFolder.BASELINE_MODEL}); train or fit it again, or pass --run instead")
         groups.setdefault(runs, []).append(task)
     if not groups:
         raise ValueError(f"--selection {path}: names no task")
