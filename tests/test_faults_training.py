@@ -367,6 +367,22 @@ def test_run_folder_inside_its_dataset_is_refused(own_data, capsys, where):
     assert sorted(p.relative_to(own_data) for p in own_data.rglob("*")) == listing  # nothing written there
 
 
+@pytest.mark.parametrize("command", [
+    ["baseline", "--set", "image_size=32", "--set", "num_threads=1"],
+    ["train-segmenter", "--set", "image_size=32", "--set", "epochs=1"],
+    ["compare", "--backbones", "test_convnext", "--steps", "4", "--image-size", "32"],
+])
+def test_every_command_refuses_to_write_inside_its_dataset(own_data, capsys, command):
+    """The class, not the one command: whatever writes a folder (a run, a baseline, a segmenter, a comparison)."""
+    listing = sorted(p.relative_to(own_data) for p in own_data.rglob("*"))
+    out = own_data / "runs" / "x"
+    code = cli.main([command[0], "--data", str(own_data), "--out", str(out)] + command[1:])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"parameter out_dir (--out): {out} is the dataset folder {own_data} or inside it" in err
+    assert sorted(p.relative_to(own_data) for p in own_data.rglob("*")) == listing  # nothing written there
+
+
 @pytest.mark.parametrize("case", ["out-is-a-file", "parent-is-a-file", "parent-read-only"])
 def test_unusable_run_folder_is_one_line_naming_out(data, tmp_path, capsys, monkeypatch, case):
     (tmp_path / "afile").write_text("x")

@@ -8,7 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
-__all__ = ["FolderError", "DiskFullError", "check_folder", "check_file_target", "prepare_folder", "check_free_space", "describe_os_error", "is_disk_full", "human_bytes", "file_sha256"]
+__all__ = ["FolderError", "DiskFullError", "check_folder", "check_outside_dataset", "check_file_target", "prepare_folder", "check_free_space", "describe_os_error", "is_disk_full", "human_bytes", "file_sha256"]
 
 _FULL = {errno.ENOSPC, errno.EDQUOT}
 
@@ -76,6 +76,17 @@ def check_folder(folder: str | Path, parameter: str, instead: str = "choose a fo
         raise FolderError(describe_os_error(PermissionError(errno.EACCES, "Permission denied"), folder, parameter,
                                             instead))
     return folder
+
+
+def check_outside_dataset(folder: str | Path, data_dir: str | Path, parameter: str) -> Path:
+    """check_folder, and FolderError when `folder` is the dataset folder or inside it: nothing a run, a sweep or a
+    comparison writes goes into its dataset (which may be read-only, or shared)."""
+    folder = Path(folder)
+    out, data = folder.resolve(), Path(data_dir).resolve()
+    if out == data or data in out.parents:
+        raise FolderError(f"parameter {parameter}: {folder} is the dataset folder {data_dir} or inside it; nothing is "
+                          "written inside a dataset: choose a folder outside it")
+    return check_folder(folder, parameter)
 
 
 def check_file_target(path: str | Path, parameter: str, instead: str = "choose a file path you can write to") -> Path:

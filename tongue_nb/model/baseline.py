@@ -417,8 +417,11 @@ def _fit_baseline_run(params: "TrainParams", out: Path, crop: str, class_weight:
     from tongue_nb.runio import RunFolder, predictions_table
     from tongue_nb.train.trainer import resolve_data
 
+    from tongue_nb.paths import check_outside_dataset
+
     t_start = time.perf_counter()
     data_dir, schema = resolve_data(params)
+    check_outside_dataset(out, data_dir, "out_dir (--out)")  # before any work, like a trained run's folder
     labels = load_labels(data_dir, schema=schema, on_problem=params.on_problem)
     schema = labels.schema
     image_size = params.image_size or 128

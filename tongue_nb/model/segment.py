@@ -233,8 +233,9 @@ def train_segmenter(params: SegParams) -> dict[str, Any]:
 
     out = Path(params.out_dir)
     data = Path(params.data_dir)
-    if out.resolve() == data.resolve() or data.resolve() in out.resolve().parents:
-        raise ValueError(f"--out {out}: inside the dataset {data}; a run never writes into its dataset")
+    from tongue_nb.paths import check_outside_dataset
+
+    check_outside_dataset(out, data, "out_dir (--out)")
     if params.num_threads:
         torch.set_num_threads(params.num_threads)
     rows, split, images, masks = _load_data(params)  # every input checked before anything is written

@@ -412,6 +412,10 @@ def compare_backbones(params: CompareParams, backbones: str | Sequence[str],
     if not params.data_dir or not Path(params.data_dir).is_dir():
         raise CompareError(f"parameter data_dir: dataset folder not found: {params.data_dir!r}")
     _resolve_device(params.device)  # fail now, not once per backbone
+    if out_dir is not None:  # a folder it cannot write is refused before the comparison, not after it
+        from tongue_nb.paths import check_outside_dataset
+
+        check_outside_dataset(out_dir, params.data_dir, "out_dir (--out)")
 
     cfg = {"data_dir": str(params.data_dir), "tasks": params.tasks, "steps": params.steps,
            "warmup_steps": params.warmup_steps, "batch_size": params.batch_size, "image_size": params.image_size,

@@ -300,7 +300,10 @@ def predict_selection(selection_file: str | Path, photos: pd.DataFrame, batch_si
     path = Path(selection_file)
     if not path.is_file():
         raise FileNotFoundError(f"--selection {path}: no such file (a sweep writes <sweep>/selection.json)")
-    sel = json.loads(path.read_text())
+    try:
+        sel = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--selection {path}: not valid JSON ({exc})") from None
     if not isinstance(sel, dict) or sel.get("kind") != "per_task_selection" or not isinstance(sel.get("tasks"), dict):
         raise ValueError(f"--selection {path}: not a per-task selection (expected kind per_task_selection and tasks)")
     from tongue_nb.runio import RunFolder

@@ -30,7 +30,7 @@ from tongue_nb.data.tasks import (Labels, TaskSchema, apply_task_weights, defaul
                                   load_schema)
 from tongue_nb.model.backbones import MultiTaskBackbone, build_model
 from tongue_nb.model.losses import MultiTaskLoss, class_weights_from_targets
-from tongue_nb.paths import FolderError, check_folder, file_sha256, prepare_folder
+from tongue_nb.paths import check_outside_dataset, file_sha256, prepare_folder
 from tongue_nb.runio import RunFolder, RunLock, load_checkpoint, load_weights, predictions_table, to_jsonable
 from tongue_nb.train.callbacks import (BestTracker, Callback, EarlyStopping, EpochHook, History, LastCheckpoint,
                                        LogEpoch, WeightAveraging, WeightEMA)
@@ -175,11 +175,7 @@ OUT_DIR_PARAMETER = "out_dir (--out)"
 
 def _check_out_dir(out_dir: Path, data_dir: Path) -> None:
     """Refuse, before anything is written, a run folder inside the dataset or one that cannot be created/written."""
-    out, data = out_dir.resolve(), data_dir.resolve()
-    if out == data or data in out.parents:
-        raise FolderError(f"parameter {OUT_DIR_PARAMETER}: {out_dir} is the dataset folder {data_dir} or inside it; "
-                          "a run never writes inside its dataset: choose a folder outside it")
-    check_folder(out_dir, OUT_DIR_PARAMETER)
+    check_outside_dataset(out_dir, data_dir, OUT_DIR_PARAMETER)
 
 
 # --------------------------------------------------------------------------- the run
