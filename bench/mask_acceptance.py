@@ -1,11 +1,12 @@
 """Predicted masks against given masks: a trained run scored on its test photos both ways (issue 15).
 
 Takes a classification run trained on an imported TonguExpert dataset (its split.csv names the test
-photos) and a segmenter run; predicts the test photos once with their given masks and once with the
+photos), or several runs of one split as their mean (networks and the classical baseline alike), and a segmenter run; predicts the test photos once with their given masks and once with the
 masks withheld (the segmenter masks them), and prints the combined macro-F1 of both against the
 labels (argmax / 0.5 decisions, tongue_nb.analysis.metrics) and the difference. Target: within 0.02.
 
     .venv/bin/python bench/mask_acceptance.py --run RUN_DIR --segmenter SEG_RUN --threads 2
+    .venv/bin/python bench/mask_acceptance.py --run NET_RUN --run BASELINE_RUN --segmenter SEG_RUN --out F.json
 
 Writes bench/results/mask_acceptance.json (or --out).
 """
@@ -39,7 +40,8 @@ def scores(pred: Predictor, table: pd.DataFrame, targets: dict[str, np.ndarray])
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, type=Path, help="classification run trained with masks (crop or blank)")
+    p.add_argument("--run", required=True, type=Path, action="append",
+                   help="classification run trained with masks (crop or blank); repeat for the runs' mean")
     p.add_argument("--segmenter", required=True, type=Path, help="segmenter run (tongue-nb train-segmenter)")
     p.add_argument("--split", default="test", help="which split of the run's split.csv to predict")
     p.add_argument("--threads", type=int, default=2)
@@ -47,9 +49,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     common.setup_logging()
     torch.set_num_threads(args.threads)
-    params = yaml.safe_load((args.run / "params.yaml").read_text())
+    params = yaml.safe_load((args.run[0] / "params.yaml").read_text())
     labels = load_labels(params["data_dir"])
-    split = pd.read_csv(args.run / "split.csv", keep_default_na=False)
+    split = pd.read_csv(args.run[0] / "split.csv", keep_default_na=False)
     ids = set(split.loc[split["split"] == args.split, "id"])
     rows = np.flatnonzero(labels.table["id"].isin(ids).to_numpy())
     root = Path(labels.root)
@@ -58,12 +60,12 @@ def main(argv: list[str] | None = None) -> dict:
                           "mask": [str(root / p) for p in labels.table["mask"].iloc[rows]]})
     withheld = given.assign(mask="")
     targets = {k: v[rows] for k, v in labels.targets.items()}
-    pred = Predictor.from_runs([args.run])
+    pred = Predictor.from_runs(args.run)
     seg = Segmenter.from_run(args.segmenter)
     with_masks = scores(pred, predict_table(pred, given), targets)
     predicted = scores(pred, predict_table(pred, withheld, segmenter=seg), targets)
     a, b = with_masks["metrics"]["combined_score"], predicted["metrics"]["combined_score"]
-    res = {"machine": common.machine_info(), "run": str(args.run), "segmenter": str(args.segmenter),
+    res = {"machine": common.machine_info(), "run": ",".join(map(str, args.run)), "segmenter": str(args.segmenter),
            "photos": len(given), "given_masks_combined": a, "predicted_masks_combined": b, "difference": b - a,
            "no_tongue_found": predicted["failed"],
            "per_task": {t: {"given": with_masks["metrics"]["tasks"][t]["primary"],

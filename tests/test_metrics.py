@@ -163,6 +163,18 @@ def test_bootstrap_arithmetic_equals_compute_metrics_on_resamples():
         assert fast["__combined__"][0] == pytest.approx(slow["combined_score"])
 
 
+def test_primary_scores_are_compute_metrics_primaries():
+    probs, targets = random_data(90, 3)
+    thresholds = {"shape": [0.3, 0.5, 0.7], "fissure": [0.6]}
+    for thr in (None, thresholds):
+        fast = metrics.primary_scores(SCHEMA, probs, targets, thr)
+        slow = compute_metrics(SCHEMA, probs, targets, thr)
+        assert set(fast) == set(SCHEMA.names) | {"__combined__"}
+        for name in SCHEMA.names:
+            assert fast[name] == pytest.approx(slow["tasks"][name]["primary"])
+        assert fast["__combined__"] == pytest.approx(slow["combined_score"])
+
+
 def test_bootstrap_ci_is_fast_deterministic_and_brackets_the_estimate():
     probs, targets = random_data(1000, 11)
     t0 = time.perf_counter()

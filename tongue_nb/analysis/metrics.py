@@ -457,6 +457,18 @@ def bootstrap_ci(schema: TaskSchema, probs: Mapping[str, Any], targets: Mapping[
     return out
 
 
+def primary_scores(schema: TaskSchema, probs: Mapping[str, Any], targets: Mapping[str, Any],
+                   thresholds: Mapping[str, Sequence[float]] | None = None) -> dict[str, float | None]:
+    """Each task's primary metric and "__combined__", as compute_metrics gives them, without the other figures.
+
+    The fast path for many evaluations (resampling, choosing among candidates on subsets).
+    """
+    _n_samples(schema, probs, targets)
+    ind, spans = _indicator_matrix(schema, probs, targets, thresholds)
+    point = _scores(schema, ind.sum(axis=0, keepdims=True).astype(np.float64), spans)
+    return {k: _num(float(v[0])) for k, v in point.items()}
+
+
 def paired_bootstrap_diff(schema: TaskSchema, probs_a: Mapping[str, Any], probs_b: Mapping[str, Any],
                           targets: Mapping[str, Any], n_boot: int = 1000, seed: int = 0,
                           thresholds_a: Mapping[str, Sequence[float]] | None = None,
