@@ -3,7 +3,8 @@
 `Predictor.from_runs([run])` rebuilds a trained run (several runs: the ensemble of their averaged
 probabilities, with thresholds tuned on the validation images they share), reads the preprocessing
 it was trained with from its params.yaml (image size, crop mode, margin; normalisation from the
-model), and `predict_table` scores a table of photos (`list_photos`: a folder or a CSV with an
+model); a classical-baseline run joins the same way with the model it keeps, each member preparing the
+photos its own way; and `predict_table` scores a table of photos (`list_photos`: a folder or a CSV with an
 `image` and optional `mask` column). Photos are decoded in worker threads while the model works on
 the previous chunk. A photo that cannot be used gets an `error` and no scores; the batch goes on.
 """
