@@ -60,6 +60,9 @@ def test_predicting_a_runs_test_images_reproduces_its_predictions(runs):
         assert (out.set_index("id").loc[saved.index, "pred:" + col[len("pred_t:"):]].astype(int)
                 == saved[col].astype(int)).all(), col
     assert (out.set_index("id").loc[saved.index, "pred:coat"] == saved["pred:coat"]).all()
+    # device "auto" is the device this machine has (here the CPU), as for training
+    auto = predict.predict_table(predict.Predictor.from_runs([run], device="auto"), photos, device="auto")
+    assert np.allclose(auto[p_cols].to_numpy(float), out[p_cols].to_numpy(float))
 
 
 def test_bad_photos_get_an_error_and_the_batch_goes_on(runs, tmp_path, capsys):

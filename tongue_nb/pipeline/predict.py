@@ -58,11 +58,10 @@ class Predictor:
         """Load one run, or several as their ensemble; errors name the run and what it lacks."""
         from tongue_nb.model.backbones import EnsembleMultiTaskModel, load_run_model
         from tongue_nb.model.baseline import is_baseline_run, load_baseline_model
-        from tongue_nb.train.params import check_device
 
         if not run_dirs:
             raise ValueError("predict: give at least one trained run folder (--run)")
-        check_device(device)
+        device = _resolved(device)
         settings, nets, baselines = [], [], []
         for d in run_dirs:
             run = Path(d)
@@ -246,14 +245,25 @@ def _chunks(photos: pd.DataFrame, pred: Predictor, chunk: int, workers: int, seg
             pending = nxt
 
 
-def check_options(batch_size: Any, workers: Any, device: Any) -> None:
-    """The scoring options, checked before any photo is read: errors name the option."""
+def _resolved(device: Any) -> str:
+    """A device name checked ('auto' becomes the device this machine has); errors name the parameter."""
     from tongue_nb.train.params import ParamError, check_device
+    from tongue_nb.train.runtime import resolve_device
+
+    if not isinstance(device, str):
+        raise ParamError(f"parameter device: got {device!r}, expected auto, cpu, cuda, cuda:N or mps")
+    check_device(device)
+    return str(resolve_device(device))
+
+
+def check_options(batch_size: Any, workers: Any, device: Any) -> str:
+    """The scoring options, checked before any photo is read (errors name the option); returns the device."""
+    from tongue_nb.train.params import ParamError
 
     for name, value in (("batch_size (--batch-size)", batch_size), ("workers (--workers)", workers)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ParamError(f"{name}: got {value!r}, expected an integer >= 1")
-    check_device(device)
+    return _resolved(device)
 
 
 def predict_table(pred: Predictor, photos: pd.DataFrame, batch_size: int = 32, workers: int = 2,
@@ -268,7 +278,7 @@ def predict_table(pred: Predictor, photos: pd.DataFrame, batch_size: int = 32, w
     """
     from tongue_nb.model.backbones import MultiTaskBackbone
 
-    check_options(batch_size, workers, device)
+    device = check_options(batch_size, workers, device)
     if explain_dir is not None and (not isinstance(pred.model, MultiTaskBackbone) or pred.baselines):
         raise ValueError("--explain maps one trained network run; give a single --run of a network (an ensemble "
                          "has no one backbone, the classical baseline none)")
@@ -309,7 +319,7 @@ def predict_selection(selection_file: str | Path, photos: pd.DataFrame, batch_si
         raise ValueError(f"--selection {path}: not a per-task selection (expected kind per_task_selection and tasks)")
     from tongue_nb.runio import RunFolder
 
-    check_options(batch_size, workers, device)
+    device = check_options(batch_size, workers, device)
     groups: dict[tuple[str, ...], list[str]] = {}
     for task, choice in sel["tasks"].items():
         runs = tuple(choice.get("runs") or ())
