@@ -11,6 +11,7 @@ from pathlib import Path
 __all__ = ["FolderError", "DiskFullError", "check_folder", "check_outside_dataset", "check_file_target", "prepare_folder", "check_free_space", "describe_os_error", "is_disk_full", "human_bytes", "file_sha256"]
 
 _FULL = {errno.ENOSPC, errno.EDQUOT}
+OUT_DIR_PARAMETER = "out_dir (--out)"  # how errors name the folder a run, baseline, segmenter or comparison writes
 
 
 class FolderError(ValueError):
@@ -78,7 +79,7 @@ def check_folder(folder: str | Path, parameter: str, instead: str = "choose a fo
     return folder
 
 
-def check_outside_dataset(folder: str | Path, data_dir: str | Path, parameter: str) -> Path:
+def check_outside_dataset(folder: str | Path, data_dir: str | Path, parameter: str = OUT_DIR_PARAMETER) -> Path:
     """check_folder, and FolderError when `folder` is the dataset folder or inside it: nothing a run, a sweep or a
     comparison writes goes into its dataset (which may be read-only, or shared)."""
     folder = Path(folder)

@@ -315,6 +315,11 @@ class BaselineModel:
         self.estimator, self.image_size, self.crop, self.margin, self.run = estimator, image_size, crop, margin, run
         self.schema: TaskSchema = estimator.schema_
 
+    @property
+    def setting(self) -> tuple[int, str, float]:
+        """(image_size, crop, margin): how each photo is prepared for it."""
+        return (self.image_size, self.crop, self.margin)
+
     def predict_proba(self, images: np.ndarray) -> dict[str, np.ndarray]:
         return self.estimator.predict_proba(images)
 
@@ -414,14 +419,13 @@ def _fit_baseline_run(params: "TrainParams", out: Path, crop: str, class_weight:
     from tongue_nb.analysis import metrics
     from tongue_nb.data import cache
     from tongue_nb.data.tasks import load_labels
+    from tongue_nb.paths import check_outside_dataset
     from tongue_nb.runio import RunFolder, predictions_table
     from tongue_nb.train.trainer import resolve_data
 
-    from tongue_nb.paths import check_outside_dataset
-
     t_start = time.perf_counter()
     data_dir, schema = resolve_data(params)
-    check_outside_dataset(out, data_dir, "out_dir (--out)")  # before any work, like a trained run's folder
+    check_outside_dataset(out, data_dir)  # before any work, like a trained run's folder
     labels = load_labels(data_dir, schema=schema, on_problem=params.on_problem)
     schema = labels.schema
     image_size = params.image_size or 128

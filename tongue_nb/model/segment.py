@@ -235,7 +235,7 @@ def train_segmenter(params: SegParams) -> dict[str, Any]:
     data = Path(params.data_dir)
     from tongue_nb.paths import check_outside_dataset
 
-    check_outside_dataset(out, data, "out_dir (--out)")
+    check_outside_dataset(out, data)
     if params.num_threads:
         torch.set_num_threads(params.num_threads)
     rows, split, images, masks = _load_data(params)  # every input checked before anything is written

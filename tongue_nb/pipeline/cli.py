@@ -97,11 +97,9 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     import torch
 
-    from tongue_nb.pipeline.predict import Predictor, list_photos, predict_table
-    from tongue_nb.runio import atomic_write_text
-
     from tongue_nb.paths import check_file_target, check_folder
-    from tongue_nb.pipeline.predict import check_options
+    from tongue_nb.pipeline.predict import Predictor, check_options, list_photos, predict_table
+    from tongue_nb.runio import atomic_write_text
     from tongue_nb.train.params import ParamError
 
     if bool(args.run) == bool(args.selection):

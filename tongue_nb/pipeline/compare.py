@@ -415,7 +415,7 @@ def compare_backbones(params: CompareParams, backbones: str | Sequence[str],
     if out_dir is not None:  # a folder it cannot write is refused before the comparison, not after it
         from tongue_nb.paths import check_outside_dataset
 
-        check_outside_dataset(out_dir, params.data_dir, "out_dir (--out)")
+        check_outside_dataset(out_dir, params.data_dir)
 
     cfg = {"data_dir": str(params.data_dir), "tasks": params.tasks, "steps": params.steps,
            "warmup_steps": params.warmup_steps, "batch_size": params.batch_size, "image_size": params.image_size,

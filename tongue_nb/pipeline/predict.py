@@ -58,10 +58,11 @@ class Predictor:
         """Load one run, or several as their ensemble; errors name the run and what it lacks."""
         from tongue_nb.model.backbones import EnsembleMultiTaskModel, load_run_model
         from tongue_nb.model.baseline import is_baseline_run, load_baseline_model
+        from tongue_nb.train.runtime import resolve_device
 
         if not run_dirs:
             raise ValueError("predict: give at least one trained run folder (--run)")
-        device = _resolved(device)
+        device = str(resolve_device(device))
         settings, nets, baselines = [], [], []
         for d in run_dirs:
             run = Path(d)
@@ -99,26 +100,29 @@ class Predictor:
         if model is not None:
             size, (crop, margin) = int(model.input_size), settings[0]
         else:
-            size, crop, margin = baselines[0].image_size, baselines[0].crop, baselines[0].margin
+            size, crop, margin = baselines[0].setting
         return cls(model=model, schema=schema, runs=[str(d) for d in nets] + [b.run for b in baselines],
                    image_size=size, crop=crop, margin=margin, thresholds=thresholds, baselines=baselines)
 
     @property
     def mean(self) -> tuple[float, ...]:
-        return tuple(self.model.mean) if self.model is not None else (0.0, 0.0, 0.0)
+        return tuple(self.model.mean)
 
     @property
     def std(self) -> tuple[float, ...]:
-        return tuple(self.model.std) if self.model is not None else (1.0, 1.0, 1.0)
+        return tuple(self.model.std)
 
     @property
     def n_networks(self) -> int:
         return len(self.runs) - len(self.baselines)
 
+    @property
+    def net_setting(self) -> Setting:
+        return (self.image_size, self.crop, self.margin)
+
     def settings(self) -> list[Setting]:
         """The distinct preparations the members need, networks' first."""
-        wanted = ([(self.image_size, self.crop, self.margin)] if self.model is not None else []) + \
-            [(b.image_size, b.crop, b.margin) for b in self.baselines]
+        wanted = ([self.net_setting] if self.model is not None else []) + [b.setting for b in self.baselines]
         return list(dict.fromkeys(wanted))
 
     def predict_proba(self, prepared: dict[Setting, np.ndarray], batch_size: int = 32,
@@ -130,7 +134,7 @@ class Predictor:
 
         parts: list[tuple[float, dict[str, np.ndarray]]] = []
         if self.model is not None:
-            images = prepared[(self.image_size, self.crop, self.margin)]
+            images = prepared[self.net_setting]
             empty = {t.name: np.full(1, -1, dtype=np.int64) if t.kind == "multiclass"
                      else np.full((1, t.n_outputs), np.nan) for t in self.schema}
             targets = {k: np.repeat(v, len(images), axis=0) for k, v in empty.items()}  # no labels: scores only
@@ -139,7 +143,7 @@ class Predictor:
                 probs, _, _ = evaluate(self.model, loader, self.schema, rt=Runtime(device=torch.device(device)))
             parts.append((float(self.n_networks), probs))
         for b in self.baselines:
-            parts.append((1.0, b.predict_proba(prepared[(b.image_size, b.crop, b.margin)])))
+            parts.append((1.0, b.predict_proba(prepared[b.setting])))
         total = sum(w for w, _ in parts)
         return {t.name: sum(w * np.asarray(p[t.name], dtype=np.float64) for w, p in parts) / total
                 for t in self.schema}
@@ -245,25 +249,15 @@ def _chunks(photos: pd.DataFrame, pred: Predictor, chunk: int, workers: int, seg
             pending = nxt
 
 
-def _resolved(device: Any) -> str:
-    """A device name checked ('auto' becomes the device this machine has); errors name the parameter."""
-    from tongue_nb.train.params import ParamError, check_device
-    from tongue_nb.train.runtime import resolve_device
-
-    if not isinstance(device, str):
-        raise ParamError(f"parameter device: got {device!r}, expected auto, cpu, cuda, cuda:N or mps")
-    check_device(device)
-    return str(resolve_device(device))
-
-
 def check_options(batch_size: Any, workers: Any, device: Any) -> str:
     """The scoring options, checked before any photo is read (errors name the option); returns the device."""
     from tongue_nb.train.params import ParamError
+    from tongue_nb.train.runtime import resolve_device
 
     for name, value in (("batch_size (--batch-size)", batch_size), ("workers (--workers)", workers)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ParamError(f"{name}: got {value!r}, expected an integer >= 1")
-    return _resolved(device)
+    return str(resolve_device(device))  # 'auto' becomes the device this machine has
 
 
 def predict_table(pred: Predictor, photos: pd.DataFrame, batch_size: int = 32, workers: int = 2,

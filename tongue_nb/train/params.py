@@ -56,7 +56,7 @@ _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
 def check_device(device: str) -> None:
     """Refuse a device name no run could use (the parameter `device` of every parameters class)."""
-    if not _DEVICE_RE.match(device):
+    if not isinstance(device, str) or not _DEVICE_RE.match(device):
         raise ParamError(f"parameter device: got {device!r}, expected auto, cpu, cuda, cuda:N or mps")
 
 

@@ -68,7 +68,12 @@ class DistInfo:
 
 
 def resolve_device(name: str, info: DistInfo = DistInfo()) -> torch.device:
-    """'auto', 'cpu', 'cuda', 'cuda:N' or 'mps' -> a device that exists here (the rank's GPU under torchrun)."""
+    """'auto', 'cpu', 'cuda', 'cuda:N' or 'mps' -> a device that exists here (the rank's GPU under torchrun).
+
+    Any other name is a ParamError naming the parameter (params.check_device), whoever calls this."""
+    from tongue_nb.train.params import check_device
+
+    check_device(name)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
     device = torch.device(name)

@@ -30,7 +30,7 @@ from tongue_nb.data.tasks import (Labels, TaskSchema, apply_task_weights, defaul
                                   load_schema)
 from tongue_nb.model.backbones import MultiTaskBackbone, build_model
 from tongue_nb.model.losses import MultiTaskLoss, class_weights_from_targets
-from tongue_nb.paths import check_outside_dataset, file_sha256, prepare_folder
+from tongue_nb.paths import OUT_DIR_PARAMETER, check_outside_dataset, file_sha256, prepare_folder
 from tongue_nb.runio import RunFolder, RunLock, load_checkpoint, load_weights, predictions_table, to_jsonable
 from tongue_nb.train.callbacks import (BestTracker, Callback, EarlyStopping, EpochHook, History, LastCheckpoint,
                                        LogEpoch, WeightAveraging, WeightEMA)
@@ -170,14 +170,6 @@ def _resolve_out_dir(params: TrainParams, image_size: int) -> tuple[Path, str]:
     return out, name
 
 
-OUT_DIR_PARAMETER = "out_dir (--out)"
-
-
-def _check_out_dir(out_dir: Path, data_dir: Path) -> None:
-    """Refuse, before anything is written, a run folder inside the dataset or one that cannot be created/written."""
-    check_outside_dataset(out_dir, data_dir, OUT_DIR_PARAMETER)
-
-
 # --------------------------------------------------------------------------- the run
 
 
@@ -215,7 +207,7 @@ def _train(params: TrainParams, info: DistInfo, on_epoch_end: Callable[[dict[str
     data_dir, labels, split = _load_split(params)
     model = build_model(params, labels.schema)
     out_dir, experiment_name = _resolve_out_dir(params, model.input_size)
-    _check_out_dir(out_dir, data_dir)
+    check_outside_dataset(out_dir, data_dir)  # before anything is written: a run never writes inside its data
     folder = RunFolder(out_dir)
     created = not out_dir.exists()
 
