@@ -195,3 +195,22 @@ def test_sweep_over_seeds_keeps_one_split_and_reports_the_spread(tmp_path, tiny_
                         reports_dir=tmp_path / "r")
     with pytest.raises(ParamError, match="each seed once"):
         sweep.run_sweep(tiny_data, ["test_convnext"], seeds=[1, 1], out_dir=tmp_path / "x", reports_dir=tmp_path / "r")
+
+
+def test_a_resumed_sweep_refits_a_baseline_that_keeps_no_model(tmp_path, tiny_data):
+    """A baseline finished before baselines kept their model is fitted again (its selection must be appliable);
+    one that keeps its model is left as it is."""
+    run_dir = tmp_path / "runs" / sweep.BASELINE_RUN
+    extra = {"image_size": 32, "num_threads": 1}
+    sweep._baseline(tiny_data, None, extra, run_dir, sweep.SweepResult(tmp_path, tmp_path / "reports"))
+    model = run_dir / "baseline_model.pkl"
+    assert sweep.is_completed(run_dir) and model.is_file()
+    stamp = model.stat().st_mtime_ns
+    sweep._baseline(tiny_data, None, extra, run_dir, sweep.SweepResult(tmp_path, tmp_path / "reports"))
+    assert model.stat().st_mtime_ns == stamp  # finished and complete: kept
+    model.unlink()  # as a baseline folder from before this version
+    sweep._baseline(tiny_data, None, extra, run_dir, sweep.SweepResult(tmp_path, tmp_path / "reports"))
+    assert model.is_file()
+    from tongue_nb.pipeline.predict import Predictor
+
+    assert Predictor.from_runs([run_dir]).baselines  # now applicable to new photos

@@ -574,11 +574,16 @@ def _sweep(data: Path, backbones: list[str], params_file: str | Path | None, ext
 
 
 def _baseline(data: Path, params_file: str | Path | None, extra: dict, run_dir: Path, result: SweepResult) -> None:
-    """The classical colour/texture baseline on the runs' own split (same seed and fractions), as one more run row."""
-    if is_completed(run_dir):
-        return
+    """The classical colour/texture baseline on the runs' own split (same seed and fractions), as one more run row.
+
+    A finished baseline is kept, unless it was written before baselines kept their model (a per-task selection
+    that chose it could not be applied to new photos): then it is fitted again, which takes seconds."""
     from tongue_nb.model.baseline import fit_baseline_run
+    from tongue_nb.runio import RunFolder
     from tongue_nb.train.params import load_params
+
+    if is_completed(run_dir) and RunFolder(run_dir).file(RunFolder.BASELINE_MODEL).is_file():
+        return
 
     try:
         params = load_params([params_file] if params_file else (), **{**extra, "data_dir": str(data),
