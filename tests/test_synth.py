@@ -110,10 +110,40 @@ def test_labels_are_drawn_in(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, word", [({"n": 0}, "n must"), ({"size": 8}, "size must"),
-                                          ({"seed": -1}, "seed must"), ({"missing": 1.0}, "missing must")])
+                                          ({"size": 100_000}, "size must"), ({"seed": -1}, "seed must"), ({"missing": 1.0}, "missing must")])
 def test_bad_parameters_are_refused(tmp_path, kwargs, word):
     with pytest.raises(ValueError, match=word):
         synth.make_synthetic(tmp_path / "x", **kwargs)
+
+
+def test_bad_parameters_write_nothing(tmp_path):
+    with pytest.raises(ValueError):
+        synth.make_synthetic(tmp_path / "x", size=100_000)
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_failed_generation_leaves_the_folder_as_it_was_and_can_be_rerun(monkeypatch, tmp_path):
+    real_render = synth._render
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise MemoryError("out of memory while drawing")
+        return real_render(*args, **kwargs)
+
+    monkeypatch.setattr(synth, "_render", failing)
+    empty = tmp_path / "given"
+    empty.mkdir()
+    for out in (tmp_path / "new", empty):
+        calls.clear()
+        with pytest.raises(MemoryError):
+            synth.make_synthetic(out, n=8, size=32)
+        assert (not out.exists()) if out.name == "new" else list(out.iterdir()) == []
+    monkeypatch.setattr(synth, "_render", real_render)
+    done = synth.make_synthetic(empty, n=8, size=32)
+    assert sorted(p.name for p in done.iterdir()) == ["images", "labels.csv", "masks", "tasks.yaml"]
+    assert len(list((done / "images").iterdir())) == 8
 
 
 def test_refuses_to_overwrite(small):

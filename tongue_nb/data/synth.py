@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 # Bump when the drawing changes: cached datasets made by an older generator are then rebuilt.
 GENERATOR_VERSION = 1
+MAX_SIZE = 4096  # pixels: a bound well above any training size; larger would only exhaust memory
 
 # Label frequencies, chosen to look like real tongue sets: imbalanced but every class present.
 SHAPE_LABELS = ("spots", "cracks", "teethmarks")
@@ -275,8 +276,8 @@ def make_synthetic(out_dir: str | Path, n: int = 500, size: int = 128, seed: int
     """Write a synthetic tongue dataset (images/, masks/, labels.csv, tasks.yaml) into out_dir and return it."""
     if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
         raise ValueError(f"make_synthetic: n must be an integer >= 1, got {n!r}")
-    if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 32:
-        raise ValueError(f"make_synthetic: size must be an integer >= 32 (pixels), got {size!r}")
+    if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or not 32 <= size <= MAX_SIZE:
+        raise ValueError(f"make_synthetic: size must be an integer in [32, {MAX_SIZE}] (pixels), got {size!r}")
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"make_synthetic: seed must be an integer >= 0, got {seed!r}")
     if not isinstance(missing, (int, float)) or not 0.0 <= float(missing) < 1.0:
@@ -289,8 +290,28 @@ def make_synthetic(out_dir: str | Path, n: int = 500, size: int = 128, seed: int
         raise FileExistsError(f"make_synthetic: {out} already holds a dataset (labels.csv or images/); "
                               "choose an empty folder")
     t0 = time.perf_counter()
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "masks").mkdir(parents=True, exist_ok=True)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    # Written into a hidden staging folder and moved in at the end: a generation that fails (memory, disk,
+    # Ctrl-C) leaves out_dir as it found it, so the same command can simply be run again.
+    stage = Path(tempfile.mkdtemp(prefix=".synth-partial-", dir=out))
+    try:
+        n_pat = _write_dataset(stage, n, size, seed, missing)
+        for name in ("images", "masks", "labels.csv", "tasks.yaml"):
+            os.replace(stage / name, out / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+    log.info("synthetic dataset: %d images (%d patients) at %d px in %.1f s -> %s",
+             n, n_pat, size, time.perf_counter() - t0, out)
+    return out
+
+
+def _write_dataset(out: Path, n: int, size: int, seed: int, missing: float) -> int:
+    """images/, masks/, labels.csv and tasks.yaml into the (empty) folder out; returns the number of patients."""
+    (out / "images").mkdir()
+    (out / "masks").mkdir()
 
     root = np.random.SeedSequence([GENERATOR_VERSION, int(seed)])
     plan_rng = np.random.default_rng(root.spawn(1)[0])
@@ -331,9 +352,7 @@ def make_synthetic(out_dir: str | Path, n: int = 500, size: int = 128, seed: int
         writer.writeheader()
         writer.writerows(rows)
     default_schema().to_yaml(out / "tasks.yaml")
-    log.info("synthetic dataset: %d images (%d patients) at %d px in %.1f s -> %s",
-             n, n_pat, size, time.perf_counter() - t0, out)
-    return out
+    return n_pat
 
 
 def _cache_root() -> Path:
