@@ -130,3 +130,24 @@ def test_per_backbone_sections_apply_to_their_backbone_only(tmp_path):
     bad.write_text("per_backbone: [1, 2]\n")
     with pytest.raises(ParamError, match="per_backbone must map"):
         load_params(files=[bad])
+
+
+def test_every_numeric_parameter_declares_its_range():
+    """A number field with no bound accepts anything (a negative seed reached numpy as 'expected non-negative
+    integer'); every parameters class declares each number's range, so the one field checker names it."""
+    from tongue_nb.model.segment import SegParams
+    from tongue_nb.pipeline.compare import CompareParams
+
+    unbounded = [f"{cls.__name__}.{f.name}" for cls in (TrainParams, CompareParams, SegParams)
+                 for f in dataclasses.fields(cls)
+                 if f.type in ("int", "float", int, float) and not f.metadata.get("choices")
+                 and all(f.metadata.get(k) is None for k in ("gt", "ge", "lt", "le"))]
+    assert unbounded == []
+
+
+@pytest.mark.parametrize("value", [-1, 2.5, "x"])
+def test_compare_seed_is_checked(value):
+    from tongue_nb.pipeline.compare import CompareParams
+
+    with pytest.raises(ParamError, match="parameter seed"):
+        CompareParams(seed=value)

@@ -60,7 +60,7 @@ class CompareParams:
     batch_size: int = param(8, "samples per step, the same for every backbone", gt=0)
     image_size: int = param(128, "square input size in px, the same for every backbone", ge=8)
     lr: float = param(1e-4, "AdamW learning rate during the budget", gt=0.0)
-    seed: int = param(0, "split, initialisation and batch order")
+    seed: int = param(0, "split, initialisation and batch order", ge=0)
     pretrained: bool = param(False, "start from pretrained weights (tongue_nb.model.weights)")
     device: str = param("auto", "auto, cpu, cuda or cuda:N")
     crop: str = param("crop", "tongue mask use: none, crop, blank, crop_blank", choices=CROPS)
