@@ -286,6 +286,52 @@ def test_a_baseline_run_is_applied_to_photos_like_a_trained_run(with_baseline, t
         predict.Predictor.from_runs([broken])
 
 
+def test_notebook_06_applies_a_selection_with_a_baseline_and_writes_beside_the_user(with_baseline, tmp_path):
+    """A sweep's selection.json in the notebook: each task from its choice (the baseline's here), the table
+    written in the working folder (never into a run folder), no class-activation maps (a baseline has none)."""
+    import json
+
+    from tongue_nb.pipeline import sweep
+
+    data, net, base = with_baseline["data"], with_baseline["net"], with_baseline["base"]
+    sel = {"kind": "per_task_selection", "tasks": {
+        "shape": {"source": "net", "runs": [str(net)], "thresholds": None},
+        "coat": {"source": "classical-baseline", "runs": [str(base)], "thresholds": None}}}
+    (tmp_path / "selection.json").write_text(json.dumps(sel))
+    photos = _test_rows_csv(data, base)
+    before = {p: p.stat().st_mtime_ns for run in (net, base) for p in run.rglob("*")}
+    out_nb = tmp_path / "06.ipynb"
+    with sweep.project_kernel(tmp_path) as kernel:
+        sweep.execute_notebook(sweep.NOTEBOOKS / "06_predict.ipynb", out_nb,
+                               {"selection": str(tmp_path / "selection.json"), "images": str(photos), "n_gallery": 3},
+                               kernel, tmp_path)
+    table = pd.read_csv(tmp_path / "predictions-photos.csv", dtype=str, keep_default_na=False).set_index("id")
+    cli = tmp_path / "cli.csv"
+    assert cli_main(["predict", "--selection", str(tmp_path / "selection.json"), "--images", str(photos),
+                     "--out", str(cli)]) == 0
+    assert table.equals(pd.read_csv(cli, dtype=str, keep_default_na=False).set_index("id"))
+    assert set(table["source:coat"]) == {"classical-baseline"} and (table["error"] == "").all()
+    assert {p: p.stat().st_mtime_ns for run in (net, base) for p in run.rglob("*")} == before
+    html = sweep.render_html(out_nb, tmp_path / "06.html").read_text()
+    assert "per-task selection" in html and "none: set explain=True" in html
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"n_gallery": -1}, "parameter n_gallery: got -1, expected an integer >= 0"),
+    ({"explain": 5}, "parameter explain: got 5, expected True or False"),
+    ({"out_csv": "."}, "parameter out_csv"),
+    ({"runs": ""}, "runs / --run"),
+    ({"selection": "sel.json"}, "one of the two"),
+])
+def test_notebook_06_parameters_are_checked_before_anything_is_read(runs, tmp_path, params, message):
+    images = str(_test_rows_csv(runs["data"], runs["a"]))
+    given = {"runs": str(runs["a"]), "images": images, "out_csv": "", "n_gallery": 2, "explain": True, **params}
+    with pytest.raises((ValueError, FileExistsError), match=message):
+        predict.check_view_options(given["out_csv"], given["n_gallery"], given["explain"])
+        predict.load_models(given["runs"].split(","), given.get("selection", ""))
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("option, value, message", [
     ("--batch-size", "0", r"batch_size \(--batch-size\): got 0, expected an integer >= 1"),
     ("--workers", "-1", r"workers \(--workers\): got -1, expected an integer >= 1"),

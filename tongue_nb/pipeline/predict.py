@@ -24,7 +24,8 @@ import yaml
 from tongue_nb.data.images import ImageError, prepare_image, read_image, read_mask
 from tongue_nb.data.tasks import TaskSchema
 
-__all__ = ["Predictor", "list_photos", "predict_table", "IMAGE_SUFFIXES", "MIN_SIDE"]
+__all__ = ["Predictor", "Selection", "list_photos", "load_models", "apply", "predict_table", "predict_selection",
+           "IMAGE_SUFFIXES", "MIN_SIDE"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 CSV_COLUMNS = ("image", "mask", "id")
@@ -115,6 +116,14 @@ class Predictor:
     @property
     def n_networks(self) -> int:
         return len(self.runs) - len(self.baselines)
+
+    @property
+    def can_explain(self) -> bool:
+        """Class-activation maps need one trained network run alone (an ensemble has no one backbone, a baseline
+        none)."""
+        from tongue_nb.model.backbones import MultiTaskBackbone
+
+        return isinstance(self.model, MultiTaskBackbone) and not self.baselines
 
     @property
     def net_setting(self) -> Setting:
@@ -270,10 +279,8 @@ def predict_table(pred: Predictor, photos: pd.DataFrame, batch_size: int = 32, w
     With explain_dir (one network run only), a class-activation overlay per photo and task is
     written there as <row>-<id>-<task>.png: the evidence for the model's answer (tongue_nb.analysis.explain).
     """
-    from tongue_nb.model.backbones import MultiTaskBackbone
-
     device = check_options(batch_size, workers, device)
-    if explain_dir is not None and (not isinstance(pred.model, MultiTaskBackbone) or pred.baselines):
+    if explain_dir is not None and not pred.can_explain:
         raise ValueError("--explain maps one trained network run; give a single --run of a network (an ensemble "
                          "has no one backbone, the classical baseline none)")
     out_rows: list[dict[str, Any]] = []
@@ -296,54 +303,132 @@ def predict_table(pred: Predictor, photos: pd.DataFrame, batch_size: int = 32, w
     return pd.DataFrame(out_rows, columns=["id", "image", "mask_source", "error"] + _score_columns(pred.schema))
 
 
+@dataclass
+class Selection:
+    """A sweep's per-task selection (selection.json) ready to score photos: each task is answered by the run or
+    ensemble chosen for it on validation, with the thresholds chosen with it; a `source:<task>` column says which.
+
+    `parts` holds one Predictor per distinct choice (runs loaded once) and the tasks it answers.
+    """
+
+    path: Path
+    schema: TaskSchema
+    parts: list[tuple[Predictor, list[str]]]
+    sources: dict[str, str]
+
+    @classmethod
+    def from_file(cls, selection_file: str | Path, device: str = "cpu") -> "Selection":
+        """Read and load a selection file; a chosen run that keeps no model (no best checkpoint, or a baseline
+        folder from before baselines kept theirs) is refused, naming the task."""
+        from tongue_nb.runio import RunFolder
+
+        path = Path(selection_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--selection {path}: no such file (a sweep writes <sweep>/selection.json)")
+        try:
+            sel = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--selection {path}: not valid JSON ({exc})") from None
+        if not isinstance(sel, dict) or sel.get("kind") != "per_task_selection" or not isinstance(sel.get("tasks"), dict):
+            raise ValueError(f"--selection {path}: not a per-task selection (expected kind per_task_selection and tasks)")
+        groups: dict[tuple[str, ...], list[str]] = {}
+        for task, choice in sel["tasks"].items():
+            runs = tuple(choice.get("runs") or ())
+            if not runs:
+                raise ValueError(f"--selection {path}: task {task} names no run folder (source {choice.get('source')!r})")
+            for r in runs:
+                if not (RunFolder(r).best.is_file() or RunFolder(r).file(RunFolder.BASELINE_MODEL).is_file()):
+                    raise ValueError(f"--selection {path}: task {task} was chosen from {choice.get('source')!r}, whose "
+                                     f"run {r} keeps no model to apply to new photos (neither {RunFolder.BEST} nor "
+                                     f"{RunFolder.BASELINE_MODEL}); train or fit it again, or pass --run instead")
+            groups.setdefault(runs, []).append(task)
+        if not groups:
+            raise ValueError(f"--selection {path}: names no task")
+        parts = []
+        for runs, tasks in groups.items():
+            pred = Predictor.from_runs(list(runs), device=device)
+            for task in tasks:
+                if task not in pred.schema.names:
+                    raise ValueError(f"--selection {path}: task {task} is not one of its runs' tasks {pred.schema.names}")
+                chosen = sel["tasks"][task].get("thresholds")
+                if chosen is not None:
+                    pred.thresholds[task] = [float(v) for v in chosen]
+            parts.append((pred, tasks))
+        schema = parts[0][0].schema
+        for pred, tasks in parts[1:]:
+            for task in tasks:
+                if task not in schema.names or pred.schema[task] != schema[task]:
+                    raise ValueError(f"--selection {path}: task {task} of {pred.runs} is not the task of "
+                                     f"{parts[0][0].runs}; a selection's runs share one task schema")
+        return cls(path=path, schema=TaskSchema(tuple(t for t in schema if t.name in sel["tasks"])), parts=parts,
+                   sources={t: str(c.get("source", "")) for t, c in sel["tasks"].items()})
+
+    def predict_table(self, photos: pd.DataFrame, batch_size: int = 32, workers: int = 2, device: str = "cpu",
+                      segmenter: Any = None) -> pd.DataFrame:
+        """One row per photo, as `predict_table`, each task's columns from its chosen runs, tasks in schema order;
+        a photo one choice could not use keeps that error."""
+        device = check_options(batch_size, workers, device)
+        head: pd.DataFrame | None = None
+        columns: dict[str, pd.Series] = {}
+        for pred, tasks in self.parts:
+            table = predict_table(pred, photos, batch_size=batch_size, workers=workers, device=device,
+                                  segmenter=segmenter)
+            for c in table.columns:
+                if any(c.startswith(f"{k}:{t}:") or c == f"pred:{t}" for t in tasks for k in ("p", "pred")):
+                    columns[c] = table[c]
+            if head is None:
+                head = table[["id", "image", "mask_source", "error"]].copy()
+            else:
+                head["error"] = [a or b for a, b in zip(head["error"], table["error"])]
+        assert head is not None
+        ordered = [c for c in _score_columns(self.schema) if c in columns]
+        sources = {f"source:{t}": self.sources[t] for t in self.schema.names}
+        return pd.concat([head, pd.DataFrame({c: columns[c] for c in ordered})], axis=1).assign(**sources)
+
+
 def predict_selection(selection_file: str | Path, photos: pd.DataFrame, batch_size: int = 32, workers: int = 2,
                       device: str = "cpu", segmenter: Any = None) -> pd.DataFrame:
-    """Apply a sweep's per-task selection (selection.json): each task answered by the run or ensemble chosen for it,
-    with the thresholds chosen with it; a `source:<task>` column says which. A chosen run that keeps no model
-    (no best checkpoint, or a baseline folder from before baselines kept theirs) is refused, naming the task."""
+    """Apply a sweep's per-task selection (selection.json) to photos: `Selection.from_file(...).predict_table`."""
+    device = check_options(batch_size, workers, device)  # before a model is read
+    return Selection.from_file(selection_file, device).predict_table(photos, batch_size, workers, device, segmenter)
 
-    path = Path(selection_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"--selection {path}: no such file (a sweep writes <sweep>/selection.json)")
-    try:
-        sel = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"--selection {path}: not valid JSON ({exc})") from None
-    if not isinstance(sel, dict) or sel.get("kind") != "per_task_selection" or not isinstance(sel.get("tasks"), dict):
-        raise ValueError(f"--selection {path}: not a per-task selection (expected kind per_task_selection and tasks)")
-    from tongue_nb.runio import RunFolder
 
-    device = check_options(batch_size, workers, device)
-    groups: dict[tuple[str, ...], list[str]] = {}
-    for task, choice in sel["tasks"].items():
-        runs = tuple(choice.get("runs") or ())
-        if not runs:
-            raise ValueError(f"--selection {path}: task {task} names no run folder (source {choice.get('source')!r})")
-        for r in runs:
-            if not (RunFolder(r).best.is_file() or RunFolder(r).file(RunFolder.BASELINE_MODEL).is_file()):
-                raise ValueError(f"--selection {path}: task {task} was chosen from {choice.get('source')!r}, whose run "
-                                 f"{r} keeps no model to apply to new photos (neither {RunFolder.BEST} nor "
-                                 f"{RunFolder.BASELINE_MODEL}); train or fit it again, or pass --run instead")
-        groups.setdefault(runs, []).append(task)
-    if not groups:
-        raise ValueError(f"--selection {path}: names no task")
-    out: pd.DataFrame | None = None
-    for runs, tasks in groups.items():
-        pred = Predictor.from_runs(list(runs), device=device)
-        for task in tasks:
-            chosen = sel["tasks"][task].get("thresholds")
-            if chosen is not None:
-                pred.thresholds[task] = [float(v) for v in chosen]
-        table = predict_table(pred, photos, batch_size=batch_size, workers=workers, device=device, segmenter=segmenter)
-        cols = [c for c in table.columns if any(c.startswith(f"{k}:{t}:") or c == f"pred:{t}"
-                                                  for t in tasks for k in ("p", "pred"))]
-        part = table[cols].assign(**{f"source:{t}": sel["tasks"][t]["source"] for t in tasks})
-        if out is None:
-            out = pd.concat([table[["id", "image", "mask_source", "error"]], part], axis=1)
-        else:
-            out = pd.concat([out, part], axis=1)
-            out["error"] = [a or b for a, b in zip(out["error"], table["error"])]
-    return out
+def load_models(runs: Sequence[str | Path] = (), selection: str | Path = "", device: str = "cpu"
+                ) -> "Predictor | Selection":
+    """Trained run folders (several: their ensemble) or a sweep's selection file: exactly one of the two."""
+    runs = [r for r in runs if str(r).strip()]
+    if bool(runs) == bool(str(selection).strip()):
+        raise ValueError("predict: give trained run folders (runs / --run) or a sweep's selection file "
+                         "(selection / --selection), one of the two")
+    return Selection.from_file(selection, device) if runs == [] else Predictor.from_runs(runs, device=device)
+
+
+def apply(models: "Predictor | Selection", photos: pd.DataFrame, **options: Any) -> pd.DataFrame:
+    """Score photos with a Predictor (`predict_table`) or a Selection (its own table); options as predict_table's."""
+    if isinstance(models, Selection):
+        return models.predict_table(photos, **options)
+    return predict_table(models, photos, **options)
+
+
+def default_output(images: str | Path) -> Path:
+    """Where a notebook writes the predictions when not told: predictions-<photos folder or CSV name>.csv in the
+    working folder (never inside a run folder, whose files record its training)."""
+    return Path(f"predictions-{Path(str(images)).stem or 'photos'}.csv")
+
+
+def check_view_options(out_csv: Any, n_gallery: Any, explain: Any) -> None:
+    """The prediction notebook's own parameters, checked before a photo or model is read (errors name them)."""
+    from tongue_nb.paths import check_file_target
+    from tongue_nb.train.params import ParamError
+
+    if not isinstance(out_csv, (str, Path)):
+        raise ParamError(f"parameter out_csv: got {out_csv!r}, expected a file path (empty: the default)")
+    if isinstance(n_gallery, bool) or not isinstance(n_gallery, (int, np.integer)) or n_gallery < 0:
+        raise ParamError(f"parameter n_gallery: got {n_gallery!r}, expected an integer >= 0 (0: no gallery)")
+    if not isinstance(explain, bool):
+        raise ParamError(f"parameter explain: got {explain!r}, expected True or False")
+    if str(out_csv):
+        check_file_target(out_csv, "out_csv")
 
 
 def _write_explanations(pred: Predictor, images: np.ndarray, probs: dict[str, np.ndarray], names: list[str],
@@ -392,10 +477,10 @@ def _decisions(pred: Predictor, probs: dict[str, np.ndarray]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- notebook views
 
 
-def _summary_lines(pred: Predictor, rec: dict[str, Any]) -> list[str]:
+def _summary_lines(schema: TaskSchema, rec: dict[str, Any]) -> list[str]:
     """'task: answer (p)' per task for one output row (a dict)."""
     lines = []
-    for t in pred.schema:
+    for t in schema:
         if t.kind == "multiclass":
             answer = rec.get(f"pred:{t.name}", "")
             lines.append(f"{t.name}: {answer} ({float(rec[f'p:{t.name}:{answer}']):.2f})" if answer else f"{t.name}: -")
@@ -405,7 +490,7 @@ def _summary_lines(pred: Predictor, rec: dict[str, Any]) -> list[str]:
     return lines
 
 
-def photo_gallery(pred: Predictor, photos: pd.DataFrame, table: pd.DataFrame, segmenter: Any = None,
+def photo_gallery(pred: "Predictor | Selection", photos: pd.DataFrame, table: pd.DataFrame, segmenter: Any = None,
                   k: int = 12, columns: int = 4) -> Any:
     """The first k photos with their mask outlined (given or predicted) and each task's answer."""
     from tongue_nb.analysis.plots import image_grid
@@ -427,11 +512,36 @@ def photo_gallery(pred: Predictor, photos: pd.DataFrame, table: pd.DataFrame, se
             mask = segmenter.predict([img])[0]
         if mask is not None:
             ax.contour(mask, levels=[0.5], colors="lime", linewidths=1)
-        ax.set_title(f"{rec['id']} (mask: {rec['mask_source']})\n" + "\n".join(_summary_lines(pred, rec)), fontsize=7)
+        ax.set_title(f"{rec['id']} (mask: {rec['mask_source']})\n" + "\n".join(_summary_lines(pred.schema, rec)), fontsize=7)
     return fig
 
 
-def upload_box(pred: Predictor, segmenter: Any = None) -> Any:
+def explain_grid(pred: "Predictor | Selection", photos: pd.DataFrame, segmenter: Any = None, k: int = 4) -> Any:
+    """Class-activation overlays of each task's answer for the first k photos (a row per photo), or None when
+    the models cannot be explained (`Predictor.can_explain`: one network run alone) or k is 0."""
+    import tempfile
+
+    import matplotlib.image as mpimg
+    from matplotlib.figure import Figure
+
+    if not isinstance(pred, Predictor) or not pred.can_explain or k <= 0:
+        return None
+    names = pred.schema.names
+    with tempfile.TemporaryDirectory() as tmp:
+        predict_table(pred, photos.head(k), segmenter=segmenter, explain_dir=tmp)
+        pngs = sorted(Path(tmp).glob("*.png"))
+        rows = max(1, -(-len(pngs) // len(names)))
+        fig = Figure(figsize=(2.2 * len(names), 2.4 * rows), layout="constrained")
+        axes = fig.subplots(rows, len(names), squeeze=False).ravel()
+        for ax in axes:
+            ax.axis("off")
+        for ax, png in zip(axes, pngs):
+            ax.imshow(mpimg.imread(png))
+            ax.set_title(png.stem.split("-", 1)[1], fontsize=7)
+    return fig
+
+
+def upload_box(pred: "Predictor | Selection", segmenter: Any = None) -> Any:
     """An ipywidgets box: drop tongue photos in, see each with its mask and answers (None without ipywidgets)."""
     try:
         import ipywidgets as widgets
@@ -457,7 +567,7 @@ def upload_box(pred: Predictor, segmenter: Any = None) -> Any:
                 paths.append(path)
             photos = pd.DataFrame({"id": [Path(f["name"]).name for f in files], "image": [str(p) for p in paths],
                                    "mask": ""})
-            table = predict_table(pred, photos, segmenter=segmenter)
+            table = apply(pred, photos, segmenter=segmenter)
             image.value = figure_png(photo_gallery(pred, photos, table, segmenter, k=len(files)))
         failed = int((table["error"] != "").sum())
         status.value = f"{len(table) - failed} of {len(table)} photos scored" + (f"; {failed} failed" if failed else "")
