@@ -154,6 +154,15 @@ def test_notebook_runs_with_papermill(tmp_path: Path) -> None:
     pngs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
             if "image/png" in o.get("data", {})]
     assert len(pngs) == 2  # the two plots, each shown once
+    # run again into the same folder: the synthetic set made the first time is reused (it was refused as
+    # "already holds a dataset"), and the comparison is written anew
+    pm.execute_notebook(
+        str(ROOT / "notebooks" / "02_model_comparison.ipynb"), str(out_nb), kernel_name="python3", cwd=str(tmp_path),
+        progress_bar=False,
+        parameters=dict(data_dir="", backbones="test_vit", steps=2, warmup_steps=1, batch_size=4, image_size=32,
+                        eval_batches=1, infer_steps=1, synth_n=40, isolate=False, num_threads=1,
+                        out_dir=str(tmp_path / "cmp")))
+    assert list(pd.read_csv(tmp_path / "cmp" / "comparison.csv")["backbone"]) == ["test_vit"]
 
 
 def test_stored_notebook_has_no_outputs_and_a_typed_parameters_cell() -> None:

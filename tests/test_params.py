@@ -134,11 +134,13 @@ def test_per_backbone_sections_apply_to_their_backbone_only(tmp_path):
 
 def test_every_numeric_parameter_declares_its_range():
     """A number field with no bound accepts anything (a negative seed reached numpy as 'expected non-negative
-    integer'); every parameters class declares each number's range, so the one field checker names it."""
+    integer'); every parameters class (the notebooks' too) declares each number's range, so the one field checker
+    names it."""
     from tongue_nb.model.segment import SegParams
     from tongue_nb.pipeline.compare import CompareParams
+    from tongue_nb.pipeline.notebook_params import NOTEBOOK_PARAMS
 
-    unbounded = [f"{cls.__name__}.{f.name}" for cls in (TrainParams, CompareParams, SegParams)
+    unbounded = [f"{cls.__name__}.{f.name}" for cls in (TrainParams, CompareParams, SegParams, *NOTEBOOK_PARAMS.values())
                  for f in dataclasses.fields(cls)
                  if f.type in ("int", "float", int, float) and not f.metadata.get("choices")
                  and all(f.metadata.get(k) is None for k in ("gt", "ge", "lt", "le"))]

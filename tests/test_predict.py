@@ -316,22 +316,6 @@ def test_notebook_06_applies_a_selection_with_a_baseline_and_writes_beside_the_u
     assert "per-task selection" in html and "none: set explain=True" in html
 
 
-@pytest.mark.parametrize("params, message", [
-    ({"n_gallery": -1}, "parameter n_gallery: got -1, expected an integer >= 0"),
-    ({"explain": 5}, "parameter explain: got 5, expected True or False"),
-    ({"out_csv": "."}, "parameter out_csv"),
-    ({"runs": ""}, "runs / --run"),
-    ({"selection": "sel.json"}, "one of the two"),
-])
-def test_notebook_06_parameters_are_checked_before_anything_is_read(runs, tmp_path, params, message):
-    images = str(_test_rows_csv(runs["data"], runs["a"]))
-    given = {"runs": str(runs["a"]), "images": images, "out_csv": "", "n_gallery": 2, "explain": True, **params}
-    with pytest.raises((ValueError, FileExistsError), match=message):
-        predict.check_view_options(given["out_csv"], given["n_gallery"], given["explain"])
-        predict.load_models(given["runs"].split(","), given.get("selection", ""))
-    assert list(tmp_path.iterdir()) == []
-
-
 @pytest.mark.parametrize("option, value, message", [
     ("--batch-size", "0", r"batch_size \(--batch-size\): got 0, expected an integer >= 1"),
     ("--workers", "-1", r"workers \(--workers\): got -1, expected an integer >= 1"),

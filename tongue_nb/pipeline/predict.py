@@ -410,27 +410,6 @@ def apply(models: "Predictor | Selection", photos: pd.DataFrame, **options: Any)
     return predict_table(models, photos, **options)
 
 
-def default_output(images: str | Path) -> Path:
-    """Where a notebook writes the predictions when not told: predictions-<photos folder or CSV name>.csv in the
-    working folder (never inside a run folder, whose files record its training)."""
-    return Path(f"predictions-{Path(str(images)).stem or 'photos'}.csv")
-
-
-def check_view_options(out_csv: Any, n_gallery: Any, explain: Any) -> None:
-    """The prediction notebook's own parameters, checked before a photo or model is read (errors name them)."""
-    from tongue_nb.paths import check_file_target
-    from tongue_nb.train.params import ParamError
-
-    if not isinstance(out_csv, (str, Path)):
-        raise ParamError(f"parameter out_csv: got {out_csv!r}, expected a file path (empty: the default)")
-    if isinstance(n_gallery, bool) or not isinstance(n_gallery, (int, np.integer)) or n_gallery < 0:
-        raise ParamError(f"parameter n_gallery: got {n_gallery!r}, expected an integer >= 0 (0: no gallery)")
-    if not isinstance(explain, bool):
-        raise ParamError(f"parameter explain: got {explain!r}, expected True or False")
-    if str(out_csv):
-        check_file_target(out_csv, "out_csv")
-
-
 def _write_explanations(pred: Predictor, images: np.ndarray, probs: dict[str, np.ndarray], names: list[str],
                         folder: Path) -> None:
     """One overlay PNG per photo and task: the Grad-CAM map of the model's answer over the prepared photo."""
