@@ -381,3 +381,26 @@ def test_ensemble_members_are_chosen_on_validation_never_on_test(tmp_path, data_
     assert [r.path.name for r in report.ranked_on_val(list(sweep.runs.values()))] == ["a", "c", "b"]
     assert report.ensemble_metrics(sweep, 2)["members"] == ["a", "c"]  # b has the best test score
     assert report.per_task_selection(sweep, ensemble_k=2)["table"] is not None
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda run, sweep: report.worst_errors(run, -1), "k: got -1, expected an integer >= 0"),
+    (lambda run, sweep: report.worst_errors(run, 3, split="train"), "split 'train': expected one of val, test"),
+    (lambda run, sweep: report.worst_errors(run, 3, task="nope"), "no task 'nope'"),
+    (lambda run, sweep: report.error_gallery(run, -2), "k: got -2"),
+    (lambda run, sweep: report.confusion_matrices(run, "bogus"), "split 'bogus'"),
+    (lambda run, sweep: report.reliability_diagram(run, "test", 0), "bins: got 0, expected an integer >= 2"),
+    (lambda run, sweep: report.roc_pr_curves(run, "tset"), "split 'tset'"),
+    (lambda run, sweep: report.cam_gallery(run, run.schema.names[0], k=-1), "k: got -1"),
+    (lambda run, sweep: report.bootstrap_table(sweep, n_boot=10, seed=-1), "seed .* must be an integer >= 0"),
+    (lambda run, sweep: report.bootstrap_table(sweep, n_boot=2.5), "n_boot must be an integer"),
+    (lambda run, sweep: report.run_table(sweep, -1), "ensemble_k: got -1"),
+    (lambda run, sweep: report.per_task_selection(sweep, -2), "ensemble_k: got -2"),
+    (lambda run, sweep: report.ensemble_metrics(sweep, -1), "k: got -1"),
+])
+def test_report_functions_name_a_bad_option_instead_of_returning_a_wrong_table(sweep_dir, call, message):
+    """Called from Python (not only the notebooks): a negative count showed all rows but the last, an unknown
+    split or task an empty table, a negative seed reached numpy."""
+    sweep = report.load_sweep(sweep_dir)
+    with pytest.raises((ValueError, KeyError), match=message):
+        call(next(iter(sweep.runs.values())), sweep)

@@ -175,3 +175,14 @@ def test_stored_notebook_has_no_outputs_and_a_parameters_cell():
     found = pm.inspect_notebook(str(ROOT / "notebooks/01_data_review.ipynb"))
     assert set(found) == {line.split(":")[0] for line in params[0].source.splitlines()}
     assert all(p["help"] and p["inferred_type_name"] != "None" for p in found.values())
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda labels: review.sample_grid(labels, labels.schema.names[0], per_class=-1), "per_class: got -1"),
+    (lambda labels: review.sample_grid(labels, labels.schema.names[0], thumb=0), "thumb: got 0"),
+    (lambda labels: review.class_page(labels, labels.schema.names[0], "x", per_page=0), "per_page: got 0"),
+    (lambda labels: review.split_statistics(labels, seed=-1), "seed .* must be an integer >= 0"),
+])
+def test_review_functions_name_a_bad_option(labels, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(labels)

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from tongue_nb.analysis.runs import load_run
+from tongue_nb.analysis.runs import load_run, split_rows
 from tongue_nb.data.tasks import TaskSchema
 
 __all__ = ["read_run", "plot_history", "metrics_table", "details_table", "thresholds_table",
@@ -210,7 +210,7 @@ def thresholds_table(summary: Mapping[str, Any], schema: TaskSchema) -> pd.DataF
 def confusion_matrices(predictions: pd.DataFrame, schema: TaskSchema, split: str = "test",
                        thresholded: bool = True) -> dict[str, pd.DataFrame]:
     """Confusion matrices (rows = truth, columns = prediction) per multiclass task and per binary/multilabel label."""
-    rows = predictions[predictions["split"] == split]
+    rows = split_rows(predictions, split)
     out: dict[str, pd.DataFrame] = {}
     for t in schema:
         if t.kind == "multiclass":

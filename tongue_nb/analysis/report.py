@@ -15,12 +15,11 @@ from matplotlib.figure import Figure
 
 from tongue_nb.analysis.plots import figure_png, image_grid
 # Reading run folders lives in runs.py; load_run / load_sweep / arrays are re-exported for the notebooks.
-from tongue_nb.analysis.runs import RunData, SweepData, _probs, _targets, arrays, load_failures, load_run, load_sweep
+from tongue_nb.analysis.runs import (SPLITS, RunData, SweepData, _probs, _targets, arrays, check_count, load_failures,
+                                     load_run, load_sweep, split_rows)
 from tongue_nb.data.tasks import Task, TaskSchema
 
 log = logging.getLogger(__name__)
-
-SPLITS = ("val", "test")
 
 
 def _metric(view: dict | None, task: str | None = None) -> float:
@@ -102,6 +101,7 @@ def run_table(sweep: SweepData, ensemble_k: int = 0, selection: bool = False, ch
     the two scores that need no model (`chance_rows`). `one_answer_labels` counts a run's labels
     whose tuned threshold answers the same for every validation image (`constant_flags`).
     """
+    ensemble_k = check_count("ensemble_k", ensemble_k)
     rows = [run_row(run) for run in sweep.runs.values()]
     table = pd.DataFrame(rows)
     if ensemble_k >= 2 and len(sweep.runs) >= 2:
@@ -137,10 +137,10 @@ def _shared_rows(runs: Sequence[RunData], split: str) -> list[pd.DataFrame]:
     """Each run's rows of one split restricted to the ids every run predicted, in the same order."""
     ids: set[str] | None = None
     for run in runs:
-        these = set(run.predictions.loc[run.predictions["split"] == split, "id"])
+        these = set(split_rows(run.predictions, split)["id"])
         ids = these if ids is None else ids & these
     order = sorted(ids or ())
-    return [run.predictions[run.predictions["split"] == split].set_index("id").loc[order].reset_index() for run in runs]
+    return [split_rows(run.predictions, split).set_index("id").loc[order].reset_index() for run in runs]
 
 
 def ranked_on_val(runs: Sequence[RunData]) -> list[RunData]:
@@ -159,7 +159,7 @@ def ensemble_metrics(sweep: SweepData, k: int = 3) -> dict:
     """Average the probabilities of the k runs best on val over shared ids; thresholds tuned on val, scored on test."""
     from tongue_nb.analysis import metrics
 
-    members = ranked_on_val(list(sweep.runs.values()))[:k]
+    members = ranked_on_val(list(sweep.runs.values()))[:check_count("k", k)]
     if len(members) < 2:
         raise ValueError(f"an ensemble needs at least 2 runs, the sweep has {len(sweep.runs)}")
     schema = members[0].schema
@@ -236,6 +236,7 @@ def per_task_selection(sweep: SweepData, ensemble_k: int = 3) -> dict:
     """
     from tongue_nb.analysis import metrics
 
+    ensemble_k = check_count("ensemble_k", ensemble_k)
     runs = list(sweep.runs.values())
     if not runs:
         raise ValueError("per_task_selection: the sweep has no finished runs")
@@ -565,6 +566,7 @@ def roc_pr_curves(run: RunData, split: str = "test") -> Figure:
 
 def calibration_table(run: RunData, split: str = "test", bins: int = 10) -> pd.DataFrame:
     """Reliability bins per task: mean confidence vs observed frequency, and the expected calibration error."""
+    bins = check_count("bins", bins, 2)
     probs, targets, _ = arrays(run, split)
     rows = []
     for t in run.schema:
@@ -645,10 +647,13 @@ def sample_errors(run: RunData, thresholded: bool = True) -> pd.DataFrame:
 def worst_errors(run: RunData, k: int = 12, split: str | None = "test", task: str | None = None,
                  offset: int = 0) -> pd.DataFrame:
     """The k most confident mistakes (lowest probability given to the true label), optionally of one task."""
+    k, offset = check_count("k", k), check_count("offset", offset)
+    if task:
+        run.schema[task]  # an unknown task is named (KeyError listing the schema's), not an empty table
     errors = sample_errors(run)
     errors = errors[errors["wrong"]]
     if split:
-        errors = errors[errors["split"] == split]
+        errors = split_rows(errors, split)
     if task:
         errors = errors[errors["task"] == task]
     return errors.sort_values("p_true", kind="stable").iloc[offset:offset + k].reset_index(drop=True)
@@ -743,8 +748,9 @@ def cam_gallery(run: RunData, task: str, k: int = 6, per_class: int = 1, data_di
     from tongue_nb.model.backbones import load_run_model
 
     t = run.schema[task]
-    errors = sample_errors(run)
-    errors = errors[(errors["task"] == task) & (errors["split"] == split)]
+    k, per_class = check_count("k", k), check_count("per_class", per_class)
+    errors = split_rows(sample_errors(run), split)
+    errors = errors[errors["task"] == task]
     worst = errors[errors["wrong"]].sort_values("p_true", kind="stable").head(k)
     right = (errors[~errors["wrong"]].sort_values("p_true", ascending=False, kind="stable")
              .groupby("true", sort=True).head(per_class))
@@ -780,7 +786,8 @@ def error_browser(run: RunData, data_dir: str | Path | None = None, split: str |
         log.info("ipywidgets not installed: use error_gallery for a static view")
         return None
     errors = sample_errors(run)
-    errors = errors[errors["wrong"] & ((errors["split"] == split) if split else True)]
+    errors = split_rows(errors, split) if split else errors
+    errors = errors[errors["wrong"]]
     per_page = 8
     task = widgets.Dropdown(options=run.schema.names, description="task")
     page = widgets.IntSlider(min=0, max=0, description="page")

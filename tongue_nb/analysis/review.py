@@ -16,6 +16,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from PIL import Image
 
+from tongue_nb.analysis.runs import check_count
 from tongue_nb.data.images import ImageError, read_image, read_mask
 from tongue_nb.paths import file_sha256
 from tongue_nb.analysis.plots import figure_png
@@ -287,6 +288,7 @@ def _draw_row(axes: Sequence, labels: Labels, rows: Sequence[int], thumb: int) -
 
 def sample_grid(labels: Labels, task: str, per_class: int = 6, thumb: int = 96, seed: int = 0) -> Figure:
     """A row of random samples per class (multilabel: per label, plus 'none') with the tongue mask outlined."""
+    per_class, thumb = check_count("per_class", per_class, 1), check_count("thumb", thumb, 16)
     choices = browse_choices(labels, task)
     rng = np.random.default_rng(seed)
     fig = Figure(figsize=(1.25 * per_class + 1.2, 1.35 * len(choices)), layout="constrained")
@@ -304,6 +306,8 @@ def sample_grid(labels: Labels, task: str, per_class: int = 6, thumb: int = 96, 
 def class_page(labels: Labels, task: str, label: str, page: int = 0, per_page: int = 12, cols: int = 6,
                thumb: int = 96) -> Figure:
     """One page of the samples of a task's class, in table order (what the browser shows)."""
+    page, per_page = check_count("page", page), check_count("per_page", per_page, 1)
+    cols, thumb = check_count("cols", cols, 1), check_count("thumb", thumb, 16)
     idx = samples_of(labels, task, label)
     n_pages = max(1, -(-len(idx) // per_page))
     if not 0 <= page < n_pages:
@@ -352,6 +356,8 @@ def browser(labels: Labels, task: str | None = None, per_page: int = 12, cols: i
     import ipywidgets as widgets
     from IPython.display import display
 
+    per_page, cols = check_count("per_page", per_page, 1), check_count("cols", cols, 1)
+    thumb = check_count("thumb", thumb, 16)
     task = task or labels.schema.names[0]
     first_label = browse_choices(labels, task)[0]
     if static:

@@ -9,6 +9,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -136,9 +137,26 @@ def load_sweep(sweep_dir: str | Path) -> SweepData:
 # predictions -> arrays in the internals.md encodings
 
 
+SPLITS = ("val", "test")  # the splits predictions.csv holds
+
+
+def split_rows(predictions: pd.DataFrame, split: str) -> pd.DataFrame:
+    """The rows of one split; a split predictions.csv does not hold is an error naming it (not an empty table)."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}: expected one of {', '.join(SPLITS)} (the splits of predictions.csv)")
+    return predictions[predictions["split"] == split]
+
+
+def check_count(name: str, value: Any, minimum: int = 0) -> int:
+    """An integer option (k, bins, offset ...) >= minimum, or a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name}: got {value!r}, expected an integer >= {minimum}")
+    return int(value)
+
+
 def arrays(run: RunData, split: str = "test") -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], pd.DataFrame]:
     """Probabilities and targets for one split of a run's predictions (internals.md encodings), plus its rows."""
-    rows = run.predictions[run.predictions["split"] == split].reset_index(drop=True)
+    rows = split_rows(run.predictions, split).reset_index(drop=True)
     return _probs(run.schema, rows), _targets(run.schema, rows), rows
 
 
