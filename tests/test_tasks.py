@@ -93,6 +93,9 @@ def test_one_column_per_label(tmp_path):
     ("img,shape,coat\na.png,spots,greasy\n", "no 'image' column"),
     ("image,shape,coat,split\na.png,spots,greasy,holdout\n", "column 'split': 'holdout' is not one of"),
     ("image,shape,coat,weight\na.png,spots,greasy,heavy\n", "column 'weight': 'heavy' is not a number"),
+    ("image,shape,coat,coat\na.png,spots,greasy,rotten\n", "line 1: column(s) 'coat' appear more than once"),
+    ("image, shape,shape ,coat\na.png,spots,cracks,rotten\n", "column(s) 'shape' appear more than once"),
+    ("image;shape;coat\na.png;spots;greasy\n", "the header looks separated by ';'"),
 ])
 def test_bad_labels_get_clear_errors(tmp_path, csv, message):
     folder = write(tmp_path / "d", csv, images=["a.png"])

@@ -270,6 +270,11 @@ def _read_csv(path: Path) -> pd.DataFrame:
         df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_filter=False)
     except (pd.errors.ParserError, csv.Error) as exc:
         raise LabelError(f"{path}: cannot parse as CSV: {exc}") from None
+    header = [c.strip() for c in next(csv.reader(io.StringIO(text)), [])]
+    repeated = sorted({c for c in header if header.count(c) > 1})
+    if repeated:
+        raise LabelError(f"{path}: line 1: column(s) {', '.join(map(repr, repeated))} appear more than once in the "
+                         "header; which one holds the labels is ambiguous: keep one column per name")
     df.columns = [str(c).strip() for c in df.columns]
     return df
 
@@ -337,7 +342,9 @@ def load_labels(data_dir: str | Path, schema: TaskSchema | None = None, labels_f
         schema = load_schema(root / "tasks.yaml")
     df = _read_csv(path)
     if "image" not in df.columns:
-        raise LabelError(f"{path}: no 'image' column; columns are {list(df.columns)}")
+        sep = next((c for c in (";", "\t", "|") if len(df.columns) == 1 and c in df.columns[0]), None)
+        hint = f" (the header looks separated by {sep!r}: labels.csv is comma-separated)" if sep else ""
+        raise LabelError(f"{path}: no 'image' column; columns are {list(df.columns)}{hint}")
     if len(df) == 0:
         raise LabelError(f"{path}: the table has a header but no rows")
 
