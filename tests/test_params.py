@@ -84,6 +84,19 @@ def test_bad_files(tmp_path):
     wrong.write_text("batch_size: [1, 2]\n")
     with pytest.raises(ParamError, match=r"batch_size \(from .*wrong.yaml\)"):
         load_params(files=[wrong])
+    twice = tmp_path / "twice.yaml"  # PyYAML alone keeps the last value without a word
+    twice.write_text("batch_size: 16\nlr_note: x\nbatch_size: 32\n")
+    with pytest.raises(ParamError, match=r"twice.yaml: not valid YAML .*key 'batch_size' is given twice in one "
+                                         r"mapping \(lines 1 and 3\)"):
+        load_params(files=[twice])
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("per_backbone:\n  test_vit:\n    lr: 1\n    lr: 2\n")
+    with pytest.raises(ParamError, match="key 'lr' is given twice"):
+        load_params(files=[nested])
+    merged = tmp_path / "merged.yaml"  # a YAML merge key overridden on purpose is not a repeat
+    merged.write_text("base: &b {batch_size: 8}\nper_backbone:\n  test_vit:\n    <<: *b\n    batch_size: 4\n")
+    from tongue_nb.yamlfile import safe_load
+    assert safe_load(merged.read_text())["per_backbone"]["test_vit"] == {"batch_size": 4}
 
 
 def test_replace_rechecks():

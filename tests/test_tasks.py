@@ -41,6 +41,13 @@ def test_bad_schema_names_the_task(tmp_path, entry, message):
         load_schema(path)
 
 
+def test_a_key_given_twice_in_tasks_yaml_is_refused(tmp_path):
+    path = tmp_path / "tasks.yaml"
+    path.write_text("tasks:\n- name: coat\n  kind: multiclass\n  labels: [a, b]\n  weight: 2\n  weight: 0.5\n")
+    with pytest.raises(SchemaError, match=r"tasks.yaml: not valid YAML.*key 'weight' is given twice.*lines 5 and 6"):
+        load_schema(path)
+
+
 def test_duplicate_task_names_refused():
     with pytest.raises(SchemaError, match="repeated: coat"):
         TaskSchema((Task("coat", "binary", ("x",)), Task("coat", "binary", ("y",))))

@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from tongue_nb import yamlfile
+
 log = logging.getLogger(__name__)
 
 KINDS = ("binary", "multiclass", "multilabel")
@@ -210,8 +212,8 @@ def load_schema(path: str | Path) -> TaskSchema:
     if not path.is_file():
         raise SchemaError(f"task schema not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
+        data = yamlfile.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise SchemaError(f"{path}: not valid YAML: {exc}") from None
     return TaskSchema.from_dict(data, source=str(path))
 

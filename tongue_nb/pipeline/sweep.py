@@ -313,10 +313,10 @@ def render_html(notebook: str | Path, html_path: str | Path, title: str | None =
 def default_backbones(params_file: str | Path | None = None) -> list[str]:
     """Backbones for a sweep without --backbones: the recipe's own `backbone` if it sets one, else the seed's list."""
     if params_file:
-        import yaml
+        from tongue_nb.train.params import read_params_file
 
-        data = yaml.safe_load(Path(params_file).read_text()) or {}
-        if isinstance(data, dict) and data.get("backbone"):
+        data = read_params_file(params_file)
+        if data.get("backbone"):
             return [str(data["backbone"])]
     return list(SEED_BACKBONES)
 
@@ -354,10 +354,9 @@ def recipe_seeds(params_file: str | Path | None) -> list[int] | None:
     """The `seeds:` list of a recipe file (a sweep key: each backbone trained once per seed), or None."""
     if not params_file:
         return None
-    import yaml
+    from tongue_nb.train.params import read_params_file
 
-    data = yaml.safe_load(Path(params_file).read_text()) or {}
-    return data.get("seeds") if isinstance(data, dict) else None
+    return read_params_file(params_file).get("seeds")
 
 
 def _check_seeds(seeds: Sequence[int] | None, extra: dict, params_file: str | Path | None) -> list[int] | None:

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from tongue_nb import yamlfile
 from tongue_nb.data.images import CROP_MODES
 
 log = logging.getLogger(__name__)
@@ -293,11 +294,13 @@ def _field_for(name: str, source: str) -> dataclasses.Field:
     raise ParamError(f"unknown parameter {name!r}{where}{_close_names(name, _FIELDS)}")
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_params_file(path: str | Path) -> dict[str, Any]:
+    """A parameter file's mapping (empty file: {}); errors name the file (ParamError)."""
+    path = Path(path)
     if not path.is_file():
         raise ParamError(f"parameter file {path}: not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yamlfile.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ParamError(f"parameter file {path}: not valid YAML ({exc})") from exc
     if data is None:
@@ -340,7 +343,7 @@ def load_params(files: Iterable[str | Path] = (), overrides: Iterable[str] = (),
     sections: list[tuple[str, dict[str, dict[str, Any]]]] = []
     for file in files:
         path = Path(file)
-        general, per_backbone = _split_sections(_read_yaml(path), path)
+        general, per_backbone = _split_sections(read_params_file(path), path)
         layers.append((str(path), general))
         sections.append((str(path), per_backbone))
     layers.append(("value", values))
