@@ -94,6 +94,24 @@ def test_bad_sweep_options_are_refused_before_anything_is_written(data, tmp_path
     assert not (tmp_path / "s").exists() and not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("backbones, message", [
+    ([""], r"got '' in \[''\], expected a timm model name"),
+    (["test_vit", "  "], r"got '  '"),
+    ([".."], r"'\.\.' names no run folder"),  # runs/.. is the sweep folder itself
+    (["test_vit", "test_vit"], r"'test_vit' is listed twice"),
+    (["org/net", "org_net"], r"'org_net' would share its run folder runs/org_net with 'org/net'"),
+    (["classical-baseline"], r"would share its run folder runs/classical-baseline with the classical baseline"),
+    ([], r"expected a list of backbone names"),
+    ("test_vit", r"got 'test_vit', expected a list"),
+])
+def test_backbone_names_that_cannot_each_have_their_own_run_folder_are_refused(data, tmp_path, backbones, message):
+    """A blank name put the failed run's record straight into runs/ (run folder runs/''); '..' would train into the
+    sweep folder; two names with one folder overwrote each other."""
+    with pytest.raises(sweep.SweepError, match=message):
+        sweep.run_sweep(data, backbones, out_dir=tmp_path / "s", reports_dir=tmp_path / "r")
+    assert not (tmp_path / "s").exists() and not (tmp_path / "r").exists()
+
+
 def test_cli_refuses_a_negative_cell_timeout(data, tmp_path, capsys):
     argv = ["sweep", "--data", str(data), "--backbones", "test_convnext", "--out", str(tmp_path / "s"),
             "--reports", str(tmp_path / "r"), "--cell-timeout", "-3"]

@@ -416,6 +416,26 @@ def _safe_name(backbone: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in backbone)
 
 
+def _check_backbones(backbones: Sequence[str], baseline: bool) -> None:
+    """Each backbone gets a run folder and notebook named after it: refuse a list where a name is empty (an unset
+    variable), would name no folder ('.', '..'), or shares its folder with another backbone or the baseline."""
+    if isinstance(backbones, str) or not backbones:
+        raise SweepError(f"run_sweep: backbones: got {backbones!r}, expected a list of backbone names")
+    folders: dict[str, str] = {BASELINE_RUN: "the classical baseline"} if baseline else {}
+    for b in backbones:
+        if not isinstance(b, str) or not b.strip():
+            raise SweepError(f"run_sweep: backbones: got {b!r} in {list(backbones)}, expected a timm model name or "
+                             "short alias (an unset shell variable?)")
+        name = _safe_name(b)
+        if not name.strip("."):
+            raise SweepError(f"run_sweep: backbones: {b!r} names no run folder; expected a timm model name or alias")
+        if name in folders:
+            other = folders[name]
+            what = "is listed twice" if other == repr(b) else f"would share its run folder runs/{name} with {other}"
+            raise SweepError(f"run_sweep: backbones: {b!r} {what}: {list(backbones)}")
+        folders[name] = repr(b)
+
+
 def _write_json(path: Path, obj: Any) -> None:
     """Sweep records, written atomically; anything JSON cannot hold (an exception, say) is kept as text."""
     from tongue_nb.runio import atomic_write_text, to_jsonable
@@ -438,10 +458,7 @@ def run_sweep(data_dir: str | Path | None, backbones: Sequence[str], params_file
     when several are visible, else in this process), "local", "gpus" or "slurm" with `slurm` options
     (partition, gpus_per_job, cpus_per_job, mem_gb, time_min, sbatch, max_requeues, folder, cluster).
     """
-    if not backbones:
-        raise SweepError("run_sweep: no backbones given")
-    if len(set(backbones)) != len(backbones):
-        raise SweepError(f"run_sweep: a backbone is listed twice: {list(backbones)}")
+    _check_backbones(backbones, baseline)
     if params_file and not Path(params_file).is_file():
         raise SweepError(f"run_sweep: recipe file {params_file} not found")
     for name in ("03_train", "04_error_analysis", "05_report"):
