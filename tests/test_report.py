@@ -158,6 +158,18 @@ def test_figures(sweep_dir, data_dir):
     assert any(ax.images for ax in gallery.axes)  # images read from data_dir in params.yaml
 
 
+def test_cam_gallery_of_the_baseline_says_it_has_no_network(sweep_dir, tmp_path):
+    import json
+    import shutil
+
+    base = tmp_path / "classical-baseline"
+    shutil.copytree(sweep_dir / "runs" / "weak", base)
+    summary = json.loads((base / "summary.json").read_text())
+    (base / "summary.json").write_text(json.dumps({**summary, "kind": "baseline", "backbone": "classical-baseline"}))
+    fig = report.cam_gallery(report.load_run(base), "coat", k=2)
+    assert "no network to map" in fig.axes[0].texts[0].get_text()
+
+
 def test_error_browser_pages_through_errors(sweep_dir):
     run = report.load_run(sweep_dir / "runs" / "weak")
     browser = report.error_browser(run, split="test")

@@ -746,6 +746,7 @@ def cam_gallery(run: RunData, task: str, k: int = 6, per_class: int = 1, data_di
     from tongue_nb.data.cache import _decode_one
     from tongue_nb.analysis.explain import class_activation_maps, overlay
     from tongue_nb.model.backbones import load_run_model
+    from tongue_nb.model.baseline import is_baseline_run
 
     t = run.schema[task]
     k, per_class = check_count("k", k), check_count("per_class", per_class)
@@ -759,6 +760,8 @@ def cam_gallery(run: RunData, task: str, k: int = 6, per_class: int = 1, data_di
     fig, axes = image_grid(len(chosen), columns, cell=(2.8, 3.1))
     weights = run.path / "checkpoints" / "best.safetensors"
     problem = ("none found" if not len(chosen) else "images not found: set data_dir" if root is None
+               else "the classical baseline has no network to map (its answers come from colour statistics)"
+               if is_baseline_run(run.path)
                else f"no model checkpoint ({weights.relative_to(run.path)}) in this run folder" if not weights.is_file()
                else "")
     if problem:
