@@ -188,6 +188,10 @@ def test_index_lists_runs_and_failures(tmp_path):
     assert 'href="03_train-a.html"' in text and "0.500" in text
     assert "zzz" in text and "unknown &lt;backbone&gt;" in text and "cell 4" in text
     assert "http" not in text  # self-contained: no external resources
+    assert "--selection" not in text
+    (tmp_path / "selection.json").write_text("{}")
+    text = report.write_index(tmp_path, [], [], selection=tmp_path / "selection.json").read_text()
+    assert f"tongue-nb predict --selection {tmp_path / 'selection.json'} --images PHOTOS" in text
 
 
 def test_ensemble_and_bootstrap(sweep_dir):

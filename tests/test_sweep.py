@@ -148,6 +148,7 @@ def test_real_sweep_two_backbones_and_a_failure(tmp_path, tiny_data):
     index = (reports / "index.html").read_text()
     assert "no_such_net" in index and failures[0]["error_type"] in index and "05_report.html" in index
     assert "04_error_analysis-test_vit.html" in index
+    assert f"--selection {out.resolve() / 'selection.json'}" in index  # how to apply the saved per-task selection
     final = (reports / "05_report.html").read_text()
     assert "ensemble(top 2)" in final and "no_such_net" in final
     table = report.run_table(report.load_sweep(out))

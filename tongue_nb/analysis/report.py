@@ -896,11 +896,12 @@ def index_rows(sweep: SweepData, ensemble_k: int = 3, n_boot: int = 1000, seed: 
 
 def write_index(reports_dir: str | Path, runs: Sequence[dict], failures: Sequence[dict], comparison: str | Path | None = None,
                 data_review: str | Path | None = None, title: str = "tongue_nb sweep", extra: Sequence[tuple[str, str | Path]] = (),
-                provenance: str = "") -> Path:
+                provenance: str = "", selection: str | Path | None = None) -> Path:
     """Write reports/index.html: links to the reports, every score row (runs, baseline, combinations, chance), failures.
 
     runs: dicts with backbone, combined_thresholded, and optionally kind (run/baseline/combination/
-    reference), weights, ci (low, high), report and error_analysis paths.
+    reference), weights, ci (low, high), report and error_analysis paths. selection: the sweep's saved per-task
+    selection, named with the commands that apply it to new photos.
     """
     reports_dir = Path(reports_dir)
     reports_dir.mkdir(parents=True, exist_ok=True)
@@ -932,6 +933,11 @@ def write_index(reports_dir: str | Path, runs: Sequence[dict], failures: Sequenc
                      f"<td>{_link(reports_dir, run.get('error_analysis'), 'errors') if run.get('error_analysis') else ''}"
                      "</td></tr>")
     parts.append("</table>")
+    if selection is not None:
+        where = html.escape(str(Path(selection).resolve()))
+        parts.append(f"<p>The per-task selection is saved as <code>{where}</code>; to apply it to new photos: "
+                     f"<code>tongue-nb predict --selection {where} --images PHOTOS --out predictions.csv</code>, or "
+                     f"<code>notebooks/06_predict.ipynb</code> with <code>-p selection {where}</code>.</p>")
     parts.append(f"<h2>Failed runs ({len(failures)})</h2>")
     if failures:
         parts.append("<table><tr><th>run</th><th>error</th><th>message</th><th>cell</th><th>partial notebook</th></tr>")

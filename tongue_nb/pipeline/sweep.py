@@ -674,8 +674,10 @@ def _index(result: SweepResult, reports: Path, ensemble_k: int = 3) -> Path:
     failures = [dict(f) for f in result.failures]
     failures += [dict(e, backbone=f"{e['backbone'] or 'sweep'} ({e['stage']})") for e in result.errors]
     extra = [("Model comparison (a cost and speed screen)", result.comparison_report)] if result.comparison_report else []
+    selection = result.sweep_dir / "selection.json"  # written by the final report (05) with two or more runs
     return write_index(reports, rows, failures, comparison=result.report, extra=extra,
-                       title=f"tongue_nb sweep {result.sweep_dir.name}", provenance=provenance)
+                       title=f"tongue_nb sweep {result.sweep_dir.name}", provenance=provenance,
+                       selection=selection if selection.is_file() else None)
 
 
 def _worker_main(argv: Sequence[str]) -> int:
