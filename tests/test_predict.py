@@ -174,6 +174,11 @@ def test_onnx_export_matches_pytorch_and_documents_its_preprocessing(runs, tmp_p
     assert "finished training run" in capsys.readouterr().err
 
 
+def test_a_run_given_twice_is_refused(runs):
+    with pytest.raises(ValueError, match="given twice; an ensemble weighs each run once"):
+        predict.Predictor.from_runs([runs["a"], runs["b"], Path(str(runs["a"]) + "/")])
+
+
 def test_notebook_06_predicts_shows_the_gallery_and_renders(runs, tmp_path):
     from tongue_nb.pipeline import sweep
 

@@ -63,6 +63,10 @@ class Predictor:
 
         if not run_dirs:
             raise ValueError("predict: give at least one trained run folder (--run)")
+        resolved = [Path(d).resolve() for d in run_dirs]
+        twice = sorted({str(d) for d, r in zip(run_dirs, resolved) if resolved.count(r) > 1})
+        if twice:
+            raise ValueError(f"--run {twice[0]}: given twice; an ensemble weighs each run once (give each run once)")
         device = str(resolve_device(device))
         settings, nets, baselines = [], [], []
         for d in run_dirs:
