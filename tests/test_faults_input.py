@@ -58,7 +58,9 @@ def _lines(syn: Path) -> list[str]:
 
 def _train_cli(capsys, data: Path, out: Path, *extra: str, backbone: str = "test_convnext") -> tuple[int, str]:
     """Run `tongue-nb train` in this process (no second torch import); return exit code and stderr."""
-    code = cli.main(["train", "--data", str(data), "--backbone", backbone, "--out", str(out), *TINY, *extra])
+    given = {extra[i + 1].split("=", 1)[0] for i in range(len(extra) - 1) if extra[i] == "--set"}
+    tiny = [a for i in range(0, len(TINY), 2) if TINY[i + 1].split("=", 1)[0] not in given for a in TINY[i:i + 2]]
+    code = cli.main(["train", "--data", str(data), "--backbone", backbone, "--out", str(out), *tiny, *extra])
     return code, capsys.readouterr().err
 
 

@@ -166,3 +166,12 @@ def test_compare_seed_is_checked(value):
 
     with pytest.raises(ParamError, match="parameter seed"):
         CompareParams(seed=value)
+
+
+def test_a_parameter_given_twice_is_refused_not_replaced():
+    with pytest.raises(ParamError, match=r"override 'batch_size=32': batch_size is already set by 'batch_size=16'"):
+        load_params(overrides=["batch_size=16", "batch_size=32"])
+    with pytest.raises(ParamError, match=r"override 'seed=2': seed is also given as 1"):
+        load_params(overrides=["seed=2"], seed=1)
+    same = load_params(overrides=["seed=1", "pretrained=false"], seed=1)  # one wish, said twice alike: fine
+    assert same.seed == 1 and same.pretrained is False

@@ -139,14 +139,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_segmenter(args: argparse.Namespace) -> int:
-    from tongue_nb.train.params import ParamError
+    from tongue_nb.train.params import ParamError, split_overrides
     from tongue_nb.model.segment import SegParams, train_segmenter
 
     values: dict = {"data_dir": args.data, "out_dir": args.out, "resume": args.resume}
-    for item in args.set or ():
-        if "=" not in item:
-            raise ParamError(f"--set {item!r}: expected key=value")
-        key, raw = (part.strip() for part in item.split("=", 1))
+    for key, raw, item in split_overrides(args.set or (), "--set"):
+        if key in ("data_dir", "out_dir") or (key == "resume" and args.resume):
+            raise ParamError(f"--set {item!r}: {key} is given by its own option (--{key.split('_')[0]}); give it once")
         if key not in SegParams.__dataclass_fields__:
             raise ParamError(f"--set {item!r}: unknown segmenter parameter {key!r}; known: "
                              f"{', '.join(SegParams.__dataclass_fields__)}")

@@ -335,13 +335,10 @@ SWEEP_OWNED = {"data_dir": "use --data", "out_dir": "runs go to <sweep>/runs/<ba
 
 def _parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     """'key=value' strings into typed notebook parameters, checked by tongue_nb.train.params (errors name the override)."""
-    from tongue_nb.train.params import ParamError, load_params
+    from tongue_nb.train.params import ParamError, load_params, split_overrides
 
     values: dict[str, Any] = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ParamError(f"override {item!r}: expected key=value")
-        key = item.split("=", 1)[0].strip()
+    for key, _, item in split_overrides(overrides):
         if key in SWEEP_OWNED:
             raise ParamError(f"override {item!r}: the sweep sets {key} for every run ({SWEEP_OWNED[key]}); "
                              "it cannot be overridden with --set")

@@ -328,6 +328,22 @@ def _split_sections(data: dict[str, Any], path: Path) -> tuple[dict[str, Any], d
     return data, {str(k): v for k, v in sections.items()}
 
 
+def split_overrides(overrides: Iterable[str], flag: str = "override") -> list[tuple[str, str, str]]:
+    """'key=value' strings into (key, raw value, the string itself); a key given twice is refused (the later value
+    would silently replace the earlier one). `flag` names the option in errors."""
+    parsed: list[tuple[str, str, str]] = []
+    first: dict[str, str] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ParamError(f"{flag} {item!r}: expected key=value")
+        key, raw = (part.strip() for part in item.split("=", 1))
+        if key in first:
+            raise ParamError(f"{flag} {item!r}: {key} is already set by {first[key]!r}; give each parameter once")
+        first[key] = item
+        parsed.append((key, raw, item))
+    return parsed
+
+
 def load_params(files: Iterable[str | Path] = (), overrides: Iterable[str] = (), **values: Any) -> TrainParams:
     """Resolve parameters: defaults < YAML files (in order) < keyword values < 'key=value' overrides.
 
@@ -347,12 +363,14 @@ def load_params(files: Iterable[str | Path] = (), overrides: Iterable[str] = (),
         layers.append((str(path), general))
         sections.append((str(path), per_backbone))
     layers.append(("value", values))
-    parsed: list[tuple[str, str, str]] = []
-    for item in overrides:
-        if "=" not in item:
-            raise ParamError(f"override {item!r}: expected key=value")
-        key, raw = item.split("=", 1)
-        parsed.append((key.strip(), raw.strip(), f"override {item!r}"))
+    parsed = [(key, raw, f"override {item!r}") for key, raw, item in split_overrides(overrides)]
+    for key, raw, where in parsed:
+        # A value given both ways (`--seed 1 --set seed=2`) is two wishes for one parameter: neither replaces
+        # the other silently.
+        if key in values and _coerce(_field_for(key, where), raw, where) != _coerce(_field_for(key, "value"),
+                                                                                   values[key], "value"):
+            raise ParamError(f"{where}: {key} is also given as {values[key]!r} (an option such as --{key.replace('_', '-')}"
+                             " or a keyword); give it once")
     # The backbone being trained decides which per_backbone sections apply.
     backbone = str(_FIELDS["backbone"].default)
     for _, layer in layers:
