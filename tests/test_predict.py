@@ -174,6 +174,36 @@ def test_onnx_export_matches_pytorch_and_documents_its_preprocessing(runs, tmp_p
     assert "finished training run" in capsys.readouterr().err
 
 
+def test_a_colour_statistics_run_exports_a_graph_onnxruntime_runs(runs, tmp_path, monkeypatch):
+    """The colour-statistics input (the real-photo recipe's) used a Where on booleans that onnxruntime lacks: the
+    file was written but could not be loaded. Export now runs the graph before writing it."""
+    import onnxruntime as ort
+    import torch
+
+    from tongue_nb.model import export
+
+    run = _train(runs["data"], tmp_path / "colour", colour_stats=True)
+    out = tmp_path / "colour.onnx"
+    assert cli_main(["export", "--run", str(run), "--out", str(out)]) == 0
+    pred = predict.Predictor.from_runs([run])
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    x[2] = -3.0  # a photo that is all background
+    got = ort.InferenceSession(str(out)).run(None, {"image": x.numpy()})
+    with torch.no_grad():
+        ref = pred.model.predict_proba(x)
+    for task, a in zip(pred.schema.names, got):
+        assert np.abs(a - ref[task].numpy()).max() < 1e-4, task
+
+    class Unsupported(ort.InferenceSession):  # a runtime that cannot load the graph
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation for X")
+
+    monkeypatch.setattr(ort, "InferenceSession", Unsupported)
+    with pytest.raises(RuntimeError, match="does not run in onnxruntime .*NOT_IMPLEMENTED.*nothing was written"):
+        export.export_onnx(run, tmp_path / "never.onnx")
+    assert not (tmp_path / "never.onnx").exists()
+
+
 def test_a_run_given_twice_is_refused(runs):
     with pytest.raises(ValueError, match="given twice; an ensemble weighs each run once"):
         predict.Predictor.from_runs([runs["a"], runs["b"], Path(str(runs["a"]) + "/")])

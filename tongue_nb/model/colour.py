@@ -74,7 +74,7 @@ def colour_statistics(rgb: Tensor, quantiles: Sequence[float] = QUANTILES) -> Te
     step = max(1, -(-max(rgb.shape[-2:]) // MAX_SIDE))
     x = rgb[..., ::step, ::step].float().clamp(0, 1).flatten(2)  # [B, 3, P]
     mask = x.amax(1) > BLACK  # [B, P]
-    mask = torch.where(mask.any(1, keepdim=True), mask, torch.ones_like(mask))
+    mask = mask | ~mask.any(1, keepdim=True)  # boolean algebra, not where(): ONNX runtimes lack Where on booleans
     values = torch.cat([x, _hsv(x), _lab(x)], 1)  # [B, 9, P]
     w = mask.unsqueeze(1).to(values.dtype)
     count = w.sum(2)  # [B, 1]
