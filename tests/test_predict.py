@@ -98,6 +98,22 @@ def test_ensemble_of_runs_averages_and_tunes_its_thresholds(runs):
     assert ens.thresholds == metrics.tune_thresholds(ens.schema, probs, targets)
 
 
+def test_files_a_photo_folder_holds_but_are_not_scored_are_named(tmp_path, caplog):
+    folder = tmp_path / "photos"
+    (folder / "patient1").mkdir(parents=True)
+    Image.new("RGB", (40, 40)).save(folder / "a.jpg")
+    for name in ("IMG_1.HEIC", "IMG_2.heic", "notes.txt"):
+        (folder / name).write_bytes(b"x")
+    with caplog.at_level("WARNING"):
+        photos = predict.list_photos(folder)
+    assert list(photos["id"]) == ["a.jpg"]
+    assert "not scored: 3 file(s) that are not photos it reads (.heic: 2, .txt: 1); 1 subfolder(s) (patient1)" \
+        in caplog.text
+    (folder / "a.jpg").unlink()
+    with pytest.raises(ValueError, match=r"no photos in this folder .*; it holds 3 file\(s\) .* and 1 subfolder"):
+        predict.list_photos(folder)
+
+
 def test_bad_input_is_one_clear_error(runs, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()

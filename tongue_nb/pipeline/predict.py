@@ -11,6 +11,8 @@ the previous chunk. A photo that cannot be used gets an `error` and no scores; t
 from __future__ import annotations
 
 import json
+import logging
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,8 @@ import yaml
 
 from tongue_nb.data.images import ImageError, prepare_image, read_image, read_mask
 from tongue_nb.data.tasks import TaskSchema
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Predictor", "Selection", "list_photos", "load_models", "apply", "predict_table", "predict_selection",
            "IMAGE_SUFFIXES", "MIN_SIDE"]
@@ -190,9 +194,20 @@ def list_photos(images: str | Path) -> pd.DataFrame:
     """
     src = Path(images)
     if src.is_dir():
-        files = sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        entries = sorted(p for p in src.iterdir() if not p.name.startswith("."))
+        files = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        others = Counter(p.suffix.lower() or "(no suffix)" for p in entries if p.is_file() and p not in files)
+        folders = [p.name for p in entries if p.is_dir()]
+        left = ([f"{sum(others.values())} file(s) that are not photos it reads "
+                 f"({', '.join(f'{k}: {v}' for k, v in others.items())})"]
+                if others else []) + ([f"{len(folders)} subfolder(s) ({', '.join(folders[:5])}"
+                                       f"{' ...' if len(folders) > 5 else ''})"] if folders else [])
         if not files:
-            raise ValueError(f"--images {src}: no photos in this folder (looked for {', '.join(IMAGE_SUFFIXES)})")
+            raise ValueError(f"--images {src}: no photos in this folder (looked for {', '.join(IMAGE_SUFFIXES)})"
+                             + (f"; it holds {' and '.join(left)}" if left else ""))
+        if left:  # said, not silently dropped: a phone's .heic photos or a folder per patient are easy to miss
+            log.warning("--images %s: scoring the %d photos in the folder itself; not scored: %s (list them in a "
+                        "CSV, convert them, or pass the subfolder)", src, len(files), "; ".join(left))
         return pd.DataFrame({"id": [p.name for p in files], "image": [str(p) for p in files], "mask": ""})
     if not src.is_file():
         raise FileNotFoundError(f"--images {src}: no such folder or CSV file")
