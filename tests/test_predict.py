@@ -367,6 +367,29 @@ def test_notebook_06_applies_a_selection_with_a_baseline_and_writes_beside_the_u
     assert "per-task selection" in html and "none: set explain=True" in html
 
 
+def test_a_run_folder_of_another_kind_is_refused_and_kept(with_baseline, tmp_path, capsys):
+    """`baseline --out <a trained run>` overwrote the network's summary, params and predictions (the folder then
+    read as a baseline); `train --out <a baseline run>` did the same the other way."""
+    data = with_baseline["data"]
+    net, base = tmp_path / "net", tmp_path / "base"
+    shutil.copytree(with_baseline["net"], net)
+    shutil.copytree(with_baseline["base"], base)
+    before = {p: p.read_bytes() for run in (net, base) for p in run.rglob("*") if p.is_file()}
+    tiny = ["--set", "pretrained=false", "--set", "stage1_epochs=0", "--set", "stage2_epochs=1",
+            "--set", "max_steps_per_epoch=1", "--set", "image_size=32", "--set", "num_threads=1"]
+    commands = [(["baseline", "--data", str(data), "--out", str(net)], "holds a training run, not a classical-baseline"),
+                (["train", "--data", str(data), "--backbone", "test_convnext", "--out", str(base), *tiny],
+                 "holds a classical-baseline run, not a training run"),
+                (["train", "--data", str(data), "--backbone", "test_convnext", "--out", str(base), "--resume", *tiny],
+                 "holds a classical-baseline run"),
+                (["train-segmenter", "--data", str(data), "--out", str(net), "--set", "epochs=1"],
+                 "holds a training run, not a segmenter run")]
+    for argv, message in commands:
+        assert cli_main(argv) == 2, argv
+        assert message in capsys.readouterr().err
+    assert {p: p.read_bytes() for run in (net, base) for p in run.rglob("*") if p.is_file()} == before
+
+
 @pytest.mark.parametrize("option, value, message", [
     ("--batch-size", "0", r"batch_size \(--batch-size\): got 0, expected an integer >= 1"),
     ("--workers", "-1", r"workers \(--workers\): got -1, expected an integer >= 1"),

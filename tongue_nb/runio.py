@@ -344,6 +344,9 @@ TIMING_KEYS = ("total_seconds", "train_seconds", "eval_seconds", "cache_build_se
                "stage1_seconds", "stage2_seconds")
 
 
+RUN_KINDS = {"train": "a training run", "baseline": "a classical-baseline run", "segmenter": "a segmenter run"}
+
+
 class RunFolder:
     """The one owner of a run folder's files: where each lives, and the only code that writes them.
 
@@ -432,6 +435,31 @@ class RunFolder:
             return json.loads(file.read_text())
         except json.JSONDecodeError as exc:
             raise ValueError(f"{file}: not valid JSON: {exc}") from None
+
+    def run_kind(self) -> str | None:
+        """What kind of run the folder holds: 'train', 'baseline' or 'segmenter' (summary.json's kind, else told by
+        the files a run of that kind leaves: the baseline's model, a segmenter's or a network's checkpoints), or
+        None for a folder without a run."""
+        try:
+            kind = self.read_summary().get("kind")
+        except (OSError, ValueError, AttributeError):
+            kind = None
+        if kind in RUN_KINDS:
+            return str(kind)
+        if self.file(self.BASELINE_MODEL).exists():
+            return "baseline"
+        if self.last.exists() or self.best.exists():
+            params = self.file(self.PARAMS)
+            return "segmenter" if params.is_file() and "encoder:" in params.read_text(errors="replace") else "train"
+        return None
+
+    def check_kind(self, kind: str, parameter: str) -> None:
+        """Refuse to write a run of `kind` into a folder that holds a run of another kind (whose records the new
+        run would overwrite): FileExistsError naming the folder, what it holds and the parameter."""
+        found = self.run_kind()
+        if found is not None and found != kind:
+            raise FileExistsError(f"{parameter} {self.path}: holds {RUN_KINDS[found]}, not {RUN_KINDS[kind]}; its "
+                                  "records would be overwritten: choose another folder")
 
     def is_completed(self) -> bool:
         """A finished run: a readable summary with status completed and test metrics."""

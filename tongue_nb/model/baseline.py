@@ -426,6 +426,7 @@ def _fit_baseline_run(params: "TrainParams", out: Path, crop: str, class_weight:
     t_start = time.perf_counter()
     data_dir, schema = resolve_data(params)
     check_outside_dataset(out, data_dir)  # before any work, like a trained run's folder
+    RunFolder(out).check_kind("baseline", "out_dir (--out)")  # a network's or segmenter's folder keeps its records
     labels = load_labels(data_dir, schema=schema, on_problem=params.on_problem)
     schema = labels.schema
     image_size = params.image_size or 128

@@ -228,8 +228,8 @@ def _scores(probs: np.ndarray, masks: np.ndarray) -> dict[str, float]:
 
 def train_segmenter(params: SegParams) -> dict[str, Any]:
     """Train (or resume) a segmenter into params.out_dir; returns its summary (also summary.json)."""
-    from tongue_nb.runio import (RunLock, atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint,
-                        save_weights)
+    from tongue_nb.runio import (RunFolder, RunLock, atomic_write_json, atomic_write_text, load_checkpoint,
+                                 save_checkpoint, save_weights)
 
     out = Path(params.out_dir)
     data = Path(params.data_dir)
@@ -241,6 +241,7 @@ def train_segmenter(params: SegParams) -> dict[str, Any]:
     rows, split, images, masks = _load_data(params)  # every input checked before anything is written
     net, weights_info = build_unet(params.encoder, params.pretrained, params.pretrained_path)
     last = out / "checkpoints" / "last.pt"
+    RunFolder(out).check_kind("segmenter", "--out")  # a classification run's folder keeps its records
     out.mkdir(parents=True, exist_ok=True)
     with RunLock(out):
         if last.exists() and not params.resume:

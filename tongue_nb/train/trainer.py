@@ -209,6 +209,7 @@ def _train(params: TrainParams, info: DistInfo, on_epoch_end: Callable[[dict[str
     out_dir, experiment_name = _resolve_out_dir(params, model.input_size)
     check_outside_dataset(out_dir, data_dir)  # before anything is written: a run never writes inside its data
     folder = RunFolder(out_dir)
+    folder.check_kind("train", OUT_DIR_PARAMETER)  # a baseline's or segmenter's folder keeps its records
     created = not out_dir.exists()
 
     lock = RunLock(out_dir) if info.is_main else None
