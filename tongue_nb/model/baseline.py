@@ -419,14 +419,14 @@ def _fit_baseline_run(params: "TrainParams", out: Path, crop: str, class_weight:
     from tongue_nb.analysis import metrics
     from tongue_nb.data import cache
     from tongue_nb.data.tasks import load_labels
-    from tongue_nb.paths import check_outside_dataset
+    from tongue_nb.paths import OUT_DIR_PARAMETER, check_outside_dataset
     from tongue_nb.runio import RunFolder, predictions_table
     from tongue_nb.train.trainer import resolve_data
 
     t_start = time.perf_counter()
     data_dir, schema = resolve_data(params)
     check_outside_dataset(out, data_dir)  # before any work, like a trained run's folder
-    RunFolder(out).check_kind("baseline", "out_dir (--out)")  # a network's or segmenter's folder keeps its records
+    RunFolder(out).check_kind("baseline", OUT_DIR_PARAMETER)  # a network's or segmenter's folder keeps its records
     labels = load_labels(data_dir, schema=schema, on_problem=params.on_problem)
     schema = labels.schema
     image_size = params.image_size or 128

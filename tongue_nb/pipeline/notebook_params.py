@@ -13,8 +13,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
-from tongue_nb.train.params import (ParamError, _close_names, check_fields, coerce_fields, injected_parameter_names,
-                                    param)
+from tongue_nb.analysis.runs import SPLITS
+from tongue_nb.data.synth import MAX_SIZE
+from tongue_nb.train.params import (ParamError, check_fields, check_notebook_names, coerce_fields,
+                                    injected_parameter_names, param)
 
 __all__ = ["DataReviewParams", "ComparisonNotebookParams", "ErrorAnalysisParams", "ReportParams",
            "PredictNotebookParams", "NOTEBOOK_PARAMS"]
@@ -25,10 +27,15 @@ class NotebookParams:
 
     #: further parameters the notebook has, checked by the class that uses them (02: CompareParams)
     shared: ClassVar[tuple[str, ...]] = ()
+    #: text parameters the notebook cannot go without -> what is expected there
+    required: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self) -> None:
         coerce_fields(self)
         check_fields(self)
+        for name, expected in self.required.items():
+            if not getattr(self, name).strip():
+                raise ParamError(f"parameter {name}: expected {expected}")
 
     @classmethod
     def names(cls) -> list[str]:
@@ -38,11 +45,7 @@ class NotebookParams:
     @classmethod
     def from_namespace(cls, namespace: Mapping[str, Any]) -> Any:
         """The notebook's parameters from its variables; a papermill-injected name it does not have is refused."""
-        known = cls.names()
-        for name in injected_parameter_names(namespace) or ():
-            if name not in known and not name.startswith("PAPERMILL_"):  # papermill's own --inject-* names
-                raise ParamError(f"unknown notebook parameter {name!r} (papermill -p {name} ...)"
-                                 f"{_close_names(name, known)}")
+        check_notebook_names(injected_parameter_names(namespace) or (), cls.names())
         return cls(**{f.name: namespace[f.name] for f in fields(cls) if f.name in namespace})
 
 
@@ -52,7 +55,8 @@ class DataReviewParams(NotebookParams):
 
     data_dir: str = param("", "dataset folder (labels.csv, images); empty: the built-in synthetic set")
     tasks: str = param("", "task schema YAML; empty: <data_dir>/tasks.yaml")
-    image_size: int = param(128, "synthetic image size in px (used when data_dir is empty)", ge=32, le=4096)
+    image_size: int = param(128, "synthetic image size in px (used when data_dir is empty)", ge=32,
+                            le=MAX_SIZE)
     n_synthetic: int = param(300, "number of synthetic images (used when data_dir is empty)", ge=1)
     seed: int = param(0, "seed of the synthetic set, the sample grids and the split", ge=0)
     samples_per_class: int = param(6, "thumbnails per class in the sample grids", ge=1)
@@ -72,6 +76,7 @@ class ComparisonNotebookParams(NotebookParams):
     backbones: str = param("convnext_tiny,swin_tiny,vit_base", "comma-separated names (or a YAML list with -y)")
     synth_n: int = param(120, "images in the synthetic set when data_dir is empty", ge=1)
     out_dir: str = param("comparison", "folder for comparison.csv / comparison.json (and the synthetic set)")
+    required: ClassVar[dict[str, str]] = {"out_dir": "a folder"}
 
     def __post_init__(self) -> None:
         from tongue_nb.paths import check_folder
@@ -79,8 +84,6 @@ class ComparisonNotebookParams(NotebookParams):
         if isinstance(self.backbones, (list, tuple)):  # papermill -y 'backbones: [a, b]'
             self.backbones = ",".join(map(str, self.backbones))
         super().__post_init__()
-        if not self.out_dir.strip():
-            raise ParamError("parameter out_dir: got '', expected a folder")
         check_folder(self.out_dir, "out_dir")
 
 
@@ -90,14 +93,10 @@ class ErrorAnalysisParams(NotebookParams):
 
     run_dir: str = param("", "run folder written by 03_train (summary.json, predictions.csv, ...)")
     data_dir: str = param("", "dataset folder for the image gallery (empty: the data_dir in the run params.yaml)")
-    split: str = param("test", "split to analyse: val or test", choices=("val", "test"))
+    split: str = param("test", "split to analyse: val or test", choices=SPLITS)
     n_worst: int = param(12, "images in the worst-errors gallery", ge=1)
     calibration_bins: int = param(10, "bins of the reliability diagram", ge=2, le=100)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.run_dir.strip():
-            raise ParamError("parameter run_dir: expected a run folder, e.g. -p run_dir runs/sweep-x/runs/convnext_tiny")
+    required: ClassVar[dict[str, str]] = {"run_dir": "a run folder, e.g. -p run_dir runs/sweep-x/runs/convnext_tiny"}
 
 
 @dataclass
@@ -108,11 +107,7 @@ class ReportParams(NotebookParams):
     ensemble_k: int = param(3, "average the k runs best on validation as an extra row (0 or 1: no ensemble)", ge=0)
     n_boot: int = param(1000, "bootstrap resamples for the 95% confidence intervals", ge=1)
     seed: int = param(0, "bootstrap seed", ge=0)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.sweep_dir.strip():
-            raise ParamError("parameter sweep_dir: expected a sweep folder, e.g. -p sweep_dir runs/sweep-20250101")
+    required: ClassVar[dict[str, str]] = {"sweep_dir": "a sweep folder, e.g. -p sweep_dir runs/sweep-20250101"}
 
 
 @dataclass
@@ -128,12 +123,12 @@ class PredictNotebookParams(NotebookParams):
     n_gallery: int = param(12, "photos shown in the gallery (0: none)", ge=0)
     explain: bool = param(True, "class-activation overlays for the first gallery photos (one network run only)")
 
+    required: ClassVar[dict[str, str]] = {"images": "a folder of photos or a CSV with an image column"}
+
     def __post_init__(self) -> None:
         from tongue_nb.paths import check_file_target
 
         super().__post_init__()
-        if not self.images.strip():
-            raise ParamError("parameter images: expected a folder of photos or a CSV with an image column")
         if bool(self.run_list) == bool(self.selection.strip()):
             raise ParamError("parameters runs and selection: expected trained run folders (runs) or a sweep's "
                              "selection file (selection), one of the two")

@@ -433,9 +433,10 @@ def injected_parameter_names(namespace: Mapping[str, Any]) -> list[str] | None:
     return names
 
 
-def _check_notebook_names(names: Iterable[str]) -> None:
-    """Refuse a notebook parameter that is neither a TrainParams field nor a notebook extra, naming close ones."""
-    known = list(_FIELDS) + list(NOTEBOOK_EXTRA)
+def check_notebook_names(names: Iterable[str], known: Iterable[str] | None = None) -> None:
+    """Refuse a papermill-injected name the notebook does not have, naming close ones; `known`: the notebook's
+    parameters (default: 03_train's, the TrainParams fields and the notebook extras)."""
+    known = list(known) if known is not None else list(_FIELDS) + list(NOTEBOOK_EXTRA)
     for name in names:
         if name in known or name.startswith("PAPERMILL_"):  # papermill's own --inject-* names
             continue
@@ -459,7 +460,7 @@ def params_from_namespace(namespace: Mapping[str, Any], params_file: str | Path 
                   if name in namespace and namespace[name] != defaults[name].default}
     else:
         given = list(given)
-        _check_notebook_names(given)
+        check_notebook_names(given)
         missing = [name for name in given if name not in namespace]
         if missing:
             raise ParamError(f"notebook parameter(s) {', '.join(missing)} given but not set in the notebook")
