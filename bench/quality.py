@@ -63,7 +63,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 # The recipe settings recorded with every run's figures.
 SETTING_KEYS = ("backbone", "image_size", "crop", "stage2_epochs", "max_steps_per_epoch", "batch_size",
                 "stage2_lr_backbone", "stage2_lr_head", "class_weighting", "task_weights", "augment",
-                "augment_strength", "drop_rate", "label_smoothing", "ema_decay", "precision", "channels_last")
+                "augment_strength", "drop_rate", "label_smoothing", "ema_decay", "layer_decay", "precision",
+                "channels_last")
 
 
 class BudgetExceeded(RuntimeError):
@@ -323,6 +324,7 @@ def render_markdown(res: Mapping[str, Any]) -> str:
                        f"lr {st.get('stage2_lr_backbone')}, class weights {st.get('class_weighting')}, "
                        f"augment {st.get('augment')}")
             extras = [f"{k} {st[k]}" for k in ("label_smoothing", "ema_decay", "task_weights") if st.get(k)]
+            extras += [f"layer_decay {st['layer_decay']}"] if st.get("layer_decay") not in (None, 1.0) else []
             extras += [f"augment_strength {st['augment_strength']}"] if st.get("augment_strength") not in (None, 1.0) else []
             extras += [f"{st['precision']}"] if st.get("precision") not in (None, "auto", "fp32") else []
             extras += ["channels_last"] if st.get("channels_last") else []

@@ -16,6 +16,7 @@ from tongue_nb.runio import RunLock, load_checkpoint, load_weights
 from tongue_nb.data.synth import make_synthetic
 from tongue_nb.data.tasks import default_schema
 from tongue_nb.train.runtime import Runtime
+from tongue_nb.train.fit import GROUP_NAMES
 from tongue_nb.train.trainer import (NonFiniteLossError, TrainingError, WeightEMA, make_optimizer, train,
                                train_one_epoch, warmup_cosine)
 
@@ -61,6 +62,45 @@ def test_optimizer_holds_configured_lrs_per_stage():
     assert seen[0]["backbone_decay"] == pytest.approx(0.5e-4) and seen[0]["head_decay"] == pytest.approx(0.5e-3)
     assert seen[1]["backbone_decay"] == pytest.approx(1e-4) and seen[1]["head_no_decay"] == pytest.approx(1e-3)
     assert seen[5]["head_decay"] == pytest.approx(1e-3 * warmup_cosine(5, 2, 10))
+
+
+def test_layer_decay_scales_earlier_backbone_layers():
+    model = MultiTaskBackbone("test_convnext", default_schema(), pretrained=False, freeze_backbone=False)
+    depths = model.backbone_layer_depths()
+    assert set(depths) == {n for n, _ in model.backbone.named_parameters()}
+    last = max(depths.values())
+    assert depths["stem.0.weight"] == 0 and last >= 4 and set(depths.values()) == set(range(last + 1))
+    opt, _ = make_optimizer(model, 1e-3, 2e-3, 0.05, steps=10, warmup_steps=0, layer_decay=0.5)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    for name, p in model.backbone.named_parameters():
+        assert lr_of[id(p)] == pytest.approx(1e-3 * 0.5 ** (last - depths[name])), name
+    assert all(lr_of[id(p)] == pytest.approx(2e-3) for p in model.heads.parameters())
+    assert len(lr_of) == sum(1 for p in model.parameters())  # every parameter in exactly one group
+    names = {g["name"] for g in opt.param_groups}
+    assert {"backbone_no_decay", "backbone_l00_decay"} <= names  # the last group keeps the plain name
+    # decay 1 is the plain four groups; outside (0, 1] is refused by name
+    plain, _ = make_optimizer(model, 1e-3, 2e-3, 0.05, steps=10, warmup_steps=0, layer_decay=1.0)
+    assert {g["name"] for g in plain.param_groups} == set(GROUP_NAMES)
+    for bad in (0.0, 1.5, -0.1, True):
+        with pytest.raises(ValueError, match="layer_decay"):
+            model.param_groups(1e-3, 2e-3, 0.05, layer_decay=bad)
+
+
+def test_layer_decay_refuses_a_backbone_without_layer_groups():
+    model = MultiTaskBackbone("test_convnext", default_schema(), pretrained=False, freeze_backbone=False)
+    model.backbone.group_matcher = None  # as a backbone timm defines no layer groups for
+    with pytest.raises(ValueError, match="'test_convnext'.*no timm group_matcher.*layer_decay: 1"):
+        model.param_groups(1e-3, 2e-3, 0.05, layer_decay=0.8)
+    assert {g["name"] for g in model.param_groups(1e-3, 2e-3, 0.05)} == set(GROUP_NAMES)  # off: no groups needed
+
+
+def test_layer_decay_run_trains(data_dir, tmp_path):
+    summary = train(tiny(data_dir, tmp_path / "run", layer_decay=0.7, stage2_lr_backbone=1e-3))
+    assert summary["status"] == "completed"
+    assert "layer_decay: 0.7" in (tmp_path / "run" / "params.yaml").read_text()
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    stage2 = history[history["stage"] == 2]
+    assert (stage2["lr_backbone_no_decay"] > 0).all()  # the last layer group logs at the backbone rate
 
 
 def test_run_folder_summary_and_stage_lrs(data_dir, tmp_path):

@@ -476,23 +476,60 @@ class MultiTaskBackbone(_InputConfig, nn.Module):
             self.backbone.eval()
         return self
 
-    def param_groups(self, lr_backbone: float, lr_head: float, weight_decay: float) -> list[dict]:
+    def param_groups(self, lr_backbone: float, lr_head: float, weight_decay: float,
+                     layer_decay: float = 1.0) -> list[dict]:
         """AdamW groups of trainable parameters, named backbone_decay/backbone_no_decay/head_decay/head_no_decay.
 
         No weight decay on biases, norms (any 1-d tensor), position embeddings and class/register tokens.
-        Frozen parameters are left out, so a stage-1 optimizer holds head groups only.
+        Frozen parameters are left out, so a stage-1 optimizer holds head groups only. With `layer_decay`
+        < 1 the backbone's last layer group keeps `lr_backbone` (and the plain group names) and each earlier
+        group gets `layer_decay` times the rate of the one after it (`backbone_layer_depths`); its groups are
+        named backbone_l<depth>_decay / _no_decay.
         """
         for what, v in (("lr_backbone", lr_backbone), ("lr_head", lr_head), ("weight_decay", weight_decay)):
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"param_groups: {what} must be a finite number >= 0, got {v!r}")
+        if isinstance(layer_decay, bool) or not isinstance(layer_decay, (int, float)) or not 0 < layer_decay <= 1:
+            raise ValueError(f"param_groups: layer_decay must be in (0, 1], got {layer_decay!r}")
         nwd_fn = getattr(self.backbone, "no_weight_decay", None)
         nwd = set(nwd_fn()) if callable(nwd_fn) else set()
-        groups = _param_groups(self.backbone.named_parameters(), nwd, "backbone", lr_backbone, weight_decay)
+        if layer_decay == 1:
+            groups = _param_groups(self.backbone.named_parameters(), nwd, "backbone", lr_backbone, weight_decay)
+        else:
+            depths = self.backbone_layer_depths()
+            last = max(depths.values())
+            by_depth: dict[int, list[tuple[str, nn.Parameter]]] = {}
+            for name, p in self.backbone.named_parameters():
+                by_depth.setdefault(depths[name], []).append((name, p))
+            groups = []
+            for depth in sorted(by_depth):
+                prefix = "backbone" if depth == last else f"backbone_l{depth:02d}"
+                groups += _param_groups(by_depth[depth], nwd, prefix, lr_backbone * layer_decay ** (last - depth),
+                                        weight_decay)
         head_params = list(self.heads.named_parameters())
         if self.colour is not None:
             head_params += [(f"colour.{n}", p) for n, p in self.colour.named_parameters()]
         groups += _param_groups(head_params, set(), "head", lr_head, weight_decay)
         return groups
+
+    def backbone_layer_depths(self) -> dict[str, int]:
+        """Backbone parameter name -> its layer group's depth, 0 (stem) .. n-1 (last), by timm's group matcher.
+
+        The fine-grained groups timm defines for each architecture (one per block for ConvNeXt, Swin, ViT,
+        EfficientNet, ResNet); a backbone without a group matcher, or one that leaves a parameter out, is an
+        error that names it.
+        """
+        matcher = getattr(self.backbone, "group_matcher", None)
+        if not callable(matcher):
+            raise ValueError(f"layer_decay < 1 needs layer groups, and backbone {self.backbone_name!r} "
+                             f"({self.timm_name}) defines none (no timm group_matcher); use layer_decay: 1")
+        ids = timm.models.group_parameters(self.backbone, matcher(coarse=False), reverse=True)
+        missing = [n for n, _ in self.backbone.named_parameters() if n not in ids]
+        if missing:
+            raise ValueError(f"layer_decay: backbone {self.backbone_name!r} ({self.timm_name}) puts no layer group "
+                             f"on {len(missing)} parameter(s), e.g. {missing[0]!r}; use layer_decay: 1")
+        rank = {gid: i for i, gid in enumerate(sorted(set(ids.values())))}
+        return {name: rank[ids[name]] for name, _ in self.backbone.named_parameters()}
 
     def params_m(self) -> dict[str, float]:
         """Parameter counts in millions: {"total": ..., "trainable": ...}."""

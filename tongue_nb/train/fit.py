@@ -70,6 +70,7 @@ class FitConfig:
     """The loop's own settings (the rest of a recipe goes to the callbacks that use it)."""
 
     weight_decay: float = 0.05
+    layer_decay: float = 1.0
     warmup_epochs: float = 1.0
     accumulation_steps: int = 1
     grad_clip: float = 0.0
@@ -177,7 +178,8 @@ class Fit:
             total_steps = stage.epochs * steps_per_epoch
             warmup = min(total_steps, round(cfg.warmup_epochs * steps_per_epoch))
             self.optimizer, self.scheduler = make_optimizer(self.model, stage.lr_backbone, stage.lr_head,
-                                                            cfg.weight_decay, total_steps, warmup)
+                                                            cfg.weight_decay, total_steps, warmup,
+                                                            layer_decay=cfg.layer_decay)
             if self._resume_optim is not None:
                 self.optimizer.load_state_dict(self._resume_optim["optimizer"])
                 self.scheduler.load_state_dict(self._resume_optim["scheduler"])

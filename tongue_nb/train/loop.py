@@ -53,12 +53,16 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
 
 
 def make_optimizer(model: MultiTaskBackbone, lr_backbone: float, lr_head: float, weight_decay: float,
-                   steps: int, warmup_steps: int) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+                   steps: int, warmup_steps: int,
+                   layer_decay: float = 1.0) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over the model's trainable groups (no decay on norms/biases) and its per-step warm-up + cosine schedule.
 
     The multi-tensor (foreach) update: one kernel per group and operation instead of one per parameter.
+    `layer_decay` < 1 scales the backbone's earlier layer groups down (`MultiTaskBackbone.param_groups`);
+    the schedule multiplies every group's own rate.
     """
-    groups = model.param_groups(lr_backbone=lr_backbone, lr_head=lr_head, weight_decay=weight_decay)
+    groups = model.param_groups(lr_backbone=lr_backbone, lr_head=lr_head, weight_decay=weight_decay,
+                                layer_decay=layer_decay)
     if not groups:
         raise TrainingError("the model has no trainable parameters for this stage")
     optimizer = torch.optim.AdamW(groups, lr=lr_head, weight_decay=weight_decay, foreach=True)

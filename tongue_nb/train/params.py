@@ -94,6 +94,9 @@ class TrainParams:
     stage2_epochs: int = param(20, "epochs training backbone and heads; 0 skips stage 2", ge=0)
     stage2_lr_backbone: float = param(5e-5, "backbone learning rate in stage 2", gt=0.0)
     stage2_lr_head: float = param(2e-4, "head learning rate in stage 2", gt=0.0)
+    layer_decay: float = param(1.0, "layer-wise learning-rate decay in stage 2: the backbone's last layer group "
+                               "trains at stage2_lr_backbone, each earlier one at this times the next (timm's "
+                               "layer groups); 1: off (e.g. 0.85)", gt=0.0, le=1.0)
     # --- optimisation
     weight_decay: float = param(0.05, "AdamW weight decay (never on norms and biases)", ge=0.0)
     warmup_epochs: float = param(1.0, "linear warm-up length per stage, in epochs (then cosine)", ge=0.0)

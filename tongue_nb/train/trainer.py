@@ -206,6 +206,8 @@ def _train(params: TrainParams, info: DistInfo, on_epoch_end: Callable[[dict[str
     # --- data and model (model first: its pretrained config gives the default input size)
     data_dir, labels, split = _load_split(params)
     model = build_model(params, labels.schema)
+    if params.layer_decay < 1 and params.stage2_epochs > 0:
+        model.backbone_layer_depths()  # a backbone without layer groups is refused before anything is written
     out_dir, experiment_name = _resolve_out_dir(params, model.input_size)
     check_outside_dataset(out_dir, data_dir)  # before anything is written: a run never writes inside its data
     folder = RunFolder(out_dir)
@@ -407,7 +409,8 @@ def _train_locked(params: TrainParams, rt: Runtime, data_dir: Path, labels: Labe
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
     callbacks = default_callbacks(params, folder, model, schema, resolved, fingerprint, on_epoch_end) + extra_callbacks
-    config = FitConfig(weight_decay=params.weight_decay, warmup_epochs=params.warmup_epochs,
+    config = FitConfig(weight_decay=params.weight_decay, layer_decay=params.layer_decay,
+                       warmup_epochs=params.warmup_epochs,
                        accumulation_steps=params.accumulation_steps, grad_clip=params.grad_clip,
                        max_steps_per_epoch=params.max_steps_per_epoch, oom_retry=params.oom_retry,
                        compile=params.compile)
