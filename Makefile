@@ -31,7 +31,7 @@ browser:
 	  echo "chromium not installed: the report-page tests will be skipped"
 
 test: $(STAMP) browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-all: $(STAMP) browser
 	$(PY) -m pytest -q -m ''

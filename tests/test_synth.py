@@ -109,8 +109,11 @@ def test_labels_are_drawn_in(tmp_path):
     assert mean("texture", lambda s: s["coat"] == "rotten") > 1.15 * mean("texture", lambda s: s["coat"] != "rotten")
 
 
-@pytest.mark.parametrize("kwargs, word", [({"n": 0}, "n must"), ({"size": 8}, "size must"),
-                                          ({"size": 100_000}, "size must"), ({"seed": -1}, "seed must"), ({"missing": 1.0}, "missing must")])
+@pytest.mark.parametrize("kwargs, word", [({"n": 0}, r"n: got 0, expected an integer >= 1"),
+                                          ({"size": 8}, r"size: got 8, expected an integer in \[32, 4096\]"),
+                                          ({"size": 100_000}, r"size: got 100000, expected an integer in \[32"),
+                                          ({"seed": -1}, r"seed: got -1, expected an integer >= 0"),
+                                          ({"missing": 1.0}, "missing must")])
 def test_bad_parameters_are_refused(tmp_path, kwargs, word):
     with pytest.raises(ValueError, match=word):
         synth.make_synthetic(tmp_path / "x", **kwargs)

@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from scipy.stats import rankdata
 
+from tongue_nb.checks import check_int
 from tongue_nb.data.tasks import Task, TaskSchema
 
 log = logging.getLogger(__name__)
@@ -406,10 +407,8 @@ def _scores(schema: TaskSchema, counts: np.ndarray, spans: list[tuple[Task, slic
 
 def _resample_counts(n: int, n_boot: int, seed: int):
     """Yield chunks of bootstrap multiplicity matrices [b, N] (how often each sample is drawn)."""
-    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
-        raise ValueError(f"n_boot must be an integer >= 1, got {n_boot!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed (of the bootstrap) must be an integer >= 0, got {seed!r}")
+    check_int("n_boot", n_boot, 1)
+    check_int("seed (of the bootstrap)", seed, 0)
     rng = np.random.default_rng(seed)
     chunk = max(1, min(n_boot, _BOOT_CHUNK_CELLS // max(n, 1)))
     done = 0

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from tongue_nb.checks import check_int
 from tongue_nb.data.tasks import TaskSchema, load_schema
 from tongue_nb.runio import RunFolder
 
@@ -149,9 +150,7 @@ def split_rows(predictions: pd.DataFrame, split: str) -> pd.DataFrame:
 
 def check_count(name: str, value: Any, minimum: int = 0) -> int:
     """An integer option (k, bins, offset ...) >= minimum, or a ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name}: got {value!r}, expected an integer >= {minimum}")
-    return int(value)
+    return check_int(name, value, minimum)
 
 
 def arrays(run: RunData, split: str = "test") -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], pd.DataFrame]:

@@ -7,6 +7,8 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
+from tongue_nb.checks import check_int
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
@@ -83,8 +85,7 @@ def make_split(table: pd.DataFrame, targets: Mapping[str, np.ndarray], schema, s
     label value, then for all its labels, then for its size. Val and test aim for at least one example of
     every label value that has enough examples. Deterministic for a seed (the seed only breaks ties).
     """
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed (of the split) must be an integer >= 0, got {seed!r}")
+    check_int("seed (of the split)", seed, 0)
     for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not (isinstance(f, (int, float)) and 0.0 <= f < 1.0):
             raise ValueError(f"{name} must be a number in [0, 1), got {f!r}")

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from tongue_nb.checks import check_int
+
 from tongue_nb.data.tasks import default_schema
 
 log = logging.getLogger(__name__)
@@ -274,12 +276,9 @@ def _render(p: _Patient, rng: np.random.Generator, size: int, jitter: bool) -> t
 
 def make_synthetic(out_dir: str | Path, n: int = 500, size: int = 128, seed: int = 0, missing: float = 0.0) -> Path:
     """Write a synthetic tongue dataset (images/, masks/, labels.csv, tasks.yaml) into out_dir and return it."""
-    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"make_synthetic: n must be an integer >= 1, got {n!r}")
-    if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or not 32 <= size <= MAX_SIZE:
-        raise ValueError(f"make_synthetic: size must be an integer in [32, {MAX_SIZE}] (pixels), got {size!r}")
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"make_synthetic: seed must be an integer >= 0, got {seed!r}")
+    check_int("make_synthetic: n", n, 1)
+    check_int("make_synthetic: size", size, 32, MAX_SIZE, note=" (pixels)")
+    check_int("make_synthetic: seed", seed, 0)
     if not isinstance(missing, (int, float)) or not 0.0 <= float(missing) < 1.0:
         raise ValueError(f"make_synthetic: missing must be a fraction in [0, 1), got {missing!r}")
     from tongue_nb.paths import check_folder

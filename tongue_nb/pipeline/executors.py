@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
+from tongue_nb.checks import check_int
+
 log = logging.getLogger(__name__)
 
 
@@ -143,8 +145,7 @@ class SlurmExecutor:
             raise ValueError(f"SlurmExecutor: cluster must be 'slurm' or 'local', got {self.cluster!r}")
         for name in ("gpus_per_job", "cpus_per_job", "time_min", "max_requeues"):
             v, low = getattr(self, name), (0 if name in ("gpus_per_job", "max_requeues") else 1)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"SlurmExecutor: {name} must be a whole number >= {low}, got {v!r}")
+            check_int(f"SlurmExecutor: {name}", v, low)
 
     def _executor(self) -> Any:
         try:

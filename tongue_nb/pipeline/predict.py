@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 import yaml
 
+from tongue_nb.checks import check_int
 from tongue_nb.data.images import ImageError, prepare_image, read_image, read_mask
 from tongue_nb.data.tasks import TaskSchema
 
@@ -283,8 +284,7 @@ def check_options(batch_size: Any, workers: Any, device: Any) -> str:
     from tongue_nb.train.runtime import resolve_device
 
     for name, value in (("batch_size (--batch-size)", batch_size), ("workers (--workers)", workers)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ParamError(f"{name}: got {value!r}, expected an integer >= 1")
+        check_int(name, value, 1, error=ParamError)
     return str(resolve_device(device))  # 'auto' becomes the device this machine has
 
 

@@ -16,6 +16,7 @@ from typing import Any, Iterator, Sequence
 
 log = logging.getLogger(__name__)
 
+from tongue_nb.checks import check_int
 from tongue_nb.resources import NOTEBOOKS, PARAMS_DIR, work_dir
 
 PROJECT_ROOT = work_dir()  # the notebooks' working folder
@@ -381,8 +382,7 @@ def _check_sweep_options(data: Path, compare_options: dict | None, cell_timeout:
     if isinstance(cell_timeout, bool) or not isinstance(cell_timeout, (int, float)) \
             or not math.isfinite(cell_timeout) or cell_timeout < 0:
         raise ParamError(f"cell_timeout (--cell-timeout): got {cell_timeout!r}, expected seconds >= 0 (0: no limit)")
-    if isinstance(ensemble_k, bool) or not isinstance(ensemble_k, int) or ensemble_k < 0:
-        raise ParamError(f"ensemble_k: got {ensemble_k!r}, expected an integer >= 0 (0 or 1: no ensemble row)")
+    check_int("ensemble_k", ensemble_k, 0, error=ParamError, note=" (0 or 1: no ensemble row)")
     if compare_options is not None:
         from tongue_nb.pipeline.compare import CompareParams
 
