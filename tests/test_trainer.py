@@ -94,13 +94,6 @@ def test_layer_decay_refuses_a_backbone_without_layer_groups():
     assert {g["name"] for g in model.param_groups(1e-3, 2e-3, 0.05)} == set(GROUP_NAMES)  # off: no groups needed
 
 
-def test_layer_decay_run_trains(data_dir, tmp_path):
-    summary = train(tiny(data_dir, tmp_path / "run", layer_decay=0.7, stage2_lr_backbone=1e-3))
-    assert summary["status"] == "completed"
-    assert "layer_decay: 0.7" in (tmp_path / "run" / "params.yaml").read_text()
-    history = pd.read_csv(tmp_path / "run" / "history.csv")
-    stage2 = history[history["stage"] == 2]
-    assert (stage2["lr_backbone_no_decay"] > 0).all()  # the last layer group logs at the backbone rate
 
 
 def test_run_folder_summary_and_stage_lrs(data_dir, tmp_path):
@@ -157,18 +150,22 @@ class _Stop(Exception):
     pass
 
 
-@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
-def test_resume_reaches_the_same_metrics(data_dir, tmp_path, ema_decay):
-    full = train(tiny(data_dir, tmp_path / "full", drop_rate=0.2, ema_decay=ema_decay))
+@pytest.mark.parametrize("ema_decay, layer_decay", [(0.0, 1.0), (0.9, 0.7)])
+def test_resume_reaches_the_same_metrics(data_dir, tmp_path, ema_decay, layer_decay):
+    full = train(tiny(data_dir, tmp_path / "full", drop_rate=0.2, ema_decay=ema_decay, layer_decay=layer_decay))
 
     def stop_after_2(row):
         if row["epoch"] == 2:
             raise _Stop()
 
-    params = tiny(data_dir, tmp_path / "cut", drop_rate=0.2, ema_decay=ema_decay)
+    params = tiny(data_dir, tmp_path / "cut", drop_rate=0.2, ema_decay=ema_decay, layer_decay=layer_decay)
     with pytest.raises(_Stop):
         train(params, on_epoch_end=stop_after_2)
-    assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["progress"]["epoch"] == 2
+    cut = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
+    assert cut["progress"]["epoch"] == 2
+    # mid stage 2: the optimizer saved for the resume, with one group pair per layer under layer decay
+    groups = {g["name"] for g in cut["optim"]["optimizer"]["param_groups"]}
+    assert ("backbone_l00_decay" in groups) == (layer_decay < 1) and "backbone_no_decay" in groups
     resumed = train(dataclasses.replace(params, resume=True))
     for key in ("final_metrics_fixed", "final_metrics_thresholded", "val_metrics_fixed", "best_epoch",
                 "best_val_combined"):
@@ -180,6 +177,7 @@ def test_resume_reaches_the_same_metrics(data_dir, tmp_path, ema_decay):
     assert full["val_metrics_fixed"]["combined_score"] == pytest.approx(full["best_val_combined"], abs=1e-6)
     last = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
     assert ("ema" in last["callbacks"]) == (ema_decay > 0)  # the weight average is saved for resume iff on
+    assert (h_full.query("stage == 2")["lr_backbone_no_decay"] > 0).all()  # the last layer group: the backbone rate
 
 
 def test_cpu_bf16_channels_last_run(data_dir, tmp_path):
