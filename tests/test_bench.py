@@ -360,3 +360,17 @@ def test_combine_chooses_each_task_on_validation_over_every_average(tmp_path, ca
     assert _json.loads(out.read_text())["test_combined"] == pytest.approx(res["test_combined"])
     summary = combine.main(["--summarise", str(out), str(out)])
     assert len(summary["results"]) == 2 and "| combined |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("path", sorted(BENCH.glob("quality_recipe*.yaml")), ids=lambda p: p.name)
+def test_every_bench_recipe_loads_and_finds_its_pretrained_weights_offline(path, monkeypatch):
+    """The recipe files RESULTS.md cites are valid parameter files; a pretrained one needs no download here."""
+    from tongue_nb.model.backbones import resolve_backbone
+    from tongue_nb.model.weights import locate_weights
+    from tongue_nb.train.params import load_params
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    params = load_params([path])
+    if params.pretrained:
+        source = locate_weights(resolve_backbone(params.backbone))
+        assert source.kind in ("package", "cache"), f"{path.name}: {params.backbone} weights: {source.describe()}"
