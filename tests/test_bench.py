@@ -372,5 +372,5 @@ def test_every_bench_recipe_loads_and_finds_its_pretrained_weights_offline(path,
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     params = load_params([path])
     if params.pretrained:
-        source = locate_weights(resolve_backbone(params.backbone))
-        assert source.kind in ("package", "cache"), f"{path.name}: {params.backbone} weights: {source.describe()}"
+        source = locate_weights(resolve_backbone(params.backbone), params.pretrained_path or None)
+        assert source.kind in ("file", "package", "cache"), f"{path.name}: {params.backbone} weights: {source.describe()}"
