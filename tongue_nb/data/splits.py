@@ -76,6 +76,67 @@ def label_matrix(targets: Mapping[str, np.ndarray], schema) -> tuple[np.ndarray,
     return mat, names
 
 
+def _assign_groups(per_group: np.ndarray, sizes: np.ndarray, frac: np.ndarray, fixed: np.ndarray, seed: int,
+                   at_least_one: tuple[int, ...] = ()) -> np.ndarray:
+    """Assign each group to one of len(frac) bins by greedy iterative stratification; returns the bin per group.
+
+    per_group: [G, L] label counts per group; sizes: [G] rows per group; frac: the bins' target fractions;
+    fixed: [G] a bin already given (>= 0) or -1. Groups holding the rarest label values go first (larger groups
+    before smaller), each to the bin furthest below its target count for the group's rarest label value, then
+    for all its labels, then for its size. Bins in `at_least_one` aim for at least one example of every label
+    value that has an example to spare for every active bin; the first bin takes the rest of those. The seed
+    only breaks ties.
+    """
+    n_groups, n_labels = per_group.shape
+    n_bins = len(frac)
+    n = float(sizes.sum())
+    group_bin = fixed.copy()
+    totals = per_group.sum(axis=0)
+    active = frac > 0
+    desired = frac[:, None] * totals[None, :]
+    enough = totals >= active.sum()
+    for b in at_least_one:
+        if active[b]:
+            desired[b] = np.where(enough & (totals > 0), np.maximum(desired[b], 1.0), desired[b])
+    if at_least_one:
+        others = [b for b in range(1, n_bins)]
+        desired[0] = np.maximum(totals - desired[others].sum(axis=0), 0.0)
+    desired_size = frac * n
+
+    current = np.zeros((n_bins, n_labels))
+    cur_size = np.zeros(n_bins)
+    for g in np.flatnonzero(group_bin >= 0):
+        current[group_bin[g]] += per_group[g]
+        cur_size[group_bin[g]] += sizes[g]
+
+    rng = np.random.default_rng(seed)
+    tiebreak = rng.random(n_groups)
+    free = np.flatnonzero(group_bin < 0)
+    has = per_group > 0
+    rarity = np.where(has, totals[None, :], np.inf).min(axis=1) if n_labels else np.full(n_groups, np.inf)
+    # lexsort: last key is primary -> rarest label first, then larger groups, then the seeded tiebreak
+    order = free[np.lexsort((tiebreak[free], -sizes[free], rarity[free]))]
+    bin_tiebreak = rng.random((n_groups, n_bins))
+    safe_totals = np.maximum(totals, 1.0)
+    for g in order:
+        labs = np.flatnonzero(has[g])
+        if labs.size:
+            rarest = labs[np.argmin(totals[labs])]
+            primary = desired[:, rarest] - current[:, rarest]
+            secondary = ((desired[:, labs] - current[:, labs]) * per_group[g, labs] / safe_totals[labs]).sum(axis=1)
+        else:
+            primary = np.zeros(n_bins)
+            secondary = np.zeros(n_bins)
+        size_deficit = (desired_size - cur_size) / max(n, 1.0)
+        keys = np.stack([bin_tiebreak[g], size_deficit, secondary, primary])
+        keys[:, ~active] = -np.inf  # a bin with fraction 0 never receives anything
+        best = np.lexsort(keys)[-1]  # the largest (primary, secondary, size deficit, random)
+        group_bin[g] = best
+        current[best] += per_group[g]
+        cur_size[best] += sizes[g]
+    return group_bin
+
+
 def make_split(table: pd.DataFrame, targets: Mapping[str, np.ndarray], schema, seed: int = 0,
                val_fraction: float = 0.15, test_fraction: float = 0.15) -> np.ndarray:
     """Assign "train"/"val"/"test" per row: honours a given `split`, keeps each `group` whole, stratifies every task.
@@ -113,55 +174,11 @@ def make_split(table: pd.DataFrame, targets: Mapping[str, np.ndarray], schema, s
         group_split[g] = s
 
     y, _ = label_matrix(targets, schema)
-    n_labels = y.shape[1]
-    per_group = np.zeros((n_groups, n_labels))
+    per_group = np.zeros((n_groups, y.shape[1]))
     np.add.at(per_group, codes, y)
     sizes = np.bincount(codes, minlength=n_groups).astype(np.float64)
-    totals = per_group.sum(axis=0)
-
     frac = np.array([1.0 - val_fraction - test_fraction, val_fraction, test_fraction])
-    active = frac > 0
-    desired = frac[:, None] * totals[None, :]
-    # Rare label values: make sure each active val/test split aims for at least one example when the
-    # label has an example to spare for every active split; train takes the rest.
-    enough = totals >= active.sum()
-    for s in (1, 2):
-        if active[s]:
-            desired[s] = np.where(enough & (totals > 0), np.maximum(desired[s], 1.0), desired[s])
-    desired[0] = np.maximum(totals - desired[1] - desired[2], 0.0)
-    desired_size = frac * n
-
-    current = np.zeros((3, n_labels))
-    cur_size = np.zeros(3)
-    for g in np.flatnonzero(group_split >= 0):
-        current[group_split[g]] += per_group[g]
-        cur_size[group_split[g]] += sizes[g]
-
-    rng = np.random.default_rng(seed)
-    tiebreak = rng.random(n_groups)
-    free = np.flatnonzero(group_split < 0)
-    has = per_group > 0
-    rarity = np.where(has, totals[None, :], np.inf).min(axis=1) if n_labels else np.full(n_groups, np.inf)
-    # lexsort: last key is primary -> rarest label first, then larger groups, then the seeded tiebreak
-    order = free[np.lexsort((tiebreak[free], -sizes[free], rarity[free]))]
-    split_tiebreak = rng.random((n_groups, 3))
-    safe_totals = np.maximum(totals, 1.0)
-    for g in order:
-        labs = np.flatnonzero(has[g])
-        if labs.size:
-            rarest = labs[np.argmin(totals[labs])]
-            primary = desired[:, rarest] - current[:, rarest]
-            secondary = ((desired[:, labs] - current[:, labs]) * per_group[g, labs] / safe_totals[labs]).sum(axis=1)
-        else:
-            primary = np.zeros(3)
-            secondary = np.zeros(3)
-        size_deficit = (desired_size - cur_size) / max(n, 1)
-        keys = np.stack([split_tiebreak[g], size_deficit, secondary, primary])
-        keys[:, ~active] = -np.inf  # a split with fraction 0 never receives anything
-        best = np.lexsort(keys)[-1]  # the largest (primary, secondary, size deficit, random)
-        group_split[g] = best
-        current[best] += per_group[g]
-        cur_size[best] += sizes[g]
+    group_split = _assign_groups(per_group, sizes, frac, group_split, seed, at_least_one=(1, 2))
 
     out = np.asarray([SPLITS[s] for s in group_split[codes]], dtype=object)
     counts = {s: int((out == s).sum()) for s in SPLITS}
@@ -193,3 +210,47 @@ def split_stats(table: pd.DataFrame, targets: Mapping[str, np.ndarray], schema, 
     df = pd.DataFrame(rows, columns=["split", "task", "label", "count", "missing", "labelled"])
     df["fraction"] = np.where(df["labelled"] > 0, df["count"] / df["labelled"].clip(lower=1), np.nan)
     return df
+
+
+def make_folds(table: pd.DataFrame, targets: Mapping[str, np.ndarray], schema, split, folds: int,
+               seed: int = 0) -> np.ndarray:
+    """Cut the rows outside the test split into `folds` group-aware, stratified folds; returns the fold per row.
+
+    The test rows of `split` (make_split's answer, or the given split column) are set aside untouched and
+    get -1; every other row gets a fold 0..folds-1, with each `group` whole in one fold and every task's
+    label values spread over the folds as evenly as the groups allow (the same greedy stratification as
+    make_split, over equal fractions). Deterministic for a seed; a different seed repeats the cut
+    differently (repeated cross-validation).
+    """
+    check_int("folds", folds, 2)
+    check_int("seed (of the folds)", seed, 0)
+    split = np.asarray(split, dtype=object)
+    n = len(table)
+    if len(split) != n:
+        raise ValueError(f"split has {len(split)} entries but the table has {n} rows")
+    pool = np.flatnonzero(split != "test")
+    groups = _groups(table)
+    codes, uniques = pd.factorize(pd.Series(groups[pool], dtype=object), sort=True)
+    if len(uniques) < folds:
+        raise ValueError(f"folds: {folds} folds need at least {folds} groups (patients) outside the test split; "
+                         f"the data has {len(uniques)}")
+    y, _ = label_matrix({k: np.asarray(v)[pool] for k, v in targets.items()}, schema)
+    per_group = np.zeros((len(uniques), y.shape[1]))
+    np.add.at(per_group, codes, y)
+    sizes = np.bincount(codes, minlength=len(uniques)).astype(np.float64)
+    fixed = np.full(len(uniques), -1, dtype=np.int64)
+    group_fold = _assign_groups(per_group, sizes, np.full(folds, 1.0 / folds), fixed, seed)
+    out = np.full(n, -1, dtype=np.int64)
+    out[pool] = group_fold[codes]
+    log.info("folds: %s rows per fold, %d test rows set aside", np.bincount(out[pool], minlength=folds).tolist(),
+             n - len(pool))
+    return out
+
+
+def fold_split(split, fold_of_row: np.ndarray, fold: int) -> np.ndarray:
+    """The train/val/test split of one cross-validation run: fold `fold` validates, the other folds train, the
+    test rows stay test."""
+    split = np.asarray(split, dtype=object)
+    out = np.where(fold_of_row == fold, "val", "train").astype(object)
+    out[split == "test"] = "test"
+    return out.astype(str)

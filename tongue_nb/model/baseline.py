@@ -376,12 +376,12 @@ def is_baseline_run(run_dir: str | Path) -> bool:
 
 # ---------------------------------------------------------------------------- run folder
 
-def _split_indices(labels, seed: int, val_fraction: float, test_fraction: float) -> dict[str, np.ndarray]:
-    """Row indices of train/val/test from the project's deterministic split."""
-    from tongue_nb.data import splits
+def _split_indices(params: "TrainParams", labels) -> dict[str, np.ndarray]:
+    """Row indices of train/val/test from the recipe's split (a cross-validation fold included), as a trained
+    run cuts it."""
+    from tongue_nb.train.trainer import run_split
 
-    split = np.asarray(splits.make_split(labels.table, labels.targets, labels.schema, seed=seed,
-                                         val_fraction=val_fraction, test_fraction=test_fraction))
+    split = run_split(params, labels)
     return {name: np.flatnonzero(split == name) for name in ("train", "val", "test")}
 
 
@@ -430,7 +430,7 @@ def _fit_baseline_run(params: "TrainParams", out: Path, crop: str, class_weight:
     labels = load_labels(data_dir, schema=schema, on_problem=params.on_problem)
     schema = labels.schema
     image_size = params.image_size or 128
-    idx = _split_indices(labels, params.effective_split_seed, params.val_fraction, params.test_fraction)
+    idx = _split_indices(params, labels)
     for name in ("train", "val", "test"):
         if len(idx[name]) == 0:
             raise ValueError(f"{data_dir}: the {name} split is empty; the baseline needs train, val and test samples")
@@ -467,7 +467,7 @@ def _fit_baseline_run(params: "TrainParams", out: Path, crop: str, class_weight:
                   "task_weights": params.task_weights, "image_size": image_size, "crop": crop,
                   "crop_margin": params.crop_margin, "seed": params.seed,
                   "split_seed": params.effective_split_seed, "val_fraction": params.val_fraction,
-                  "test_fraction": params.test_fraction, "on_problem": params.on_problem, "experiment_name": name,
+                  "test_fraction": params.test_fraction, "folds": params.folds, "fold": params.fold, "on_problem": params.on_problem, "experiment_name": name,
                   "estimator": est.get_params()}
     folder.write_yaml(RunFolder.PARAMS, run_params)
     folder.write_yaml(RunFolder.TASKS, schema.as_dict())
@@ -502,6 +502,8 @@ def _fit_baseline_run(params: "TrainParams", out: Path, crop: str, class_weight:
         "n_features": int(feats.shape[1]),
         "seed": params.seed,
         "split_seed": params.effective_split_seed,
+        "folds": params.folds,
+        "fold": params.fold,
     }
     folder.write_summary(summary)
     log.info("baseline run %s: test combined score %.3f fixed, %.3f thresholded", out,

@@ -130,6 +130,11 @@ class TrainParams:
     seed: int = param(0, "seed for split, initialisation, shuffling and augmentation", ge=0)
     split_seed: int = param(-1, "seed of the train/val/test split alone; -1: the same as seed (a sweep over seeds "
                              "keeps one split)", ge=-1)
+    folds: int = param(0, "cross-validation: the images outside the test split are cut into this many group-aware, "
+                       "stratified folds (seeded by seed), each validating once (a sweep trains one run per fold); "
+                       "0: one train/val split", ge=0)
+    fold: int = param(-1, "with folds: the fold this run validates on (0 .. folds-1), the other folds train; "
+                      "-1: not a cross-validation run", ge=-1)
     val_fraction: float = param(0.15, "validation fraction when labels.csv has no split column", gt=0.0, lt=1.0)
     test_fraction: float = param(0.15, "test fraction when labels.csv has no split column", gt=0.0, lt=1.0)
     on_bad_image: str = param("error", "unreadable image: error, or skip (listed in the run folder)",
@@ -160,6 +165,7 @@ class TrainParams:
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ParamError(f"parameters val_fraction + test_fraction: got "
                              f"{self.val_fraction + self.test_fraction:g}, expected < 1 (training needs samples)")
+        self._check_folds()
         if self.task_weights.strip():
             from tongue_nb.data.tasks import SchemaError, parse_task_weights  # local import: tasks imports pandas
 
@@ -170,6 +176,17 @@ class TrainParams:
         check_device(self.device)
         if self.experiment_name and ("/" in self.experiment_name or self.experiment_name in (".", "..")):
             raise ParamError(f"parameter experiment_name: got {self.experiment_name!r}, expected a plain folder name")
+
+    def _check_folds(self) -> None:
+        if self.folds == 1:
+            raise ParamError("parameter folds: got 1, expected 0 (one train/val split) or at least 2 folds")
+        if self.fold >= 0 and self.folds < 2:
+            raise ParamError(f"parameter fold: got {self.fold} with folds {self.folds}; a fold needs folds >= 2 "
+                             "(the number of folds it is one of)")
+        if self.folds >= 2 and not 0 <= self.fold < self.folds:
+            what = "no fold" if self.fold < 0 else f"fold {self.fold}"
+            raise ParamError(f"parameter fold: got {what} with folds {self.folds}, expected 0 .. {self.folds - 1}: a "
+                             f"run trains one fold (tongue-nb sweep --folds {self.folds} trains them all)")
 
     @property
     def effective_split_seed(self) -> int:

@@ -85,13 +85,22 @@ def resolve_data(params: TrainParams) -> tuple[Path, TaskSchema]:
     return data_dir, schema
 
 
-def _load_split(params: TrainParams) -> tuple[Path, Labels, np.ndarray]:
-    data_dir, schema = resolve_data(params)
-    labels = load_labels(data_dir, schema=schema, on_problem=params.on_problem)
+def run_split(params: TrainParams, labels: Labels) -> np.ndarray:
+    """The run's train/val/test split: the seeded group-aware split; with `fold`, the non-test rows re-cut into
+    `folds` folds (seeded by `seed`) of which fold `fold` validates and the others train."""
     split = np.asarray(splits_mod.make_split(labels.table, labels.targets, labels.schema, seed=params.effective_split_seed,
                                              val_fraction=params.val_fraction, test_fraction=params.test_fraction),
                        dtype=object)
-    return data_dir, labels, split
+    if params.fold >= 0:
+        folds = splits_mod.make_folds(labels.table, labels.targets, labels.schema, split, params.folds, seed=params.seed)
+        split = np.asarray(splits_mod.fold_split(split, folds, params.fold), dtype=object)
+    return split
+
+
+def _load_split(params: TrainParams) -> tuple[Path, Labels, np.ndarray]:
+    data_dir, schema = resolve_data(params)
+    labels = load_labels(data_dir, schema=schema, on_problem=params.on_problem)
+    return data_dir, labels, run_split(params, labels)
 
 
 def data_summary(params: TrainParams) -> pd.DataFrame:
@@ -492,6 +501,8 @@ def _train_locked(params: TrainParams, rt: Runtime, data_dir: Path, labels: Labe
         "world_size": rt.dist.world_size,
         "seed": params.seed,
         "split_seed": params.effective_split_seed,
+        "folds": params.folds,
+        "fold": params.fold,
         "torch_version": torch.__version__,
         "timm_version": timm.__version__,
         "python_version": platform.python_version(),

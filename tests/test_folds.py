@@ -1,0 +1,85 @@
+"""The cross-validation cut: group-aware, stratified folds beside an untouched test split."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from tongue_nb.data import splits
+from tongue_nb.data.tasks import Task, TaskSchema
+from tongue_nb.train.params import ParamError, load_params
+
+
+def _data(n=400, seed=0):
+    rng = np.random.default_rng(seed)
+    groups = rng.integers(0, n // 3, size=n)  # patients with one to several photos
+    table = pd.DataFrame({"id": [f"img{i}.jpg" for i in range(n)], "image": [f"img{i}.jpg" for i in range(n)],
+                          "group": [f"p{g}" for g in groups]})
+    coat = rng.choice(3, size=n, p=[0.7, 0.25, 0.05]).astype(np.int64)
+    coat[rng.random(n) < 0.2] = -1  # partly labelled
+    fissure = (rng.random((n, 1)) < 0.1).astype(np.float32)
+    fissure[rng.random(n) < 0.3] = np.nan
+    schema = TaskSchema((Task("coat", "multiclass", ("white", "yellow", "grey")),
+                         Task("fissure", "binary", ("fissure",))))
+    return table, {"coat": coat, "fissure": fissure}, schema
+
+
+def test_folds_keep_groups_whole_and_cover_every_non_test_row_once():
+    table, targets, schema = _data()
+    split = splits.make_split(table, targets, schema, seed=3)
+    fold = splits.make_folds(table, targets, schema, split, 5, seed=3)
+    test = split == "test"
+    assert (fold[test] == -1).all()  # the test split is set aside untouched
+    assert set(fold[~test]) == set(range(5))  # every other row in exactly one fold
+    for _, rows in table.groupby("group").groups.items():
+        assert len(set(fold[np.asarray(rows)])) == 1  # a patient never in two folds
+    # each fold validates once: over the K runs every non-test row is out-of-fold exactly once
+    seen = np.zeros(len(table), dtype=int)
+    for k in range(5):
+        run = splits.fold_split(split, fold, k)
+        assert (run[test] == "test").all()
+        seen += run == "val"
+        assert set(np.flatnonzero(run == "val")).isdisjoint(np.flatnonzero(run == "train"))
+    assert (seen[~test] == 1).all() and (seen[test] == 0).all()
+
+
+def test_folds_are_balanced_and_stratified():
+    table, targets, schema = _data(n=600, seed=1)
+    split = splits.make_split(table, targets, schema, seed=0)
+    fold = splits.make_folds(table, targets, schema, split, 4, seed=0)
+    sizes = np.bincount(fold[fold >= 0], minlength=4)
+    assert sizes.max() - sizes.min() <= 0.15 * sizes.mean()
+    # every class of coat and both fissure values are spread over the folds near their share
+    for cls in range(3):
+        counts = np.bincount(fold[(fold >= 0) & (targets["coat"] == cls)], minlength=4)
+        assert counts.min() >= 1 and counts.max() - counts.min() <= max(3, 0.35 * counts.mean())
+    pos = np.bincount(fold[(fold >= 0) & (targets["fissure"][:, 0] == 1)], minlength=4)
+    assert pos.min() >= 1 and pos.max() - pos.min() <= max(3, 0.35 * pos.mean())
+
+
+def test_fold_cut_is_seeded():
+    table, targets, schema = _data()
+    split = splits.make_split(table, targets, schema, seed=0)
+    a = splits.make_folds(table, targets, schema, split, 3, seed=0)
+    assert (a == splits.make_folds(table, targets, schema, split, 3, seed=0)).all()
+    assert (a != splits.make_folds(table, targets, schema, split, 3, seed=1)).any()  # repeated CV: another cut
+
+
+def test_folds_need_enough_groups():
+    table, targets, schema = _data(n=12)
+    table["group"] = ["a", "b"] * 6
+    split = np.array(["train"] * 12)
+    with pytest.raises(ValueError, match="3 folds need at least 3 groups"):
+        splits.make_folds(table, targets, schema, split, 3)
+    with pytest.raises(ValueError, match="folds"):
+        splits.make_folds(table, targets, schema, split, 1)
+
+
+def test_fold_parameters_are_checked():
+    assert load_params(folds=5, fold=4).fold == 4
+    with pytest.raises(ParamError, match="folds: got 1"):
+        load_params(folds=1)
+    with pytest.raises(ParamError, match="expected 0 .. 4"):
+        load_params(folds=5, fold=5)
+    with pytest.raises(ParamError, match="sweep --folds 5"):
+        load_params(folds=5)  # a single run trains one fold
+    with pytest.raises(ParamError, match="a fold needs folds >= 2"):
+        load_params(fold=0)
