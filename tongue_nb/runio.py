@@ -344,7 +344,8 @@ TIMING_KEYS = ("total_seconds", "train_seconds", "eval_seconds", "cache_build_se
                "stage1_seconds", "stage2_seconds")
 
 
-RUN_KINDS = {"train": "a training run", "baseline": "a classical-baseline run", "segmenter": "a segmenter run"}
+RUN_KINDS = {"train": "a training run", "baseline": "a classical-baseline run", "segmenter": "a segmenter run",
+             "fold_ensemble": "a fold ensemble (cross-validation)"}
 
 
 class RunFolder:

@@ -43,6 +43,7 @@ class SweepData:
     runs: dict[str, RunData] = field(default_factory=dict)
     failures: pd.DataFrame = field(default_factory=pd.DataFrame)
     comparison: pd.DataFrame | None = None
+    cv: bool = False  # the runs are fold ensembles (<sweep>/cv): validation means out-of-fold
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,13 +111,20 @@ def load_failures(sweep_dir: str | Path) -> pd.DataFrame:
 
 
 def load_sweep(sweep_dir: str | Path) -> SweepData:
-    """Read every run folder under <sweep>/runs that has a summary, the failures and the comparison table."""
+    """Read every run folder under <sweep>/runs that has a summary, the failures and the comparison table.
+
+    A cross-validated sweep is read through its fold ensembles (<sweep>/cv, analysis/cv.py): each backbone is
+    one run whose validation rows are its out-of-fold predictions and whose test rows are its K models' mean.
+    """
     path = Path(sweep_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: sweep folder not found")
     sweep = SweepData(path, failures=load_failures(path))
     failed = set(sweep.failures["backbone"]) if len(sweep.failures) else set()
     runs_root = path / "runs"
+    cv_root = path / "cv"
+    if cv_root.is_dir() and any((d / "summary.json").is_file() for d in cv_root.iterdir()):
+        runs_root, sweep.cv = cv_root, True
     for run_dir in sorted(runs_root.iterdir()) if runs_root.is_dir() else []:
         # A failed run may leave a partial summary behind; it belongs in the failures table only.
         if not (run_dir / "summary.json").exists() or run_dir.name in failed:

@@ -5,7 +5,9 @@ metadata's mean and std, prepared like training (crop mode and margin in the met
 one probability output per task (softmax for multiclass, sigmoid for binary and multilabel), named
 after the task. Metadata keys (all strings, JSON where structured): ``tongue_nb_format``,
 ``image_size``, ``mean``, ``std``, ``crop``, ``crop_margin``, ``tasks`` ([{name, kind, labels}]),
-``thresholds`` ({task: [per label]}), ``backbone``, ``timm_name``, ``run``.
+``thresholds`` ({task: [per label]}), ``backbone``, ``timm_name``, ``run``, ``members`` (networks averaged: 1, or K
+for a cross-validated sweep's fold ensemble, whose images are plain 0..1: mean 0, std 1, each member normalising
+inside the graph).
 """
 from __future__ import annotations
 
@@ -90,15 +92,20 @@ def export_onnx(run_dir: str | Path, out: str | Path) -> Path:
     if is_baseline_run(run_dir):
         raise ValueError(f"--run {run_dir}: the classical baseline (gradient boosting on colour statistics) has no "
                          "network to export to ONNX; tongue-nb predict applies it to new photos")
-    pred = Predictor.from_runs([run_dir])  # checks the run folder; one model, its thresholds and crop
+    pred = Predictor.from_runs([run_dir])  # checks the run folder; one model (a fold ensemble: K), thresholds, crop
+    if pred.model is None or pred.baselines:
+        raise ValueError(f"--run {run_dir}: holds classical-baseline models (gradient boosting on colour statistics), "
+                         "which have no network to export to ONNX; tongue-nb predict applies them to new photos")
     model = pred.model
     size = pred.image_size
     module, output_names = _Probabilities(model).eval(), [t.name for t in model.schema]
     meta = {"tongue_nb_format": FORMAT, "image_size": str(size), "mean": json.dumps(list(pred.mean)),
             "std": json.dumps(list(pred.std)), "crop": pred.crop, "crop_margin": str(pred.margin),
             "tasks": json.dumps([{"name": t.name, "kind": t.kind, "labels": list(t.labels)} for t in model.schema]),
-            "thresholds": json.dumps(pred.thresholds), "backbone": model.backbone_name, "timm_name": model.timm_name,
-            "run": str(Path(run_dir).resolve())}
+            "thresholds": json.dumps(pred.thresholds), "run": str(Path(run_dir).resolve())}
+    # A fold ensemble (one network per fold, averaged) names its members' backbone.
+    first = model if isinstance(model, MultiTaskBackbone) else model.members[0]
+    meta.update(backbone=first.backbone_name, timm_name=first.timm_name, members=str(pred.n_networks))
     return _save(module, size, output_names, meta, out)
 
 

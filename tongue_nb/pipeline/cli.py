@@ -182,7 +182,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                        params_file=args.file, overrides=args.set or (), out_dir=args.out,
                        reports_dir=args.reports, compare=not args.no_compare,
                        seeds=args.seeds if args.seeds is not None else recipe_seeds(args.file),
-                       cell_timeout=args.cell_timeout, executor=args.executor, slurm=_slurm_options(args))
+                       cell_timeout=args.cell_timeout, executor=args.executor, slurm=_slurm_options(args),
+                       folds=args.folds)
     # run_sweep has logged its outcome (result.describe()); the exit status says whether all runs succeeded.
     return 0 if result.ok else 1
 
@@ -324,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
                    help="train each backbone once per seed on one shared split (runs <backbone>-seed<k>); "
                         "also the recipe key seeds:")
+    p.add_argument("--folds", type=int, default=None, metavar="K",
+                   help="cross-validate: set the test split aside, train each backbone and the baseline K times "
+                        "(fold k validates; runs <backbone>-fold<k>) and compare their fold ensembles (<sweep>/cv); "
+                        "also the recipe key folds:")
     p.add_argument("--executor", choices=("auto", "local", "gpus", "slurm"), default="auto",
                    help="where training notebooks run: auto (one process per GPU when several, else here), local, "
                         "gpus, or slurm (one Slurm job per backbone through submitit)")

@@ -58,10 +58,16 @@ class Predictor:
     margin: float
     thresholds: dict[str, list[float]]
     baselines: list[Any] = field(default_factory=list)
+    network_weight: float = 1.0  # how many of the given runs the networks stand for (a fold ensemble: one)
+    baseline_weights: list[float] = field(default_factory=list)  # each baseline's share of a run (1 / K in a fold ensemble)
 
     @classmethod
     def from_runs(cls, run_dirs: Sequence[str | Path], device: str = "cpu") -> "Predictor":
-        """Load one run, or several as their ensemble; errors name the run and what it lacks."""
+        """Load one run, or several as their ensemble; errors name the run and what it lacks.
+
+        A fold ensemble (a cross-validated sweep's `cv/<backbone>` folder, analysis/cv.py) stands for its K fold
+        models, averaged, and weighs as one run; its thresholds are the ones tuned on its out-of-fold images.
+        """
         from tongue_nb.model.backbones import EnsembleMultiTaskModel, load_run_model
         from tongue_nb.model.baseline import is_baseline_run, load_baseline_model
         from tongue_nb.train.runtime import resolve_device
@@ -73,21 +79,18 @@ class Predictor:
         if twice:
             raise ValueError(f"--run {twice[0]}: given twice; an ensemble weighs each run once (give each run once)")
         device = str(resolve_device(device))
-        settings, nets, baselines = [], [], []
-        for d in run_dirs:
-            run = Path(d)
-            if not run.is_dir():
-                raise FileNotFoundError(f"--run {run}: no such folder")
-            if not (run / "summary.json").is_file():
-                raise FileNotFoundError(f"--run {run}: no summary.json; expected a finished training run folder")
+        settings, nets, baselines, net_shares, base_shares = [], [], [], [], []
+        for d, run, share in _members(run_dirs):
             if is_baseline_run(run):
                 baselines.append(load_baseline_model(run))
+                base_shares.append(share)
                 continue
             params = yaml.safe_load((run / "params.yaml").read_text()) if (run / "params.yaml").is_file() else None
             if not isinstance(params, dict):
                 raise ValueError(f"--run {run}: params.yaml missing or not a mapping; expected a training run folder")
             settings.append((str(params.get("crop", "crop")), float(params.get("crop_margin", 0.1))))
             nets.append(d)
+            net_shares.append(share)
         if len(set(settings)) > 1:
             raise ValueError(f"predict: the runs were trained with different crop settings {settings}; an ensemble "
                              "needs one preprocessing (train them with the same crop and crop_margin)")
@@ -98,6 +101,10 @@ class Predictor:
                 raise ValueError(f"--run {d}: trained on tasks {schema.names} with other labels than "
                                  f"{schemas[0][0]} ({schemas[0][1].names}); an ensemble needs one task schema")
         schema = schemas[0][1]
+        if len(set(net_shares)) > 1:
+            raise ValueError(f"predict: the network runs {list(map(str, run_dirs))} mix fold ensembles and single runs "
+                             "(or fold ensembles of different K): their mean would weigh them unequally; give runs of "
+                             "one kind")
         model: torch.nn.Module | None = None
         if len(models) == 1:
             model = models[0].eval()
@@ -112,7 +119,8 @@ class Predictor:
         else:
             size, crop, margin = baselines[0].setting
         return cls(model=model, schema=schema, runs=[str(d) for d in nets] + [b.run for b in baselines],
-                   image_size=size, crop=crop, margin=margin, thresholds=thresholds, baselines=baselines)
+                   image_size=size, crop=crop, margin=margin, thresholds=thresholds, baselines=baselines,
+                   network_weight=sum(net_shares), baseline_weights=base_shares)
 
     @property
     def mean(self) -> tuple[float, ...]:
@@ -159,12 +167,32 @@ class Predictor:
             loader = BatchLoader(images, targets, None, np.arange(len(images)), batch_size, self.mean, self.std)
             with torch.no_grad():
                 probs, _, _ = evaluate(self.model, loader, self.schema, rt=Runtime(device=torch.device(device)))
-            parts.append((float(self.n_networks), probs))
-        for b in self.baselines:
-            parts.append((1.0, b.predict_proba(prepared[b.setting])))
+            parts.append((float(self.network_weight), probs))
+        for b, share in zip(self.baselines, self.baseline_weights or [1.0] * len(self.baselines)):
+            parts.append((share, b.predict_proba(prepared[b.setting])))
         total = sum(w for w, _ in parts)
         return {t.name: sum(w * np.asarray(p[t.name], dtype=np.float64) for w, p in parts) / total
                 for t in self.schema}
+
+
+def _members(run_dirs: Sequence[str | Path]) -> list[tuple[str | Path, Path, float]]:
+    """(as given, folder, share) of every run to load: a run folder as itself (share 1), a fold ensemble as its
+    K member runs (share 1/K each); a folder that is neither is named."""
+    from tongue_nb.analysis.cv import fold_members, is_fold_ensemble
+
+    out = []
+    for d in run_dirs:
+        run = Path(d)
+        if not run.is_dir():
+            raise FileNotFoundError(f"--run {run}: no such folder")
+        if is_fold_ensemble(run):
+            members = fold_members(run)
+            out += [(m, m, 1.0 / len(members)) for m in members]
+            continue
+        if not (run / "summary.json").is_file():
+            raise FileNotFoundError(f"--run {run}: no summary.json; expected a finished training run folder")
+        out.append((d, run, 1.0))
+    return out
 
 
 def _saved_thresholds(run: Path, schema: TaskSchema) -> dict[str, list[float]]:
@@ -339,6 +367,7 @@ class Selection:
     def from_file(cls, selection_file: str | Path, device: str = "cpu") -> "Selection":
         """Read and load a selection file; a chosen run that keeps no model (no best checkpoint, or a baseline
         folder from before baselines kept theirs) is refused, naming the task."""
+        from tongue_nb.analysis.cv import fold_members, is_fold_ensemble
         from tongue_nb.runio import RunFolder
 
         path = Path(selection_file)
@@ -355,7 +384,7 @@ class Selection:
             runs = tuple(choice.get("runs") or ())
             if not runs:
                 raise ValueError(f"--selection {path}: task {task} names no run folder (source {choice.get('source')!r})")
-            for r in runs:
+            for r in [m for given in runs for m in (fold_members(given) if is_fold_ensemble(given) else [given])]:
                 if not (RunFolder(r).best.is_file() or RunFolder(r).file(RunFolder.BASELINE_MODEL).is_file()):
                     raise ValueError(f"--selection {path}: task {task} was chosen from {choice.get('source')!r}, whose "
                                      f"run {r} keeps no model to apply to new photos (neither {RunFolder.BEST} nor "

@@ -331,7 +331,7 @@ def is_completed(run_dir: str | Path) -> bool:
 
 # Parameters the sweep itself gives each run: a --set of one of them would silently beat the sweep's own option.
 SWEEP_OWNED = {"data_dir": "use --data", "out_dir": "runs go to <sweep>/runs/<backbone>; use --out for the sweep",
-               "backbone": "use --backbones"}
+               "backbone": "use --backbones", "fold": "with --folds K the sweep trains every fold 0 .. K-1"}
 
 
 def _parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
@@ -445,7 +445,7 @@ def run_sweep(data_dir: str | Path | None, backbones: Sequence[str], params_file
               gpus: Sequence[str] | int | None = None, compare: bool = True, compare_steps: int = 10,
               kernel_name: str | None = None, ensemble_k: int = 3, compare_options: dict | None = None,
               baseline: bool = True, seeds: Sequence[int] | None = None, cell_timeout: float = 0,
-              executor: str = "auto", slurm: dict | None = None) -> SweepResult:
+              executor: str = "auto", slurm: dict | None = None, folds: int | None = None) -> SweepResult:
     """Compare the backbones, train one 03 notebook per backbone, analyse errors, report, and write index.html.
 
     `data_dir` None trains on the built-in synthetic set; an empty string is refused (an unset variable).
@@ -454,6 +454,9 @@ def run_sweep(data_dir: str | Path | None, backbones: Sequence[str], params_file
     `executor` says where the training notebooks run (pipeline/executors.py): "auto" (one worker process per GPU
     when several are visible, else in this process), "local", "gpus" or "slurm" with `slurm` options
     (partition, gpus_per_job, cpus_per_job, mem_gb, time_min, sbatch, max_requeues, folder, cluster).
+    `folds` K >= 2 (or the recipe's `folds:`, or --set folds=K) cross-validates: the test split is set aside and
+    each backbone and the baseline train K times (runs `<name>-fold<k>`, fold k validating), gathered into one
+    fold ensemble per backbone under <sweep>/cv (analysis/cv.py) that the reports compare.
     """
     _check_backbones(backbones, baseline)
     if params_file and not Path(params_file).is_file():
@@ -461,7 +464,8 @@ def run_sweep(data_dir: str | Path | None, backbones: Sequence[str], params_file
     for name in ("03_train", "04_error_analysis", "05_report"):
         if not (NOTEBOOKS / f"{name}.ipynb").exists():
             raise SweepError(f"run_sweep: notebook {NOTEBOOKS / name}.ipynb is missing from the project")
-    extra = _parse_overrides(overrides)
+    extra = _parse_overrides(list(overrides) + ([f"folds={folds}"] if folds is not None else []))
+    n_folds = _sweep_folds(extra, params_file)
     seeds_list = _check_seeds(seeds, extra, params_file)
     if data_dir is not None and not str(data_dir).strip():
         raise SweepError(f"run_sweep: data_dir (--data) is {str(data_dir)!r}, expected a dataset folder (an unset "
@@ -502,18 +506,18 @@ def run_sweep(data_dir: str | Path | None, backbones: Sequence[str], params_file
         with project_kernel(sweep_dir, kernel_name) as kernel:
             return _sweep(data, list(backbones), params_file, extra, sweep_dir, reports,
                           compare_options, kernel, ensemble_k,
-                          runner, baseline, seeds=seeds_list, cell_timeout=cell_timeout)
+                          runner, baseline, seeds=seeds_list, cell_timeout=cell_timeout, folds=n_folds)
     finally:
         lock.release()
 
 
 def _sweep(data: Path, backbones: list[str], params_file: str | Path | None, extra: dict, sweep_dir: Path,
            reports: Path, compare: dict | None, kernel: str, ensemble_k: int, executor: Any, baseline: bool = True, seeds: list[int] | None = None,
-           cell_timeout: float = 0) -> SweepResult:
+           cell_timeout: float = 0, folds: int = 0) -> SweepResult:
     result = SweepResult(sweep_dir, reports)
     (sweep_dir / "notebooks").mkdir(parents=True, exist_ok=True)
     _write_json(sweep_dir / "sweep.json", {"data_dir": str(data), "backbones": backbones, "params_file": str(params_file or ""),
-                                           "overrides": extra, "seeds": seeds,
+                                           "overrides": extra, "seeds": seeds, "folds": folds,
                                            "started": _dt.datetime.now().isoformat(timespec="seconds")})
     # The data review comes first: what the runs are trained on, in the same report folder.
     review_nb = sweep_dir / "notebooks" / "01_data_review.ipynb"
@@ -522,19 +526,18 @@ def _sweep(data: Path, backbones: list[str], params_file: str | Path | None, ext
         _render(review_nb, reports / "01_data_review.html", None, result)
     if compare is not None:
         result.comparison = _compare(data, backbones, sweep_dir, compare, kernel, result)
+    split_seed = _recipe_params(params_file, extra, folds).effective_split_seed if seeds else None
     if baseline:
-        _baseline(data, params_file, extra, sweep_dir / "runs" / BASELINE_RUN, result)
+        for label, seed, fold in _plan([BASELINE_RUN], seeds, folds):
+            run_params = dict(extra, **({"seed": seed, "split_seed": split_seed} if seed is not None else {}),
+                              **({"fold": fold} if fold is not None else {}))
+            _baseline(data, params_file, run_params, sweep_dir / "runs" / _safe_name(label), result)
 
-    # One run per backbone, or per backbone and seed (named <backbone>-seed<k>) on one shared split.
-    plan = [(b, b, None) for b in backbones] if not seeds else \
-        [(f"{b}-seed{k}", b, k) for b in backbones for k in seeds]
-    split_seed = None
-    if seeds:
-        from tongue_nb.train.params import load_params
-
-        split_seed = load_params([params_file] if params_file else (), **extra).effective_split_seed
+    # One run per backbone, per backbone and seed (named <backbone>-seed<k>) on one shared split, and with folds
+    # per fold too (<backbone>[-seed<k>]-fold<f>).
+    plan = [(label, b, seed, fold) for b in backbones for label, seed, fold in _plan([b], seeds, folds)]
     jobs, outcomes = [], {}
-    for label, backbone, seed in plan:
+    for label, backbone, seed, fold in plan:
         name = _safe_name(label)
         run_dir = sweep_dir / "runs" / name
         output_nb = sweep_dir / "notebooks" / f"03_train-{name}.ipynb"
@@ -545,6 +548,8 @@ def _sweep(data: Path, backbones: list[str], params_file: str | Path | None, ext
         parameters = train_notebook_parameters(backbone, data, run_dir, recipe_files(backbone, params_file), extra)
         if seed is not None:
             parameters.update(seed=seed, split_seed=split_seed)
+        if fold is not None:
+            parameters["fold"] = fold
         if (run_dir / "checkpoints" / "last.pt").exists():
             parameters["resume"] = True  # an interrupted run continues from its last finished epoch
         (run_dir / "failure.json").unlink(missing_ok=True)
@@ -553,7 +558,8 @@ def _sweep(data: Path, backbones: list[str], params_file: str | Path | None, ext
                      "cell_timeout": cell_timeout})
     for res in executor.run(jobs):
         outcomes[res["backbone"]] = RunOutcome(**res)
-    result.runs = [outcomes[label] for label, _, _ in plan]
+    result.runs = [outcomes[label] for label, _, _, _ in plan]
+    analysed = _gather_folds(sweep_dir, result) if folds else {}
 
     for run in result.runs:
         name = _safe_name(run.backbone)
@@ -565,15 +571,10 @@ def _sweep(data: Path, backbones: list[str], params_file: str | Path | None, ext
             run.error["report"] = run.report
             Path(run.run_dir).mkdir(parents=True, exist_ok=True)
             _write_json(Path(run.run_dir) / "failure.json", run.error)
-        if run.ok:
-            out_nb = sweep_dir / "notebooks" / f"04_error_analysis-{name}.ipynb"
-            html_path = reports / f"04_error_analysis-{name}.html"
-            if run.status == "skipped" and html_path.exists() and _executed_ok(out_nb):
-                run.error_analysis = str(html_path)  # the run did not change since its analysis
-            elif _run_stage("error_analysis", run.backbone, "04_error_analysis", out_nb,
-                            {"run_dir": run.run_dir, "data_dir": str(data)}, kernel, result):
-                html = _render(out_nb, html_path, run.backbone, result)
-                run.error_analysis = str(html) if html else None
+        if run.ok and not folds:
+            run.error_analysis = _error_analysis(name, Path(run.run_dir), run.status == "skipped", data, kernel, result)
+    for label, folder in analysed.items():  # a cross-validated sweep analyses each fold ensemble once
+        _error_analysis(_safe_name(label), folder, False, data, kernel, result)
     _write_json(sweep_dir / "failures.json", result.failures)
 
     out_nb = sweep_dir / "notebooks" / "05_report.ipynb"
@@ -586,6 +587,65 @@ def _sweep(data: Path, backbones: list[str], params_file: str | Path | None, ext
     return result
 
 
+def _plan(names: Sequence[str], seeds: list[int] | None, folds: int) -> list[tuple[str, int | None, int | None]]:
+    """(run label, seed, fold) of each run of one backbone (or of the baseline): one run; one per seed
+    (<name>-seed<k>); with folds >= 2, one per fold as well (<name>[-seed<k>]-fold<f>)."""
+    out = []
+    for name in names:
+        for seed in (seeds or [None]):
+            label = name if seed is None else f"{name}-seed{seed}"
+            out += [(label, seed, None)] if not folds else [(f"{label}-fold{f}", seed, f) for f in range(folds)]
+    return out
+
+
+def _sweep_folds(extra: dict, params_file: str | Path | None) -> int:
+    """The sweep's number of folds: --folds / --set folds, else the recipe's folds:, else 0 (one split)."""
+    from tongue_nb.train.params import ParamError, read_params_file
+
+    value = extra.get("folds", read_params_file(params_file).get("folds", 0) if params_file else 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value == 1:
+        source = "--folds / --set folds" if "folds" in extra else f"recipe {params_file}, key folds"
+        raise ParamError(f"{source}: got {value!r}, expected 0 (one train/val split) or a number of folds >= 2")
+    return value
+
+
+def _recipe_params(params_file: str | Path | None, extra: dict, folds: int, **values: Any):
+    """The sweep's recipe and overrides as TrainParams (for the split seed and the baseline); with folds, fold 0."""
+    from tongue_nb.train.params import load_params
+
+    values = {**extra, **values}
+    if folds and "fold" not in values:
+        values["fold"] = 0
+    return load_params([params_file] if params_file else (), **values)
+
+
+def _gather_folds(sweep_dir: Path, result: SweepResult) -> dict[str, Path]:
+    """The fold ensembles of the finished fold runs (analysis/cv.py); the networks' ones, to analyse."""
+    from tongue_nb.analysis.cv import gather_fold_ensembles
+
+    try:
+        written = gather_fold_ensembles(sweep_dir)
+    except Exception as exc:  # the fold runs stay; the report says what could not be gathered
+        result.errors.append(failure_record("", exc, None, stage="cross-validation"))
+        log.error("gathering the fold ensembles failed: %s", exc)
+        return {}
+    return {label: folder for label, folder in written.items() if not label.startswith(BASELINE_RUN)}
+
+
+def _error_analysis(name: str, run_dir: Path, unchanged: bool, data: Path, kernel: str,
+                    result: SweepResult) -> str | None:
+    """The 04 notebook of one run (or fold ensemble) rendered to reports/04_error_analysis-<name>.html."""
+    out_nb = result.sweep_dir / "notebooks" / f"04_error_analysis-{name}.ipynb"
+    html_path = result.reports_dir / f"04_error_analysis-{name}.html"
+    if unchanged and html_path.exists() and _executed_ok(out_nb):
+        return str(html_path)  # the run did not change since its analysis
+    if _run_stage("error_analysis", name, "04_error_analysis", out_nb, {"run_dir": str(run_dir), "data_dir": str(data)},
+                  kernel, result):
+        html = _render(out_nb, html_path, name, result)
+        return str(html) if html else None
+    return None
+
+
 def _baseline(data: Path, params_file: str | Path | None, extra: dict, run_dir: Path, result: SweepResult) -> None:
     """The classical colour/texture baseline on the runs' own split (same seed and fractions), as one more run row.
 
@@ -593,15 +653,12 @@ def _baseline(data: Path, params_file: str | Path | None, extra: dict, run_dir: 
     that chose it could not be applied to new photos): then it is fitted again, which takes seconds."""
     from tongue_nb.model.baseline import fit_baseline_run
     from tongue_nb.runio import RunFolder
-    from tongue_nb.train.params import load_params
 
     if is_completed(run_dir) and RunFolder(run_dir).file(RunFolder.BASELINE_MODEL).is_file():
         return
 
     try:
-        params = load_params([params_file] if params_file else (), **{**extra, "data_dir": str(data),
-                                                                      "out_dir": str(run_dir)})
-        fit_baseline_run(params)
+        fit_baseline_run(_recipe_params(params_file, extra, 0, data_dir=str(data), out_dir=str(run_dir)))
     except Exception as exc:  # the baseline is a reference row; the trained runs go on without it
         result.errors.append(failure_record(BASELINE_RUN, exc, None, stage="baseline"))
         log.error("classical baseline failed: %s", exc)

@@ -1,0 +1,144 @@
+"""Cross-validation on real tongue photos (issue 26): K-fold runs of a recipe and the baseline on TonguExpert.
+
+Imports TonguExpert with the predicted (L2) labels, sets the seeded test split aside (the trainer's split for
+`--seed`, the same test images as bench/quality.py with --set seed=N), cuts the rest into K group-aware folds
+and trains the recipe and fits the classical baseline once per fold, laid out like a cross-validated sweep
+(`<out-dir>/runs/<name>-fold<k>`, fold ensembles in `<out-dir>/cv/`). With `--single` it also trains the recipe
+once on the ordinary train/val split (`<out-dir>/runs/single`), today's single model on the same test split.
+
+    .venv/bin/python bench/cv.py train --recipe bench/quality_recipe_pretrained_v3.yaml --folds 5 --seed 0 \\
+        --threads 2 --baseline-size 96 --out-dir D/s0 --single
+    .venv/bin/python bench/cv.py report --out-dir D/s0 --json bench/results/cv-s0.json
+
+`report` writes per task: the pooled out-of-fold score, its mean and sd over folds, the single model's
+validation score (one split's estimate), the fold ensemble's and the single model's test scores, and the
+per-task selection under each rule (chosen on out-of-fold scores alone, then scored on test).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (bench/common.py also puts the repository root on sys.path)
+
+from tongue_nb.analysis import cv as cv_mod  # noqa: E402
+from tongue_nb.model import baseline as baseline_mod  # noqa: E402
+from tongue_nb.runio import RunFolder  # noqa: E402
+from tongue_nb.train import trainer  # noqa: E402
+from tongue_nb.train.params import load_params  # noqa: E402
+
+log = logging.getLogger("bench.cv")
+NET = "net"
+BASELINE = "classical-baseline"
+
+
+def train(args: argparse.Namespace) -> None:
+    """Fit the baseline and train the recipe for every fold (skipping finished ones), then the single model."""
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+    data_dir = common.ensure_import(args.data, "predicted", args.work_dir)
+    runs = args.out_dir / "runs"
+    common_values = dict(data_dir=str(data_dir), progress=False, num_threads=max(1, args.threads), device="cpu",
+                         seed=args.seed, split_seed=args.seed)
+    timings: dict[str, float] = {}
+    for k in range(args.folds):
+        out = runs / f"{BASELINE}-fold{k}"
+        if not RunFolder(out).is_completed():
+            params = load_params(files=[args.recipe], overrides=args.set, **common_values, folds=args.folds, fold=k,
+                                 out_dir=str(out), experiment_name=out.name)
+            size = args.baseline_size or params.image_size or 128
+            baseline_mod.fit_baseline_run(dataclasses.replace(params, image_size=size), out, crop="crop_blank")
+    plan = [(f"{NET}-fold{k}", {"folds": args.folds, "fold": k}) for k in range(args.folds)]
+    plan += [("single", {})] if args.single else []
+    for name, values in plan:
+        out = runs / name
+        if RunFolder(out).is_completed():
+            continue
+        params = load_params(files=[args.recipe], overrides=args.set, **common_values, **values,
+                             out_dir=str(out), experiment_name=name, resume=(out / "checkpoints" / "last.pt").is_file())
+        t0 = time.perf_counter()
+        trainer.train(params)
+        timings[name] = time.perf_counter() - t0
+        log.info("%s trained in %.1f min", name, timings[name] / 60)
+    cv_mod.gather_fold_ensembles(args.out_dir)
+    common.write_json(args.out_dir / "train_timings.json", timings)
+
+
+def _task_scores(summary: dict, key: str) -> dict[str, float]:
+    block = summary.get(key) or {}
+    return {t: (m or {}).get("primary") for t, m in (block.get("tasks") or {}).items()} | \
+        {"combined": block.get("combined_score")}
+
+
+def report(args: argparse.Namespace) -> dict[str, Any]:
+    """The figures of issue 26 for one split, as JSON and a printed table."""
+    from tongue_nb.analysis.runs import load_run, load_sweep
+    from tongue_nb.analysis.selection import per_task_selection
+
+    sweep = load_sweep(args.out_dir)
+    if not sweep.cv:
+        raise SystemExit(f"{args.out_dir}: no fold ensembles (cv/); run `bench/cv.py train` first")
+    net = sweep.runs[NET].summary
+    res: dict[str, Any] = {"machine": common.machine_info(), "out_dir": str(args.out_dir), "folds": net["folds"],
+                           "fold_scores": cv_mod.fold_scores(sweep).to_dict("records")}
+    res["cv_table"] = cv_mod.cv_table(sweep).to_dict("records")
+    for name in (NET, BASELINE):
+        s = sweep.runs[name].summary
+        res[name] = {"oof": _task_scores(s, "val_metrics_thresholded"),
+                     "test_fold_ensemble": _task_scores(s, "final_metrics_thresholded")}
+    single_dir = args.out_dir / "runs" / "single"
+    if (single_dir / "summary.json").is_file():
+        single = load_run(single_dir).summary
+        res["single"] = {"val": _task_scores(single, "val_metrics_thresholded"),
+                         "test": _task_scores(single, "final_metrics_thresholded"),
+                         "train_seconds": (single.get("timings") or {}).get("train_seconds")}
+    res["selection"] = {}
+    for rule in ("best", "simplest"):
+        sel = per_task_selection(sweep, ensemble_k=args.ensemble_k, rule=rule)
+        res["selection"][rule] = {t: {"source": c["source"], "val": c["val"], "test": c["test"]}
+                                  for t, c in sel["choice"].items()} | {"combined": sel["row"]["combined_thresholded"]}
+    res["train_seconds"] = {r.path.name: (r.summary.get("timings") or {}).get("train_seconds")
+                            for r in (load_run(d) for d in sorted((args.out_dir / "runs").iterdir())
+                                      if (d / "summary.json").is_file())}
+    common.write_json(args.json, res)
+    print(json.dumps({k: res[k] for k in (NET, BASELINE, "single", "selection") if k in res}, indent=1))
+    return res
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train the folds (and --single), fit the baseline per fold")
+    t.add_argument("--recipe", type=Path, required=True, help="TrainParams YAML")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
+    t.add_argument("--folds", type=int, default=5)
+    t.add_argument("--seed", type=int, default=0, help="split seed (the test split) and fold cut seed")
+    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--baseline-size", type=int, default=96)
+    t.add_argument("--single", action="store_true", help="also train the recipe once on the ordinary split")
+    t.add_argument("--out-dir", type=Path, required=True)
+    t.add_argument("--data", type=Path, default=common.DEFAULT_DB, help="TonguExpertDatabase folder")
+    t.add_argument("--work-dir", type=Path, default=None, help="where the import goes; default <cache>/bench")
+    r = sub.add_parser("report", help="the figures of one trained split")
+    r.add_argument("--out-dir", type=Path, required=True)
+    r.add_argument("--json", type=Path, required=True)
+    r.add_argument("--ensemble-k", type=int, default=3)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    common.setup_logging(False)
+    train(args) if args.command == "train" else report(args)
+
+
+if __name__ == "__main__":
+    main()
