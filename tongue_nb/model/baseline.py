@@ -643,6 +643,7 @@ def fit_baseline_run(params: "TrainParams", out_dir: str | Path | None = None, *
 def _fit_baseline_run(params: "TrainParams", out: Path, crop: str, class_weight: str | None, max_iter: int) -> dict:
     from tongue_nb.analysis import metrics
     from tongue_nb.data import cache
+    from tongue_nb.data.splits import check_train_weights
     from tongue_nb.data.tasks import load_labels
     from tongue_nb.paths import OUT_DIR_PARAMETER, check_outside_dataset
     from tongue_nb.runio import RunFolder, predictions_table
@@ -659,6 +660,7 @@ def _fit_baseline_run(params: "TrainParams", out: Path, crop: str, class_weight:
     for name in ("train", "val", "test"):
         if len(idx[name]) == 0:
             raise ValueError(f"{data_dir}: the {name} split is empty; the baseline needs train, val and test samples")
+    check_train_weights(labels, idx["train"])
     t0 = time.perf_counter()
     images = cache.build_cache(labels, image_size, crop=crop, margin=params.crop_margin,
                                cache_dir=params.cache_dir or None).images
