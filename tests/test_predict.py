@@ -329,11 +329,11 @@ def test_a_baseline_run_is_applied_to_photos_like_a_trained_run(with_baseline, t
     assert "no network to export" in capsys.readouterr().err and not (tmp_path / "b.onnx").exists()
     broken = tmp_path / "broken"
     shutil.copytree(base, broken)
-    (broken / "baseline_model.pkl").write_bytes(b"not a pickle")
-    with pytest.raises(ValueError, match=r"broken/baseline_model.pkl: not a readable baseline model"):
+    (broken / "baseline_model.safetensors").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match=r"broken/baseline_model.safetensors: not a readable baseline model"):
         predict.Predictor.from_runs([broken])
-    (broken / "baseline_model.pkl").unlink()
-    with pytest.raises(FileNotFoundError, match="no baseline_model.pkl; .* fit it again"):
+    (broken / "baseline_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no baseline_model.safetensors; .* fit it again"):
         predict.Predictor.from_runs([broken])
 
 

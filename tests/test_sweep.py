@@ -11,6 +11,7 @@ from nbformat.v4 import new_code_cell, new_notebook
 from tongue_nb.analysis import report
 from tongue_nb.pipeline import sweep
 from tongue_nb.pipeline.executors import GpuPoolExecutor, SlurmExecutor, _SlurmJob, make_executor
+from tongue_nb.runio import RunFolder
 from tongue_nb.train.params import ParamError
 
 
@@ -204,7 +205,7 @@ def test_a_resumed_sweep_refits_a_baseline_that_keeps_no_model(tmp_path, tiny_da
     run_dir = tmp_path / "runs" / sweep.BASELINE_RUN
     extra = {"image_size": 32, "num_threads": 1}
     sweep._baseline(tiny_data, None, extra, run_dir, sweep.SweepResult(tmp_path, tmp_path / "reports"))
-    model = run_dir / "baseline_model.pkl"
+    model, legacy = run_dir / RunFolder.BASELINE_MODEL, run_dir / RunFolder.LEGACY_BASELINE_MODEL
     assert sweep.is_completed(run_dir) and model.is_file()
     stamp = model.stat().st_mtime_ns
     sweep._baseline(tiny_data, None, extra, run_dir, sweep.SweepResult(tmp_path, tmp_path / "reports"))
@@ -212,6 +213,10 @@ def test_a_resumed_sweep_refits_a_baseline_that_keeps_no_model(tmp_path, tiny_da
     model.unlink()  # as a baseline folder from before this version
     sweep._baseline(tiny_data, None, extra, run_dir, sweep.SweepResult(tmp_path, tmp_path / "reports"))
     assert model.is_file()
+    model.unlink()  # as a folder whose baseline kept a pickled model: refitted, the pickle (never read) removed
+    legacy.write_bytes(b"an earlier version's pickle")
+    sweep._baseline(tiny_data, None, extra, run_dir, sweep.SweepResult(tmp_path, tmp_path / "reports"))
+    assert model.is_file() and not legacy.exists()
     from tongue_nb.pipeline.predict import Predictor
 
     assert Predictor.from_runs([run_dir]).baselines  # now applicable to new photos

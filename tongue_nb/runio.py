@@ -366,7 +366,8 @@ class RunFolder:
     SUMMARY = "summary.json"
     BEST = "checkpoints/best.safetensors"
     LAST = "checkpoints/last.pt"
-    BASELINE_MODEL = "baseline_model.pkl"  # the classical baseline's fitted estimator (model/baseline.py)
+    BASELINE_MODEL = "baseline_model.safetensors"  # the classical baseline's fitted model, arrays + JSON (model/baseline.py)
+    LEGACY_BASELINE_MODEL = "baseline_model.pkl"  # earlier versions' pickled baseline: refused, never read
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -447,7 +448,7 @@ class RunFolder:
             kind = None
         if kind in RUN_KINDS:
             return str(kind)
-        if self.file(self.BASELINE_MODEL).exists():
+        if self.file(self.BASELINE_MODEL).exists() or self.file(self.LEGACY_BASELINE_MODEL).exists():
             return "baseline"
         if self.last.exists() or self.best.exists():
             params = self.file(self.PARAMS)

@@ -254,3 +254,21 @@ def fold_split(split, fold_of_row: np.ndarray, fold: int) -> np.ndarray:
     out = np.where(fold_of_row == fold, "val", "train").astype(object)
     out[split == "test"] = "test"
     return out.astype(str)
+
+
+def check_train_weights(labels, train_rows: np.ndarray) -> None:
+    """LabelError when every train row of `labels` (a tasks.Labels) has `weight` 0.
+
+    Such a train split teaches nothing (no sample counts in the loss or the boosting), while the val and test
+    rows, weighted, would still score the untrained model as if it were a result. `load_labels` already refuses
+    a column of zeros; this is the same refusal for the train rows a run actually uses, so the trainer and the
+    baseline call it with their train rows (after the split, and after unreadable images are left out).
+    """
+    from tongue_nb.data.tasks import LabelError
+
+    weights = labels.table["weight"].to_numpy(np.float64)[np.asarray(train_rows, dtype=np.int64)]
+    if len(weights) and not (weights > 0).any():
+        raise LabelError(f"{labels.root / 'labels.csv'}: column 'weight': all {len(weights)} rows of the train split "
+                         "have weight 0, so no training sample would count; expected at least one train row with a "
+                         "weight > 0 (an empty cell means 1): raise those weights or move weighted rows into train "
+                         "(split column, split_seed)")

@@ -188,8 +188,153 @@ def extract_features(images: np.ndarray, masks: np.ndarray | None = None) -> np.
     return out
 
 
+# ---------------------------------------------------------------------------- the fitted trees as plain arrays
+
+class BoostedTrees:
+    """A fitted HistGradientBoostingClassifier as plain arrays, evaluated with numpy.
+
+    Why plain arrays: a run folder's model must be data, never code (the rule the network checkpoints
+    already follow), and it must still load after scikit-learn is upgraded. A pickle runs code when read.
+    skops' secure format does not, but it rebuilds scikit-learn's own objects from their private attributes
+    and needs their private class paths on a trusted list, both of which change between scikit-learn
+    versions. The trees themselves are a few numeric arrays per node; evaluating them is a loop over the
+    tree depth. So the file (`save_baseline_model`) holds arrays and JSON only, and loading it needs numpy
+    and safetensors, not scikit-learn. scikit-learn's private layout (`_predictors`, the node records) is read
+    once, right after fitting, by `from_classifier`, which checks its own probabilities against the
+    classifier's: a scikit-learn that changes that layout fails there, at fit time, loudly.
+
+    Nodes of every tree are concatenated; tree t starts at `roots[t]`, and trees come in boosting order,
+    `n_per_iteration` per iteration (one per class for three or more classes, else one). Per node: `feature`
+    and `threshold` (go left when the value is <= threshold), `missing_left` (where a NaN goes), `is_leaf`,
+    `left` / `right` (absolute node indices) and `value` (the leaf's raw score).
+    """
+
+    NODE_FIELDS = ("feature", "threshold", "missing_left", "is_leaf", "left", "right", "value")
+    FIELDS = ("classes", "baseline", "roots") + NODE_FIELDS
+    ROWS_PER_PASS = 1024  # rows evaluated together: bounds the [rows, trees] working arrays
+
+    def __init__(self, arrays: Mapping[str, np.ndarray]) -> None:
+        self.classes = np.asarray(arrays["classes"], dtype=np.int64)
+        self.baseline = np.asarray(arrays["baseline"], dtype=np.float64)
+        self.roots = np.asarray(arrays["roots"], dtype=np.int64)
+        self.feature = np.asarray(arrays["feature"], dtype=np.int64)
+        self.threshold = np.asarray(arrays["threshold"], dtype=np.float64)
+        self.missing_left = np.asarray(arrays["missing_left"], dtype=bool)
+        self.is_leaf = np.asarray(arrays["is_leaf"], dtype=bool)
+        self.left = np.asarray(arrays["left"], dtype=np.int64)
+        self.right = np.asarray(arrays["right"], dtype=np.int64)
+        self.value = np.asarray(arrays["value"], dtype=np.float64)
+
+    @classmethod
+    def from_classifier(cls, clf: HistGradientBoostingClassifier, X: np.ndarray) -> "BoostedTrees":
+        """The trees of a fitted classifier; its probabilities on `X` (its training rows) must be reproduced."""
+        trees = [p.nodes for iteration in clf._predictors for p in iteration]  # at least one iteration
+        nodes = np.concatenate(trees)
+        if nodes["is_categorical"].any():
+            raise ValueError("BoostedTrees: categorical splits are not supported (the baseline's features are numeric)")
+        sizes = np.array([len(t) for t in trees], dtype=np.int64)
+        roots = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        offset, leaf, own = np.repeat(roots, sizes), nodes["is_leaf"].astype(bool), np.arange(len(nodes))
+        out = cls({
+            "classes": clf.classes_.astype(np.int64),
+            "baseline": np.asarray(clf._baseline_prediction, dtype=np.float64).reshape(-1),
+            "roots": roots,
+            "feature": np.where(leaf, 0, nodes["feature_idx"]),
+            "threshold": nodes["num_threshold"],
+            "missing_left": nodes["missing_go_to_left"],
+            "is_leaf": leaf,
+            # Children become absolute indices; a leaf's (unused) point at itself, so every index is in range.
+            "left": np.where(leaf, own, offset + nodes["left"]),
+            "right": np.where(leaf, own, offset + nodes["right"]),
+            "value": nodes["value"],
+        })
+        n_out = int(out.classes.max()) + 1
+        out.check(clf.n_features_in_, n_out, "BoostedTrees.from_classifier")
+        expected = clf.predict_proba(X)
+        got = out.predict_proba(X, n_out)[:, out.classes]
+        if not np.allclose(got, expected, rtol=0, atol=1e-9):
+            import sklearn
+
+            raise RuntimeError(f"BoostedTrees: the trees read from scikit-learn {sklearn.__version__}'s "
+                               "HistGradientBoostingClassifier do not reproduce its probabilities; this "
+                               "scikit-learn's tree layout is not one the baseline knows")
+        return out
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays `BoostedTrees(arrays)` rebuilds it from (`FIELDS`)."""
+        return {name: getattr(self, name) for name in self.FIELDS}
+
+    def check(self, n_features: int, n_out: int, source: str) -> None:
+        """ValueError naming `source` unless the arrays form trees over `n_features` features and classes below
+        `n_out` that evaluation cannot leave or loop in."""
+        n = len(self.is_leaf)
+        k = 1 if len(self.classes) <= 2 else len(self.classes)
+        problems = []
+        if len(self.classes) < 2 or ((self.classes < 0) | (self.classes >= n_out)).any() \
+                or len(np.unique(self.classes)) != len(self.classes):
+            problems.append(f"classes {self.classes.tolist()} are not two or more distinct indices below {n_out}")
+        if self.baseline.shape != (k,):
+            problems.append(f"baseline has shape {self.baseline.shape}, expected ({k},)")
+        if len(self.roots) % k or ((self.roots < 0) | (self.roots >= n)).any():
+            problems.append(f"roots are not {k} tree(s) per iteration starting at nodes of the {n}")
+        for name in self.NODE_FIELDS:
+            if getattr(self, name).shape != (n,):
+                problems.append(f"{name} has shape {getattr(self, name).shape}, expected ({n},)")
+        if not problems:
+            inner = np.flatnonzero(~self.is_leaf)
+            # Children after their parent: every path ends at a leaf within the node count.
+            for name in ("left", "right"):
+                child = getattr(self, name)[inner]
+                if ((child <= inner) | (child >= n)).any():
+                    problems.append(f"{name} children are not later nodes of the {n}")
+            if ((self.feature < 0) | (self.feature >= n_features)).any():
+                problems.append(f"feature indices are outside 0..{n_features - 1}")
+            if not (np.isfinite(self.value).all() and np.isfinite(self.baseline).all()):
+                problems.append("values are not finite")
+        if problems:
+            raise ValueError(f"{source}: not valid boosted trees: {'; '.join(problems)}")
+
+    def predict_proba(self, X: np.ndarray, n_out: int) -> np.ndarray:
+        """Probabilities `[N, n_out]` (float64) of feature rows `X`; classes never seen in training get 0."""
+        from scipy.special import expit, softmax
+
+        X = np.asarray(X, dtype=np.float64)
+        k = len(self.baseline)
+        raw = np.tile(self.baseline, (X.shape[0], 1))
+        for start in range(0, X.shape[0], self.ROWS_PER_PASS):
+            rows = slice(start, start + self.ROWS_PER_PASS)
+            leaf_values = self._leaf_values(X[rows])
+            for t in range(len(self.roots)):  # in boosting order, as the classifier adds them
+                raw[rows, t % k] += leaf_values[:, t]
+        proba = np.empty((X.shape[0], len(self.classes)))
+        if k == 1:
+            proba[:, 1] = expit(raw[:, 0])
+            proba[:, 0] = 1 - proba[:, 1]
+        else:
+            proba[:] = softmax(raw, axis=1)
+        full = np.zeros((X.shape[0], n_out))
+        full[:, self.classes] = proba
+        return full
+
+    def _leaf_values(self, X: np.ndarray) -> np.ndarray:
+        """`[N, trees]`: the value of the leaf each row reaches in each tree (all trees walked together)."""
+        node = np.broadcast_to(self.roots, (X.shape[0], len(self.roots))).copy()
+        row = np.arange(X.shape[0])[:, None]
+        while True:
+            leaf = self.is_leaf[node]
+            if leaf.all():
+                return self.value[node]
+            x = X[row, self.feature[node]]
+            go_left = np.where(np.isnan(x), self.missing_left[node], x <= self.threshold[node])
+            node = np.where(leaf, node, np.where(go_left, self.left[node], self.right[node]))
+
+
 class ColourTextureBaseline(BaseEstimator):
-    """Colour/texture statistics of the tongue region, one gradient-boosting classifier per task (label)."""
+    """Colour/texture statistics of the tongue region, one gradient-boosting classifier per task (label).
+
+    `models_` holds, per task, each classifier's trees as `BoostedTrees` (or constant class frequencies), so
+    that a fitted baseline and the one `load_baseline_model` reads back compute the same probabilities.
+    """
 
     def __init__(self, max_iter: int = 200, learning_rate: float = 0.1, max_leaf_nodes: int = 15,
                  min_samples_leaf: int = 20, l2_regularization: float = 0.0,
@@ -249,8 +394,8 @@ class ColourTextureBaseline(BaseEstimator):
         return self
 
     def _fit_one(self, X: np.ndarray, y: np.ndarray, keep: np.ndarray, sample_weight: np.ndarray | None,
-                 task: Task, labels: Sequence[str]) -> HistGradientBoostingClassifier | np.ndarray:
-        """One classifier, or the constant class frequencies when the labelled rows hold a single class."""
+                 task: Task, labels: Sequence[str]) -> BoostedTrees | np.ndarray:
+        """One classifier's trees, or the constant class frequencies when the labelled rows hold a single class."""
         y = y[keep].astype(np.int64)
         n_out = len(labels) if task.kind == "multiclass" else 2
         if len(y) == 0:
@@ -264,7 +409,7 @@ class ColourTextureBaseline(BaseEstimator):
             return np.bincount(y, minlength=n_out).astype(np.float64) / len(y)
         clf = self._classifier()
         clf.fit(X[keep], y, sample_weight=None if sample_weight is None else sample_weight[keep])
-        return clf
+        return BoostedTrees.from_classifier(clf, X[keep])
 
     def predict_proba(self, images: np.ndarray, masks: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Per-task probabilities in the models' format: binary `[N, 1]`, multilabel `[N, L]`, multiclass `[N, C]`."""
@@ -288,19 +433,16 @@ class ColourTextureBaseline(BaseEstimator):
         return out
 
     @staticmethod
-    def _proba_one(model: HistGradientBoostingClassifier | np.ndarray, X: np.ndarray, n_out: int) -> np.ndarray:
+    def _proba_one(model: BoostedTrees | np.ndarray, X: np.ndarray, n_out: int) -> np.ndarray:
         if isinstance(model, np.ndarray):
             return np.broadcast_to(model, (X.shape[0], n_out)).copy()
-        p = model.predict_proba(X)
-        # Classes absent from training get probability 0, in the schema's column order.
-        full = np.zeros((X.shape[0], n_out), dtype=np.float64)
-        full[:, model.classes_.astype(np.int64)] = p
-        return full
+        return model.predict_proba(X, n_out)
 
 
 # ---------------------------------------------------------------------------- saved model
 
-MODEL_FORMAT = "tongue_nb-baseline/1"
+MODEL_FORMAT = "tongue_nb-baseline/2"  # format 1 was a pickle (RunFolder.LEGACY_BASELINE_MODEL): refused unread
+METADATA_KEY = "tongue_nb"  # the safetensors metadata entry holding the model's JSON description
 
 
 class BaselineModel:
@@ -326,42 +468,125 @@ class BaselineModel:
 
 def save_baseline_model(folder: "RunFolder", est: ColourTextureBaseline, image_size: int, crop: str,
                         margin: float) -> Path:
-    """The fitted estimator and its preprocessing, pickled (a scikit-learn model has no tensor format)."""
-    import pickle
+    """Write the fitted estimator and its preparation as `RunFolder.BASELINE_MODEL`: arrays and JSON, no code.
+
+    A safetensors file, the format of the networks' weights: the arrays of each task's models under
+    `<task index>.<model index>.<field>` (`BoostedTrees.FIELDS`, or `constant` for the class frequencies of a
+    single-class label), and in its metadata one JSON text: the format, the schema, the estimator's
+    parameters, the preparation (image_size, crop, margin), the feature count, each model's kind and the
+    scikit-learn version that fitted it. Why not a pickle or skops: `BoostedTrees`. An earlier version's
+    pickled model in the folder is removed, so the folder keeps one model.
+    """
+    import json
 
     import sklearn
+    from safetensors.numpy import save
 
     from tongue_nb.runio import atomic_write_bytes
 
-    blob = {"format": MODEL_FORMAT, "sklearn": sklearn.__version__, "estimator": est, "image_size": int(image_size),
-            "crop": crop, "margin": float(margin)}
-    return atomic_write_bytes(folder.file(folder.BASELINE_MODEL), pickle.dumps(blob, protocol=5))
+    tensors: dict[str, np.ndarray] = {}
+    kinds: list[list[str]] = []
+    for ti, task in enumerate(est.schema_):
+        kinds.append([])
+        for mi, model in enumerate(est.models_[task.name]):
+            if isinstance(model, BoostedTrees):
+                tensors.update({f"{ti}.{mi}.{name}": np.ascontiguousarray(a) for name, a in model.arrays().items()})
+                kinds[-1].append("trees")
+            else:
+                tensors[f"{ti}.{mi}.constant"] = np.ascontiguousarray(model, dtype=np.float64)
+                kinds[-1].append("constant")
+    meta = {"format": MODEL_FORMAT, "schema": est.schema_.as_dict(), "estimator": est.get_params(),
+            "image_size": int(image_size), "crop": crop, "margin": float(margin), "n_features": int(est.n_features_in_),
+            "models": kinds, "scikit_learn": sklearn.__version__}
+    path = atomic_write_bytes(folder.file(folder.BASELINE_MODEL), save(tensors, metadata={METADATA_KEY: json.dumps(meta)}))
+    folder.file(folder.LEGACY_BASELINE_MODEL).unlink(missing_ok=True)
+    return path
 
 
 def load_baseline_model(run_dir: str | Path) -> BaselineModel:
-    """The baseline a run folder keeps (pickled: load only run folders you trust, like any pickle)."""
-    import pickle
+    """The baseline a run folder keeps, read as data (`save_baseline_model`): nothing in the file can run code.
 
-    import sklearn
+    ValueError naming the file when it is not a valid model of this format; a pickled model of an earlier
+    version is refused without being read (a pickle runs code when loaded), saying how to fit it again.
+    """
+    from safetensors import safe_open
 
     from tongue_nb.runio import RunFolder
 
     folder = RunFolder(run_dir)
     file = folder.file(RunFolder.BASELINE_MODEL)
+    refit = f"fit it again: tongue-nb baseline --data <its dataset> --out {run_dir} (or rerun the sweep, which refits it)"
     if not file.is_file():
+        legacy = folder.file(RunFolder.LEGACY_BASELINE_MODEL)
+        if legacy.is_file():
+            raise ValueError(f"{legacy}: a pickled baseline model from an earlier tongue_nb, not loaded (a pickle can "
+                             f"run code); {refit}")
         raise FileNotFoundError(f"--run {run_dir}: no {RunFolder.BASELINE_MODEL}; this baseline run was written "
-                                "before baselines kept their model: fit it again (tongue-nb baseline) to apply it")
+                                f"before baselines kept their model: {refit}")
     try:
-        blob = pickle.loads(file.read_bytes())
-    except Exception as exc:  # a truncated or foreign file: name it
+        with safe_open(str(file), framework="numpy") as fh:
+            text = (fh.metadata() or {}).get(METADATA_KEY)
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file (SafetensorError is no OSError): name it
         raise ValueError(f"{file}: not a readable baseline model ({type(exc).__name__}: {exc})") from None
-    if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT \
-            or not isinstance(blob.get("estimator"), ColourTextureBaseline):
-        raise ValueError(f"{file}: not a tongue_nb baseline model (expected format {MODEL_FORMAT})")
-    if blob.get("sklearn") != sklearn.__version__:
-        log.warning("%s was saved with scikit-learn %s, this is %s: its probabilities may differ slightly",
-                    file, blob.get("sklearn"), sklearn.__version__)
-    return BaselineModel(blob["estimator"], blob["image_size"], blob["crop"], blob["margin"], str(run_dir))
+    return _baseline_from_data(file, text, tensors, str(run_dir))
+
+
+def _baseline_from_data(file: Path, text: str | None, tensors: Mapping[str, np.ndarray], run: str) -> BaselineModel:
+    """Rebuild a BaselineModel from a model file's JSON text and arrays, checking each against what it must be."""
+    import json
+
+    from tongue_nb.data.images import CROP_MODES
+
+    def bad(problem: str) -> ValueError:
+        return ValueError(f"{file}: not a valid tongue_nb baseline model ({MODEL_FORMAT}): {problem}")
+
+    try:
+        meta = json.loads(text) if text is not None else None
+    except json.JSONDecodeError as exc:
+        raise bad(f"its metadata is not JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
+        raise bad(f"no {METADATA_KEY!r} metadata of that format")
+    n_features = len(feature_names())
+    if meta.get("n_features") != n_features:
+        raise bad(f"fitted on {meta.get('n_features')} features, this tongue_nb computes {n_features}; fit it again")
+    schema = TaskSchema.from_dict(meta.get("schema"), source=f"{file}: schema")
+    params = meta.get("estimator")
+    if not isinstance(params, dict) or not set(params) <= set(ColourTextureBaseline().get_params()):
+        raise bad(f"estimator parameters {params!r} are not ColourTextureBaseline's")
+    image_size, crop, margin = meta.get("image_size"), meta.get("crop"), meta.get("margin")
+    if not (isinstance(image_size, int) and image_size > 0 and crop in CROP_MODES
+            and isinstance(margin, (int, float)) and 0 <= margin < float("inf")):
+        raise bad(f"preparation image_size={image_size!r}, crop={crop!r}, margin={margin!r}")
+    kinds = meta.get("models")
+    if not isinstance(kinds, list) or len(kinds) != len(schema):
+        raise bad(f"models lists {kinds!r}, expected one list per task of {schema.names}")
+    models: dict[str, list] = {}
+    for ti, (task, task_kinds) in enumerate(zip(schema, kinds)):
+        n_models = 1 if task.kind == "multiclass" else task.n_outputs
+        n_out = len(task.labels) if task.kind == "multiclass" else 2
+        if not isinstance(task_kinds, list) or len(task_kinds) != n_models:
+            raise bad(f"task {task.name!r} has models {task_kinds!r}, expected {n_models}")
+        models[task.name] = []
+        for mi, kind in enumerate(task_kinds):
+            where = f"task {task.name!r}, model {mi}"
+            if kind == "trees":
+                missing = [f for f in BoostedTrees.FIELDS if f"{ti}.{mi}.{f}" not in tensors]
+                if missing:
+                    raise bad(f"{where}: no arrays {missing}")
+                trees = BoostedTrees({f: tensors[f"{ti}.{mi}.{f}"] for f in BoostedTrees.FIELDS})
+                trees.check(n_features, n_out, f"{file}: {where}")
+                models[task.name].append(trees)
+            elif kind == "constant":
+                p = np.asarray(tensors.get(f"{ti}.{mi}.constant", np.zeros(0)), dtype=np.float64)
+                if p.shape != (n_out,) or not (np.isfinite(p).all() and (p >= 0).all()):
+                    raise bad(f"{where}: constant probabilities of shape {p.shape}, expected {n_out} finite values >= 0")
+                models[task.name].append(p)
+            else:
+                raise bad(f"{where}: unknown kind {kind!r} (expected trees or constant)")
+    est = ColourTextureBaseline(**params)
+    est.schema_, est.models_, est.n_features_in_ = schema, models, n_features
+    return BaselineModel(est, image_size, crop, float(margin), run)
 
 
 def is_baseline_run(run_dir: str | Path) -> bool:
@@ -418,6 +643,7 @@ def fit_baseline_run(params: "TrainParams", out_dir: str | Path | None = None, *
 def _fit_baseline_run(params: "TrainParams", out: Path, crop: str, class_weight: str | None, max_iter: int) -> dict:
     from tongue_nb.analysis import metrics
     from tongue_nb.data import cache
+    from tongue_nb.data.splits import check_train_weights
     from tongue_nb.data.tasks import load_labels
     from tongue_nb.paths import OUT_DIR_PARAMETER, check_outside_dataset
     from tongue_nb.runio import RunFolder, predictions_table
@@ -434,6 +660,7 @@ def _fit_baseline_run(params: "TrainParams", out: Path, crop: str, class_weight:
     for name in ("train", "val", "test"):
         if len(idx[name]) == 0:
             raise ValueError(f"{data_dir}: the {name} split is empty; the baseline needs train, val and test samples")
+    check_train_weights(labels, idx["train"])
     t0 = time.perf_counter()
     images = cache.build_cache(labels, image_size, crop=crop, margin=params.crop_margin,
                                cache_dir=params.cache_dir or None).images

@@ -409,6 +409,7 @@ def _train_locked(params: TrainParams, rt: Runtime, data_dir: Path, labels: Labe
         if len(rows) == 0:
             raise TrainingError(f"{data_dir}: the {name} split is empty; training needs train, val and test samples "
                                 "(check the split column or val_fraction/test_fraction)")
+    splits_mod.check_train_weights(labels, idx["train"])
     if rt.dist.is_main:
         _write_run_inputs(folder, resolved, labels, split, img_cache, fingerprint)
     train_loader, val_loader, test_loader = _make_loaders(params, rt, img_cache.images, labels, idx, model)
