@@ -11,7 +11,8 @@ import tongue_nb.data.cache as cache_mod
 from tongue_nb.data.cache import build_cache, default_cache_dir
 from tongue_nb.data.images import ImageError
 from tongue_nb.paths import DiskFullError, FolderError
-from tongue_nb.data.tasks import default_schema, load_labels
+from tongue_nb.data.labels import load_labels
+from tongue_nb.data.tasks import default_schema
 
 
 def _dataset(root, n=6, size=(40, 30)):

@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from tongue_nb.data.tasks import (LabelError, SchemaError, Task, TaskSchema, apply_task_weights, default_schema, load_labels,
-                             load_schema, parse_task_weights)
+from tongue_nb.data.labels import LabelError, load_labels
+from tongue_nb.data.tasks import (SchemaError, Task, TaskSchema, apply_task_weights, default_schema, load_schema,
+                                  parse_task_weights)
 
 
 def write(folder, csv_text, schema=None, images=()):
