@@ -1,4 +1,4 @@
-"""The task schema: which tasks a dataset is labelled for, what their label columns mean, and how targets encode them."""
+"""The task schema: which tasks a dataset is labelled for, what their label columns mean, how targets encode them."""
 from __future__ import annotations
 
 import math
@@ -18,6 +18,16 @@ TRUE_WORDS = {"1", "1.0", "true", "yes", "y", "positive", "pos"}
 FALSE_WORDS = {"0", "0.0", "false", "no", "n", "negative", "neg"}
 # A multilabel cell that says "no label of this task applies" (an empty cell means "not annotated").
 NONE_WORDS = {"none", "-"}
+# Columns of labels.csv (and of the run's split.csv and predictions.csv) that are not labels, with what they mean.
+# No task may read a column of these names (compared ignoring case): its labels would be taken for this meaning.
+RESERVED_COLUMNS = {
+    "image": "the photo's path",
+    "mask": "the tongue mask's path",
+    "group": "the patient id that keeps a patient's photos in one split",
+    "split": "the preset train/val/test split",
+    "weight": "the per-sample loss weight",
+    "id": "the sample's id in split.csv and predictions.csv",
+}
 
 
 class SchemaError(ValueError):
@@ -42,6 +52,7 @@ class Task:
             raise SchemaError(f"{where}: a task name may not contain ':' or '.'")
         if self.kind not in KINDS:
             raise SchemaError(f"{where}: unknown kind {self.kind!r}; expected one of {', '.join(KINDS)}")
+        self._check_not_reserved(where)
         if len(self.labels) == 0:
             raise SchemaError(f"{where}: the label list is empty")
         seen: set[str] = set()
@@ -60,6 +71,17 @@ class Task:
             raise SchemaError(f"{where}: a multiclass task needs at least two classes, got {list(self.labels)}")
         if not isinstance(self.weight, (int, float)) or not math.isfinite(self.weight) or self.weight < 0:
             raise SchemaError(f"{where}: weight must be a finite number >= 0, got {self.weight!r}")
+
+    def _check_not_reserved(self, where: str) -> None:
+        """Refuse a task named like a reserved column: labels.csv's column of that name would be read both as the
+        task's labels and as the reserved meaning. (A multiclass or multilabel task may also read one 0/1 column
+        per label, `<task>.<label>`: that name holds a '.', which no reserved name has, so the task's name decides.)"""
+        reserved = self.name.strip().lower()
+        if reserved in RESERVED_COLUMNS:
+            per_label = "" if self.kind == "binary" else f" (or the columns '{self.name}.<label>')"
+            raise SchemaError(f"{where}: the column {self.name!r}{per_label} would hold the task's labels, but "
+                              f"{reserved!r} is a reserved column name meaning {RESERVED_COLUMNS[reserved]}; rename "
+                              f"the task in tasks.yaml and its column(s) in labels.csv (e.g. {self.name + '_label'!r})")
 
     @property
     def n_outputs(self) -> int:
