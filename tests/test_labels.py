@@ -25,8 +25,8 @@ def _dataset(folder: Path, rows: str, header: str = "image,fissure") -> Path:
     return folder
 
 
-def _break(kind: str, root: Path, monkeypatch) -> str:
-    """Make the third row's image path unusable in the given way; returns the cell written in labels.csv."""
+def break_image_path(kind: str, root: Path, monkeypatch) -> str:
+    """Prepare an image path under root/images that the OS refuses in the given way; returns it for labels.csv."""
     if kind == "name-too-long":
         return "images/" + "x" * 5000 + ".jpg"
     if kind == "component-too-long":
@@ -38,7 +38,8 @@ def _break(kind: str, root: Path, monkeypatch) -> str:
         (root / "images" / "gone.jpg").symlink_to(root / "images" / "missing.jpg")
         return "images/gone.jpg"
     if kind == "under-a-file":
-        return "images/a.jpg/c.jpg"
+        (root / "images" / "plain.jpg").write_bytes(b"x")
+        return "images/plain.jpg/c.jpg"
     # Permission denied: the tests run as root, who may read anything, so the OS's answer is simulated.
     (root / "images" / "locked.jpg").write_bytes(b"x")
     real_access = os.access
@@ -60,7 +61,7 @@ REASONS = {
 @pytest.mark.parametrize("kind", sorted(REASONS))
 def test_a_path_the_os_refuses_is_a_one_line_problem_naming_row_and_path(tmp_path, monkeypatch, kind):
     root = _dataset(tmp_path / "data", "")
-    cell = _break(kind, root, monkeypatch)
+    cell = break_image_path(kind, root, monkeypatch)
     (root / "labels.csv").write_text(f"image,fissure\nimages/a.jpg,1\nimages/b.jpg,0\n{cell},1\n")
     with pytest.raises(LabelError) as info:
         load_labels(root)
