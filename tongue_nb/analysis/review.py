@@ -160,7 +160,7 @@ def class_imbalance(labels: Labels) -> pd.DataFrame:
 
 
 def problems_table(labels: Labels) -> pd.DataFrame:
-    """Conflicting rows and missing image/mask files that load_labels(on_problem="report") found."""
+    """Conflicting rows and image/mask files that cannot be opened, as load_labels(on_problem="report") found them."""
     cols = ["row", "image", "column", "problem"]
     if labels.problems is None or labels.problems.empty:
         return pd.DataFrame(columns=cols)
