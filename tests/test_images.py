@@ -307,3 +307,49 @@ def test_prepare_rejects_bad_arguments():
         prepare_image(img, mask, 0)
     with pytest.raises(ValueError, match="mask shape"):
         prepare_image(img, mask[:10], 32)
+
+
+# ---------- the one photo-and-mask reader ----------
+
+def _photo_and_masks(tmp_path):
+    """A photo with a bright tongue, its mask as 0/255 and as 0/1, and an all-black mask."""
+    truth = _tongue()
+    img = np.full(truth.shape + (3,), 60, np.uint8)
+    img[truth] = (210, 90, 90)
+    Image.fromarray(img).save(tmp_path / "p.png")
+    _save_mask("L-0-255", truth, tmp_path / "m255")
+    _save_mask("L-0-1", truth, tmp_path / "m01")
+    Image.fromarray(np.zeros(truth.shape, np.uint8)).save(tmp_path / "empty.png")
+    return tmp_path
+
+
+def test_read_sample_reads_a_label_map_like_a_black_and_white_mask(tmp_path):
+    from tongue_nb.data.images import read_sample
+    root = _photo_and_masks(tmp_path)
+    settings = [(16, "crop", 0.1), (24, "crop_blank", 0.0), (16, "none", 0.1)]
+    white = read_sample("p.png", "m255.png", settings, root=root)
+    ones = read_sample("p.png", "m01.png", settings, root=root)
+    assert not white.empty_mask and not ones.empty_mask
+    for a, b in zip(white.pixels, ones.pixels):
+        np.testing.assert_array_equal(a, b)
+    img = read_image(root / "p.png")
+    np.testing.assert_array_equal(white.pixels[0], prepare_image(img, _tongue(), 16, "crop", 0.1))
+
+
+def test_read_sample_policies_for_an_empty_mask_a_small_photo_and_a_segmenter(tmp_path):
+    from tongue_nb.data.images import read_sample
+    root = _photo_and_masks(tmp_path)
+    crop = [(16, "crop", 0.1)]
+    whole = read_sample("p.png", "empty.png", crop, root=root)  # training: the whole photo, recorded
+    assert whole.empty_mask
+    np.testing.assert_array_equal(whole.pixels[0], read_sample("p.png", None, crop, root=root).pixels[0])
+    with pytest.raises(ImageError, match=r"empty\.png: the mask is empty"):  # prediction: no uncropped answer
+        read_sample("p.png", "empty.png", crop, root=root, empty_mask="error")
+    with pytest.raises(ImageError, match=r"p\.png: 48x40 px is too small \(at least 64 px a side\)"):
+        read_sample("p.png", "", crop, root=root, min_side=64)
+    found = read_sample("p.png", "", crop, root=root, segment=lambda img: _tongue())
+    np.testing.assert_array_equal(found.pixels[0], read_sample("p.png", "m255.png", crop, root=root).pixels[0])
+    with pytest.raises(ImageError, match=r"p\.png: no tongue found by the segmenter"):
+        read_sample("p.png", "", crop, root=root, segment=lambda img: None)
+    with pytest.raises(ValueError, match="empty_mask must be one of whole, error"):
+        read_sample("p.png", "", crop, root=root, empty_mask="skip")

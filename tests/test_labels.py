@@ -93,3 +93,18 @@ def test_load_labels_is_a_list_of_named_steps_each_short():
         for node in ast.walk(ast.parse(file.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 assert node.end_lineno - node.lineno < 100, f"{file.name}: {node.name}"
+
+
+def test_no_two_data_modules_import_each_other():
+    data = Path(labels_mod.__file__).parent
+    imports: dict[str, set[str]] = {}
+    for file in sorted(data.glob("*.py")):
+        found = set()
+        for node in ast.walk(ast.parse(file.read_text())):  # function-level imports included
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tongue_nb.data."):
+                found.add(node.module.rsplit(".", 1)[1])
+            elif isinstance(node, ast.ImportFrom) and node.module == "tongue_nb.data":
+                found.update(alias.name for alias in node.names)
+        imports[file.stem] = found
+    pairs = [(a, b) for a in imports for b in imports[a] if a in imports.get(b, set())]
+    assert not pairs
