@@ -31,7 +31,7 @@ import quality  # noqa: E402  (bench/quality.py: a run's split and image cache, 
 from tongue_nb.model import baseline
 from tongue_nb.data import cache
 from tongue_nb.data import splits# noqa: E402
-from tongue_nb.data.tasks import load_labels  # noqa: E402
+from tongue_nb.data.labels import load_labels  # noqa: E402
 
 log = logging.getLogger("bench.colour_gap")
 CLASSIFIERS = ("boosting", "logistic", "mlp")

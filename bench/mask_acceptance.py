@@ -32,7 +32,7 @@ import common  # noqa: E402
 from tongue_nb.analysis import metrics# noqa: E402
 from tongue_nb.pipeline.predict import Predictor, predict_selection, predict_table  # noqa: E402
 from tongue_nb.model.segment import Segmenter  # noqa: E402
-from tongue_nb.data.tasks import load_labels  # noqa: E402
+from tongue_nb.data.labels import load_labels  # noqa: E402
 
 
 def scores(schema, table: pd.DataFrame, targets: dict[str, np.ndarray]) -> dict:

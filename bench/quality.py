@@ -42,7 +42,8 @@ from tongue_nb.train import trainer# noqa: E402
 from tongue_nb.data.loader import BatchLoader  # noqa: E402
 from tongue_nb.model.backbones import load_run_model  # noqa: E402
 from tongue_nb.train.params import TrainParams, load_params  # noqa: E402
-from tongue_nb.data.tasks import Labels, TaskSchema, load_labels  # noqa: E402
+from tongue_nb.data.labels import Labels, load_labels  # noqa: E402
+from tongue_nb.data.tasks import TaskSchema  # noqa: E402
 
 log = logging.getLogger("bench.quality")
 

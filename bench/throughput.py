@@ -46,7 +46,8 @@ from tongue_nb.train.runtime import Runtime, tune_host_allocator  # noqa: E402
 from tongue_nb.data.loader import Augment, BatchLoader  # noqa: E402
 from tongue_nb.model.losses import MultiTaskLoss, class_weights_from_targets  # noqa: E402
 from tongue_nb.model.backbones import MultiTaskBackbone  # noqa: E402
-from tongue_nb.data.tasks import Labels, TaskSchema, load_labels  # noqa: E402
+from tongue_nb.data.labels import Labels, load_labels  # noqa: E402
+from tongue_nb.data.tasks import TaskSchema  # noqa: E402
 
 log = logging.getLogger("bench.throughput")
 

@@ -21,7 +21,8 @@ sys.path.insert(0, str(BENCH))
 import quality  # noqa: E402
 import throughput  # noqa: E402
 
-from tongue_nb.data.tasks import Labels, Task, TaskSchema, load_labels  # noqa: E402
+from tongue_nb.data.labels import Labels, load_labels  # noqa: E402
+from tongue_nb.data.tasks import Task, TaskSchema  # noqa: E402
 
 L2_HEADER = ["SID", "coating_label", "tai_label", "zhi_label", "fissure_label", "tooth_mk_label"]
 L1_HEADER = ["SID", "labels_tai", "labels_zhi", "labels_fissure", "labels_tooth_mk"]

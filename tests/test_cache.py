@@ -8,10 +8,12 @@ import pytest
 from PIL import Image
 
 import tongue_nb.data.cache as cache_mod
+import tongue_nb.data.images as images_mod
 from tongue_nb.data.cache import build_cache, default_cache_dir
 from tongue_nb.data.images import ImageError
 from tongue_nb.paths import DiskFullError, FolderError
-from tongue_nb.data.tasks import default_schema, load_labels
+from tongue_nb.data.labels import load_labels
+from tongue_nb.data.tasks import default_schema
 
 
 def _dataset(root, n=6, size=(40, 30)):
@@ -36,13 +38,13 @@ def _dataset(root, n=6, size=(40, 30)):
 def counting(monkeypatch):
     """Count real decodes by wrapping read_image (the real function still runs)."""
     calls = []
-    real = cache_mod.read_image
+    real = images_mod.read_image
 
     def wrapped(path):
         calls.append(str(path))
         return real(path)
 
-    monkeypatch.setattr(cache_mod, "read_image", wrapped)
+    monkeypatch.setattr(images_mod, "read_image", wrapped)
     return calls
 
 
@@ -146,18 +148,18 @@ def test_empty_mask_recorded(tmp_path):
 
 def test_killed_build_leaves_no_cache(tmp_path, monkeypatch):
     labels = _dataset(tmp_path / "data", n=4)
-    real = cache_mod.read_image
+    real = images_mod.read_image
 
     def dies_on_third(path):
         if str(path).endswith("3.png"):
             raise KeyboardInterrupt  # stands in for a kill in the middle of a build
         return real(path)
 
-    monkeypatch.setattr(cache_mod, "read_image", dies_on_third)
+    monkeypatch.setattr(images_mod, "read_image", dies_on_third)
     with pytest.raises(KeyboardInterrupt):
         build_cache(labels, 16, cache_dir=tmp_path / "cache", workers=1)
     assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) in ([], [".lock"])
-    monkeypatch.setattr(cache_mod, "read_image", real)
+    monkeypatch.setattr(images_mod, "read_image", real)
     assert build_cache(labels, 16, cache_dir=tmp_path / "cache").built
 
 

@@ -21,7 +21,7 @@ from tongue_nb.pipeline import cli
 from tongue_nb.data.cache import build_cache
 from tongue_nb.train.params import load_params
 from tongue_nb.data.synth import make_synthetic
-from tongue_nb.data.tasks import LabelError, load_labels
+from tongue_nb.data.labels import LabelError, load_labels
 from tongue_nb.train.trainer import train
 
 TINY = ["--set", "pretrained=false", "--set", "image_size=32", "--set", "batch_size=8", "--set", "stage1_epochs=1",

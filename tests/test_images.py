@@ -142,10 +142,83 @@ def test_mask_threshold_jpeg(tmp_path):
     assert mask_box(out) == (8, 24, 4, 20)
 
 
-def test_mask_threshold_is_strictly_above_127(tmp_path):
-    m = np.array([[127, 128, 0, 255]], dtype=np.uint8)
+def _tongue(h=40, w=48) -> np.ndarray:
+    """A bool tongue shape (an ellipse) that touches no image edge."""
+    y, x = np.mgrid[:h, :w]
+    return ((y - 20) / 14.0) ** 2 + ((x - 24) / 18.0) ** 2 <= 1.0
+
+
+def _save_mask(form: str, truth: np.ndarray, path):
+    """Write `truth` the way an annotation tool would store it in the given form; returns the file."""
+    if form == "L-0-255":
+        Image.fromarray(truth.astype(np.uint8) * 255, "L").save(path.with_suffix(".png"))
+    elif form == "L-0-1":
+        Image.fromarray(truth.astype(np.uint8), "L").save(path.with_suffix(".png"))
+    elif form in ("P-2-entries", "P-black-red"):
+        img = Image.fromarray(truth.astype(np.uint8), "P")
+        img.putpalette([0, 0, 0, 255, 255, 255] if form == "P-2-entries" else [0, 0, 0, 200, 0, 0])
+        img.save(path.with_suffix(".png"))
+    elif form in ("I16-0-1", "I16-0-65535"):
+        scale = 1 if form == "I16-0-1" else 65535
+        Image.fromarray(truth.astype(np.uint16) * scale).save(path.with_suffix(".png"))
+    elif form == "L-jpeg-noise":
+        Image.fromarray(truth.astype(np.uint8) * 255, "L").save(path.with_suffix(".jpg"), quality=90)
+    elif form == "RGB-red":
+        rgb = np.zeros(truth.shape + (3,), np.uint8)
+        rgb[truth] = (220, 30, 40)
+        Image.fromarray(rgb).save(path.with_suffix(".png"))
+    elif form == "1-bit":
+        Image.fromarray(truth).save(path.with_suffix(".png"))
+    return next(path.parent.glob(path.name + ".*"))
+
+
+MASK_FORMS = ["L-0-255", "L-0-1", "P-2-entries", "P-black-red", "I16-0-1", "I16-0-65535", "L-jpeg-noise", "RGB-red",
+              "1-bit"]
+
+
+@pytest.mark.parametrize("form", MASK_FORMS)
+def test_every_mask_storage_form_is_read_by_meaning(tmp_path, form):
+    # Issue 30: a label map with tongue = 1 (not 255) was read as an empty mask, and the photo trained uncropped.
+    truth = _tongue()
+    file = _save_mask(form, truth, tmp_path / "m")
+    stored = Image.open(file)
+    if form == "I16-0-1":
+        assert stored.mode.startswith("I") and np.asarray(stored).max() == 1  # really a 16-bit 0/1 file
+    if form == "L-jpeg-noise":
+        assert len(np.unique(np.asarray(stored))) > 2  # JPEG noise: values near 0 and near 255, not pure
+    if form == "P-2-entries":
+        assert stored.mode == "P" and len(stored.getpalette()) // 3 == 2
+    out = read_mask(file, truth.shape)
+    assert out.dtype == bool and out.shape == truth.shape
+    if form == "L-jpeg-noise":
+        assert (out != truth).mean() < 0.01
+    else:
+        np.testing.assert_array_equal(out, truth)
+
+
+def test_a_mask_with_a_soft_edge_is_split_at_the_middle_of_its_range(tmp_path):
+    m = np.zeros((20, 20), np.uint8)
+    m[5:15, 5:15] = 255
+    m[4, 5:15], m[15, 5:15] = 128, 127  # anti-aliased rows: a few pixels between the two ends
     Image.fromarray(m, "L").save(tmp_path / "m.png")
-    np.testing.assert_array_equal(read_mask(tmp_path / "m.png"), [[False, True, False, True]])
+    out = read_mask(tmp_path / "m.png")
+    assert out[4, 5:15].all() and not out[15, 5:15].any() and mask_box(out) == (4, 15, 5, 15)
+
+
+def test_empty_and_full_masks(tmp_path):
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "empty.png")
+    Image.fromarray(np.full((8, 8), 7, np.uint8)).save(tmp_path / "full.png")
+    assert not read_mask(tmp_path / "empty.png").any()
+    assert read_mask(tmp_path / "full.png").all()
+
+
+@pytest.mark.parametrize("values", [[0, 1, 2], [0, 85, 170, 255]])
+def test_an_ambiguous_many_valued_mask_is_an_error_naming_the_file(tmp_path, values):
+    # A label map of three classes, or a grey picture: which pixels are tongue cannot be told.
+    m = np.resize(np.repeat(np.asarray(values, np.uint8), 16), (16, 16))
+    Image.fromarray(m, "L").save(tmp_path / "labels_map.png")
+    with pytest.raises(ImageError, match=r"mask .*labels_map\.png is ambiguous: \d+ different values \(0, "):
+        read_mask(tmp_path / "labels_map.png")
 
 
 def test_mask_size_mismatch_names_both_sizes(tmp_path):
@@ -234,3 +307,49 @@ def test_prepare_rejects_bad_arguments():
         prepare_image(img, mask, 0)
     with pytest.raises(ValueError, match="mask shape"):
         prepare_image(img, mask[:10], 32)
+
+
+# ---------- the one photo-and-mask reader ----------
+
+def _photo_and_masks(tmp_path):
+    """A photo with a bright tongue, its mask as 0/255 and as 0/1, and an all-black mask."""
+    truth = _tongue()
+    img = np.full(truth.shape + (3,), 60, np.uint8)
+    img[truth] = (210, 90, 90)
+    Image.fromarray(img).save(tmp_path / "p.png")
+    _save_mask("L-0-255", truth, tmp_path / "m255")
+    _save_mask("L-0-1", truth, tmp_path / "m01")
+    Image.fromarray(np.zeros(truth.shape, np.uint8)).save(tmp_path / "empty.png")
+    return tmp_path
+
+
+def test_read_sample_reads_a_label_map_like_a_black_and_white_mask(tmp_path):
+    from tongue_nb.data.images import read_sample
+    root = _photo_and_masks(tmp_path)
+    settings = [(16, "crop", 0.1), (24, "crop_blank", 0.0), (16, "none", 0.1)]
+    white = read_sample("p.png", "m255.png", settings, root=root)
+    ones = read_sample("p.png", "m01.png", settings, root=root)
+    assert not white.empty_mask and not ones.empty_mask
+    for a, b in zip(white.pixels, ones.pixels):
+        np.testing.assert_array_equal(a, b)
+    img = read_image(root / "p.png")
+    np.testing.assert_array_equal(white.pixels[0], prepare_image(img, _tongue(), 16, "crop", 0.1))
+
+
+def test_read_sample_policies_for_an_empty_mask_a_small_photo_and_a_segmenter(tmp_path):
+    from tongue_nb.data.images import read_sample
+    root = _photo_and_masks(tmp_path)
+    crop = [(16, "crop", 0.1)]
+    whole = read_sample("p.png", "empty.png", crop, root=root)  # training: the whole photo, recorded
+    assert whole.empty_mask
+    np.testing.assert_array_equal(whole.pixels[0], read_sample("p.png", None, crop, root=root).pixels[0])
+    with pytest.raises(ImageError, match=r"empty\.png: the mask is empty"):  # prediction: no uncropped answer
+        read_sample("p.png", "empty.png", crop, root=root, empty_mask="error")
+    with pytest.raises(ImageError, match=r"p\.png: 48x40 px is too small \(at least 64 px a side\)"):
+        read_sample("p.png", "", crop, root=root, min_side=64)
+    found = read_sample("p.png", "", crop, root=root, segment=lambda img: _tongue())
+    np.testing.assert_array_equal(found.pixels[0], read_sample("p.png", "m255.png", crop, root=root).pixels[0])
+    with pytest.raises(ImageError, match=r"p\.png: no tongue found by the segmenter"):
+        read_sample("p.png", "", crop, root=root, segment=lambda img: None)
+    with pytest.raises(ValueError, match="empty_mask must be one of whole, error"):
+        read_sample("p.png", "", crop, root=root, empty_mask="skip")

@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from tongue_nb.data.tasks import (LabelError, SchemaError, Task, TaskSchema, apply_task_weights, default_schema, load_labels,
-                             load_schema, parse_task_weights)
+from tongue_nb.data.labels import LabelError, load_labels
+from tongue_nb.data.tasks import (SchemaError, Task, TaskSchema, apply_task_weights, default_schema, load_schema,
+                                  parse_task_weights)
 
 
 def write(folder, csv_text, schema=None, images=()):
@@ -171,3 +172,26 @@ def test_task_weights_errors_name_the_tasks():
         parse_task_weights("coat-2")
     with pytest.raises(SchemaError, match="'coat=' is not 'task=weight'"):
         parse_task_weights("coat=")
+
+
+@pytest.mark.parametrize("name", ["weight", "group", "split", "mask", "image", "id", "Weight"])
+@pytest.mark.parametrize("kind", ["binary", "multilabel"])
+def test_a_task_named_like_a_reserved_column_is_refused_naming_both_meanings(tmp_path, name, kind):
+    # Issue 30: a binary task `weight` was accepted and its labels silently became the per-sample loss weight.
+    import yaml
+    from tongue_nb.data.tasks import RESERVED_COLUMNS
+    labels = [name] if kind == "binary" else ["a", "b"]
+    path = tmp_path / "tasks.yaml"
+    path.write_text(yaml.safe_dump({"tasks": [{"name": name, "kind": kind, "labels": labels}]}))
+    with pytest.raises(SchemaError) as info:
+        load_schema(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: task {name!r}: the column {name!r}") and "the task's labels" in message
+    assert RESERVED_COLUMNS[name.lower()] in message and "rename the task" in message
+    assert ("'<label>'" not in message) if kind == "binary" else (f"'{name}.<label>'" in message)
+
+
+def test_every_column_labels_csv_reads_besides_the_tasks_is_reserved():
+    from tongue_nb.data.labels import META_COLUMNS
+    from tongue_nb.data.tasks import RESERVED_COLUMNS
+    assert set(META_COLUMNS) <= set(RESERVED_COLUMNS)

@@ -341,7 +341,7 @@ def _chance_combined(schema, train_targets, test_targets, draws=20, seed=0):
 
 def test_small_model_learns_synthetic_tongues_well_above_chance(tmp_path):
     """Issue 3's done-when: resnet18 from scratch on the synthetic set on CPU, in about a minute or two."""
-    from tongue_nb.data.tasks import load_labels
+    from tongue_nb.data.labels import load_labels
 
     data = make_synthetic(tmp_path / "data", n=500, size=128, seed=0)
     params = load_params(backbone="resnet18", data_dir=str(data), out_dir=str(tmp_path / "run"), image_size=64,

@@ -743,7 +743,7 @@ def cam_gallery(run: RunData, task: str, k: int = 6, per_class: int = 1, data_di
     Each panel maps the evidence for the model's own answer, so a reader sees whether it looked at
     the tongue body, the coat, or the background.
     """
-    from tongue_nb.data.cache import _decode_one
+    from tongue_nb.data.images import read_sample
     from tongue_nb.analysis.explain import class_activation_maps, overlay
     from tongue_nb.model.backbones import load_run_model
     from tongue_nb.model.baseline import is_baseline_run
@@ -770,8 +770,8 @@ def cam_gallery(run: RunData, task: str, k: int = 6, per_class: int = 1, data_di
     model = load_run_model(run.path)
     masks = _mask_map(root)
     crop, margin = str(run.params.get("crop", "crop")), float(run.params.get("crop_margin", 0.1))
-    images = np.stack([_decode_one(root, r["image"], masks.get(r["image"], ""), model.input_size, crop, margin)[0]
-                       for _, r in chosen.iterrows()])
+    images = np.stack([read_sample(r["image"], masks.get(r["image"], ""), [(model.input_size, crop, margin)],
+                                   root=root).pixels[0] for _, r in chosen.iterrows()])
     targets = [_mapped_index(t, str(r["pred"]), str(r["true"])) for _, r in chosen.iterrows()]
     cams = class_activation_maps(model, images, task, targets, model.mean, model.std)
     for ax, (_, r), img, cam, j in zip(axes, chosen.iterrows(), images, cams, targets):

@@ -1,6 +1,6 @@
 """Data review: the tables and figures that notebooks/01_data_review.ipynb shows, one function per cell.
 
-Every function takes a `Labels` (from `load_dataset` or `tasks.load_labels`) and returns a pandas
+Every function takes a `Labels` (from `load_dataset` or `labels.load_labels`) and returns a pandas
 DataFrame or a matplotlib Figure. Figures are built with `matplotlib.figure.Figure`, not pyplot, so
 that a notebook shows each one exactly once and nothing accumulates in pyplot's global state.
 """
@@ -21,7 +21,8 @@ from tongue_nb.data.images import ImageError, read_image, read_mask
 from tongue_nb.paths import file_sha256
 from tongue_nb.analysis.plots import figure_png
 from tongue_nb.data.splits import make_split, split_stats
-from tongue_nb.data.tasks import Labels, Task, load_labels, load_schema
+from tongue_nb.data.labels import Labels, load_labels
+from tongue_nb.data.tasks import Task, load_schema
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ def class_imbalance(labels: Labels) -> pd.DataFrame:
 
 
 def problems_table(labels: Labels) -> pd.DataFrame:
-    """Conflicting rows and missing image/mask files that load_labels(on_problem="report") found."""
+    """Conflicting rows and image/mask files that cannot be opened, as load_labels(on_problem="report") found them."""
     cols = ["row", "image", "column", "problem"]
     if labels.problems is None or labels.problems.empty:
         return pd.DataFrame(columns=cols)

@@ -12,7 +12,6 @@ import logging
 import os
 import tempfile
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from tongue_nb.data.images import CROP_MODES, EmptyMaskWarning, ImageError, prepare_image, read_image, read_mask
+from tongue_nb.data.images import CROP_MODES, ImageError, read_sample
 from tongue_nb.paths import DiskFullError, check_free_space, human_bytes, is_disk_full, prepare_folder
 
 log = logging.getLogger(__name__)
@@ -126,18 +125,6 @@ def _open_hit(npy: Path, meta_path: Path, key: str, n: int, size: int) -> ImageC
                       built=False, build_seconds=float(meta.get("build_seconds", 0.0)))
 
 
-def _decode_one(root: Path, rel_img: str, rel_mask: str, size: int, crop: str, margin: float
-                ) -> tuple[np.ndarray, bool]:
-    """Decode, crop and resize one sample; returns (pixels, mask_was_empty)."""
-    img = read_image(root / rel_img)
-    mask = None
-    if rel_mask and crop != "none":
-        mask = read_mask(root / rel_mask, img.shape[:2])
-        if not mask.any():
-            return prepare_image(img, None, size, crop, margin), True
-    return prepare_image(img, mask, size, crop, margin), False
-
-
 _ELSEWHERE = "set cache_dir (or $TONGUE_NB_CACHE) to a folder you can write to, with room"
 
 
@@ -236,17 +223,15 @@ def _build(root: Path, images: list[str], masks: list[str], size: int, crop: str
 
         def work(i: int) -> tuple[int, str | None, bool]:
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", EmptyMaskWarning)
-                    pix, was_empty = _decode_one(root, images[i], masks[i], size, crop, margin)
+                sample = read_sample(images[i], masks[i], [(size, crop, margin)], root=root, empty_mask="whole")
             except ImageError as exc:
                 if on_bad_image == "error":
                     # Say where the file is listed and how to go on without it: the user fixes the table or skips.
                     where = f"labels table line {lines[i]}; " if lines is not None else ""
                     raise ImageError(f"{exc} ({where}pass on_bad_image='skip' to leave unreadable images out)") from None
                 return i, str(exc), False
-            out[i] = pix  # rows are disjoint, so threads write without a lock
-            return i, None, was_empty
+            out[i] = sample.pixels[0]  # rows are disjoint, so threads write without a lock
+            return i, None, sample.empty_mask
 
         n_workers = workers if workers is not None else min(8, os.cpu_count() or 1)
         # Threads, not processes: Pillow releases the GIL while decoding and resizing, and the

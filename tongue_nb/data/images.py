@@ -3,15 +3,22 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from tongue_nb.data.files import file_problem, os_reason, shown
+
 log = logging.getLogger(__name__)
 
 CROP_MODES = ("none", "crop", "blank", "crop_blank")
-MASK_THRESHOLD = 127  # JPEG masks are not pure 0/255: anything brighter than mid-grey is tongue
+# A mask of more than two values may have this share of its pixels in the middle half of its range (edges that are
+# anti-aliased or blurred by JPEG) and still be read as two-valued; real TonguExpert JPEG masks have at most 1%.
+MASK_MIDDLE_SHARE = 0.1
+LOSSY_FORMATS = ("JPEG", "MPO")  # masks stored lossily: read as 8-bit intensities with compression noise
 
 # A truncated file must fail, not come back half grey: Pillow only raises on truncation when this
 # is False (its default). Set explicitly because another library in the process may have flipped it.
@@ -26,11 +33,16 @@ class EmptyMaskWarning(UserWarning):
     """A mask without any tongue pixel: the whole image was used instead."""
 
 
-def _open(path: str | Path, what: str) -> Image.Image:
-    """Open and fully decode a file with Pillow, turning every failure into an ImageError naming the file."""
+def _open(path: str | Path, what: str) -> tuple[Image.Image, str]:
+    """Open and fully decode a file with Pillow, turning every failure into an ImageError naming the file.
+
+    Returns the image (EXIF orientation applied) and its file format ("JPEG", "PNG", ...; the transposed
+    copy no longer carries it).
+    """
     path = Path(path)
-    if not path.is_file():
-        raise ImageError(f"{what} file not found: {path}")
+    problem = file_problem(path)
+    if problem is not None:
+        raise ImageError(f"{what} file {problem}: {shown(path)}")
     if path.stat().st_size == 0:
         raise ImageError(f"{what} file is empty (0 bytes): {path}")
     try:
@@ -52,6 +64,8 @@ def _open(path: str | Path, what: str) -> Image.Image:
     except UnidentifiedImageError:
         raise ImageError(f"{what} {path} is not an image Pillow can read (unknown or corrupt format)") from None
     except OSError as exc:
+        if exc.errno is not None:  # the OS refused the file between the check above and the read
+            raise ImageError(f"{what} file cannot be opened: {os_reason(exc)}: {shown(path)}") from None
         if "truncated" in str(exc).lower():
             raise ImageError(f"{what} {path} is truncated (incomplete file): {exc}") from None
         raise ImageError(f"{what} {path} cannot be decoded: {exc}") from None
@@ -59,7 +73,7 @@ def _open(path: str | Path, what: str) -> Image.Image:
         raise ImageError(f"{what} {path} cannot be decoded: {exc}") from None
     try:
         # Phones store the sensor orientation in EXIF; pixels must come out the way a viewer shows them.
-        return ImageOps.exif_transpose(img) or img
+        return ImageOps.exif_transpose(img) or img, img.format or ""
     except Exception as exc:  # a corrupt EXIF block should not crash a whole cache build silently
         raise ImageError(f"{what} {path}: cannot apply its EXIF orientation: {exc}") from None
 
@@ -107,30 +121,71 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
 
 def read_image(path: str | Path) -> np.ndarray:
     """Decode an image file to uint8 RGB [H, W, 3], EXIF orientation applied; raises ImageError naming the file."""
-    img = _open(path, "image")
+    img, _ = _open(path, "image")
     try:
         return _to_rgb(img)
     finally:
         img.close()
 
 
+def _mask_values(img: Image.Image) -> np.ndarray:
+    """A mask's label per pixel, as stored: the bit, grey level, 16/32-bit level or palette index (a palette is
+    a label map whose colours are only for display); for colour masks the brightest channel (transparency
+    composited on black)."""
+    if img.mode == "1":
+        return np.asarray(img, dtype=np.uint8)
+    if img.mode in ("L", "P", "I") or img.mode.startswith("I;16"):
+        return np.asarray(img)
+    if img.mode == "F":
+        return np.nan_to_num(np.asarray(img, dtype=np.float32))
+    return _to_rgb(img).max(axis=2)
+
+
+def _levels(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct values of a label map and how many pixels hold each (a histogram for 8/16-bit maps: fast)."""
+    if values.dtype.kind == "u" and values.dtype.itemsize <= 2:
+        counts = np.bincount(values.ravel().astype(np.int64, copy=False), minlength=1)
+        levels = np.flatnonzero(counts)
+        return levels, counts[levels]
+    return np.unique(values, return_counts=True)
+
+
+def tongue_pixels(values: np.ndarray, path: str | Path, lossy: bool = False) -> np.ndarray:
+    """Which pixels of a mask's label map are tongue, by meaning rather than by brightness.
+
+    Two values (0/1, 0/255, 0/65535, a 2-entry palette, ...): the higher one is tongue; a single value is
+    tongue unless it is 0 (an empty mask). More values must be two clear ends with few pixels between
+    them (at most MASK_MIDDLE_SHARE in the middle half of the range: anti-aliased edges, JPEG noise);
+    then pixels above the midpoint are tongue. For a lossy file (JPEG) the ends are those of the 8-bit
+    range, 0 and 255, whatever the file holds. Anything else is ambiguous: an ImageError naming the file.
+    """
+    levels, counts = _levels(values)
+    if not lossy and len(levels) <= 2:
+        return values > levels[0] if len(levels) == 2 else values != 0
+    lo, hi = (0.0, 255.0) if lossy else (float(levels[0]), float(levels[-1]))
+    quarter = (hi - lo) / 4
+    middle = float(counts[(levels > lo + quarter) & (levels < hi - quarter)].sum()) / float(counts.sum())
+    if middle > MASK_MIDDLE_SHARE:
+        shown_levels = ", ".join(f"{v:g}" for v in levels[:6]) + (", ..." if len(levels) > 6 else "")
+        raise ImageError(f"mask {path} is ambiguous: {len(levels)} different values ({shown_levels}) and {middle:.0%} "
+                         f"of its pixels lie between {lo:g} and {hi:g}, so which pixels are tongue is unclear; expected "
+                         "two values (background 0, tongue any other value) or black and white (JPEG noise is fine)")
+    return values > (lo + hi) / 2
+
+
 def read_mask(path: str | Path, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
-    """Decode a tongue mask to bool [H, W] (pixel > 127 is tongue); checks its size against the image's."""
-    img = _open(path, "mask")
+    """Decode a tongue mask to bool [H, W] (`tongue_pixels` says which pixels are tongue, in any bit depth or
+    mode: 1-bit, 8-bit, 16-bit, palette, colour, JPEG); checks its size against the image's."""
+    img, fmt = _open(path, "mask")
     try:
-        if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-            grey = _high_depth_to_u8(img)
-        elif img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            grey = _to_rgb(img).max(axis=2)
-        else:
-            grey = np.asarray(img.convert("L"), dtype=np.uint8)
+        values = _mask_values(img)
     finally:
         img.close()
-    if expected_hw is not None and tuple(grey.shape[:2]) != tuple(expected_hw):
-        h, w = grey.shape[:2]
+    if expected_hw is not None and tuple(values.shape[:2]) != tuple(expected_hw):
+        h, w = values.shape[:2]
         raise ImageError(f"mask {path} is {w}x{h} (width x height) but its image is "
                          f"{expected_hw[1]}x{expected_hw[0]}; a mask must have its image's size")
-    return grey > MASK_THRESHOLD
+    return tongue_pixels(values, path, lossy=fmt in LOSSY_FORMATS)
 
 
 def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
@@ -208,3 +263,51 @@ def prepare_image(img: np.ndarray, mask: np.ndarray | None, size: int, crop: str
         # first box-reduces large photos by an integer factor, which is both fast and alias-free.
         pil = pil.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
     return np.asarray(pil, dtype=np.uint8)
+
+
+Setting = tuple  # (size, crop, margin): how one consumer wants a photo prepared (prepare_image's arguments)
+EMPTY_MASK = ("whole", "error")
+
+
+@dataclass
+class Sample:
+    """One photo prepared for each requested setting, and whether its mask file marked no tongue."""
+
+    pixels: list[np.ndarray]
+    empty_mask: bool = False
+
+
+def read_sample(image: str | Path, mask: str | Path | None, settings: Sequence[Setting], *,
+                root: str | Path | None = None, empty_mask: str = "whole", min_side: int = 1,
+                segment: Callable[[np.ndarray], np.ndarray | None] | None = None) -> Sample:
+    """Read a photo and its tongue mask and prepare the photo for each (size, crop, margin) setting: the one
+    reader of training (the image cache), prediction and the reports, so that all read masks by one rule.
+
+    `image` and `mask` are paths, relative to `root` when it is given; a mask of "" or None means no mask
+    file. The mask is read (`read_mask`) only when a setting crops or blanks. The policies that differ:
+    - empty_mask: "whole" (training: the whole photo is used, and `Sample.empty_mask` says so) or "error"
+      (prediction: an ImageError, rather than an answer on the uncropped photo);
+    - min_side: a photo with a shorter side is an ImageError;
+    - segment: for a photo without a mask file, called with its pixels (uint8 RGB [H, W, 3]) to find the
+      tongue (prediction's segmenter): a bool mask, or None when there is none (an ImageError).
+    """
+    if empty_mask not in EMPTY_MASK:
+        raise ValueError(f"empty_mask must be one of {', '.join(EMPTY_MASK)}, got {empty_mask!r}")
+    base = Path(root) if root is not None else Path()
+    image_path = base / image
+    img = read_image(image_path)
+    if min(img.shape[:2]) < min_side:
+        raise ImageError(f"{image_path}: {img.shape[1]}x{img.shape[0]} px is too small (at least {min_side} px a side)")
+    tongue = None
+    if any(crop != "none" for _, crop, _ in settings):
+        if mask:
+            tongue = read_mask(base / mask, img.shape[:2])
+        elif segment is not None:
+            tongue = segment(img)
+            if tongue is None or not tongue.any():
+                raise ImageError(f"{image_path}: no tongue found by the segmenter")
+    empty = tongue is not None and not tongue.any()
+    if empty and empty_mask == "error":
+        raise ImageError(f"{base / mask}: the mask is empty (no tongue marked)")
+    pixels = [prepare_image(img, None if empty else tongue, size, crop, margin) for size, crop, margin in settings]
+    return Sample(pixels, empty)

@@ -264,7 +264,7 @@ def check_train_weights(labels, train_rows: np.ndarray) -> None:
     a column of zeros; this is the same refusal for the train rows a run actually uses, so the trainer and the
     baseline call it with their train rows (after the split, and after unreadable images are left out).
     """
-    from tongue_nb.data.tasks import LabelError
+    from tongue_nb.data.labels import LabelError
 
     weights = labels.table["weight"].to_numpy(np.float64)[np.asarray(train_rows, dtype=np.int64)]
     if len(weights) and not (weights > 0).any():

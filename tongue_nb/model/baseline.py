@@ -643,8 +643,8 @@ def fit_baseline_run(params: "TrainParams", out_dir: str | Path | None = None, *
 def _fit_baseline_run(params: "TrainParams", out: Path, crop: str, class_weight: str | None, max_iter: int) -> dict:
     from tongue_nb.analysis import metrics
     from tongue_nb.data import cache
+    from tongue_nb.data.labels import load_labels
     from tongue_nb.data.splits import check_train_weights
-    from tongue_nb.data.tasks import load_labels
     from tongue_nb.paths import OUT_DIR_PARAMETER, check_outside_dataset
     from tongue_nb.runio import RunFolder, predictions_table
     from tongue_nb.train.trainer import resolve_data

@@ -125,7 +125,7 @@ def _load_data(params: SegParams) -> tuple[pd.DataFrame, np.ndarray, np.ndarray,
     from concurrent.futures import ThreadPoolExecutor
 
     from tongue_nb.data.splits import make_split
-    from tongue_nb.data.tasks import load_labels
+    from tongue_nb.data.labels import load_labels
 
     labels = load_labels(params.data_dir)
     table = labels.table

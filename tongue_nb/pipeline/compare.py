@@ -163,7 +163,8 @@ def _prepare_data(cfg: dict[str, Any]) -> _Data:
     """Labels, split and image cache: built once by the parent, re-opened (cache hit) by each child."""
     from tongue_nb.data import cache
     from tongue_nb.data import splits
-    from tongue_nb.data.tasks import load_labels, load_schema
+    from tongue_nb.data.labels import load_labels
+    from tongue_nb.data.tasks import load_schema
 
     schema = load_schema(cfg["tasks"]) if cfg["tasks"] else None
     labels = load_labels(cfg["data_dir"], schema=schema, on_problem=cfg["on_problem"])

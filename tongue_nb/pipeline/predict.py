@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from tongue_nb.checks import check_int
-from tongue_nb.data.images import ImageError, prepare_image, read_image, read_mask
+from tongue_nb.data.images import ImageError, read_image, read_mask, read_sample
 from tongue_nb.data.tasks import TaskSchema
 
 log = logging.getLogger(__name__)
@@ -272,19 +272,9 @@ def _load_one(row: Any, settings: Sequence[Setting], segmenter: Any = None
     try:
         if not row.image:
             raise ImageError("no image path")
-        img = read_image(row.image)
-        if min(img.shape[:2]) < MIN_SIDE:
-            raise ImageError(f"{row.image}: {img.shape[1]}x{img.shape[0]} px is too small (at least {MIN_SIDE} px a side)")
-        mask = None
-        if row.mask and masked:
-            mask = read_mask(row.mask, img.shape[:2])
-            if not mask.any():
-                raise ImageError(f"{row.mask}: the mask is empty (no tongue marked)")
-        elif predicted:
-            mask = segmenter.predict([img])[0]
-            if mask is None:
-                raise ImageError(f"{row.image}: no tongue found by the segmenter")
-        return [prepare_image(img, mask, size, crop, margin) for size, crop, margin in settings], mask_source, ""
+        segment = (lambda img: segmenter.predict([img])[0]) if segmenter is not None else None
+        sample = read_sample(row.image, row.mask, settings, empty_mask="error", min_side=MIN_SIDE, segment=segment)
+        return sample.pixels, mask_source, ""
     except (ImageError, OSError, ValueError) as exc:
         return None, mask_source, str(exc).splitlines()[0]
 

@@ -26,8 +26,8 @@ from tongue_nb.analysis import metrics as metrics_mod
 from tongue_nb.data import cache as cache_mod
 from tongue_nb.data import splits as splits_mod
 from tongue_nb.data.loader import BatchLoader, class_balanced_weights
-from tongue_nb.data.tasks import (Labels, TaskSchema, apply_task_weights, default_schema, labelled_mask, load_labels,
-                                  load_schema)
+from tongue_nb.data.labels import Labels, load_labels
+from tongue_nb.data.tasks import TaskSchema, apply_task_weights, default_schema, labelled_mask, load_schema
 from tongue_nb.model.backbones import MultiTaskBackbone, build_model
 from tongue_nb.model.losses import MultiTaskLoss, class_weights_from_targets
 from tongue_nb.paths import OUT_DIR_PARAMETER, check_outside_dataset, file_sha256, prepare_folder
