@@ -178,7 +178,8 @@ def _saved_thresholds(run: Path, schema: TaskSchema) -> dict[str, list[float]]:
 def _ensemble_thresholds(run_dirs: Sequence[str | Path]) -> dict[str, list[float]]:
     """Thresholds for the ensemble, tuned on the validation images its members share (as in the reports)."""
     from tongue_nb.analysis import metrics
-    from tongue_nb.analysis.report import mean_probs, load_run
+    from tongue_nb.analysis.combine import mean_probs
+    from tongue_nb.analysis.runs import load_run
 
     runs = [load_run(d) for d in run_dirs]
     probs, targets, ids = mean_probs(runs, "val")

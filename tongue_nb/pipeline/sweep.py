@@ -653,7 +653,8 @@ def _render(notebook: Path, html_path: Path, backbone: str | None, result: Sweep
 
 def _index(result: SweepResult, reports: Path, ensemble_k: int = 3) -> Path:
     """reports/index.html from the sweep's outcomes: the final report's score rows, with links to each run's pages."""
-    from tongue_nb.analysis.report import index_rows, load_sweep, sweep_provenance, write_index
+    from tongue_nb.analysis.index_page import index_rows, sweep_provenance, write_index
+    from tongue_nb.analysis.runs import load_sweep
 
     links = {_safe_name(run.backbone): run for run in result.runs if run.ok}
     rows, provenance = [], ""
