@@ -32,9 +32,10 @@ from tongue_nb.model.backbones import MultiTaskBackbone, build_model
 from tongue_nb.model.losses import MultiTaskLoss, class_weights_from_targets
 from tongue_nb.paths import OUT_DIR_PARAMETER, check_outside_dataset, file_sha256, prepare_folder
 from tongue_nb.runio import RunFolder, RunLock, load_checkpoint, load_weights, predictions_table, to_jsonable
-from tongue_nb.train.callbacks import (BestTracker, Callback, EarlyStopping, EpochHook, History, LastCheckpoint,
-                                       LogEpoch, WeightAveraging, WeightEMA)
-from tongue_nb.train.fit import Fit, FitConfig, stages_from_params
+from tongue_nb.train.callbacks import (BestTracker, EarlyStopping, EpochHook, History, LastCheckpoint, LogEpoch,
+                                       WeightAveraging, WeightEMA)
+from tongue_nb.train.fit import Fit
+from tongue_nb.train.fit_state import Callback, FitConfig, stages_from_params
 from tongue_nb.train.loop import EpochStats, NonFiniteLossError, evaluate, make_optimizer, train_one_epoch, warmup_cosine
 from tongue_nb.train.params import TrainParams
 from tongue_nb.train.runtime import DistInfo, Runtime, TrainingError, peak_memory_mb, progress_allowed
