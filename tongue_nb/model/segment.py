@@ -158,7 +158,7 @@ def build_unet(encoder: str, pretrained: bool, pretrained_path: str = "") -> tup
     import segmentation_models_pytorch as smp
     import timm
 
-    from tongue_nb.model.backbones import PretrainedWeightsError, load_pretrained_backbone
+    from tongue_nb.model.weights import PretrainedWeightsError, load_pretrained_backbone
     from tongue_nb.model.weights import locate_weights, missing_weights_hint
 
     if not timm.is_model(encoder):

@@ -62,7 +62,8 @@ class Predictor:
     @classmethod
     def from_runs(cls, run_dirs: Sequence[str | Path], device: str = "cpu") -> "Predictor":
         """Load one run, or several as their ensemble; errors name the run and what it lacks."""
-        from tongue_nb.model.backbones import EnsembleMultiTaskModel, load_run_model
+        from tongue_nb.model.backbones import load_run_model
+        from tongue_nb.model.ensemble import EnsembleMultiTaskModel
         from tongue_nb.model.baseline import is_baseline_run, load_baseline_model
         from tongue_nb.train.runtime import resolve_device
 
