@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (bench/common.py also puts the repository root on sys.path)
 
 from tongue_nb.analysis import metrics  # noqa: E402
-from tongue_nb.analysis.report import rank_per_task, score_candidates  # noqa: E402
+from tongue_nb.analysis.combine import rank_per_task, score_candidates  # noqa: E402
 from tongue_nb.analysis.runs import load_run  # noqa: E402
 
 

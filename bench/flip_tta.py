@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from tongue_nb.analysis import metrics  # noqa: E402
-from tongue_nb.analysis.report import rank_per_task, score_candidates  # noqa: E402
+from tongue_nb.analysis.combine import rank_per_task, score_candidates  # noqa: E402
 from tongue_nb.analysis.runs import load_run  # noqa: E402
 from tongue_nb.data.labels import load_labels  # noqa: E402
 from tongue_nb.pipeline.predict import Predictor, predict_table  # noqa: E402

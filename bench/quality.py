@@ -162,10 +162,10 @@ def combinations(schema: TaskSchema, members: Mapping[str, tuple[Mapping, Mappin
     """Named combinations of the recipe and the baseline, each its own row, never the plain network.
 
     'recipe+baseline': the mean of their probabilities; 'per-task selection': for each task the one
-    of recipe, baseline and recipe+baseline with the best validation macro-F1 (report.rank_per_task),
+    of recipe, baseline and recipe+baseline with the best validation macro-F1 (combine.rank_per_task),
     scored on test. members: name -> (val probs, test probs) on the same rows as targets["val"/"test"].
     """
-    from tongue_nb.analysis.report import rank_per_task
+    from tongue_nb.analysis.combine import rank_per_task
 
     cands = dict(members)
     (rv, rt), (bv, bt) = members["recipe"], members["baseline"]

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (bench/common.py also puts the repository root on sys.path)
 
 from tongue_nb.analysis import metrics  # noqa: E402
-from tongue_nb.analysis.report import mean_probs  # noqa: E402
+from tongue_nb.analysis.combine import mean_probs  # noqa: E402
 from tongue_nb.analysis.runs import load_run  # noqa: E402
 
 RULES = ("best", "one_se", "paired")

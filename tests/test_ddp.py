@@ -59,7 +59,7 @@ def test_torchrun_two_gloo_processes(tmp_path):
 OOM_SCRIPT = """
 import os, sys, torch
 torch.set_num_threads(1)
-from tongue_nb.train.callbacks import Callback
+from tongue_nb.train.fit_state import Callback
 from tongue_nb.train.params import load_params
 from tongue_nb.train.trainer import TrainingError, train
 

@@ -10,7 +10,7 @@ from tongue_nb.data.loader import BatchLoader
 from tongue_nb.data.tasks import default_schema
 from tongue_nb.model.backbones import MultiTaskBackbone
 from tongue_nb.model.losses import MultiTaskLoss
-from tongue_nb.train.callbacks import Callback
+from tongue_nb.train.fit_state import Callback
 from tongue_nb.train.loop import SYNC_EVERY, NonFiniteLossError, make_optimizer, train_one_epoch
 from tongue_nb.train.runtime import Runtime
 

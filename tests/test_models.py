@@ -10,8 +10,10 @@ from safetensors.torch import save_file
 
 from tongue_nb.model import backbones as models
 from tongue_nb.model.losses import MultiTaskLoss
-from tongue_nb.model.backbones import (BACKBONES, EnsembleMultiTaskModel, MultiTaskBackbone, PretrainedWeightsError,
-                              list_backbones, load_run_model, register_backbone, resolve_backbone, to_probs)
+from tongue_nb.model.backbones import (BACKBONES, MultiTaskBackbone, list_backbones, load_run_model, register_backbone,
+                                       resolve_backbone, to_probs)
+from tongue_nb.model.ensemble import EnsembleMultiTaskModel
+from tongue_nb.model.weights import PretrainedWeightsError
 from tongue_nb.data.tasks import Task, TaskSchema, default_schema
 
 SCHEMA = TaskSchema((

@@ -10,7 +10,9 @@ import pytest
 from PIL import Image
 
 from tongue_nb.pipeline import predict
-from tongue_nb.analysis import report
+from tongue_nb.analysis.combine import mean_probs
+from tongue_nb.analysis.errors import cam_gallery
+from tongue_nb.analysis.runs import load_run
 from tongue_nb.pipeline.cli import main as cli_main
 from tongue_nb.train.params import load_params
 from tongue_nb.data.synth import make_synthetic
@@ -92,7 +94,7 @@ def test_ensemble_of_runs_averages_and_tunes_its_thresholds(runs):
     col = [c for c in out.columns if c.startswith("p:coat:")]
     mean = (single[0][col].to_numpy(float) + single[1][col].to_numpy(float)) / 2
     assert np.allclose(out[col].to_numpy(float), mean, atol=1e-5)
-    probs, targets, _ = report.mean_probs([report.load_run(runs["a"]), report.load_run(runs["b"])], "val")
+    probs, targets, _ = mean_probs([load_run(runs["a"]), load_run(runs["b"])], "val")
     from tongue_nb.analysis import metrics
 
     assert ens.thresholds == metrics.tune_thresholds(ens.schema, probs, targets)
@@ -143,7 +145,7 @@ def test_bad_input_is_one_clear_error(runs, tmp_path, capsys):
 
 
 def test_cam_gallery_on_a_trained_run(runs):
-    fig = report.cam_gallery(report.load_run(runs["a"]), "coat", k=2, per_class=1)
+    fig = cam_gallery(load_run(runs["a"]), "coat", k=2, per_class=1)
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert titles and all(t.startswith(("error:", "correct:")) for t in titles)
     assert any(ax.images for ax in fig.axes)
@@ -307,7 +309,7 @@ def test_a_baseline_run_is_applied_to_photos_like_a_trained_run(with_baseline, t
     single = predict.predict_table(predict.Predictor.from_runs([net]), photos).set_index("id")
     assert np.allclose(mixed[p_cols].to_numpy(float),
                        (single[p_cols].to_numpy(float) + out[p_cols].to_numpy(float)) / 2, atol=1e-5)
-    probs, targets, _ = report.mean_probs([report.load_run(net), report.load_run(base)], "val")
+    probs, targets, _ = mean_probs([load_run(net), load_run(base)], "val")
     assert both.thresholds == metrics.tune_thresholds(both.schema, probs, targets)
     with pytest.raises(ValueError, match="explain maps one trained network run"):
         predict.predict_table(both, photos, explain_dir=tmp_path / "cams")

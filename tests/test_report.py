@@ -7,7 +7,17 @@ import pandas as pd
 import pytest
 import yaml
 
-from tongue_nb.analysis import report
+from tongue_nb.analysis.combine import ensemble_metrics, ranked_on_val
+from tongue_nb.analysis.selection import per_task_selection, save_selection
+from tongue_nb.analysis.errors import cam_gallery, error_browser, error_gallery, errors_by, sample_errors, worst_errors
+from tongue_nb.analysis.figures import (calibration_table, confusion_matrices, confusion_panels, history_columns,
+                                        reliability_diagram, roc_pr_curves, task_bars, threshold_curves,
+                                        training_curves)
+from tongue_nb.analysis.index_page import index_rows, sweep_provenance, write_index
+from tongue_nb.analysis.runs import arrays, load_run, load_sweep
+from tongue_nb.analysis.stats import bootstrap_table, format_p, verdict
+from tongue_nb.analysis.tables import (chance_rows, constant_flags, failures_table, per_label_table, ranking_table,
+                                       run_row, run_table)
 from tongue_nb.data.synth import make_synthetic
 from tongue_nb.data.tasks import default_schema
 
@@ -79,19 +89,19 @@ def sweep_dir(tmp_path_factory, data_dir) -> Path:
 
 
 def test_load_run_reads_contract_files(sweep_dir):
-    run = report.load_run(sweep_dir / "runs" / "good")
+    run = load_run(sweep_dir / "runs" / "good")
     assert run.schema == SCHEMA and run.params["backbone"] == "good" and len(run.history) == 3
-    probs, targets, rows = report.arrays(run, "test")
+    probs, targets, rows = arrays(run, "test")
     assert probs["shape"].shape == (10, 3) and probs["coat"].shape == (10, 3) and len(rows) == 10
     assert targets["coat"].dtype == np.int64 and targets["shape"].dtype == np.float32
-    _, val_targets, _ = report.arrays(run, "val")
+    _, val_targets, _ = arrays(run, "val")
     assert np.isnan(val_targets["shape"][3]).all() and (targets["coat"] >= 0).all()  # missing rows stay missing
-    assert report.arrays(run, "val")[1]["coat"][5] == -1
+    assert arrays(run, "val")[1]["coat"][5] == -1
 
 
 def test_load_run_errors_name_the_file(tmp_path, sweep_dir):
     with pytest.raises(FileNotFoundError, match="summary.json"):
-        report.load_run(tmp_path)
+        load_run(tmp_path)
     bad = tmp_path / "bad"
     import shutil
 
@@ -100,61 +110,61 @@ def test_load_run_errors_name_the_file(tmp_path, sweep_dir):
     table.loc[2, "p:coat:rotten"] = "oops"
     table.to_csv(bad / "predictions.csv", index=False)
     with pytest.raises(ValueError, match=r"predictions.csv: line 4, column 'p:coat:rotten'"):
-        report.load_run(bad)
+        load_run(bad)
     table.drop(columns=["true:coat"]).to_csv(bad / "predictions.csv", index=False)
     with pytest.raises(ValueError, match="true:coat"):
-        report.load_run(bad)
+        load_run(bad)
 
 
 def test_sweep_tables(sweep_dir):
-    sweep = report.load_sweep(sweep_dir)
+    sweep = load_sweep(sweep_dir)
     assert sorted(sweep.runs) == ["good", "weak"]
-    table = report.run_table(sweep)
+    table = run_table(sweep)
     assert list(table["run"]) == ["good", "weak"]  # best first
     row = table.iloc[0]
     assert row["combined_thresholded"] == pytest.approx(0.65) and row["train_time_s"] == 12.5
     assert row["coat_thresholded"] == pytest.approx(0.60) and row["peak_memory_mb"] == 400
-    fails = report.failures_table(sweep)
+    fails = failures_table(sweep)
     assert list(fails["backbone"]) == ["broken"] and "unknown backbone" in fails["message"][0]
-    labels = report.per_label_table(sweep.runs["good"])
+    labels = per_label_table(sweep.runs["good"])
     assert set(labels["task"]) == {"shape", "coat"} and len(labels) == 6
 
 
 def test_error_tables(sweep_dir):
-    run = report.load_run(sweep_dir / "runs" / "weak")
-    errors = report.sample_errors(run)
+    run = load_run(sweep_dir / "runs" / "weak")
+    errors = sample_errors(run)
     # each task has one row with no label at all (row 3 for shape, row 5 for coat): left out
     assert (errors["task"] == "coat").sum() == 19 and (errors["task"] == "shape").sum() == 19
     coat = errors[errors["task"] == "coat"]
     assert (coat["wrong"] == (coat["true"] != coat["pred"])).all()
-    worst = report.worst_errors(run, 5)
+    worst = worst_errors(run, 5)
     assert len(worst) <= 5 and worst["wrong"].all() and (worst["split"] == "test").all()
     assert worst["p_true"].is_monotonic_increasing
-    by_split = report.errors_by(run, "split")
+    by_split = errors_by(run, "split")
     assert set(by_split["split"]) == {"val", "test"} and (by_split["error_rate"].between(0, 1)).all()
     assert by_split["n"].sum() == len(errors)
     with pytest.raises(ValueError, match="by must be"):
-        report.errors_by(run, "colour")
-    cal = report.calibration_table(run)
+        errors_by(run, "colour")
+    cal = calibration_table(run)
     assert set(cal["task"]) == {"shape", "coat"} and cal["confidence"].between(0, 1).all()
 
 
 def test_confusion_panels_count_labelled_rows(sweep_dir):
-    run = report.load_run(sweep_dir / "runs" / "good")
-    panels = dict((title, m) for title, _, m in report.confusion_panels(run, "val"))
+    run = load_run(sweep_dir / "runs" / "good")
+    panels = dict((title, m) for title, _, m in confusion_panels(run, "val"))
     assert panels["coat"].sum() == 9  # 10 val rows, one missing coat label
     assert panels["shape: spots"].sum() == 9 and panels["shape: spots"].shape == (2, 2)
 
 
 def test_figures(sweep_dir, data_dir):
-    sweep = report.load_sweep(sweep_dir)
+    sweep = load_sweep(sweep_dir)
     run = sweep.runs["good"]
-    table = report.run_table(sweep)
-    for fig in (report.task_bars(table, SCHEMA), report.training_curves(sweep), report.confusion_matrices(run),
-                report.threshold_curves(run), report.reliability_diagram(run), report.error_gallery(run, 4)):
+    table = run_table(sweep)
+    for fig in (task_bars(table, SCHEMA), training_curves(sweep), confusion_matrices(run),
+                threshold_curves(run), reliability_diagram(run), error_gallery(run, 4)):
         assert len(fig.axes) >= 1
-    assert report.history_columns(run.history, SCHEMA) == ["val_combined_score", "val_shape_macro_f1", "val_coat_macro_f1"]
-    gallery = report.error_gallery(report.load_run(sweep_dir / "runs" / "weak"), 4)
+    assert history_columns(run.history, SCHEMA) == ["val_combined_score", "val_shape_macro_f1", "val_coat_macro_f1"]
+    gallery = error_gallery(load_run(sweep_dir / "runs" / "weak"), 4)
     assert any(ax.images for ax in gallery.axes)  # images read from data_dir in params.yaml
 
 
@@ -166,13 +176,13 @@ def test_cam_gallery_of_the_baseline_says_it_has_no_network(sweep_dir, tmp_path)
     shutil.copytree(sweep_dir / "runs" / "weak", base)
     summary = json.loads((base / "summary.json").read_text())
     (base / "summary.json").write_text(json.dumps({**summary, "kind": "baseline", "backbone": "classical-baseline"}))
-    fig = report.cam_gallery(report.load_run(base), "coat", k=2)
+    fig = cam_gallery(load_run(base), "coat", k=2)
     assert "no network to map" in fig.axes[0].texts[0].get_text()
 
 
 def test_error_browser_pages_through_errors(sweep_dir):
-    run = report.load_run(sweep_dir / "runs" / "weak")
-    browser = report.error_browser(run, split="test")
+    run = load_run(sweep_dir / "runs" / "weak")
+    browser = error_browser(run, split="test")
     task, image = browser.children[0].children[0], browser.children[1]
     first = bytes(image.value)
     assert task.value == "shape" and first[:4] == b"\x89PNG"
@@ -182,7 +192,7 @@ def test_error_browser_pages_through_errors(sweep_dir):
 
 def test_index_lists_runs_and_failures(tmp_path):
     (tmp_path / "03_train-a.html").write_text("x")
-    path = report.write_index(tmp_path, [{"backbone": "a", "combined_thresholded": 0.5, "report": tmp_path / "03_train-a.html"}],
+    path = write_index(tmp_path, [{"backbone": "a", "combined_thresholded": 0.5, "report": tmp_path / "03_train-a.html"}],
                               [{"backbone": "zzz", "error_type": "ValueError", "message": "unknown <backbone>", "cell_index": 4}])
     text = path.read_text()
     assert 'href="03_train-a.html"' in text and "0.500" in text
@@ -190,18 +200,18 @@ def test_index_lists_runs_and_failures(tmp_path):
     assert "http" not in text  # self-contained: no external resources
     assert "--selection" not in text
     (tmp_path / "selection.json").write_text("{}")
-    text = report.write_index(tmp_path, [], [], selection=tmp_path / "selection.json").read_text()
+    text = write_index(tmp_path, [], [], selection=tmp_path / "selection.json").read_text()
     assert f"tongue-nb predict --selection {tmp_path / 'selection.json'} --images PHOTOS" in text
 
 
 def test_ensemble_and_bootstrap(sweep_dir):
-    sweep = report.load_sweep(sweep_dir)
-    ens = report.ensemble_metrics(sweep, 2)
+    sweep = load_sweep(sweep_dir)
+    ens = ensemble_metrics(sweep, 2)
     assert ens["members"] == ["good", "weak"] and ens["n_test"] == 10
     assert 0 <= ens["thresholded"]["combined_score"] <= 1
-    table = report.run_table(sweep, ensemble_k=2)
+    table = run_table(sweep, ensemble_k=2)
     assert len(table) == 3 and table["run"].str.startswith("ensemble").any()
-    boot = report.bootstrap_table(sweep, n_boot=200)
+    boot = bootstrap_table(sweep, n_boot=200)
     good, weak = boot.set_index("run").loc["good"], boot.set_index("run").loc["weak"]
     assert good["combined_lo"] <= good["combined_hi"] and good["vs_best"] == "(best)"
     assert weak["vs_best"] == "good" and weak["diff_lo"] <= weak["diff"] <= weak["diff_hi"]
@@ -209,7 +219,7 @@ def test_ensemble_and_bootstrap(sweep_dir):
 
     scores = {}
     for name in ("good", "weak"):
-        probs, targets, _ = report.arrays(sweep.runs[name], "test")
+        probs, targets, _ = arrays(sweep.runs[name], "test")
         scores[name] = metrics.compute_metrics(SCHEMA, probs, targets, thresholds={"shape": [0.4] * 3})["combined_score"]
     assert good["combined"] == pytest.approx(scores["good"]) and weak["diff"] == pytest.approx(scores["weak"] - scores["good"])
 
@@ -235,7 +245,7 @@ def test_notebook_04_through_papermill(sweep_dir, tmp_path):
                                {"run_dir": str(sweep_dir / "runs" / "weak"), "n_worst": 4}, kernel, sweep.PROJECT_ROOT)
     html = sweep.render_html(out_nb, tmp_path / "04.html").read_text()
     assert html.count("data:image/png;base64") >= 5  # confusion, thresholds, calibration, gallery figures embedded
-    assert "report.load_run" not in html  # code hidden (--no-input)
+    assert "runs.load_run" not in html  # code hidden (--no-input)
 
 
 def test_per_task_selection_chooses_on_validation_per_task(sweep_dir, tmp_path):
@@ -253,13 +263,13 @@ def test_per_task_selection_chooses_on_validation_per_task(sweep_dir, tmp_path):
         for i, label in enumerate(labels):
             table[f"p:{spoil}:{label}"] = noise[:, i]
         table.to_csv(root / "runs" / name / "predictions.csv", index=False)
-    sweep = report.load_sweep(root)
-    sel = report.per_task_selection(sweep, ensemble_k=0)
+    sweep = load_sweep(root)
+    sel = per_task_selection(sweep, ensemble_k=0)
     assert sel["choice"]["shape"]["source"] == "a" and sel["choice"]["coat"]["source"] == "b"
     for task, name in (("shape", "a"), ("coat", "b")):
         run = sweep.runs[name]
-        val_p, val_t, _ = report.arrays(run, "val")
-        test_p, test_t, _ = report.arrays(run, "test")
+        val_p, val_t, _ = arrays(run, "val")
+        test_p, test_t, _ = arrays(run, "test")
         thr = metrics.tune_thresholds(SCHEMA, val_p, val_t)
         want = metrics.compute_metrics(SCHEMA, test_p, test_t, thresholds=thr)["tasks"][task]["primary"]
         assert sel["choice"][task]["test"] == pytest.approx(want)
@@ -267,9 +277,9 @@ def test_per_task_selection_chooses_on_validation_per_task(sweep_dir, tmp_path):
     assert sel["row"]["combined_thresholded"] == pytest.approx(
         metrics.combined_score(SCHEMA, {t: sel["choice"][t]["test"] for t in ("shape", "coat")}))
     # the row joins the run table under its own name, and the choices are saved for later use
-    table = report.run_table(sweep, ensemble_k=2, selection=True)
+    table = run_table(sweep, ensemble_k=2, selection=True)
     assert "per-task selection" in set(table["run"]) and len(table) == 4
-    saved = json.loads(report.save_selection(sel, tmp_path / "selection.json").read_text())
+    saved = json.loads(save_selection(sel, tmp_path / "selection.json").read_text())
     assert saved["tasks"]["coat"]["source"] == "b" and saved["tasks"]["coat"]["runs"] == [str(root / "runs" / "b")]
 
 
@@ -278,13 +288,13 @@ def test_chance_rows_flags_and_verdict(sweep_dir, tmp_path):
 
     from tongue_nb.analysis import metrics
 
-    sweep = report.load_sweep(sweep_dir)
+    sweep = load_sweep(sweep_dir)
     good = sweep.runs["good"]
-    rows = {r["run"]: r for r in report.chance_rows(good)}
-    _, targets, _ = report.arrays(good, "test")
+    rows = {r["run"]: r for r in chance_rows(good)}
+    _, targets, _ = arrays(good, "test")
     ref = metrics.chance_references(SCHEMA, targets)
     assert rows["chance: constant answer"]["combined_thresholded"] == pytest.approx(ref["constant answer"]["combined_score"])
-    table = report.run_table(sweep, chance=True)
+    table = run_table(sweep, chance=True)
     assert {"chance: constant answer", "chance: random guess"} <= set(table["run"])
     # a run that says "yes" to every shape label on val is flagged, label by label
     root = tmp_path / "s"
@@ -293,15 +303,15 @@ def test_chance_rows_flags_and_verdict(sweep_dir, tmp_path):
     for label in SHAPE:
         pred[f"p:shape:{label}"] = "0.9"
     pred.to_csv(root / "runs" / "yes" / "predictions.csv", index=False)
-    flags = report.constant_flags(report.load_run(root / "runs" / "yes"))
+    flags = constant_flags(load_run(root / "runs" / "yes"))
     assert list(flags["label"]) == list(SHAPE) and set(flags["answer"]) == {"yes"}
-    assert report.run_row(report.load_run(root / "runs" / "yes"))["one_answer_labels"] == 3
-    assert report.run_row(good)["one_answer_labels"] == 0
-    boot = report.bootstrap_table(sweep, n_boot=200)
-    text = report.verdict(sweep, boot, n_boot=200)
+    assert run_row(load_run(root / "runs" / "yes"))["one_answer_labels"] == 3
+    assert run_row(good)["one_answer_labels"] == 0
+    boot = bootstrap_table(sweep, n_boot=200)
+    text = verdict(sweep, boot, n_boot=200)
     assert text.startswith("Best single run on the combined test score") and "good" in text and "ahead of weak" in text
     assert "10 test images" in text and "constant answer" in text
-    assert report.format_p(0.0, 1000) == "< 0.001" and report.format_p(0.0421) == "0.042"
+    assert format_p(0.0, 1000) == "< 0.001" and format_p(0.0421) == "0.042"
 
 
 def test_index_rows_match_the_final_report_and_say_where_data_came_from(sweep_dir, data_dir, tmp_path):
@@ -311,17 +321,17 @@ def test_index_rows_match_the_final_report_and_say_where_data_came_from(sweep_di
     shutil.copytree(sweep_dir, root)
     (root / "sweep.json").write_text(json.dumps({"data_dir": str(data_dir), "params_file": "params/smoke.yaml",
                                                  "started": "2026-11-30T10:00:00"}))
-    sweep = report.load_sweep(root)
-    rows = {r["backbone"]: r for r in report.index_rows(sweep, ensemble_k=2, n_boot=200)}
-    table = report.run_table(sweep, 2, selection=True, chance=True)
+    sweep = load_sweep(root)
+    rows = {r["backbone"]: r for r in index_rows(sweep, ensemble_k=2, n_boot=200)}
+    table = run_table(sweep, 2, selection=True, chance=True)
     assert set(rows) == set(table["run"])  # one count, one ranking on both pages
     assert rows["good"]["kind"] == "run" and rows["chance: constant answer"]["kind"] == "reference"
     assert rows["per-task selection"]["kind"] == "combination" and rows["ensemble(top 2)"]["kind"] == "combination"
     lo, hi = rows["good"]["ci"]
     assert 0 <= lo <= hi <= 1  # (the hand-made summaries carry made-up scores, so no comparison here)
-    text = report.sweep_provenance(sweep)
+    text = sweep_provenance(sweep)
     assert str(data_dir) in text and "params/smoke.yaml" in text and "2026-11-30" in text
-    path = report.write_index(tmp_path / "rep", list(rows.values()), [], provenance=text)
+    path = write_index(tmp_path / "rep", list(rows.values()), [], provenance=text)
     page = path.read_text()
     assert "per-task selection" in page and "chance: random guess" in page and f"{lo:.3f}-{hi:.3f}" in page
     assert "params/smoke.yaml" in page
@@ -350,12 +360,12 @@ def test_rendered_pages_say_what_they_are_link_back_and_hide_logs(tmp_path):
 def test_roc_pr_curves_one_panel_pair_per_task_with_scores_in_the_legend(sweep_dir):
     from sklearn.metrics import roc_auc_score
 
-    run = report.load_run(sweep_dir / "runs" / "good")
-    fig = report.roc_pr_curves(run)
+    run = load_run(sweep_dir / "runs" / "good")
+    fig = roc_pr_curves(run)
     assert len(fig.axes) == 4  # (ROC, PR) x (shape, coat)
     roc = fig.axes[0]
     assert roc.get_xlabel() == "false positive rate" and roc.get_title().startswith("shape: ROC")
-    probs, targets, _ = report.arrays(run, "test")
+    probs, targets, _ = arrays(run, "test")
     keep = np.isfinite(targets["shape"][:, 0])
     want = roc_auc_score(targets["shape"][keep, 0], probs["shape"][keep, 0])
     labels = [t.get_text() for t in roc.get_legend().get_texts()]
@@ -363,10 +373,10 @@ def test_roc_pr_curves_one_panel_pair_per_task_with_scores_in_the_legend(sweep_d
 
 
 def test_task_bars_carry_the_bootstrap_intervals(sweep_dir):
-    sweep = report.load_sweep(sweep_dir)
-    table = report.run_table(sweep, chance=True)
-    boot = report.bootstrap_table(sweep, n_boot=100)
-    fig = report.task_bars(table, SCHEMA, boot=boot)
+    sweep = load_sweep(sweep_dir)
+    table = run_table(sweep, chance=True)
+    boot = bootstrap_table(sweep, n_boot=100)
+    fig = task_bars(table, SCHEMA, boot=boot)
     ax = fig.axes[0]
     assert "95% interval" in ax.get_title() and ax.get_ylabel()
     assert any(len(c.get_segments()) == len(table) for c in ax.collections)  # one error bar per row
@@ -375,10 +385,10 @@ def test_task_bars_carry_the_bootstrap_intervals(sweep_dir):
 def test_ranking_table_gives_auroc_and_ap_per_task(sweep_dir):
     from sklearn.metrics import roc_auc_score
 
-    sweep = report.load_sweep(sweep_dir)
-    table = report.ranking_table(sweep).set_index("run")
+    sweep = load_sweep(sweep_dir)
+    table = ranking_table(sweep).set_index("run")
     run = sweep.runs["good"]
-    probs, targets, _ = report.arrays(run, "test")
+    probs, targets, _ = arrays(run, "test")
     keep = targets["coat"] >= 0
     want = np.mean([roc_auc_score(targets["coat"][keep] == i, probs["coat"][keep, i]) for i in range(3)])
     assert table.loc["good", "coat AUROC"] == pytest.approx(want)
@@ -393,30 +403,30 @@ def test_ensemble_members_are_chosen_on_validation_never_on_test(tmp_path, data_
         s = json.loads((run / "summary.json").read_text())
         s["val_metrics_thresholded"] = {"combined_score": val, "tasks": {}}
         (run / "summary.json").write_text(json.dumps(s))
-    sweep = report.load_sweep(root)
-    assert [r.path.name for r in report.ranked_on_val(list(sweep.runs.values()))] == ["a", "c", "b"]
-    assert report.ensemble_metrics(sweep, 2)["members"] == ["a", "c"]  # b has the best test score
-    assert report.per_task_selection(sweep, ensemble_k=2)["table"] is not None
+    sweep = load_sweep(root)
+    assert [r.path.name for r in ranked_on_val(list(sweep.runs.values()))] == ["a", "c", "b"]
+    assert ensemble_metrics(sweep, 2)["members"] == ["a", "c"]  # b has the best test score
+    assert per_task_selection(sweep, ensemble_k=2)["table"] is not None
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda run, sweep: report.worst_errors(run, -1), "k: got -1, expected an integer >= 0"),
-    (lambda run, sweep: report.worst_errors(run, 3, split="train"), "split 'train': expected one of val, test"),
-    (lambda run, sweep: report.worst_errors(run, 3, task="nope"), "no task 'nope'"),
-    (lambda run, sweep: report.error_gallery(run, -2), "k: got -2"),
-    (lambda run, sweep: report.confusion_matrices(run, "bogus"), "split 'bogus'"),
-    (lambda run, sweep: report.reliability_diagram(run, "test", 0), "bins: got 0, expected an integer >= 2"),
-    (lambda run, sweep: report.roc_pr_curves(run, "tset"), "split 'tset'"),
-    (lambda run, sweep: report.cam_gallery(run, run.schema.names[0], k=-1), "k: got -1"),
-    (lambda run, sweep: report.bootstrap_table(sweep, n_boot=10, seed=-1), r"seed \(of the bootstrap\): got -1, expected an integer >= 0"),
-    (lambda run, sweep: report.bootstrap_table(sweep, n_boot=2.5), "n_boot: got 2.5, expected an integer >= 1"),
-    (lambda run, sweep: report.run_table(sweep, -1), "ensemble_k: got -1"),
-    (lambda run, sweep: report.per_task_selection(sweep, -2), "ensemble_k: got -2"),
-    (lambda run, sweep: report.ensemble_metrics(sweep, -1), "k: got -1"),
+    (lambda run, sweep: worst_errors(run, -1), "k: got -1, expected an integer >= 0"),
+    (lambda run, sweep: worst_errors(run, 3, split="train"), "split 'train': expected one of val, test"),
+    (lambda run, sweep: worst_errors(run, 3, task="nope"), "no task 'nope'"),
+    (lambda run, sweep: error_gallery(run, -2), "k: got -2"),
+    (lambda run, sweep: confusion_matrices(run, "bogus"), "split 'bogus'"),
+    (lambda run, sweep: reliability_diagram(run, "test", 0), "bins: got 0, expected an integer >= 2"),
+    (lambda run, sweep: roc_pr_curves(run, "tset"), "split 'tset'"),
+    (lambda run, sweep: cam_gallery(run, run.schema.names[0], k=-1), "k: got -1"),
+    (lambda run, sweep: bootstrap_table(sweep, n_boot=10, seed=-1), r"seed \(of the bootstrap\): got -1, expected an integer >= 0"),
+    (lambda run, sweep: bootstrap_table(sweep, n_boot=2.5), "n_boot: got 2.5, expected an integer >= 1"),
+    (lambda run, sweep: run_table(sweep, -1), "ensemble_k: got -1"),
+    (lambda run, sweep: per_task_selection(sweep, -2), "ensemble_k: got -2"),
+    (lambda run, sweep: ensemble_metrics(sweep, -1), "k: got -1"),
 ])
 def test_report_functions_name_a_bad_option_instead_of_returning_a_wrong_table(sweep_dir, call, message):
     """Called from Python (not only the notebooks): a negative count showed all rows but the last, an unknown
     split or task an empty table, a negative seed reached numpy."""
-    sweep = report.load_sweep(sweep_dir)
+    sweep = load_sweep(sweep_dir)
     with pytest.raises((ValueError, KeyError), match=message):
         call(next(iter(sweep.runs.values())), sweep)

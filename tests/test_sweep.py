@@ -8,7 +8,9 @@ import pandas as pd
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from tongue_nb.analysis import report
+from tongue_nb.analysis.runs import load_sweep
+from tongue_nb.analysis.stats import seed_table
+from tongue_nb.analysis.tables import run_table
 from tongue_nb.pipeline import sweep
 from tongue_nb.pipeline.executors import GpuPoolExecutor, SlurmExecutor, _SlurmJob, make_executor
 from tongue_nb.runio import RunFolder
@@ -152,7 +154,7 @@ def test_real_sweep_two_backbones_and_a_failure(tmp_path, tiny_data):
     assert f"--selection {out.resolve() / 'selection.json'}" in index  # how to apply the saved per-task selection
     final = (reports / "05_report.html").read_text()
     assert "ensemble(top 2)" in final and "no_such_net" in final
-    table = report.run_table(report.load_sweep(out))
+    table = run_table(load_sweep(out))
     assert set(table["backbone"]) == {"test_convnext", "test_vit", "classical-baseline"}
     # the classical baseline is scored on the trained runs' own test images
     test_ids = [set(pd.read_csv(out / "runs" / name / "predictions.csv").query("split == 'test'")["id"])
@@ -188,7 +190,7 @@ def test_sweep_over_seeds_keeps_one_split_and_reports_the_spread(tmp_path, tiny_
     assert [s["seed"] for s in summaries] == [0, 1] and {s["split_seed"] for s in summaries} == {5}
     splits = [pd.read_csv(out / "runs" / f"test_convnext-seed{k}" / "split.csv") for k in (0, 1)]
     assert splits[0].equals(splits[1])  # one split: the seeds differ in initialisation and order only
-    spread = report.seed_table(report.load_sweep(out))
+    spread = seed_table(load_sweep(out))
     assert list(spread["backbone"]) == ["test_convnext"] and spread.loc[0, "n"] == 2
     assert spread.loc[0, "min"] <= spread.loc[0, "mean"] <= spread.loc[0, "max"]
     assert "Seed spread" in (reports / "05_report.html").read_text()

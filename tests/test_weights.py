@@ -12,8 +12,8 @@ from PIL import Image
 
 from tongue_nb.model import weights
 from tongue_nb.pipeline.cli import main as cli_main
-from tongue_nb.model.backbones import (MultiTaskBackbone, PretrainedWeightsError, describe_backbones,
-                              load_pretrained_backbone)
+from tongue_nb.model.backbones import MultiTaskBackbone, describe_backbones
+from tongue_nb.model.weights import PretrainedWeightsError, load_pretrained_backbone
 from tongue_nb.data.tasks import TaskSchema
 
 SCHEMA = TaskSchema.from_dict({"tasks": [{"name": "coat", "kind": "multiclass", "labels": ["a", "b", "c"]}]})

@@ -335,10 +335,13 @@ class RunLock:
 # --------------------------------------------------------------------------- the run folder
 
 
-# Summary keys every run kind writes (trained runs, the classical baseline): what reports and the sweep read.
+# Summary keys every classification run writes (trained runs, the classical baseline): what reports and the sweep read.
 SUMMARY_KEYS = ("experiment_name", "status", "kind", "backbone", "image_size", "counts", "val_metrics_fixed",
                 "final_metrics_fixed", "final_metrics_thresholded", "timings", "train_samples_per_s",
                 "eval_samples_per_s")
+# A segmenter's summary keys (model/segment.py; read by its report and `Segmenter.from_run`'s callers).
+SEGMENTER_SUMMARY_KEYS = ("kind", "status", "encoder", "image_size", "counts", "best_epoch", "val", "test",
+                          "train_seconds")
 # Timing keys of summary.json["timings"], in seconds; a run kind fills the ones it has.
 TIMING_KEYS = ("total_seconds", "train_seconds", "eval_seconds", "cache_build_seconds", "features_seconds",
                "stage1_seconds", "stage2_seconds")
@@ -368,6 +371,7 @@ class RunFolder:
     LAST = "checkpoints/last.pt"
     BASELINE_MODEL = "baseline_model.safetensors"  # the classical baseline's fitted model, arrays + JSON (model/baseline.py)
     LEGACY_BASELINE_MODEL = "baseline_model.pkl"  # earlier versions' pickled baseline: refused, never read
+    REPORT = "report.html"  # a segmenter's own page (model/segment.py)
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -396,6 +400,9 @@ class RunFolder:
         """A pandas table as CSV (history, predictions, split, ...)."""
         return atomic_write_text(self.path / name, table.to_csv(index=False, float_format=float_format))
 
+    def write_text(self, name: str, text: str) -> Path:
+        return atomic_write_text(self.path / name, text)
+
     def write_json(self, name: str, data: Any) -> Path:
         return atomic_write_json(self.path / name, data)
 
@@ -413,11 +420,15 @@ class RunFolder:
         return self.write_table(self.PREDICTIONS, pd.concat(tables, ignore_index=True))
 
     def write_summary(self, summary: Mapping[str, Any]) -> Path:
-        """summary.json; refuses a summary missing a key that readers rely on, or an unknown timing key."""
-        missing = [k for k in SUMMARY_KEYS if k not in summary]
+        """summary.json; refuses a summary missing a key that readers rely on (SUMMARY_KEYS, or SEGMENTER_SUMMARY_KEYS
+        for kind segmenter), or an unknown timing key."""
+        segmenter = summary.get("kind") == "segmenter"
+        required = SEGMENTER_SUMMARY_KEYS if segmenter else SUMMARY_KEYS
+        missing = [k for k in required if k not in summary]
         if missing:
-            raise ValueError(f"{self.path / self.SUMMARY}: summary lacks {missing} (runio.SUMMARY_KEYS)")
-        unknown = sorted(set(summary["timings"]) - set(TIMING_KEYS))
+            raise ValueError(f"{self.path / self.SUMMARY}: summary lacks {missing} "
+                             f"(runio.{'SEGMENTER_SUMMARY_KEYS' if segmenter else 'SUMMARY_KEYS'})")
+        unknown = sorted(set(summary.get("timings", {})) - set(TIMING_KEYS))
         if unknown:
             raise ValueError(f"{self.path / self.SUMMARY}: unknown timing keys {unknown}; use {TIMING_KEYS}")
         return atomic_write_json(self.path / self.SUMMARY, summary)
@@ -429,6 +440,12 @@ class RunFolder:
         return save_checkpoint(self.last, state)
 
     # --- readers
+    def read_yaml(self, name: str) -> Any:
+        """A YAML file of the folder (params.yaml, tasks.yaml) parsed; {} when it is empty."""
+        import yaml
+
+        return yaml.safe_load(self.file(name).read_text()) or {}
+
     def read_summary(self) -> dict[str, Any]:
         file = self.path / self.SUMMARY
         if not file.is_file():

@@ -125,7 +125,7 @@ def write_fold_ensemble(members: Sequence[str | Path], out: str | Path) -> dict:
     split) and applied to the fold ensemble's test probabilities (the mean of the K models').
     """
     from tongue_nb.analysis import metrics
-    from tongue_nb.analysis.report import mean_probs
+    from tongue_nb.analysis.combine import mean_probs
     from tongue_nb.runio import RunFolder, atomic_write_json, predictions_table
 
     runs = sorted((load_run(m) for m in members), key=lambda r: int(r.summary.get("fold", -1)))

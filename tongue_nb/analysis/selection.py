@@ -31,7 +31,7 @@ def _is_baseline(run: RunData) -> bool:
 
 def candidates(sweep: SweepData, ensemble_k: int = 3) -> dict[str, tuple[int, list[RunData]]]:
     """name -> (level, member runs): level 0 a run alone, 1 a network with the baseline, 2 an ensemble of networks."""
-    from tongue_nb.analysis.report import ranked_on_val
+    from tongue_nb.analysis.combine import ranked_on_val
 
     runs = list(sweep.runs.values())
     schema = runs[0].schema
@@ -55,7 +55,7 @@ def _primary(metrics: dict, task: str) -> float:
 
 def _val_arrays(members: Sequence[RunData]) -> tuple[dict, dict, np.ndarray]:
     """Mean validation probabilities of the members, targets, and each row's fold (-1 without folds)."""
-    from tongue_nb.analysis.report import mean_probs
+    from tongue_nb.analysis.combine import mean_probs
 
     probs, targets, ids = mean_probs(members, "val")
     rows = split_rows(members[0].predictions, "val").set_index("id")
@@ -96,7 +96,7 @@ def per_task_selection(sweep: SweepData, ensemble_k: int = 3, rule: str = "simpl
     sweep (its runs are fold ensembles).
     """
     from tongue_nb.analysis import metrics
-    from tongue_nb.analysis.report import score_candidates
+    from tongue_nb.analysis.combine import score_candidates
 
     ensemble_k = check_count("ensemble_k", ensemble_k)
     if rule not in RULES:

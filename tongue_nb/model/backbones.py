@@ -1,19 +1,16 @@
-"""Backbone registry, the multi-task model, ensembles and pretrained-weight loading.
+"""Backbone registry and the multi-task model (ensembles of trained ones: ensemble.py; weights: weights.py).
 
 A `MultiTaskBackbone` is one timm backbone built with ``num_classes=0`` (pooled features) and one
 small head per task of the schema; ``model(x)`` returns raw logits per task (binary ``[B, 1]``,
 multilabel ``[B, L]``, multiclass ``[B, C]``) and `to_probs` turns them into probabilities.
 
 Input convention: a `MultiTaskBackbone` takes images normalised with its own ``data_config``
-(mean/std of its pretrained config) at ``data_config["input_size"]``. An `EnsembleMultiTaskModel`
-takes plain 0..1 RGB images (its ``data_config`` says mean 0, std 1, at the largest member size)
-and resizes and normalises them for each member itself, so that members trained at different
-sizes or with different normalisation can be combined.
+(mean/std of its pretrained config) at ``data_config["input_size"]``; the pipeline reads them off any model
+through `InputConfig` (an `ensemble.EnsembleMultiTaskModel` takes plain 0..1 RGB images).
 """
 from __future__ import annotations
 
 import difflib
-import importlib
 import logging
 import math
 import types
@@ -27,6 +24,7 @@ import yaml
 from torch import Tensor, nn
 
 from tongue_nb.model import weights as weights_mod
+from tongue_nb.model.weights import PretrainedWeightsError, create_timm, load_pretrained_backbone, offline_help
 from tongue_nb.model.colour import ColourStats
 from tongue_nb.data.tasks import TaskSchema, load_schema
 
@@ -49,19 +47,10 @@ _REGISTRY: dict[str, str] = {
 # Read-only live view: register_backbone() is the only way in, so duplicates are always caught.
 BACKBONES: Mapping[str, str] = types.MappingProxyType(_REGISTRY)
 
-# Files looked for in a pretrained folder (the layout of a Hugging Face hub model folder).
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 # Parameters that must not be weight-decayed although they are more than 1-d: decaying a
 # position embedding or a class token pulls it towards zero and costs accuracy (ViT/Swin recipes).
 _NO_DECAY_KEYWORDS = ("pos_embed", "cls_token", "dist_token", "reg_token", "relative_position_bias_table",
                       "absolute_pos_embed", "position_embedding")
-# Share of the backbone's tensors a pretrained file must provide before we trust it at all.
-MIN_MATCHED_FRACTION = 0.5
-
-
-class PretrainedWeightsError(RuntimeError):
-    """Pretrained weights were asked for but cannot be had (offline, missing or mismatching file)."""
 
 
 # --------------------------------------------------------------------------- registry
@@ -160,159 +149,6 @@ def mean_prob_logits(schema: TaskSchema, member_logits: Sequence[Mapping[str, Te
     return out
 
 
-# --------------------------------------------------------------------------- pretrained weights
-
-
-def _offline_help(timm_name: str) -> str:
-    return (f"To use pretrained weights for {timm_name!r} without internet, copy them onto this machine and pass "
-            "pretrained_path= (parameter pretrained_path): a .safetensors/.pth/.bin file, or a folder holding "
-            f"{' or '.join(WEIGHT_FILES)} (for example a copy of the Hugging Face hub folder "
-            f"'timm/{timm_name}' made on a machine that is online); or set pretrained=False to start from "
-            "random weights.")
-
-
-def find_weights_file(path: str | Path) -> Path:
-    """The weights file for a pretrained_path: the file itself, or model.safetensors / pytorch_model.bin in a folder."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        for name in WEIGHT_FILES:
-            if (p / name).is_file():
-                return p / name
-        found = sorted(x.name for x in p.iterdir() if x.suffix in WEIGHT_SUFFIXES)
-        raise PretrainedWeightsError(f"pretrained_path {str(p)!r} is a folder without {' or '.join(WEIGHT_FILES)}"
-                                     + (f" (it holds {found}; pass one of them as the path)" if found else ""))
-    if not p.is_file():
-        raise PretrainedWeightsError(f"pretrained_path {str(p)!r} does not exist; expected a weights file "
-                                     f"({'/'.join(WEIGHT_SUFFIXES)}) or a folder holding {' or '.join(WEIGHT_FILES)}")
-    if p.suffix not in WEIGHT_SUFFIXES:
-        raise PretrainedWeightsError(f"pretrained_path {str(p)!r}: unknown weights format {p.suffix!r}; "
-                                     f"expected one of {', '.join(WEIGHT_SUFFIXES)}")
-    return p
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
-    """Read a weights file safely (safetensors, or torch.load with weights_only) into a flat state dict."""
-    p = find_weights_file(path)
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            obj: Any = load_file(str(p), device="cpu")
-        else:
-            # weights_only refuses pickled code: a weights file must never be able to run anything.
-            obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - every reader failure means the same thing to the user
-        raise PretrainedWeightsError(f"cannot read weights file {str(p)!r}: {type(exc).__name__}: {exc}") from exc
-    # Training scripts often wrap the weights: {"state_dict": ...}, {"model": ...}, EMA copies.
-    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-            break
-    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise PretrainedWeightsError(f"{str(p)!r} does not hold a state dict (a mapping of parameter names to tensors)")
-    return _normalise_keys(dict(obj))
-
-
-def _normalise_keys(sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Strip wrapper prefixes (DDP, torch.compile) and accept a whole MultiTaskBackbone checkpoint."""
-    for prefix in ("module.", "_orig_mod."):
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
-    if sum(k.startswith("backbone.") for k in sd) > len(sd) / 2:
-        # A checkpoint of this package's own model: keep the backbone, drop the task heads.
-        sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
-    return sd
-
-
-def _timm_filter_fn(model: nn.Module):
-    """The checkpoint filter of the model's timm module (resamples position embeddings, converts old layouts)."""
-    module = importlib.import_module(type(model).__module__)
-    return getattr(module, "checkpoint_filter_fn", None)
-
-
-def load_pretrained_backbone(model: nn.Module, path: str | Path) -> dict[str, Any]:
-    """Load a local weights file/folder into a timm backbone (classifier ignored); return what was loaded.
-
-    Raises PretrainedWeightsError when the file cannot be read or matches less than half of the
-    backbone's tensors (the wrong architecture); smaller gaps are logged as missing/unexpected keys.
-    """
-    weights = find_weights_file(path)
-    sd = load_state_dict_file(weights)
-    if weights_mod.detect_layout(sd) != weights_mod.TIMM_LAYOUT:
-        # A known foreign layout (e.g. efficientnet_pytorch): converted by name, and it must fit exactly.
-        try:
-            converted, layout = weights_mod.convert_state_dict(sd, model, source=str(weights))
-        except weights_mod.WeightsLayoutError as exc:
-            raise PretrainedWeightsError(str(exc)) from None
-        model.load_state_dict(converted, strict=False)  # strict apart from BatchNorm step counters
-        log.info("pretrained %s: loaded all %d tensors from %s (%s layout, converted)",
-                 type(model).__name__, len(converted), weights, layout)
-        return {"source": str(weights), "layout": layout, "loaded": len(converted),
-                "total": len(model.state_dict()), "missing": [], "unexpected": [], "wrong_shape": []}
-    filt = _timm_filter_fn(model)
-    if filt is not None:
-        try:
-            sd = filt(sd, model)
-        except Exception as exc:  # noqa: BLE001 - a filter failing means the layout is not this model's
-            log.debug("timm checkpoint filter failed on %s (%s); loading the keys as they are", weights, exc)
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    classifiers = cfg.get("classifier") or ()
-    for name in (classifiers,) if isinstance(classifiers, str) else classifiers:
-        # The backbone is built with num_classes=0: the pretrained classifier has no place in it.
-        sd.pop(f"{name}.weight", None)
-        sd.pop(f"{name}.bias", None)
-    own = model.state_dict()
-    matched = [k for k in own if k in sd and sd[k].shape == own[k].shape]
-    wrong_shape = [f"{k} (file {tuple(sd[k].shape)}, model {tuple(own[k].shape)})"
-                   for k in own if k in sd and sd[k].shape != own[k].shape]
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    name = getattr(model, "default_cfg", {}).get("architecture", type(model).__name__)
-    if len(matched) < MIN_MATCHED_FRACTION * len(own):
-        raise PretrainedWeightsError(
-            f"{str(weights)!r} does not look like weights for {name!r}: only {len(matched)} of {len(own)} "
-            f"backbone tensors match by name and shape (missing e.g. {missing[:3]}, unexpected e.g. "
-            f"{unexpected[:3]}, wrong shape e.g. {wrong_shape[:3]}); check that the file belongs to this backbone")
-    model.load_state_dict({k: sd[k] for k in matched}, strict=False)
-    if missing or unexpected or wrong_shape:
-        log.warning("pretrained %s from %s: loaded %d/%d tensors; missing %d %s; unexpected %d %s; wrong shape %d %s",
-                    name, weights, len(matched), len(own), len(missing), missing[:5], len(unexpected),
-                    unexpected[:5], len(wrong_shape), wrong_shape[:5])
-    else:
-        log.info("pretrained %s: loaded all %d tensors from %s", name, len(matched), weights)
-    return {"source": str(weights), "layout": weights_mod.TIMM_LAYOUT, "loaded": len(matched), "total": len(own),
-            "missing": missing,
-            "unexpected": unexpected, "wrong_shape": wrong_shape}
-
-
-def _download_errors() -> tuple[type[BaseException], ...]:
-    """Exception types a failed hub download raises (urllib/requests/huggingface_hub: OSError; httpx its own)."""
-    errors: list[type[BaseException]] = [OSError, RuntimeError]
-    try:
-        import httpx
-        errors.append(httpx.HTTPError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
-def _create_timm(timm_name: str, source: "weights_mod.WeightsSource | None" = None, **kwargs: Any) -> nn.Module:
-    """timm.create_model: random weights, or timm's own loading from the hub cache or the hub (clear errors).
-
-    Weights from a file or a weights package are loaded afterwards by `load_pretrained_backbone`.
-    """
-    if source is None or source.kind not in ("cache", "hub"):
-        return timm.create_model(timm_name, pretrained=False, **kwargs)
-    if source.kind == "cache":
-        # Straight from the cached file: huggingface_hub would otherwise ask the network first.
-        log.info("loading %s weights from the Hugging Face cache %s", timm_name, source.path)
-        return timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay={"file": source.path}, **kwargs)
-    try:
-        return timm.create_model(timm_name, pretrained=True, **kwargs)
-    except _download_errors() as exc:
-        raise PretrainedWeightsError(f"could not download pretrained weights for {timm_name!r} "
-                                     f"({type(exc).__name__}: {exc}). {_offline_help(timm_name)}") from exc
-
-
 # --------------------------------------------------------------------------- models
 
 
@@ -333,18 +169,7 @@ def _param_groups(named: Iterable[tuple[str, nn.Parameter]], no_decay_names: set
     return groups
 
 
-def _merge_groups(groups: Iterable[dict]) -> list[dict]:
-    """Join parameter groups that share a name (the same lr and decay), keeping first-seen order."""
-    merged: dict[str, dict] = {}
-    for g in groups:
-        if g["name"] in merged:
-            merged[g["name"]]["params"].extend(g["params"])
-        else:
-            merged[g["name"]] = {**g, "params": list(g["params"])}
-    return list(merged.values())
-
-
-class _InputConfig:
+class InputConfig:
     """What the data pipeline reads off a model: input side, mean and std, all from `self.data_config`."""
 
     data_config: dict[str, Any]
@@ -365,7 +190,7 @@ class _InputConfig:
         return tuple(self.data_config["std"])
 
 
-class MultiTaskBackbone(_InputConfig, nn.Module):
+class MultiTaskBackbone(InputConfig, nn.Module):
     """One timm backbone (pooled features) with a dropout + linear head per task; forward -> logits per task."""
 
     def __init__(self, backbone_name: str, tasks: TaskSchema, pretrained: bool = True, freeze_backbone: bool = True,
@@ -401,8 +226,8 @@ class MultiTaskBackbone(_InputConfig, nn.Module):
             hint = weights_mod.missing_weights_hint(self.timm_name)
             raise PretrainedWeightsError(f"no pretrained weights for {self.timm_name!r} on this machine "
                                          f"({source.detail}). " + (f"{hint}; or: " if hint else "")
-                                         + _offline_help(self.timm_name))
-        self.backbone = _create_timm(self.timm_name, source, **kwargs)
+                                         + offline_help(self.timm_name))
+        self.backbone = create_timm(self.timm_name, source, **kwargs)
         pe = getattr(self.backbone, "patch_embed", None)
         patch = getattr(pe, "patch_size", None)
         if "img_size" in kwargs and patch and not getattr(pe, "dynamic_img_pad", False) \
@@ -582,107 +407,3 @@ def load_run_model(run_dir: str | Path, map_location: str | torch.device = "cpu"
         raise ValueError(f"{paths['weights']}: does not fit backbone {params['backbone']!r} with the schema in "
                          f"{paths['tasks']}: {exc}") from None
     return model.to(map_location).eval()
-
-
-class EnsembleMultiTaskModel(_InputConfig, nn.Module):
-    """Average of several MultiTaskBackbones' per-task probabilities; input: 0..1 RGB images [B, 3, H, W].
-
-    ``forward`` returns logits of the averaged probabilities (see `mean_prob_logits`), in training
-    and in eval mode alike, so the same loss trains an ensemble built from backbone names as one
-    model, and ``to_probs(schema, ensemble(x))`` is exactly the mean of the members' probabilities.
-    Each member gets the input resized to its own input size and normalised with its own mean/std.
-    """
-
-    def __init__(self, members: Sequence[MultiTaskBackbone]) -> None:
-        super().__init__()
-        if not members:
-            raise ValueError("EnsembleMultiTaskModel needs at least one member model")
-        schema = members[0].schema
-        for i, m in enumerate(members):
-            if not isinstance(m, MultiTaskBackbone):
-                raise TypeError(f"ensemble member {i} is a {type(m).__name__}, expected MultiTaskBackbone")
-            if m.schema != schema:
-                raise ValueError(f"ensemble member {i} ({m.backbone_name}) has tasks {m.schema.as_dict()}, "
-                                 f"member 0 has {schema.as_dict()}; members must share one task schema")
-        self.members = nn.ModuleList(members)
-        self.schema = schema
-        size = max(m.input_size for m in members)
-        # The ensemble normalises per member, so the data pipeline must hand over plain 0..1 pixels.
-        self.data_config: dict[str, Any] = {"input_size": (3, size, size), "mean": (0.0, 0.0, 0.0),
-                                            "std": (1.0, 1.0, 1.0), "interpolation": "bilinear",
-                                            "crop_pct": 1.0, "crop_mode": "center"}
-        for i, m in enumerate(members):
-            self.register_buffer(f"_mean{i}", torch.tensor(m.mean, dtype=torch.float32).view(1, 3, 1, 1),
-                                 persistent=False)
-            self.register_buffer(f"_std{i}", torch.tensor(m.std, dtype=torch.float32).view(1, 3, 1, 1),
-                                 persistent=False)
-
-    @classmethod
-    def from_backbones(cls, names: Sequence[str], tasks: TaskSchema, pretrained: bool = True,
-                       freeze_backbone: bool = True, drop_rate: float = 0.0,
-                       pretrained_paths: Sequence[str | Path | None] | None = None,
-                       image_size: int | None = None) -> "EnsembleMultiTaskModel":
-        """An ensemble of freshly built backbones, trained together as one model."""
-        if not names:
-            raise ValueError("from_backbones: give at least one backbone name")
-        paths = list(pretrained_paths) if pretrained_paths is not None else [None] * len(names)
-        if len(paths) != len(names):
-            raise ValueError(f"from_backbones: {len(names)} names but {len(paths)} pretrained_paths")
-        return cls([MultiTaskBackbone(n, tasks, pretrained=pretrained, freeze_backbone=freeze_backbone,
-                                      drop_rate=drop_rate, pretrained_path=p, image_size=image_size)
-                    for n, p in zip(names, paths)])
-
-    @classmethod
-    def from_runs(cls, run_dirs: Sequence[str | Path],
-                  map_location: str | torch.device = "cpu") -> "EnsembleMultiTaskModel":
-        """An ensemble of trained runs (their best checkpoints), in eval mode; no retraining."""
-        if not run_dirs:
-            raise ValueError("from_runs: give at least one run folder")
-        members = [load_run_model(d, map_location) for d in run_dirs]
-        for d, m in zip(run_dirs, members):
-            if m.schema != members[0].schema:
-                raise ValueError(f"run {str(d)!r} was trained on tasks {m.schema.names} with different labels than "
-                                 f"{str(run_dirs[0])!r} ({members[0].schema.names}); an ensemble needs one schema")
-        return cls(members).to(map_location).eval()
-
-    def member_inputs(self, x: Tensor) -> list[Tensor]:
-        """Each member's view of a 0..1 batch: resized to its input size, normalised with its mean/std."""
-        out = []
-        for i, m in enumerate(self.members):
-            s = m.input_size
-            xi = x if x.shape[-2:] == (s, s) else F.interpolate(x, size=(s, s), mode="bilinear",
-                                                                  align_corners=False, antialias=True)
-            out.append((xi - getattr(self, f"_mean{i}")) / getattr(self, f"_std{i}"))
-        return out
-
-    def member_logits(self, x: Tensor) -> list[dict[str, Tensor]]:
-        """Each member's logits for a 0..1 batch."""
-        return [m(xi) for m, xi in zip(self.members, self.member_inputs(x))]
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        """Logits of the members' mean probabilities for a 0..1 RGB batch."""
-        return mean_prob_logits(self.schema, self.member_logits(x))
-
-    @torch.no_grad()
-    def predict_proba(self, x: Tensor) -> dict[str, Tensor]:
-        """Mean of the members' probabilities per task (no gradient)."""
-        return to_probs(self.schema, self(x))
-
-    def freeze_backbone(self) -> None:
-        """Freeze every member's backbone."""
-        for m in self.members:
-            m.freeze_backbone()
-
-    def unfreeze_backbone(self) -> None:
-        """Unfreeze every member's backbone."""
-        for m in self.members:
-            m.unfreeze_backbone()
-
-    def param_groups(self, lr_backbone: float, lr_head: float, weight_decay: float) -> list[dict]:
-        """The members' parameter groups merged by name (same four names as MultiTaskBackbone.param_groups)."""
-        return _merge_groups(g for m in self.members for g in m.param_groups(lr_backbone, lr_head, weight_decay))
-
-    def params_m(self) -> dict[str, float]:
-        """Parameter counts in millions over all members: {"total": ..., "trainable": ...}."""
-        counts = [m.params_m() for m in self.members]
-        return {"total": sum(c["total"] for c in counts), "trainable": sum(c["trainable"] for c in counts)}

@@ -24,10 +24,10 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 from tongue_nb.data.images import prepare_image, read_image, read_mask
+from tongue_nb.runio import RunFolder, RunLock, load_checkpoint, load_weights
 
 from tongue_nb.train.params import ParamError, check_fields, coerce_fields, param
 
@@ -158,7 +158,7 @@ def build_unet(encoder: str, pretrained: bool, pretrained_path: str = "") -> tup
     import segmentation_models_pytorch as smp
     import timm
 
-    from tongue_nb.model.backbones import PretrainedWeightsError, load_pretrained_backbone
+    from tongue_nb.model.weights import PretrainedWeightsError, load_pretrained_backbone
     from tongue_nb.model.weights import locate_weights, missing_weights_hint
 
     if not timm.is_model(encoder):
@@ -227,37 +227,28 @@ def _scores(probs: np.ndarray, masks: np.ndarray) -> dict[str, float]:
 
 
 def train_segmenter(params: SegParams) -> dict[str, Any]:
-    """Train (or resume) a segmenter into params.out_dir; returns its summary (also summary.json)."""
-    from tongue_nb.runio import (RunFolder, RunLock, atomic_write_json, atomic_write_text, load_checkpoint,
-                                 save_checkpoint, save_weights)
+    """Train (or resume) a segmenter into params.out_dir; returns its summary (also summary.json).
 
-    out = Path(params.out_dir)
-    data = Path(params.data_dir)
+    The run folder is written through `runio.RunFolder` (kind ``segmenter``): params.yaml, history.csv, split.csv,
+    checkpoints/best.safetensors and last.pt, summary.json and report.html.
+    """
     from tongue_nb.paths import check_outside_dataset
 
-    check_outside_dataset(out, data)
+    folder = RunFolder(params.out_dir)
+    data = Path(params.data_dir)
+    check_outside_dataset(folder.path, data)
     if params.num_threads:
         torch.set_num_threads(params.num_threads)
     rows, split, images, masks = _load_data(params)  # every input checked before anything is written
     net, weights_info = build_unet(params.encoder, params.pretrained, params.pretrained_path)
-    last = out / "checkpoints" / "last.pt"
-    RunFolder(out).check_kind("segmenter", "--out")  # a classification run's folder keeps its records
-    out.mkdir(parents=True, exist_ok=True)
-    with RunLock(out):
-        if last.exists() and not params.resume:
-            raise FileExistsError(f"--out {out}: already holds a segmenter run (checkpoints/last.pt); pass --resume "
-                                  "to continue it or choose another folder")
-        if params.resume and (out / "params.yaml").is_file():
-            saved = yaml.safe_load((out / "params.yaml").read_text()) or {}
-            differ = [k for k, v in params.as_dict().items() if k != "resume" and saved.get(k) != v]
-            if differ:
-                raise ValueError(f"--resume {out}: parameters differ from the run's ({', '.join(differ)})")
-        atomic_write_text(out / "params.yaml", yaml.safe_dump(params.as_dict(), sort_keys=False))
-        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    folder.check_kind("segmenter", "--out")  # a classification run's folder keeps its records
+    folder.path.mkdir(parents=True, exist_ok=True)
+    with RunLock(folder.path):
+        _check_resume(folder, params)
+        folder.write_yaml(RunFolder.PARAMS, params.as_dict())
         cfg = getattr(net.encoder.model, "pretrained_cfg", None) or {}
-        if cfg.get("mean"):
-            mean, std = torch.tensor(cfg["mean"]).view(1, 3, 1, 1), torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+        mean, std = (cfg["mean"], cfg["std"]) if cfg.get("mean") else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+        mean, std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
         idx = {s: np.flatnonzero(split == s) for s in ("train", "val", "test")}
         if not len(idx["train"]) or not len(idx["val"]):
             raise ValueError(f"--data {data}: {len(idx['train'])} training and {len(idx['val'])} validation images "
@@ -267,66 +258,94 @@ def train_segmenter(params: SegParams) -> dict[str, Any]:
         steps = math.ceil(len(idx["train"]) / params.batch_size)
         if params.max_steps_per_epoch:
             steps = min(steps, params.max_steps_per_epoch)
-        total = steps * params.epochs
-
-        def lr_at(step: int) -> float:
-            if step < steps:
-                return (step + 1) / steps
-            return 0.5 * (1 + math.cos(math.pi * (step - steps) / max(1, total - steps)))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(steps, steps * params.epochs))
         history: list[dict] = []
         best, start = -1.0, 1
-        if params.resume and last.exists():
-            state = load_checkpoint(last)
+        if params.resume and folder.last.exists():
+            state = load_checkpoint(folder.last)
             net.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             history, best, start = list(state["history"]), float(state["best"]), int(state["epoch"]) + 1
         for epoch in range(start, params.epochs + 1):
             t0 = time.perf_counter()
-            net.train()
             rng = np.random.default_rng([params.seed, epoch])
             order = rng.permutation(idx["train"])[:steps * params.batch_size]
-            losses = []
-            for b in range(0, len(order), params.batch_size):
-                batch = order[b:b + params.batch_size]
-                x = _to_input(images[batch], mean, std)
-                y = torch.from_numpy(masks[batch][:, None].astype(np.float32))
-                flip = torch.from_numpy(rng.random(len(batch)) < 0.5)
-                x[flip], y[flip] = x[flip].flip(-1), y[flip].flip(-1)  # a tongue is left-right symmetric
-                loss = _loss(net(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                losses.append(loss.detach())
+            train_loss = _train_epoch(net, opt, sched, images, masks, order, params.batch_size, rng, mean, std)
             val = _scores(_predict_probs(net, images[idx["val"]], mean, std), masks[idx["val"]])
-            row = {"epoch": epoch, "train_loss": float(torch.stack(losses).mean()), "val_iou": val["iou"],
-                   "val_dice": val["dice"], "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+            row = {"epoch": epoch, "train_loss": train_loss, "val_iou": val["iou"], "val_dice": val["dice"],
+                   "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
             history.append(row)
             log.info("segmenter epoch %d: loss %.4f, val IoU %.4f, Dice %.4f", epoch, row["train_loss"],
                      val["iou"], val["dice"])
             if val["iou"] > best:
                 best = val["iou"]
-                save_weights(out / "checkpoints" / "best.safetensors", net.state_dict(),
-                             {"epoch": epoch, "val_iou": best, "encoder": params.encoder})
-            pd.DataFrame(history).to_csv(out / "history.csv", index=False)
-            save_checkpoint(last, {"model": net.state_dict(), "optimizer": opt.state_dict(),
-                                   "scheduler": sched.state_dict(), "history": history, "best": best, "epoch": epoch})
-        seg = Segmenter.from_run(out)
-        test_probs = _predict_probs(seg.net, images[idx["test"]], seg.mean, seg.std)
-        test = _scores(test_probs, masks[idx["test"]]) if len(idx["test"]) else {}
-        val = _scores(_predict_probs(seg.net, images[idx["val"]], seg.mean, seg.std), masks[idx["val"]])
-        summary = {"kind": "segmenter", "status": "completed", "encoder": params.encoder, "image_size": params.image_size,
-                   "pretrained": weights_info, "data_dir": str(data), "run_dir": str(out),
-                   "counts": {s: int(len(v)) for s, v in idx.items()},
-                   "best_epoch": int(max(history, key=lambda r: r["val_iou"])["epoch"]),
-                   "val": val, "test": test, "train_seconds": float(sum(r["seconds"] for r in history))}
-        atomic_write_json(out / "summary.json", summary)
-        pd.DataFrame({"image": rows["image"], "split": split}).to_csv(out / "split.csv", index=False)
-        write_report(out, summary, history, images[idx["test"]], masks[idx["test"]], test_probs,
-                     list(rows["image"].iloc[idx["test"]]))
+                folder.save_best(net.state_dict(), {"epoch": epoch, "val_iou": best, "encoder": params.encoder})
+            folder.write_table(RunFolder.HISTORY, pd.DataFrame(history), float_format=None)
+            folder.save_last({"model": net.state_dict(), "optimizer": opt.state_dict(),
+                              "scheduler": sched.state_dict(), "history": history, "best": best, "epoch": epoch})
+        return _finish(folder, params, weights_info, rows, split, idx, images, masks, history)
+
+
+def _check_resume(folder: RunFolder, params: SegParams) -> None:
+    """Refuse to overwrite a segmenter run without --resume, or to resume one with other parameters."""
+    if folder.last.exists() and not params.resume:
+        raise FileExistsError(f"--out {folder.path}: already holds a segmenter run (checkpoints/last.pt); pass "
+                              "--resume to continue it or choose another folder")
+    if params.resume and folder.file(RunFolder.PARAMS).is_file():
+        saved = folder.read_yaml(RunFolder.PARAMS)
+        differ = [k for k, v in params.as_dict().items() if k != "resume" and saved.get(k) != v]
+        if differ:
+            raise ValueError(f"--resume {folder.path}: parameters differ from the run's ({', '.join(differ)})")
+
+
+def _warmup_cosine(warmup: int, total: int):
+    """The learning-rate factor per step: linear warm-up over `warmup` steps, then a cosine to 0 at `total`."""
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return lr_at
+
+
+def _train_epoch(net: nn.Module, opt: torch.optim.Optimizer, sched: Any, images: np.ndarray, masks: np.ndarray,
+                 order: np.ndarray, batch_size: int, rng: np.random.Generator, mean: torch.Tensor,
+                 std: torch.Tensor) -> float:
+    """One pass over `order` in batches (random left-right flips); the mean training loss."""
+    net.train()
+    losses = []
+    for b in range(0, len(order), batch_size):
+        batch = order[b:b + batch_size]
+        x = _to_input(images[batch], mean, std)
+        y = torch.from_numpy(masks[batch][:, None].astype(np.float32))
+        flip = torch.from_numpy(rng.random(len(batch)) < 0.5)
+        x[flip], y[flip] = x[flip].flip(-1), y[flip].flip(-1)  # a tongue is left-right symmetric
+        loss = _loss(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.detach())
+    return float(torch.stack(losses).mean())
+
+
+def _finish(folder: RunFolder, params: SegParams, weights_info: dict, rows: pd.DataFrame, split: np.ndarray,
+            idx: dict[str, np.ndarray], images: np.ndarray, masks: np.ndarray, history: list[dict]) -> dict[str, Any]:
+    """The best weights scored on val and test; summary.json, split.csv and report.html written; the summary."""
+    seg = Segmenter.from_run(folder.path)
+    test_probs = _predict_probs(seg.net, images[idx["test"]], seg.mean, seg.std)
+    test = _scores(test_probs, masks[idx["test"]]) if len(idx["test"]) else {}
+    val = _scores(_predict_probs(seg.net, images[idx["val"]], seg.mean, seg.std), masks[idx["val"]])
+    summary = {"kind": "segmenter", "status": "completed", "encoder": params.encoder, "image_size": params.image_size,
+               "pretrained": weights_info, "data_dir": str(Path(params.data_dir)), "run_dir": str(folder.path),
+               "counts": {s: int(len(v)) for s, v in idx.items()},
+               "best_epoch": int(max(history, key=lambda r: r["val_iou"])["epoch"]),
+               "val": val, "test": test, "train_seconds": float(sum(r["seconds"] for r in history))}
+    folder.write_summary(summary)
+    folder.write_table(RunFolder.SPLIT, pd.DataFrame({"image": rows["image"], "split": split}), float_format=None)
+    write_report(folder.path, summary, history, images[idx["test"]], masks[idx["test"]], test_probs,
+                 list(rows["image"].iloc[idx["test"]]))
     return summary
 
 
@@ -338,7 +357,6 @@ def write_report(out: Path, summary: dict, history: list[dict], images: np.ndarr
     from matplotlib.figure import Figure
 
     from tongue_nb.analysis.plots import figure_png, image_grid
-    from tongue_nb.runio import atomic_write_text
 
     def png(fig: Figure) -> str:
         return f"<img alt='figure' src='data:image/png;base64,{base64.b64encode(figure_png(fig)).decode()}'>"
@@ -377,7 +395,7 @@ def write_report(out: Path, summary: dict, history: list[dict], images: np.ndarr
             f"<th>Dice (post-processed)</th></tr>{rows}</table><p>Post-processed: the largest region, holes filled.</p>"
             f"<h2>Training</h2>{png(curves)}<h2>The {k} worst and {k} best test photos</h2>"
             f"<p>Green: the given mask; red dashed: the segmenter's (post-processed).</p>{png(gallery)}</body></html>")
-    return atomic_write_text(out / "report.html", page)
+    return RunFolder(out).write_text(RunFolder.REPORT, page)
 
 
 # --------------------------------------------------------------------------- prediction
@@ -391,14 +409,12 @@ class Segmenter:
 
     @classmethod
     def from_run(cls, run_dir: str | Path) -> "Segmenter":
-        from tongue_nb.runio import load_weights
-
-        run = Path(run_dir)
-        params_file, weights = run / "params.yaml", run / "checkpoints" / "best.safetensors"
-        if not params_file.is_file() or not weights.is_file():
+        folder = RunFolder(run_dir)
+        run, weights = folder.path, folder.best
+        if not folder.file(RunFolder.PARAMS).is_file() or not weights.is_file():
             raise FileNotFoundError(f"--segmenter {run}: not a segmenter run folder (params.yaml and "
                                     "checkpoints/best.safetensors expected)")
-        saved = yaml.safe_load(params_file.read_text()) or {}
+        saved = folder.read_yaml(RunFolder.PARAMS)
         if not isinstance(saved, dict) or "encoder" not in saved:
             raise ValueError(f"--segmenter {run}: params.yaml is not a segmenter's (no encoder); is it a "
                              "classification run?")

@@ -15,25 +15,43 @@ a timm architecture would come from on this machine, in this order:
 ``efficientnet_pytorch`` package) onto a timm model's names, by name: ``_blocks.N`` becomes
 ``blocks.S.B`` from the stage sizes of the timm model itself, and every tensor that has no place, or
 another shape there, is an error that names it.
+
+`load_pretrained_backbone` loads a located file into a timm backbone (by name and shape, a foreign layout
+converted first; less than half the tensors matching is an error), and `create_timm` builds the timm model,
+with timm's own loading when the weights are in the hub cache or on the hub.
 """
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import torch
 from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
 
 __all__ = ["WeightsPackage", "WeightsSource", "WEIGHT_PACKAGES", "WeightsLayoutError", "locate_weights",
            "package_weights_file", "detect_layout", "convert_state_dict", "convert_efficientnet_pytorch",
-           "hub_offline"]
+           "hub_offline", "PretrainedWeightsError", "WEIGHT_FILES", "find_weights_file", "load_state_dict_file",
+           "load_pretrained_backbone", "create_timm", "offline_help"]
 
 _TRUE = {"1", "true", "yes", "on"}
 TIMM_LAYOUT = "timm"
 EFFICIENTNET_PYTORCH_LAYOUT = "efficientnet_pytorch"
+# Files looked for in a pretrained folder (the layout of a Hugging Face hub model folder).
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+# Share of the backbone's tensors a pretrained file must provide before we trust it at all.
+MIN_MATCHED_FRACTION = 0.5
+
+
+class PretrainedWeightsError(RuntimeError):
+    """Pretrained weights were asked for but cannot be had (offline, missing or mismatching file)."""
 
 
 class WeightsLayoutError(ValueError):
@@ -124,8 +142,6 @@ def cached_hub_file(timm_name: str) -> Path | None:
         return None
     from huggingface_hub import try_to_load_from_cache
 
-    from tongue_nb.model.backbones import WEIGHT_FILES
-
     filenames = [cfg.hf_hub_filename] if getattr(cfg, "hf_hub_filename", None) else list(WEIGHT_FILES)
     for filename in filenames:
         found = try_to_load_from_cache(hub_id.split("@")[0], filename)
@@ -137,8 +153,6 @@ def cached_hub_file(timm_name: str) -> Path | None:
 def locate_weights(timm_name: str, pretrained_path: str | Path | None = None) -> WeightsSource:
     """Where this architecture's pretrained weights would come from here (see the module docstring); no loading."""
     if pretrained_path:
-        from tongue_nb.model.backbones import find_weights_file
-
         return WeightsSource("file", str(find_weights_file(pretrained_path)), "pretrained_path")
     cached = cached_hub_file(timm_name)
     if cached is not None:
@@ -259,3 +273,159 @@ def convert_state_dict(state_dict: Mapping[str, Tensor], model: nn.Module, sourc
                                  f"first {missing[0]!r}; the file is incomplete or for another model")
     converted = {k: v for k, v in converted.items() if k in own}
     return converted, layout
+
+
+# --------------------------------------------------------------------------- loading into a timm backbone
+
+
+def offline_help(timm_name: str) -> str:
+    """How to give this architecture pretrained weights without internet (the end of every such error)."""
+    return (f"To use pretrained weights for {timm_name!r} without internet, copy them onto this machine and pass "
+            "pretrained_path= (parameter pretrained_path): a .safetensors/.pth/.bin file, or a folder holding "
+            f"{' or '.join(WEIGHT_FILES)} (for example a copy of the Hugging Face hub folder "
+            f"'timm/{timm_name}' made on a machine that is online); or set pretrained=False to start from "
+            "random weights.")
+
+
+def find_weights_file(path: str | Path) -> Path:
+    """The weights file for a pretrained_path: the file itself, or model.safetensors / pytorch_model.bin in a folder."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        for name in WEIGHT_FILES:
+            if (p / name).is_file():
+                return p / name
+        found = sorted(x.name for x in p.iterdir() if x.suffix in WEIGHT_SUFFIXES)
+        raise PretrainedWeightsError(f"pretrained_path {str(p)!r} is a folder without {' or '.join(WEIGHT_FILES)}"
+                                     + (f" (it holds {found}; pass one of them as the path)" if found else ""))
+    if not p.is_file():
+        raise PretrainedWeightsError(f"pretrained_path {str(p)!r} does not exist; expected a weights file "
+                                     f"({'/'.join(WEIGHT_SUFFIXES)}) or a folder holding {' or '.join(WEIGHT_FILES)}")
+    if p.suffix not in WEIGHT_SUFFIXES:
+        raise PretrainedWeightsError(f"pretrained_path {str(p)!r}: unknown weights format {p.suffix!r}; "
+                                     f"expected one of {', '.join(WEIGHT_SUFFIXES)}")
+    return p
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
+    """Read a weights file safely (safetensors, or torch.load with weights_only) into a flat state dict."""
+    p = find_weights_file(path)
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            obj: Any = load_file(str(p), device="cpu")
+        else:
+            # weights_only refuses pickled code: a weights file must never be able to run anything.
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - every reader failure means the same thing to the user
+        raise PretrainedWeightsError(f"cannot read weights file {str(p)!r}: {type(exc).__name__}: {exc}") from exc
+    # Training scripts often wrap the weights: {"state_dict": ...}, {"model": ...}, EMA copies.
+    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise PretrainedWeightsError(f"{str(p)!r} does not hold a state dict (a mapping of parameter names to tensors)")
+    return _normalise_keys(dict(obj))
+
+
+def _normalise_keys(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Strip wrapper prefixes (DDP, torch.compile) and accept a whole MultiTaskBackbone checkpoint."""
+    for prefix in ("module.", "_orig_mod."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    if sum(k.startswith("backbone.") for k in sd) > len(sd) / 2:
+        # A checkpoint of this package's own model: keep the backbone, drop the task heads.
+        sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    return sd
+
+
+def _timm_filter_fn(model: nn.Module):
+    """The checkpoint filter of the model's timm module (resamples position embeddings, converts old layouts)."""
+    module = importlib.import_module(type(model).__module__)
+    return getattr(module, "checkpoint_filter_fn", None)
+
+
+def load_pretrained_backbone(model: nn.Module, path: str | Path) -> dict[str, Any]:
+    """Load a local weights file/folder into a timm backbone (classifier ignored); return what was loaded.
+
+    Raises PretrainedWeightsError when the file cannot be read or matches less than half of the
+    backbone's tensors (the wrong architecture); smaller gaps are logged as missing/unexpected keys.
+    """
+    weights = find_weights_file(path)
+    sd = load_state_dict_file(weights)
+    if detect_layout(sd) != TIMM_LAYOUT:
+        # A known foreign layout (e.g. efficientnet_pytorch): converted by name, and it must fit exactly.
+        try:
+            converted, layout = convert_state_dict(sd, model, source=str(weights))
+        except WeightsLayoutError as exc:
+            raise PretrainedWeightsError(str(exc)) from None
+        model.load_state_dict(converted, strict=False)  # strict apart from BatchNorm step counters
+        log.info("pretrained %s: loaded all %d tensors from %s (%s layout, converted)",
+                 type(model).__name__, len(converted), weights, layout)
+        return {"source": str(weights), "layout": layout, "loaded": len(converted),
+                "total": len(model.state_dict()), "missing": [], "unexpected": [], "wrong_shape": []}
+    filt = _timm_filter_fn(model)
+    if filt is not None:
+        try:
+            sd = filt(sd, model)
+        except Exception as exc:  # noqa: BLE001 - a filter failing means the layout is not this model's
+            log.debug("timm checkpoint filter failed on %s (%s); loading the keys as they are", weights, exc)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    classifiers = cfg.get("classifier") or ()
+    for name in (classifiers,) if isinstance(classifiers, str) else classifiers:
+        # The backbone is built with num_classes=0: the pretrained classifier has no place in it.
+        sd.pop(f"{name}.weight", None)
+        sd.pop(f"{name}.bias", None)
+    own = model.state_dict()
+    matched = [k for k in own if k in sd and sd[k].shape == own[k].shape]
+    wrong_shape = [f"{k} (file {tuple(sd[k].shape)}, model {tuple(own[k].shape)})"
+                   for k in own if k in sd and sd[k].shape != own[k].shape]
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    name = getattr(model, "default_cfg", {}).get("architecture", type(model).__name__)
+    if len(matched) < MIN_MATCHED_FRACTION * len(own):
+        raise PretrainedWeightsError(
+            f"{str(weights)!r} does not look like weights for {name!r}: only {len(matched)} of {len(own)} "
+            f"backbone tensors match by name and shape (missing e.g. {missing[:3]}, unexpected e.g. "
+            f"{unexpected[:3]}, wrong shape e.g. {wrong_shape[:3]}); check that the file belongs to this backbone")
+    model.load_state_dict({k: sd[k] for k in matched}, strict=False)
+    if missing or unexpected or wrong_shape:
+        log.warning("pretrained %s from %s: loaded %d/%d tensors; missing %d %s; unexpected %d %s; wrong shape %d %s",
+                    name, weights, len(matched), len(own), len(missing), missing[:5], len(unexpected),
+                    unexpected[:5], len(wrong_shape), wrong_shape[:5])
+    else:
+        log.info("pretrained %s: loaded all %d tensors from %s", name, len(matched), weights)
+    return {"source": str(weights), "layout": TIMM_LAYOUT, "loaded": len(matched), "total": len(own),
+            "missing": missing,
+            "unexpected": unexpected, "wrong_shape": wrong_shape}
+
+
+def _download_errors() -> tuple[type[BaseException], ...]:
+    """Exception types a failed hub download raises (urllib/requests/huggingface_hub: OSError; httpx its own)."""
+    errors: list[type[BaseException]] = [OSError, RuntimeError]
+    try:
+        import httpx
+        errors.append(httpx.HTTPError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def create_timm(timm_name: str, source: WeightsSource | None = None, **kwargs: Any) -> nn.Module:
+    """timm.create_model: random weights, or timm's own loading from the hub cache or the hub (clear errors).
+
+    Weights from a file or a weights package are loaded afterwards by `load_pretrained_backbone`.
+    """
+    import timm
+
+    if source is None or source.kind not in ("cache", "hub"):
+        return timm.create_model(timm_name, pretrained=False, **kwargs)
+    if source.kind == "cache":
+        # Straight from the cached file: huggingface_hub would otherwise ask the network first.
+        log.info("loading %s weights from the Hugging Face cache %s", timm_name, source.path)
+        return timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay={"file": source.path}, **kwargs)
+    try:
+        return timm.create_model(timm_name, pretrained=True, **kwargs)
+    except _download_errors() as exc:
+        raise PretrainedWeightsError(f"could not download pretrained weights for {timm_name!r} "
+                                     f"({type(exc).__name__}: {exc}). {offline_help(timm_name)}") from exc

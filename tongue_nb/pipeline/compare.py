@@ -205,6 +205,47 @@ def _cycle(loader) -> Iterator[Any]:
         epoch += 1
 
 
+def _to_device(batch: Any, dev: Any) -> tuple[Any, dict[str, Any], Any]:
+    """A batch's images, targets and weights on the measuring device."""
+    return (batch.x.to(dev, non_blocking=True), {k: v.to(dev, non_blocking=True) for k, v in batch.targets.items()},
+            batch.weight.to(dev, non_blocking=True))
+
+
+def _val_loss(model: Any, val_loader: Any, loss_fn: Any, dev: Any, eval_batches: int | None) -> tuple[float, float]:
+    """The validation loss after the budget (sample-weighted mean over the evaluated batches) and its spread: the
+    standard error of the batch losses (how far apart two losses can be by chance). Call under no_grad."""
+    loss_sum = count = 0.0
+    batch_losses = []
+    for i, batch in enumerate(val_loader):
+        if eval_batches is not None and i >= eval_batches:
+            break
+        x, y, w = _to_device(batch, dev)
+        total, _ = loss_fn(model(x), y, w)
+        loss_sum += float(total) * len(x)
+        count += len(x)
+        batch_losses.append(float(total))
+    se = float(np.std(batch_losses, ddof=1) / np.sqrt(len(batch_losses))) if len(batch_losses) > 1 else float("nan")
+    return (loss_sum / count if count else float("nan")), se
+
+
+def _infer_speed(model: Any, val_loader: Any, dev: Any, warmup_steps: int, infer_steps: int,
+                 sync: Any) -> float:
+    """Inference samples per second: forward passes on validation batches after `warmup_steps`. Call under no_grad."""
+    vbatches = _cycle(val_loader)
+    n_seen = 0
+    t_inf = 0.0
+    for i in range(warmup_steps + infer_steps):
+        if i == warmup_steps:
+            sync()
+            t_inf = time.perf_counter()
+        batch = next(vbatches)
+        model(batch.x.to(dev, non_blocking=True))
+        if i >= warmup_steps:
+            n_seen += len(batch.x)
+    sync()
+    return n_seen / (time.perf_counter() - t_inf)
+
+
 def _measure(name: str, data: _Data, cfg: dict[str, Any]) -> dict[str, Any]:
     """Build, train `steps` steps, evaluate and time one backbone; raises on any failure."""
     import torch
@@ -247,10 +288,6 @@ def _measure(name: str, data: _Data, cfg: dict[str, Any]) -> dict[str, Any]:
     val_loader = BatchLoader(data.images, data.targets, data.weights, data.val_idx, bs, mean, std,
                              shuffle=False, augment=False, seed=cfg["seed"])
 
-    def to_dev(batch) -> tuple[Any, dict[str, Any], Any]:
-        return (batch.x.to(dev, non_blocking=True), {k: v.to(dev, non_blocking=True) for k, v in batch.targets.items()},
-                batch.weight.to(dev, non_blocking=True))
-
     # --- the identical short training budget; the steps after warm-up are also the speed sample
     model.train()
     losses = []
@@ -260,7 +297,7 @@ def _measure(name: str, data: _Data, cfg: dict[str, Any]) -> dict[str, Any]:
         if step == cfg["warmup_steps"]:
             sync()
             t_start = time.perf_counter()
-        x, y, w = to_dev(next(batches))
+        x, y, w = _to_device(next(batches), dev)
         total, _ = loss_fn(model(x), y, w)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -274,33 +311,10 @@ def _measure(name: str, data: _Data, cfg: dict[str, Any]) -> dict[str, Any]:
         bad = int(np.flatnonzero(~np.isfinite(losses_cpu))[0]) + 1
         raise FloatingPointError(f"{name}: training loss is {losses_cpu[bad - 1]} at step {bad} (lr={cfg['lr']:g})")
 
-    # --- validation loss after the budget (sample-weighted mean over the evaluated batches)
     model.eval()
-    loss_sum = count = 0.0
-    batch_losses = []
     with torch.no_grad():
-        for i, batch in enumerate(val_loader):
-            if cfg["eval_batches"] is not None and i >= cfg["eval_batches"]:
-                break
-            x, y, w = to_dev(batch)
-            total, _ = loss_fn(model(x), y, w)
-            loss_sum += float(total) * len(x)
-            count += len(x)
-            batch_losses.append(float(total))
-        # --- inference speed: forward passes on validation batches after warm-up
-        vbatches = _cycle(val_loader)
-        n_seen = 0
-        t_inf = 0.0
-        for i in range(cfg["warmup_steps"] + cfg["infer_steps"]):
-            if i == cfg["warmup_steps"]:
-                sync()
-                t_inf = time.perf_counter()
-            batch = next(vbatches)
-            model(batch.x.to(dev, non_blocking=True))
-            if i >= cfg["warmup_steps"]:
-                n_seen += len(batch.x)
-        sync()
-        infer_time = time.perf_counter() - t_inf
+        val_loss, val_loss_se = _val_loss(model, val_loader, loss_fn, dev, cfg["eval_batches"])
+        infer_samples_per_s = _infer_speed(model, val_loader, dev, cfg["warmup_steps"], cfg["infer_steps"], sync)
 
     if cuda:
         peak = torch.cuda.max_memory_allocated(dev) - mem0
@@ -310,14 +324,12 @@ def _measure(name: str, data: _Data, cfg: dict[str, Any]) -> dict[str, Any]:
         "timm_name": model.timm_name,
         "params_total_m": counts["total"],
         "params_trainable_m": counts["trainable"],
-        "val_loss": loss_sum / count if count else float("nan"),
-        # the spread of that reading: standard error of the batch losses (how far apart two losses can be by chance)
-        "val_loss_se": float(np.std(batch_losses, ddof=1) / np.sqrt(len(batch_losses))) if len(batch_losses) > 1
-        else float("nan"),
+        "val_loss": val_loss,
+        "val_loss_se": val_loss_se,
         "train_loss_first": float(losses_cpu[0]),
         "train_loss_last": float(losses_cpu[-1]),
         "train_samples_per_s": timed_steps * bs / train_time,
-        "infer_samples_per_s": n_seen / infer_time,
+        "infer_samples_per_s": infer_samples_per_s,
         "peak_memory_mb": max(peak, 0) / 2 ** 20,
         "memory_method": method,
         "device": str(dev),

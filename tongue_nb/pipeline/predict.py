@@ -68,7 +68,8 @@ class Predictor:
         A fold ensemble (a cross-validated sweep's `cv/<backbone>` folder, analysis/cv.py) stands for its K fold
         models, averaged, and weighs as one run; its thresholds are the ones tuned on its out-of-fold images.
         """
-        from tongue_nb.model.backbones import EnsembleMultiTaskModel, load_run_model
+        from tongue_nb.model.backbones import load_run_model
+        from tongue_nb.model.ensemble import EnsembleMultiTaskModel
         from tongue_nb.model.baseline import is_baseline_run, load_baseline_model
         from tongue_nb.train.runtime import resolve_device
 
@@ -206,7 +207,8 @@ def _saved_thresholds(run: Path, schema: TaskSchema) -> dict[str, list[float]]:
 def _ensemble_thresholds(run_dirs: Sequence[str | Path]) -> dict[str, list[float]]:
     """Thresholds for the ensemble, tuned on the validation images its members share (as in the reports)."""
     from tongue_nb.analysis import metrics
-    from tongue_nb.analysis.report import mean_probs, load_run
+    from tongue_nb.analysis.combine import mean_probs
+    from tongue_nb.analysis.runs import load_run
 
     runs = [load_run(d) for d in run_dirs]
     probs, targets, ids = mean_probs(runs, "val")

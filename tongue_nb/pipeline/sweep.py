@@ -63,6 +63,7 @@ class SweepResult:
     errors: list[dict] = field(default_factory=list)
     comparison: Path | None = None  # comparison.csv
     comparison_report: Path | None = None  # 02_model_comparison.html
+    fold_analysis: dict[str, str | None] = field(default_factory=dict)  # fold ensemble -> its 04 page (--folds)
     report: Path | None = None
     index: Path | None = None
 
@@ -574,7 +575,7 @@ def _sweep(data: Path, backbones: list[str], params_file: str | Path | None, ext
         if run.ok and not folds:
             run.error_analysis = _error_analysis(name, Path(run.run_dir), run.status == "skipped", data, kernel, result)
     for label, folder in analysed.items():  # a cross-validated sweep analyses each fold ensemble once
-        _error_analysis(_safe_name(label), folder, False, data, kernel, result)
+        result.fold_analysis[label] = _error_analysis(_safe_name(label), folder, False, data, kernel, result)
     _write_json(sweep_dir / "failures.json", result.failures)
 
     out_nb = sweep_dir / "notebooks" / "05_report.ipynb"
@@ -710,14 +711,25 @@ def _render(notebook: Path, html_path: Path, backbone: str | None, result: Sweep
 
 def _index(result: SweepResult, reports: Path, ensemble_k: int = 3) -> Path:
     """reports/index.html from the sweep's outcomes: the final report's score rows, with links to each run's pages."""
-    from tongue_nb.analysis.report import index_rows, load_sweep, sweep_provenance, write_index
+    from tongue_nb.analysis.index_page import index_rows, sweep_provenance, write_index
+    from tongue_nb.analysis.runs import load_sweep
+
+    from tongue_nb.analysis.cv import cv_table, cv_verdict, fold_label
 
     links = {_safe_name(run.backbone): run for run in result.runs if run.ok}
-    rows, provenance = [], ""
+    folds: dict[str, list[tuple[str, str | None]]] = {}  # fold ensemble -> its fold runs' 03 pages
+    for run in result.runs:
+        parsed = fold_label(_safe_name(run.backbone))
+        if parsed:
+            folds.setdefault(parsed[0], []).append((f"fold {parsed[1]}", run.report))
+    rows, provenance, cv_rows, cv_text = [], "", None, ""
     try:
         sweep = load_sweep(result.sweep_dir)
         provenance = sweep_provenance(sweep)
         rows = index_rows(sweep, ensemble_k)
+        if sweep.cv:
+            cv_rows = cv_table(sweep)
+            cv_text = cv_verdict(cv_rows)
     except Exception as exc:  # noqa: BLE001 - the index must still link what exists
         result.errors.append(failure_record("", exc, None, stage="index"))
         log.error("index scores failed: %s", exc)
@@ -725,13 +737,15 @@ def _index(result: SweepResult, reports: Path, ensemble_k: int = 3) -> Path:
         run = links.get(row["backbone"])
         if run is not None:
             row.update(report=run.report, error_analysis=run.error_analysis)
+        elif row["backbone"] in folds:
+            row.update(reports=folds[row["backbone"]], error_analysis=result.fold_analysis.get(row["backbone"]))
     failures = [dict(f) for f in result.failures]
     failures += [dict(e, backbone=f"{e['backbone'] or 'sweep'} ({e['stage']})") for e in result.errors]
     extra = [("Model comparison (a cost and speed screen)", result.comparison_report)] if result.comparison_report else []
     selection = result.sweep_dir / "selection.json"  # written by the final report (05) with two or more runs
     return write_index(reports, rows, failures, comparison=result.report, extra=extra,
                        title=f"tongue_nb sweep {result.sweep_dir.name}", provenance=provenance,
-                       selection=selection if selection.is_file() else None)
+                       selection=selection if selection.is_file() else None, cv=cv_rows, cv_verdict=cv_text)
 
 
 def _worker_main(argv: Sequence[str]) -> int:

@@ -20,40 +20,14 @@ import copy
 import logging
 import math
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:  # pragma: no cover
-    from tongue_nb.train.fit import Fit, Stage
+from tongue_nb.train.fit_state import Callback, FitState, Stage
 
 log = logging.getLogger(__name__)
-
-
-class Callback:
-    """Base class: every hook does nothing; `key` names the state kept in last.pt ('' = none)."""
-
-    key: str = ""
-
-    def on_fit_start(self, fit: "Fit") -> None: ...
-
-    def on_stage_start(self, fit: "Fit", stage: "Stage") -> None: ...
-
-    def on_step(self, fit: "Fit") -> None: ...
-
-    def on_epoch_end(self, fit: "Fit", row: dict[str, Any]) -> None: ...
-
-    def on_stage_end(self, fit: "Fit", stage: "Stage") -> None: ...
-
-    def after_epoch(self, fit: "Fit", row: dict[str, Any]) -> None: ...
-
-    def on_fit_end(self, fit: "Fit") -> None: ...
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
 # --------------------------------------------------------------------------- weight averaging
@@ -113,14 +87,14 @@ class WeightAveraging(Callback):
         self.ema: WeightEMA | None = None
         self._pending: Mapping[str, Any] | None = None
 
-    def on_fit_start(self, fit: "Fit") -> None:
+    def on_fit_start(self, fit: FitState) -> None:
         self.ema = WeightEMA(fit.model, self.decay)
         if self._pending is not None:
             self.ema.load_state_dict(self._pending)
             self._pending = None
         fit.eval_model = self.ema.module
 
-    def on_step(self, fit: "Fit") -> None:
+    def on_step(self, fit: FitState) -> None:
         assert self.ema is not None
         self.ema.update(fit.model)
 
@@ -141,11 +115,11 @@ class BestTracker(Callback):
 
     key = "best"
 
-    def __init__(self, on_best: Callable[["Fit"], None] | None = None) -> None:
+    def __init__(self, on_best: Callable[[FitState], None] | None = None) -> None:
         self.best_score, self.best_epoch, self.best_stage = -math.inf, 0, 0
         self.on_best = on_best
 
-    def on_epoch_end(self, fit: "Fit", row: dict[str, Any]) -> None:
+    def on_epoch_end(self, fit: FitState, row: dict[str, Any]) -> None:
         fit.improved = fit.score > self.best_score
         row["best"] = int(fit.improved)
         if fit.improved:
@@ -171,7 +145,7 @@ class EarlyStopping(Callback):
         self.stage_best, self.bad_epochs = -math.inf, 0
         self.stopped: dict[str, bool] = {}
 
-    def on_epoch_end(self, fit: "Fit", row: dict[str, Any]) -> None:
+    def on_epoch_end(self, fit: FitState, row: dict[str, Any]) -> None:
         if fit.score > self.stage_best + self.min_delta:
             self.stage_best, self.bad_epochs = fit.score, 0
         else:
@@ -183,7 +157,7 @@ class EarlyStopping(Callback):
             log.info("early stopping in stage %d after %d epochs without improvement", fit.stage.number,
                      self.bad_epochs)
 
-    def on_stage_end(self, fit: "Fit", stage: "Stage") -> None:
+    def on_stage_end(self, fit: FitState, stage: Stage) -> None:
         self.stage_best, self.bad_epochs = -math.inf, 0
 
     def state_dict(self) -> dict[str, Any]:
@@ -206,7 +180,7 @@ class History(Callback):
         self.rows: list[dict[str, Any]] = []
         self.write = write
 
-    def on_epoch_end(self, fit: "Fit", row: dict[str, Any]) -> None:
+    def on_epoch_end(self, fit: FitState, row: dict[str, Any]) -> None:
         self.rows.append(row)
         if self.write is not None and fit.rt.dist.is_main:
             self.write(self.rows)
@@ -262,7 +236,7 @@ class LastCheckpoint(Callback):
         except BaseException as exc:  # noqa: BLE001 - handed to the training thread at its next wait()
             self._error = exc
 
-    def after_epoch(self, fit: "Fit", row: dict[str, Any]) -> None:
+    def after_epoch(self, fit: FitState, row: dict[str, Any]) -> None:
         self.wait()
         if fit.rt.dist.is_main:
             state = {**fit.checkpoint_state(), **self.extra}
@@ -275,7 +249,7 @@ class LastCheckpoint(Callback):
                 self.save(state)
         fit.rt.dist.barrier()
 
-    def on_fit_end(self, fit: "Fit") -> None:
+    def on_fit_end(self, fit: FitState) -> None:
         self.wait()
 
 
@@ -285,13 +259,13 @@ class EpochHook(Callback):
     def __init__(self, fn: Callable[[dict[str, Any]], None]) -> None:
         self.fn = fn
 
-    def after_epoch(self, fit: "Fit", row: dict[str, Any]) -> None:
+    def after_epoch(self, fit: FitState, row: dict[str, Any]) -> None:
         self.fn(dict(row))
 
 
 class LogEpoch(Callback):
     """One log line per epoch."""
 
-    def on_epoch_end(self, fit: "Fit", row: dict[str, Any]) -> None:
+    def on_epoch_end(self, fit: FitState, row: dict[str, Any]) -> None:
         log.info("epoch %d (stage %d): train loss %.4f, val loss %.4f, val combined %.4f%s", fit.epoch,
                  fit.stage.number, row["train_loss"], row["val_loss"], fit.score, " (best)" if row.get("best") else "")

@@ -158,6 +158,41 @@ def _forward_backward(model: nn.Module, batch: Batch, loss_fn: MultiTaskLoss, rt
             watch.add(total, torch.stack([per_task[k] for k in watch.names]), frac * n, step)
 
 
+def _check_oom_retry(exc: RuntimeError, oom_retry: bool, rt: Runtime, at_one_sample: bool, epoch: int,
+                     step: int) -> None:
+    """Raise the TrainingError that ends training on a CUDA out-of-memory, unless the window can be replayed with
+    every batch cut in twice as many pieces (`at_one_sample`: a piece would hold less than one sample)."""
+    if not oom_retry:
+        why = ("the retry is off under DDP: every rank must cut its batches the same way"
+               if rt.dist.enabled else "oom_retry is off")
+        raise TrainingError(f"CUDA out of memory at epoch {epoch}, step {step} ({why}); use a smaller "
+                            "batch_size (accumulation_steps keeps the effective batch), image_size or "
+                            "backbone") from exc
+    if at_one_sample:
+        raise TrainingError(f"CUDA out of memory even with micro-batches of 1 sample at epoch {epoch}, "
+                            f"step {step}; use a smaller image_size or backbone") from exc
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], rt: Runtime, grad_clip: float,
+                    on_step: Callable[[], None] | None) -> None:
+    """One optimizer step on the accumulated gradients: clipped (unscaled first), through the scaler when there is
+    one, then `on_step`."""
+    with record_function("step:clip"):
+        if grad_clip > 0:
+            if rt.scaler is not None:
+                rt.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
+    with record_function("step:optimizer"):
+        if rt.scaler is not None:
+            rt.scaler.step(optimizer)
+            rt.scaler.update()
+        else:
+            optimizer.step()
+    if on_step is not None:
+        with record_function("step:on_step"):
+            on_step()
+
+
 def train_one_epoch(model: nn.Module, loader: BatchLoader, loss_fn: MultiTaskLoss, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, rt: Runtime | None = None, *, epoch: int,
                     stage: int = 1, accumulation_steps: int = 1, grad_clip: float = 0.0, max_steps: int = 0,
@@ -202,16 +237,7 @@ def train_one_epoch(model: nn.Module, loader: BatchLoader, loss_fn: MultiTaskLos
             except RuntimeError as exc:
                 if not is_oom(exc):
                     raise
-                if not oom_retry:
-                    why = ("the retry is off under DDP: every rank must cut its batches the same way"
-                           if rt.dist.enabled else "oom_retry is off")
-                    raise TrainingError(f"CUDA out of memory at epoch {epoch}, step {step} ({why}); use a smaller "
-                                        "batch_size (accumulation_steps keeps the effective batch), image_size or "
-                                        "backbone") from exc
-                smallest = min(len(b) for b in window)
-                if micro_split * 2 > smallest:
-                    raise TrainingError(f"CUDA out of memory even with micro-batches of 1 sample at epoch {epoch}, "
-                                        f"step {step}; use a smaller image_size or backbone") from exc
+                _check_oom_retry(exc, oom_retry, rt, micro_split * 2 > min(len(b) for b in window), epoch, step)
                 optimizer.zero_grad(set_to_none=True)
                 del exc
                 if torch.cuda.is_available():
@@ -232,20 +258,7 @@ def train_one_epoch(model: nn.Module, loader: BatchLoader, loss_fn: MultiTaskLos
                 bar.update(1)
                 continue
             w = run_window(final_size)
-            with record_function("step:clip"):
-                if grad_clip > 0:
-                    if rt.scaler is not None:
-                        rt.scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
-            with record_function("step:optimizer"):
-                if rt.scaler is not None:
-                    rt.scaler.step(optimizer)
-                    rt.scaler.update()
-                else:
-                    optimizer.step()
-            if on_step is not None:
-                with record_function("step:on_step"):
-                    on_step()
+            _optimizer_step(optimizer, params, rt, grad_clip, on_step)
             last_lrs = {g.get("name", f"group{i}"): float(g["lr"]) for i, g in enumerate(optimizer.param_groups)}
             if lr_trace is not None:
                 lr_trace.append(list(last_lrs.values()))

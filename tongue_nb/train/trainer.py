@@ -32,9 +32,10 @@ from tongue_nb.model.backbones import MultiTaskBackbone, build_model
 from tongue_nb.model.losses import MultiTaskLoss, class_weights_from_targets
 from tongue_nb.paths import OUT_DIR_PARAMETER, check_outside_dataset, file_sha256, prepare_folder
 from tongue_nb.runio import RunFolder, RunLock, load_checkpoint, load_weights, predictions_table, to_jsonable
-from tongue_nb.train.callbacks import (BestTracker, Callback, EarlyStopping, EpochHook, History, LastCheckpoint,
-                                       LogEpoch, WeightAveraging, WeightEMA)
-from tongue_nb.train.fit import Fit, FitConfig, stages_from_params
+from tongue_nb.train.callbacks import (BestTracker, EarlyStopping, EpochHook, History, LastCheckpoint, LogEpoch,
+                                       WeightAveraging, WeightEMA)
+from tongue_nb.train.fit import Fit
+from tongue_nb.train.fit_state import Callback, FitConfig, stages_from_params
 from tongue_nb.train.loop import EpochStats, NonFiniteLossError, evaluate, make_optimizer, train_one_epoch, warmup_cosine
 from tongue_nb.train.params import TrainParams
 from tongue_nb.train.runtime import DistInfo, Runtime, TrainingError, peak_memory_mb, progress_allowed
@@ -384,6 +385,55 @@ def default_callbacks(params: TrainParams, folder: RunFolder, model: MultiTaskBa
     return cbs
 
 
+def _run_fit(params: TrainParams, rt: Runtime, model: MultiTaskBackbone, train_loader: BatchLoader,
+             val_loader: BatchLoader, loss_fn: MultiTaskLoss, callbacks: list[Callback], ckpt: dict[str, Any] | None,
+             folder: RunFolder) -> Fit:
+    """The recipe's stages fitted on the device (from `ckpt`, a last.pt state, when resuming); the finished `Fit`."""
+    model.to(rt.device)
+    if rt.channels_last:
+        model.to(memory_format=torch.channels_last)
+    config = FitConfig(weight_decay=params.weight_decay, layer_decay=params.layer_decay,
+                       warmup_epochs=params.warmup_epochs,
+                       accumulation_steps=params.accumulation_steps, grad_clip=params.grad_clip,
+                       max_steps_per_epoch=params.max_steps_per_epoch, oom_retry=params.oom_retry,
+                       compile=params.compile)
+    if rt.dist.enabled and params.oom_retry:
+        log.info("oom_retry is off under DDP: every rank must cut its batches the same way")
+    f = Fit(model, stages_from_params(params), train_loader, val_loader, loss_fn, rt, callbacks, config)
+    if ckpt is not None:
+        try:
+            f.load_checkpoint_state(ckpt)
+        except ValueError as exc:
+            raise TrainingError(f"cannot resume from {folder.last}: {exc}") from None
+        log.info("resumed %s after epoch %d", folder.path, f.position.epoch)
+    return f.run()
+
+
+def _final_evaluation(model: MultiTaskBackbone, folder: RunFolder, rt: Runtime, schema: TaskSchema,
+                      val_loader: BatchLoader, test_loader: BatchLoader, loss_fn: MultiTaskLoss) -> tuple:
+    """The best weights evaluated on val and test: ((probs, loss, metrics fixed, metrics thresholded) for val, the
+    same for test, the thresholds). Rank 0 reads the weights, the others receive them."""
+    error = None
+    if rt.dist.is_main:
+        if folder.best.is_file():
+            model.load_state_dict(load_weights(folder.best, device="cpu")[0])
+        else:
+            error = f"{folder.best} not found: no epoch had a finite validation score"
+    rt.dist.raise_everywhere(error)
+    if rt.dist.enabled:
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
+    val_probs, val_targets, val_loss = evaluate(model, val_loader, schema, loss_fn, rt)
+    test_probs, test_targets, test_loss = evaluate(model, test_loader, schema, loss_fn, rt)
+    # Thresholds come from val and are applied to test: tuning and reporting on one split flatters the score.
+    thresholds = metrics_mod.tune_thresholds(schema, val_probs, val_targets)
+    val = (val_probs, val_loss, metrics_mod.compute_metrics(schema, val_probs, val_targets),
+           metrics_mod.compute_metrics(schema, val_probs, val_targets, thresholds))
+    test = (test_probs, test_loss, metrics_mod.compute_metrics(schema, test_probs, test_targets),
+            metrics_mod.compute_metrics(schema, test_probs, test_targets, thresholds))
+    return val, test, thresholds
+
+
 def _train_locked(params: TrainParams, rt: Runtime, data_dir: Path, labels: Labels, split: np.ndarray,
                   model: MultiTaskBackbone, folder: RunFolder, experiment_name: str, t_start: float,
                   on_epoch_end: Callable[[dict[str, Any]], None] | None,
@@ -415,51 +465,15 @@ def _train_locked(params: TrainParams, rt: Runtime, data_dir: Path, labels: Labe
     train_loader, val_loader, test_loader = _make_loaders(params, rt, img_cache.images, labels, idx, model)
     loss_fn = make_loss(params, labels, idx["train"]).to(rt.device)
 
-    model.to(rt.device)
-    if rt.channels_last:
-        model.to(memory_format=torch.channels_last)
     callbacks = default_callbacks(params, folder, model, schema, resolved, fingerprint, on_epoch_end) + extra_callbacks
-    config = FitConfig(weight_decay=params.weight_decay, layer_decay=params.layer_decay,
-                       warmup_epochs=params.warmup_epochs,
-                       accumulation_steps=params.accumulation_steps, grad_clip=params.grad_clip,
-                       max_steps_per_epoch=params.max_steps_per_epoch, oom_retry=params.oom_retry,
-                       compile=params.compile)
-    if rt.dist.enabled and params.oom_retry:
-        log.info("oom_retry is off under DDP: every rank must cut its batches the same way")
-    stages = stages_from_params(params)
-    f = Fit(model, stages, train_loader, val_loader, loss_fn, rt, callbacks, config)
-    if ckpt is not None:
-        try:
-            f.load_checkpoint_state(ckpt)
-        except ValueError as exc:
-            raise TrainingError(f"cannot resume from {folder.last}: {exc}") from None
-        log.info("resumed %s after epoch %d", out_dir, f.position.epoch)
-    f.run()
+    f = _run_fit(params, rt, model, train_loader, val_loader, loss_fn, callbacks, ckpt, folder)
     best = next(cb for cb in callbacks if isinstance(cb, BestTracker))
     early = next(cb for cb in callbacks if isinstance(cb, EarlyStopping))
-
-    # --- final evaluation with the best weights (rank 0 reads them, the others receive them)
-    error = None
-    if rt.dist.is_main:
-        if folder.best.is_file():
-            model.load_state_dict(load_weights(folder.best, device="cpu")[0])
-        else:
-            error = f"{folder.best} not found: no epoch had a finite validation score"
-    rt.dist.raise_everywhere(error)
-    if rt.dist.enabled:
-        for tensor in model.state_dict().values():
-            dist.broadcast(tensor, src=0)
     t_eval = time.perf_counter()
-    val_probs, val_targets, val_loss = evaluate(model, val_loader, schema, loss_fn, rt)
-    test_probs, test_targets, test_loss = evaluate(model, test_loader, schema, loss_fn, rt)
+    (val_probs, val_loss, val_fixed, val_thr), (test_probs, test_loss, test_fixed, test_thr), thresholds = \
+        _final_evaluation(model, folder, rt, schema, val_loader, test_loader, loss_fn)
     eval_seconds = time.perf_counter() - t_eval
     eval_samples = len(idx["val"]) + len(idx["test"])
-    # Thresholds come from val and are applied to test: tuning and reporting on one split flatters the score.
-    thresholds = metrics_mod.tune_thresholds(schema, val_probs, val_targets)
-    test_fixed = metrics_mod.compute_metrics(schema, test_probs, test_targets)
-    test_thr = metrics_mod.compute_metrics(schema, test_probs, test_targets, thresholds)
-    val_fixed = metrics_mod.compute_metrics(schema, val_probs, val_targets)
-    val_thr = metrics_mod.compute_metrics(schema, val_probs, val_targets, thresholds)
     peak_mb, peak_kind = peak_memory_mb(rt.device)
     pos = f.position
     import timm
