@@ -103,3 +103,17 @@ def test_bad_executor_options_are_refused_before_anything_is_written(tmp_path, c
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and expected in err, err
         assert not (tmp_path / "sweep").exists() and not (tmp_path / "rep").exists()
+
+
+def test_train_takes_the_recipes_backbone_and_refuses_none(tmp_path, capsys):
+    data = make_synthetic(tmp_path / "syn", n=24, size=32, seed=0)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("backbone: test_convnext\npretrained: false\nimage_size: 32\nstage1_epochs: 0\nstage2_epochs: 1\n"
+                      "num_threads: 1\n")
+    assert cli.main(["train", "--data", str(data), "-f", str(recipe), "--out", str(tmp_path / "run")]) == 0
+    assert "backbone: test_convnext" in (tmp_path / "run" / "params.yaml").read_text()
+    capsys.readouterr()
+    assert cli.main(["train", "--data", str(data), "--out", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no backbone given" in err and "--backbone" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "none").exists()

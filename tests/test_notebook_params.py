@@ -84,11 +84,11 @@ def test_predict_notebook_output_default_is_the_working_folder():
 def test_the_report_notebook_refuses_a_mistyped_parameter_before_writing(tmp_path):
     import papermill
 
-    from tongue_nb.pipeline import sweep
+    from tongue_nb.pipeline import jobs, sweep
 
     (tmp_path / "sweep").mkdir()
-    with sweep.project_kernel(tmp_path) as kernel:
+    with jobs.project_kernel() as kernel:
         with pytest.raises(papermill.PapermillExecutionError, match="unknown notebook parameter 'n_bot'"):
-            sweep.execute_notebook(NOTEBOOKS / "05_report.ipynb", tmp_path / "out.ipynb",
+            jobs.execute_notebook(NOTEBOOKS / "05_report.ipynb", tmp_path / "out.ipynb",
                                    {"sweep_dir": str(tmp_path / "sweep"), "n_bot": 50}, kernel, tmp_path)
     assert list((tmp_path / "sweep").iterdir()) == []

@@ -228,11 +228,11 @@ def test_a_run_given_twice_is_refused(runs):
 
 
 def test_notebook_06_predicts_shows_the_gallery_and_renders(runs, tmp_path):
-    from tongue_nb.pipeline import sweep
+    from tongue_nb.pipeline import jobs, sweep
 
     out_nb = tmp_path / "06.ipynb"
-    with sweep.project_kernel(tmp_path) as kernel:
-        sweep.execute_notebook(sweep.NOTEBOOKS / "06_predict.ipynb", out_nb,
+    with jobs.project_kernel() as kernel:
+        jobs.execute_notebook(sweep.NOTEBOOKS / "06_predict.ipynb", out_nb,
                                {"runs": str(runs["a"]), "images": str(_test_rows_csv(runs["data"], runs["a"])),
                                 "out_csv": str(tmp_path / "p.csv"), "n_gallery": 4}, kernel, sweep.PROJECT_ROOT)
     table = pd.read_csv(tmp_path / "p.csv", dtype=str, keep_default_na=False)
@@ -344,7 +344,7 @@ def test_notebook_06_applies_a_selection_with_a_baseline_and_writes_beside_the_u
     written in the working folder (never into a run folder), no class-activation maps (a baseline has none)."""
     import json
 
-    from tongue_nb.pipeline import sweep
+    from tongue_nb.pipeline import jobs, sweep
 
     data, net, base = with_baseline["data"], with_baseline["net"], with_baseline["base"]
     sel = {"kind": "per_task_selection", "tasks": {
@@ -354,8 +354,8 @@ def test_notebook_06_applies_a_selection_with_a_baseline_and_writes_beside_the_u
     photos = _test_rows_csv(data, base)
     before = {p: p.stat().st_mtime_ns for run in (net, base) for p in run.rglob("*")}
     out_nb = tmp_path / "06.ipynb"
-    with sweep.project_kernel(tmp_path) as kernel:
-        sweep.execute_notebook(sweep.NOTEBOOKS / "06_predict.ipynb", out_nb,
+    with jobs.project_kernel() as kernel:
+        jobs.execute_notebook(sweep.NOTEBOOKS / "06_predict.ipynb", out_nb,
                                {"selection": str(tmp_path / "selection.json"), "images": str(photos), "n_gallery": 3},
                                kernel, tmp_path)
     table = pd.read_csv(tmp_path / "predictions-photos.csv", dtype=str, keep_default_na=False).set_index("id")

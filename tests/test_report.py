@@ -225,11 +225,11 @@ def test_ensemble_and_bootstrap(sweep_dir):
 
 
 def test_notebook_05_through_papermill(sweep_dir, tmp_path):
-    from tongue_nb.pipeline import sweep
+    from tongue_nb.pipeline import jobs, sweep
 
     out_nb = tmp_path / "05.ipynb"
-    with sweep.project_kernel(tmp_path) as kernel:
-        sweep.execute_notebook(sweep.NOTEBOOKS / "05_report.ipynb", out_nb,
+    with jobs.project_kernel() as kernel:
+        jobs.execute_notebook(sweep.NOTEBOOKS / "05_report.ipynb", out_nb,
                                {"sweep_dir": str(sweep_dir), "ensemble_k": 2, "n_boot": 100}, kernel, sweep.PROJECT_ROOT)
     html = sweep.render_html(out_nb, tmp_path / "05.html").read_text()
     assert html.count("data:image/png;base64") >= 2 and "ensemble(top 2)" in html
@@ -237,11 +237,11 @@ def test_notebook_05_through_papermill(sweep_dir, tmp_path):
 
 
 def test_notebook_04_through_papermill(sweep_dir, tmp_path):
-    from tongue_nb.pipeline import sweep
+    from tongue_nb.pipeline import jobs, sweep
 
     out_nb = tmp_path / "04.ipynb"
-    with sweep.project_kernel(tmp_path) as kernel:
-        sweep.execute_notebook(sweep.NOTEBOOKS / "04_error_analysis.ipynb", out_nb,
+    with jobs.project_kernel() as kernel:
+        jobs.execute_notebook(sweep.NOTEBOOKS / "04_error_analysis.ipynb", out_nb,
                                {"run_dir": str(sweep_dir / "runs" / "weak"), "n_worst": 4}, kernel, sweep.PROJECT_ROOT)
     html = sweep.render_html(out_nb, tmp_path / "04.html").read_text()
     assert html.count("data:image/png;base64") >= 5  # confusion, thresholds, calibration, gallery figures embedded

@@ -12,6 +12,7 @@ from tongue_nb.analysis.runs import load_sweep
 from tongue_nb.analysis.stats import seed_table
 from tongue_nb.analysis.tables import run_table
 from tongue_nb.pipeline import sweep
+from tongue_nb.pipeline import jobs
 from tongue_nb.pipeline.executors import GpuPoolExecutor, SlurmExecutor, _SlurmJob, make_executor
 from tongue_nb.runio import RunFolder
 from tongue_nb.train.params import ParamError
@@ -32,9 +33,9 @@ def _job(tmp_path: Path, name: str, input_nb: Path, kernel: str, **parameters) -
 def test_failures_are_recorded_with_their_cell(tmp_path):
     raising = _notebook(tmp_path / "raise.ipynb", "x = 1", "y = x + 1", "raise ValueError(f'unknown backbone {x}')")
     dying = _notebook(tmp_path / "die.ipynb", "x = 1", "import os\nos._exit(3)", "z = 2")
-    with sweep.project_kernel(tmp_path) as kernel:
-        failed = sweep.run_job(_job(tmp_path, "bad", raising, kernel, x=7))
-        dead = sweep.run_job(_job(tmp_path, "dead", dying, kernel))
+    with jobs.project_kernel() as kernel:
+        failed = jobs.run_job(_job(tmp_path, "bad", raising, kernel, x=7))
+        dead = jobs.run_job(_job(tmp_path, "dead", dying, kernel))
     assert failed["status"] == "failed" and failed["error"]["error_type"] == "ValueError"
     assert failed["error"]["message"] == "unknown backbone 7"  # the injected parameter reached the kernel
     # papermill injects a parameters cell after ours: the raising cell is the 4th
@@ -43,8 +44,8 @@ def test_failures_are_recorded_with_their_cell(tmp_path):
     assert dead["status"] == "failed" and dead["error"]["error_type"] == "DeadKernelError"
     assert "os._exit" in dead["error"]["cell_source"]
     hanging = _notebook(tmp_path / "hang.ipynb", "x = 1", "import time\ntime.sleep(60)", "z = 2")
-    with sweep.project_kernel(tmp_path) as kernel:
-        hung = sweep.run_job(dict(_job(tmp_path, "hung", hanging, kernel), cell_timeout=2))
+    with jobs.project_kernel() as kernel:
+        hung = jobs.run_job(dict(_job(tmp_path, "hung", hanging, kernel), cell_timeout=2))
     assert hung["status"] == "failed" and "time.sleep(60)" in hung["error"]["cell_source"]
     assert hung["seconds"] < 45  # the timeout stopped it, the sweep goes on
     html = sweep.render_html(failed["notebook"], tmp_path / "bad.html").read_text()
@@ -55,9 +56,9 @@ def test_failures_are_recorded_with_their_cell(tmp_path):
 def test_one_process_per_gpu_sees_only_its_device(tmp_path):
     probe = _notebook(tmp_path / "probe.ipynb", "target = ''",
                       "import os, pathlib\npathlib.Path(target).write_text(os.environ.get('CUDA_VISIBLE_DEVICES', 'unset'))")
-    with sweep.project_kernel(tmp_path) as kernel:
-        jobs = [_job(tmp_path, f"j{i}", probe, kernel, target=str(tmp_path / f"j{i}.txt")) for i in range(2)]
-        results = GpuPoolExecutor(["5", "7"]).run(jobs)
+    with jobs.project_kernel() as kernel:
+        batch = [_job(tmp_path, f"j{i}", probe, kernel, target=str(tmp_path / f"j{i}.txt")) for i in range(2)]
+        results = GpuPoolExecutor(["5", "7"]).run(batch)
     assert [r["status"] for r in results] == ["completed"] * 2
     seen = [(tmp_path / f"j{i}.txt").read_text() for i in range(2)]
     assert sorted(seen) == ["5", "7"]  # two runs at the same time, each in a process that sees one GPU
@@ -66,16 +67,16 @@ def test_one_process_per_gpu_sees_only_its_device(tmp_path):
 def test_slurm_executor_runs_jobs_through_submitit_and_requeues_to_resume(tmp_path):
     ok = _notebook(tmp_path / "ok.ipynb", "target = ''", "import pathlib\npathlib.Path(target).write_text('ran')")
     bad = _notebook(tmp_path / "bad.ipynb", "x = 1", "raise ValueError('broken recipe')")
-    with sweep.project_kernel(tmp_path) as kernel:
-        jobs = [_job(tmp_path, "ok", ok, kernel, target=str(tmp_path / "ok.txt")), _job(tmp_path, "bad", bad, kernel)]
+    with jobs.project_kernel() as kernel:
+        batch = [_job(tmp_path, "ok", ok, kernel, target=str(tmp_path / "ok.txt")), _job(tmp_path, "bad", bad, kernel)]
         ex = SlurmExecutor(tmp_path / "slurm", gpus_per_job=0, cpus_per_job=1, time_min=5, cluster="local")
-        results = ex.run(jobs)
+        results = ex.run(batch)
     assert [r["status"] for r in results] == ["completed", "failed"]
     assert (tmp_path / "ok.txt").read_text() == "ran"
     assert results[1]["error"]["error_type"] == "ValueError" and "broken recipe" in results[1]["error"]["message"]
     assert len([d for d in (tmp_path / "slurm").iterdir() if d.name.isdigit()]) == 2  # logs and result per job
     # Pre-emption or time-out: the requeued job resumes from the run's last checkpoint.
-    job = jobs[0]
+    job = batch[0]
     assert "resume" not in _SlurmJob(job).checkpoint().function.job["parameters"]
     (Path(job["run_dir"]) / "checkpoints").mkdir(parents=True)
     (Path(job["run_dir"]) / "checkpoints" / "last.pt").write_bytes(b"x")
@@ -99,7 +100,7 @@ def test_visible_gpus(monkeypatch):
 
 def test_bad_kernel_and_bad_overrides_fail_fast(tmp_path):
     with pytest.raises(sweep.SweepError, match=r"kernel 'no-such-kernel' not found.*ipykernel install --user --name no-such-kernel"):
-        with sweep.project_kernel(tmp_path, "no-such-kernel"):
+        with jobs.project_kernel("no-such-kernel"):
             pass
     assert sweep._parse_overrides(["batch_size=4", "augment=false"]) == {"batch_size": 4, "augment": False}
     with pytest.raises(ParamError, match="batch_sizze"):

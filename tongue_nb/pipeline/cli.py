@@ -5,7 +5,7 @@ import argparse
 import json
 import logging
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 log = logging.getLogger("tongue_nb")
 
@@ -44,10 +44,16 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from tongue_nb.train.params import load_params
+    from tongue_nb.train.params import ParamError, load_params, read_params_file, split_overrides
     from tongue_nb.train.trainer import train
 
-    values = {"backbone": args.backbone, "out_dir": args.out}
+    values = {"out_dir": args.out}
+    if args.backbone is not None:
+        values["backbone"] = args.backbone
+    elif not any("backbone" in read_params_file(f) for f in args.file or ()) \
+            and not any(key == "backbone" for key, _, _ in split_overrides(args.set or ())):
+        raise ParamError("train: no backbone given: pass --backbone NAME, or a recipe (-f) or --set backbone=NAME that "
+                         "names one")
     if _data_arg(args.data) is not None:
         values["data_dir"] = args.data
     if args.resume:
@@ -230,7 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tongue-nb", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_data_commands(sub)
+    _add_training_commands(sub)
+    _add_models_commands(sub)
+    _add_sweep_commands(sub)
+    return parser
 
+
+def _add_data_commands(sub: Any) -> None:
+    """Subcommands for datasets and backbones: synth, import-tonguexpert, backbones."""
     p = sub.add_parser("synth", help="write the built-in synthetic tongue dataset")
     p.add_argument("out", help="output folder")
     p.add_argument("--n", type=int, default=500, help="number of images (default 500)")
@@ -253,9 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
                                             "architectures with a weights package)")
     p.set_defaults(func=_cmd_backbones)
 
+
+def _add_training_commands(sub: Any) -> None:
+    """Subcommands for one run: train, compare, baseline, train-segmenter."""
     p = sub.add_parser("train", help="train one backbone and write its run folder")
     p.add_argument("--data", help="dataset folder (default: the built-in synthetic set)")
-    p.add_argument("--backbone", required=True, help="short name (see list) or any timm model name")
+    p.add_argument("--backbone", help="short name (see list) or any timm model name (default: the recipe's backbone)")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("-f", "--file", action="append", help="parameter YAML file (repeatable; later files win)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one parameter (repeatable)")
@@ -275,6 +292,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_compare)
 
+    p = sub.add_parser("baseline", help="fit the classical colour/texture baseline and write its run folder")
+    p.add_argument("--data", help="dataset folder (default: the built-in synthetic set)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("-f", "--file", action="append", help="the runs' recipe YAML (repeatable): split, tasks, weights")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one parameter (repeatable)")
+    p.add_argument("--image-size", type=int, default=None, help="feature image size (default: the recipe's, else 128)")
+    p.add_argument("--seed", type=int, default=None, help="seed (split and boosting; use the trained runs' seed)")
+    p.set_defaults(func=_cmd_baseline)
+
+    p = sub.add_parser("train-segmenter", help="learn tongue masks from a dataset's mask column (U-Net)")
+    p.add_argument("--data", required=True, help="dataset folder whose labels.csv has a mask column")
+    p.add_argument("--out", required=True, help="segmenter run folder")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="segmenter parameter (tongue_nb.model.segment.SegParams: encoder, image_size, epochs, ...)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.set_defaults(func=_cmd_train_segmenter)
+
+
+def _add_models_commands(sub: Any) -> None:
+    """Subcommands for applying trained runs: predict, export."""
     p = sub.add_parser("predict", help="apply trained runs to new photos: probabilities and decisions per task")
     p.add_argument("--run", action="append", metavar="RUN_DIR",
                    help="trained run folder (repeat for the ensemble of several runs)")
@@ -290,28 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segmenter", metavar="SEG_RUN", help="segmenter run that masks photos given without a mask")
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("train-segmenter", help="learn tongue masks from a dataset's mask column (U-Net)")
-    p.add_argument("--data", required=True, help="dataset folder whose labels.csv has a mask column")
-    p.add_argument("--out", required=True, help="segmenter run folder")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="segmenter parameter (tongue_nb.model.segment.SegParams: encoder, image_size, epochs, ...)")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
-    p.set_defaults(func=_cmd_train_segmenter)
-
     p = sub.add_parser("export", help="export a trained run or a segmenter run to ONNX (metadata: preprocessing)")
     p.add_argument("--run", required=True, metavar="RUN_DIR", help="trained run folder, or a segmenter run folder")
     p.add_argument("--out", required=True, help="output .onnx file")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("baseline", help="fit the classical colour/texture baseline and write its run folder")
-    p.add_argument("--data", help="dataset folder (default: the built-in synthetic set)")
-    p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("-f", "--file", action="append", help="the runs' recipe YAML (repeatable): split, tasks, weights")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one parameter (repeatable)")
-    p.add_argument("--image-size", type=int, default=None, help="feature image size (default: the recipe's, else 128)")
-    p.add_argument("--seed", type=int, default=None, help="seed (split and boosting; use the trained runs' seed)")
-    p.set_defaults(func=_cmd_baseline)
 
+def _add_sweep_commands(sub: Any) -> None:
+    """Subcommands for the sweep and where its jobs run."""
     p = sub.add_parser("sweep", help="one training notebook per backbone, then HTML reports")
     p.add_argument("--data", help="dataset folder (default: the built-in synthetic set)")
     p.add_argument("-f", "--file", help="recipe YAML applied to every backbone (e.g. params/smoke.yaml)")
@@ -344,7 +367,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slurm-cluster", choices=("slurm", "local"),
                    help="local: submit the same jobs to submitit's local backend (a dry run before a cluster)")
     p.set_defaults(func=_cmd_sweep)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Where a sweep's training jobs run: in this process, one worker process per local GPU, or on a Slurm cluster.
 
-Every executor takes the same job dicts (one training notebook each, `sweep.run_job`) and returns one outcome
+Every executor takes the same job dicts (one training notebook each, `jobs.run_job`) and returns one outcome
 dict per job, in order, never raising for a failed job: the sweep renders, reports and indexes the outcomes
 the same way whichever executor ran them.
 
@@ -38,7 +38,7 @@ class Executor(Protocol):
 
 
 def _failed(job: dict, exc: BaseException) -> dict:
-    from tongue_nb.pipeline.sweep import RunOutcome, failure_record
+    from tongue_nb.pipeline.jobs import RunOutcome, failure_record
 
     out = RunOutcome(job["backbone"], job["run_dir"], job["output_nb"], status="failed")
     out.error = failure_record(job["backbone"], exc, Path(job["output_nb"]))
@@ -49,7 +49,7 @@ class LocalExecutor:
     """Jobs one after another in this process."""
 
     def run(self, jobs: list[dict]) -> list[dict]:
-        from tongue_nb.pipeline.sweep import run_job
+        from tongue_nb.pipeline.jobs import run_job
 
         return [run_job(job) for job in jobs]
 
@@ -60,7 +60,7 @@ def _run_job_in_subprocess(job: dict, device: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="tongue-nb-job-") as tmp:
         job_file, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job_file.write_text(json.dumps(job))
-        proc = subprocess.run([sys.executable, "-m", "tongue_nb.pipeline.sweep", "--worker", str(job_file),
+        proc = subprocess.run([sys.executable, "-m", "tongue_nb.pipeline.jobs", "--worker", str(job_file),
                                str(result_file)], env=env, cwd=job["cwd"], capture_output=True, text=True)
         if result_file.exists():
             return json.loads(result_file.read_text())
@@ -104,7 +104,7 @@ class _SlurmJob:
         self.job = job
 
     def __call__(self) -> dict:
-        from tongue_nb.pipeline.sweep import run_job
+        from tongue_nb.pipeline.jobs import run_job
 
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         return run_job(self.job)
