@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (bench/common.py also puts the repository root on sys.path)
 import quality  # noqa: E402  (bench/quality.py: a run's split and image cache, table cells)
 
-from tongue_nb.model import baseline
+from tongue_nb.model import baseline, features
 from tongue_nb.data import cache
 from tongue_nb.data import splits# noqa: E402
 from tongue_nb.data.labels import load_labels  # noqa: E402
@@ -190,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     data_dir = common.ensure_import(args.data, args.labels, args.work_dir)
     labels = load_labels(data_dir)
     t0 = time.perf_counter()
-    feats = baseline.extract_features(cache.build_cache(labels, args.image_size, crop=args.crop).images)
+    feats = features.extract_features(cache.build_cache(labels, args.image_size, crop=args.crop).images)
     log.info("features %s in %.1f s", feats.shape, time.perf_counter() - t0)
     per_seed = {}
     with threadpool_limits(limits=args.threads):

@@ -6,7 +6,8 @@ import pytest
 from sklearn.base import clone
 from sklearn.metrics import f1_score
 
-from tongue_nb.model.baseline import ColourTextureBaseline, extract_features, feature_names
+from tongue_nb.model.baseline import ColourTextureBaseline
+from tongue_nb.model.features import extract_features, feature_names
 from tongue_nb.data.tasks import Task, TaskSchema
 
 SCHEMA = TaskSchema((

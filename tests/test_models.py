@@ -413,7 +413,7 @@ def test_colour_statistics_match_the_baseline_features_on_the_tongue_region():
     """The in-network colour statistics are the baseline's RGB/HSV statistics of the non-black pixels."""
     import numpy as np
 
-    from tongue_nb.model import baseline
+    from tongue_nb.model import features
     from tongue_nb.model.colour import colour_statistics, feature_names
 
     rng = np.random.default_rng(0)
@@ -423,12 +423,12 @@ def test_colour_statistics_match_the_baseline_features_on_the_tongue_region():
     stats = colour_statistics(torch.from_numpy(img).permute(0, 3, 1, 2)).numpy()
     names = feature_names()
     assert stats.shape == (2, len(names)) and np.isfinite(stats).all()
-    values = np.concatenate([img, baseline._rgb_to_hsv(img)], -1).reshape(2, -1, 6)
-    ref = baseline._masked_stats(values, mask.reshape(2, -1))  # [n, 6 channels, mean/std/percentiles]
+    values = np.concatenate([img, features._rgb_to_hsv(img)], -1).reshape(2, -1, 6)
+    ref = features._masked_stats(values, mask.reshape(2, -1))  # [n, 6 channels, mean/std/percentiles]
     ours = stats[:, : 6 * ref.shape[2]].reshape(2, 6, -1)
     np.testing.assert_allclose(ours, ref, atol=1e-4)
     # Lab lightness in [0, 1] (L / 100) agrees with the baseline's L / 100.
-    lab = baseline._rgb_to_lab(img).reshape(2, -1, 3)
+    lab = features._rgb_to_lab(img).reshape(2, -1, 3)
     l_mean = (lab[..., 0] * mask.reshape(2, -1)).sum(1) / mask.reshape(2, -1).sum(1) / 100
     np.testing.assert_allclose(stats[:, names.index("L_mean")], l_mean, atol=1e-3)
     # A black photo gives finite statistics, not NaN.

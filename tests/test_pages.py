@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tongue_nb.pipeline import sweep
+from tongue_nb.pipeline import render, sweep
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (make test installs "
@@ -75,7 +75,7 @@ def test_every_page_says_what_it_is_and_shows_no_logs_or_raw_dicts(pages):
     assert {"index.html", "01_data_review.html", "02_model_comparison.html", "03_train-test_convnext.html",
             "04_error_analysis-test_vit.html", "05_report.html"} <= set(pages)
     for name, page in pages.items():
-        want = sweep.page_title(name) if name != "index.html" else "tongue_nb sweep"
+        want = render.page_title(name) if name != "index.html" else "tongue_nb sweep"
         assert want in page["title"], (name, page["title"])
         assert page["text"].lstrip().startswith(page["title"]), (name, page["text"][:80])  # first heading
         assert not LOG_LINE.search(page["text"]), (name, LOG_LINE.search(page["text"]).group(0))

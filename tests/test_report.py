@@ -342,7 +342,7 @@ def test_rendered_pages_say_what_they_are_link_back_and_hide_logs(tmp_path):
 
     import nbformat
 
-    from tongue_nb.pipeline.sweep import page_title, render_html
+    from tongue_nb.pipeline.render import page_title, render_html
 
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_markdown_cell("# Train one backbone\n\nTwo stages."), nbformat.v4.new_code_cell("x")]

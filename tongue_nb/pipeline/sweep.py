@@ -14,6 +14,7 @@ log = logging.getLogger(__name__)
 from tongue_nb.checks import check_int
 from tongue_nb.pipeline.jobs import (RunOutcome, SweepError, execute_notebook, executed_ok, failure_record,
                                      project_kernel)
+from tongue_nb.pipeline.render import render_html
 from tongue_nb.resources import NOTEBOOKS, PARAMS_DIR, work_dir
 
 PROJECT_ROOT = work_dir()  # the notebooks' working folder
@@ -73,60 +74,6 @@ def visible_gpus(gpus: Sequence[str] | int | None = None) -> list[str]:
         return [str(i) for i in range(torch.cuda.device_count())]
     except ImportError:
         return []
-
-
-# ----------------------------------------------------------------------------------------------
-# rendering
-
-
-PAGE_TITLES = {"01_data_review": "data review", "02_model_comparison": "model comparison (cost and speed screen)",
-               "03_train": "training", "04_error_analysis": "error analysis", "05_report": "final report",
-               "06_predict": "predictions"}
-
-
-def page_title(html_path: str | Path) -> str:
-    """'resnet18 - training' for reports/03_train-resnet18.html, 'final report' for 05_report.html."""
-    stem = Path(html_path).stem
-    for prefix, what in PAGE_TITLES.items():
-        if stem == prefix:
-            return what
-        if stem.startswith(prefix + "-"):
-            return f"{stem[len(prefix) + 1:]} - {what}"
-    return stem
-
-
-def render_html(notebook: str | Path, html_path: str | Path, title: str | None = None,
-                index_href: str | None = "index.html") -> Path:
-    """Render an executed notebook to a self-contained HTML page without code cells (nbconvert --no-input).
-
-    The page's <title> and first heading say what it is (`page_title`), it links back to the index,
-    and log lines (stderr streams) are left out of the page; the executed notebook keeps them.
-    """
-    import nbformat
-    from nbconvert import HTMLExporter
-
-    nb = nbformat.read(str(notebook), as_version=4)
-    title = title or page_title(html_path)
-    for cell in nb.cells:
-        if cell.cell_type == "code":
-            cell.outputs = [o for o in cell.get("outputs", []) if not (o.get("output_type") == "stream"
-                                                                        and o.get("name") == "stderr")]
-    back = f"\n\n[&larr; all reports]({index_href})" if index_href else ""
-    first = nb.cells[0] if nb.cells and nb.cells[0].cell_type == "markdown" else None
-    if first is not None and first.source.startswith("# "):
-        lines = first.source.split("\n", 1)
-        first.source = f"# {title}{back}" + (f"\n\n{lines[0][2:]}" if lines[0][2:].strip() else "") \
-            + (f"\n{lines[1]}" if len(lines) > 1 else "")
-    else:
-        nb.cells.insert(0, nbformat.v4.new_markdown_cell(f"# {title}{back}"))
-    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True, embed_images=True)
-    body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": title}})
-    html_path = Path(html_path)
-    html_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = html_path.with_suffix(".html.tmp")
-    tmp.write_text(body, encoding="utf-8")
-    tmp.replace(html_path)
-    return html_path
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,53 @@
+"""Executed notebooks rendered to the reports' HTML pages: no code, figures embedded, titled, linked to the index."""
+from __future__ import annotations
+
+from pathlib import Path
+
+PAGE_TITLES = {"01_data_review": "data review", "02_model_comparison": "model comparison (cost and speed screen)",
+               "03_train": "training", "04_error_analysis": "error analysis", "05_report": "final report",
+               "06_predict": "predictions"}
+
+
+def page_title(html_path: str | Path) -> str:
+    """'resnet18 - training' for reports/03_train-resnet18.html, 'final report' for 05_report.html."""
+    stem = Path(html_path).stem
+    for prefix, what in PAGE_TITLES.items():
+        if stem == prefix:
+            return what
+        if stem.startswith(prefix + "-"):
+            return f"{stem[len(prefix) + 1:]} - {what}"
+    return stem
+
+
+def render_html(notebook: str | Path, html_path: str | Path, title: str | None = None,
+                index_href: str | None = "index.html") -> Path:
+    """Render an executed notebook to a self-contained HTML page without code cells (nbconvert --no-input).
+
+    The page's <title> and first heading say what it is (`page_title`), it links back to the index,
+    and log lines (stderr streams) are left out of the page; the executed notebook keeps them.
+    """
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    nb = nbformat.read(str(notebook), as_version=4)
+    title = title or page_title(html_path)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = [o for o in cell.get("outputs", []) if not (o.get("output_type") == "stream"
+                                                                        and o.get("name") == "stderr")]
+    back = f"\n\n[&larr; all reports]({index_href})" if index_href else ""
+    first = nb.cells[0] if nb.cells and nb.cells[0].cell_type == "markdown" else None
+    if first is not None and first.source.startswith("# "):
+        lines = first.source.split("\n", 1)
+        first.source = f"# {title}{back}" + (f"\n\n{lines[0][2:]}" if lines[0][2:].strip() else "") \
+            + (f"\n{lines[1]}" if len(lines) > 1 else "")
+    else:
+        nb.cells.insert(0, nbformat.v4.new_markdown_cell(f"# {title}{back}"))
+    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True, embed_images=True)
+    body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": title}})
+    html_path = Path(html_path)
+    html_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = html_path.with_suffix(".html.tmp")
+    tmp.write_text(body, encoding="utf-8")
+    tmp.replace(html_path)
+    return html_path
