@@ -81,18 +81,18 @@ def _task_scores(summary: dict, key: str) -> dict[str, float]:
 def report(args: argparse.Namespace) -> dict[str, Any]:
     """The figures of issue 26 for one split, as JSON and a printed table."""
     from tongue_nb.analysis.runs import load_run, load_sweep
-    from tongue_nb.analysis.selection import per_task_selection
+    from tongue_nb.analysis.selection import leave_one_fold_out, per_task_selection
 
     sweep = load_sweep(args.out_dir)
     if not sweep.cv:
         raise SystemExit(f"{args.out_dir}: no fold ensembles (cv/); run `bench/cv.py train` first")
-    net = sweep.runs[NET].summary
+    net = sweep.runs[args.net].summary
     res: dict[str, Any] = {"machine": common.machine_info(), "out_dir": str(args.out_dir), "folds": net["folds"],
                            "fold_scores": cv_mod.fold_scores(sweep).to_dict("records")}
     res["cv_table"] = cv_mod.cv_table(sweep).to_dict("records")
-    for name in (NET, BASELINE):
+    for name in (args.net, BASELINE):
         s = sweep.runs[name].summary
-        res[name] = {"oof": _task_scores(s, "val_metrics_thresholded"),
+        res[NET if name == args.net else name] = {"oof": _task_scores(s, "val_metrics_thresholded"),
                      "test_fold_ensemble": _task_scores(s, "final_metrics_thresholded")}
     single_dir = args.out_dir / "runs" / "single"
     if (single_dir / "summary.json").is_file():
@@ -100,16 +100,20 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
         res["single"] = {"val": _task_scores(single, "val_metrics_thresholded"),
                          "test": _task_scores(single, "final_metrics_thresholded"),
                          "train_seconds": (single.get("timings") or {}).get("train_seconds")}
-    res["selection"] = {}
+    res["selection"], res["rule_check"] = {}, {}
     for rule in ("best", "simplest"):
         sel = per_task_selection(sweep, ensemble_k=args.ensemble_k, rule=rule)
         res["selection"][rule] = {t: {"source": c["source"], "val": c["val"], "test": c["test"]}
                                   for t, c in sel["choice"].items()} | {"combined": sel["row"]["combined_thresholded"]}
+        # which rule to keep, judged on out-of-fold rows alone: choose on K-1 folds, score on the held-out one
+        res["rule_check"][rule] = leave_one_fold_out(sweep, ensemble_k=args.ensemble_k, rule=rule)
     res["train_seconds"] = {r.path.name: (r.summary.get("timings") or {}).get("train_seconds")
                             for r in (load_run(d) for d in sorted((args.out_dir / "runs").iterdir())
                                       if (d / "summary.json").is_file())}
     common.write_json(args.json, res)
     print(json.dumps({k: res[k] for k in (NET, BASELINE, "single", "selection") if k in res}, indent=1))
+    print(json.dumps({rule: {"mean": r["mean"], "combined": r["combined"]} for rule, r in res["rule_check"].items()},
+                     indent=1))
     return res
 
 
@@ -131,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out-dir", type=Path, required=True)
     r.add_argument("--json", type=Path, required=True)
     r.add_argument("--ensemble-k", type=int, default=3)
+    r.add_argument("--net", default=NET, help="the network's fold ensemble (default: bench/cv.py train's)")
     return p
 
 

@@ -154,3 +154,16 @@ def test_fold_options_are_checked_before_anything_runs(tmp_path, cv_sweep):
         sweep.run_sweep(cv_sweep["data"], ["test_convnext"], overrides=["fold=1"], folds=3, out_dir=tmp_path / "b",
                         reports_dir=tmp_path / "r")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_plan_of_a_cross_validated_sweep_over_seeds(tmp_path):
+    assert sweep._plan(["a"], None, 0) == [("a", None, None)]
+    assert sweep._plan(["a"], [0, 1], 2) == [("a-seed0-fold0", 0, 0), ("a-seed0-fold1", 0, 1),
+                                            ("a-seed1-fold0", 1, 0), ("a-seed1-fold1", 1, 1)]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("folds: 4\n")
+    assert sweep._sweep_folds({}, recipe) == 4 and sweep._sweep_folds({"folds": 2}, recipe) == 2
+    recipe.write_text("folds: two\n")
+    with pytest.raises(ParamError, match="key folds"):
+        sweep._sweep_folds({}, recipe)
+    assert cv.fold_label("convnext_tiny-seed1-fold3") == ("convnext_tiny-seed1", 3) and cv.fold_label("x") is None
