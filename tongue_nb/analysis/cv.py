@@ -200,8 +200,8 @@ def gather_fold_ensembles(sweep_dir: str | Path) -> dict[str, Path]:
     for label, dirs in groups.items():
         out = sweep_dir / "cv" / label
         done = [d for d in dirs if RunFolder(d).is_completed()]
-        expected = {int(RunFolder(d).read_summary().get("folds") or 0) for d in done} if done else {0}
-        if len(done) != len(dirs) or len(expected) != 1 or len(done) != expected.pop():
+        folds = {int(RunFolder(d).read_summary().get("folds") or 0) for d in done}
+        if not (len(done) == len(dirs) and len(folds) == 1 and len(done) == next(iter(folds))):
             if (out / ENSEMBLE_FILE).exists():
                 (out / ENSEMBLE_FILE).unlink()
                 (out / "summary.json").unlink(missing_ok=True)
