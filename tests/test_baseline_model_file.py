@@ -182,7 +182,7 @@ def test_a_pickle_in_a_baseline_run_is_never_loaded(baseline_run, tmp_path, caps
         assert "a pickled baseline model from an earlier tongue_nb, not loaded" in err
         assert f"tongue-nb baseline --data <its dataset> --out {run}" in err and "rerun the sweep" in err
     else:
-        assert "not a readable baseline model" in err
+        assert "not a safetensors file" in err
 
     selection = tmp_path / "selection.json"
     selection.write_text(json.dumps({"kind": "per_task_selection", "tasks": {

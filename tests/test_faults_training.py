@@ -230,7 +230,7 @@ def test_resume_refuses_a_checkpoint_carrying_code(data, tmp_path, capsys):
     code = cli.main(["train", "--data", str(data), "--backbone", "test_convnext", "--out", str(run), "--resume",
                      "--set", "pretrained=false", "--set", "image_size=32", "--set", "num_threads=1"])
     err = capsys.readouterr().err.strip()
-    assert code == 1 and len(err.splitlines()) == 1, err
+    assert code == 2 and len(err.splitlines()) == 1, err
     assert "last.pt: refused, it holds objects other than tensors" in err
     assert not marker.exists()  # the payload never ran
     assert not (run / ".lock").exists()
@@ -238,7 +238,7 @@ def test_resume_refuses_a_checkpoint_carrying_code(data, tmp_path, capsys):
     # best.safetensors cannot carry code: a pickle under that name is refused as unreadable.
     with open(run / "checkpoints" / "best.safetensors", "wb") as fh:
         pickle.dump(_Payload(marker), fh)
-    with pytest.raises(CheckpointError, match=r"best\.safetensors: unreadable safetensors file"):
+    with pytest.raises(CheckpointError, match=r"best\.safetensors: not a safetensors file"):
         load_weights(run / "checkpoints" / "best.safetensors")
     assert not marker.exists()
 

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from tongue_nb.model import backbones as models
 from tongue_nb.model.losses import MultiTaskLoss
+from tongue_nb.runfiles import RunFileError
 from tongue_nb.model.backbones import (BACKBONES, MultiTaskBackbone, list_backbones, load_run_model, register_backbone,
                                        resolve_backbone, to_probs)
 from tongue_nb.model.ensemble import EnsembleMultiTaskModel
@@ -386,10 +387,10 @@ def test_ensemble_from_runs(tmp_path):
     # errors name the run folder and what is wrong
     shutil.copytree(tmp_path / "a", tmp_path / "c")
     default_schema().to_yaml(tmp_path / "c" / "tasks.yaml")
-    with pytest.raises(ValueError, match="best.safetensors: does not fit backbone 'test_efficientnet'"):
+    with pytest.raises(ValueError, match="best.safetensors: weights that do not fit the model.*expected the weights of backbone .test_efficientnet."):
         EnsembleMultiTaskModel.from_runs([tmp_path / "a", tmp_path / "c"])
     (tmp_path / "d").mkdir()
-    with pytest.raises(FileNotFoundError, match="params.yaml not found"):
+    with pytest.raises(RunFileError, match="params.yaml: missing"):
         EnsembleMultiTaskModel.from_runs([tmp_path / "d"])
     other = TaskSchema((Task("coat", "multiclass", ("a", "b", "c")),))
     _fake_run(tmp_path / "e", "test_vit", 32, other, seed=3)

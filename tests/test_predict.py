@@ -332,10 +332,10 @@ def test_a_baseline_run_is_applied_to_photos_like_a_trained_run(with_baseline, t
     broken = tmp_path / "broken"
     shutil.copytree(base, broken)
     (broken / "baseline_model.safetensors").write_bytes(b"not a model")
-    with pytest.raises(ValueError, match=r"broken/baseline_model.safetensors: not a readable baseline model"):
+    with pytest.raises(ValueError, match=r"broken/baseline_model.safetensors: not a safetensors file"):
         predict.Predictor.from_runs([broken])
     (broken / "baseline_model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="no baseline_model.safetensors; .* fit it again"):
+    with pytest.raises(ValueError, match="baseline_model.safetensors: missing: .*; expected the fitted baseline: fit it again"):
         predict.Predictor.from_runs([broken])
 
 

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from tongue_nb.runfiles import RunFileError
 from tongue_nb.analysis.combine import ensemble_metrics, ranked_on_val
 from tongue_nb.analysis.selection import per_task_selection, save_selection
 from tongue_nb.analysis.errors import cam_gallery, error_browser, error_gallery, errors_by, sample_errors, worst_errors
@@ -100,7 +101,7 @@ def test_load_run_reads_contract_files(sweep_dir):
 
 
 def test_load_run_errors_name_the_file(tmp_path, sweep_dir):
-    with pytest.raises(FileNotFoundError, match="summary.json"):
+    with pytest.raises(RunFileError, match="summary.json: missing"):
         load_run(tmp_path)
     bad = tmp_path / "bad"
     import shutil

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import pickle
 import shutil
 import socket
 import tempfile
@@ -24,6 +23,9 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
+
+from tongue_nb import runfiles
+from tongue_nb.runfiles import RunFileError
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +47,9 @@ __all__ = [
 ]
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, corrupt or refused as unsafe."""
+# A checkpoint (or weights file) missing, damaged or refused as unsafe: the one error of a damaged file
+# (runfiles.RunFileError), under the name the training side has always raised.
+CheckpointError = RunFileError
 
 
 class RunLockedError(RuntimeError):
@@ -186,23 +189,12 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> Path:
     return atomic_save(dict(state), path)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint saved by save_checkpoint; anything beyond plain data is refused."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path}: not found")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # weights_only refuses any global/reduce it does not know: that is exactly a code payload.
-        raise CheckpointError(f"checkpoint {path}: refused, it holds objects other than tensors and "
-                              f"plain data (possibly code); only checkpoints written by tongue_nb load. "
-                              f"Detail: {str(exc).splitlines()[0]}") from exc
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(f"checkpoint {path}: unreadable or truncated ({exc})") from exc
-    if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint {path}: expected a dict, got {type(state).__name__}")
-    return state
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", keys: tuple[str, ...] = ()
+                    ) -> dict[str, Any]:
+    """Load a checkpoint saved by save_checkpoint (a dict holding `keys`); anything beyond plain data is refused.
+    Any damage is a RunFileError naming the file (runfiles.read_checkpoint)."""
+    return runfiles.read_checkpoint(path, "a resumable checkpoint (last.pt) written by tongue_nb", keys=keys,
+                                    map_location=map_location)
 
 
 def save_weights(path: str | Path, state_dict: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Path:
@@ -214,19 +206,11 @@ def save_weights(path: str | Path, state_dict: Mapping[str, torch.Tensor], meta:
 
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
-    """Load safetensors weights and their meta.json (empty dict when absent)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    """Load safetensors weights and their meta.json (empty dict when absent); damage is a RunFileError naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"weights {path}: not found")
-    try:
-        state = load_file(str(path), device=str(device))
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"weights {path}: unreadable safetensors file ({exc})") from exc
+    state, _ = runfiles.read_safetensors(path, "model weights (best.safetensors) written by tongue_nb", device=str(device))
     meta_path = path.parent / "meta.json"
-    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    meta = runfiles.read_json(meta_path, "the weights' description (JSON object)") if meta_path.exists() else {}
     return state, meta
 
 
@@ -440,20 +424,27 @@ class RunFolder:
         return save_checkpoint(self.last, state)
 
     # --- readers
-    def read_yaml(self, name: str) -> Any:
-        """A YAML file of the folder (params.yaml, tasks.yaml) parsed; {} when it is empty."""
-        import yaml
+    def read_yaml(self, name: str, keys: tuple[str, ...] = (), expected: str = "") -> dict[str, Any]:
+        """A YAML mapping of the folder (params.yaml, tasks.yaml) holding `keys`; damage is a RunFileError ending
+        with `expected` (by default: the run's file, a YAML mapping)."""
+        return runfiles.read_yaml(self.file(name), expected or f"the run's {name} (a YAML mapping written by tongue_nb)",
+                                  keys)
 
-        return yaml.safe_load(self.file(name).read_text()) or {}
+    def read_schema(self) -> Any:
+        """tasks.yaml as the TaskSchema the run was trained with; missing, damaged or not a schema is a
+        RunFileError naming it."""
+        from tongue_nb.data.tasks import SchemaError, TaskSchema
+
+        file, expected = self.file(self.TASKS), "the run's task schema (tasks.yaml: a mapping with a list of tasks)"
+        data = runfiles.read_yaml(file, expected, keys=("tasks",))
+        try:
+            return TaskSchema.from_dict(data, source="tasks")
+        except SchemaError as exc:
+            raise RunFileError(file, f"not a task schema ({exc})", expected) from None
 
     def read_summary(self) -> dict[str, Any]:
-        file = self.path / self.SUMMARY
-        if not file.is_file():
-            raise FileNotFoundError(f"{file}: no summary.json; is {self.path} a finished run folder?")
-        try:
-            return json.loads(file.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{file}: not valid JSON: {exc}") from None
+        """summary.json as a dict; missing or damaged is a RunFileError naming it."""
+        return runfiles.read_json(self.path / self.SUMMARY, f"a finished run's summary (JSON object) in {self.path}")
 
     def run_kind(self) -> str | None:
         """What kind of run the folder holds: 'train', 'baseline' or 'segmenter' (summary.json's kind, else told by
@@ -461,7 +452,7 @@ class RunFolder:
         None for a folder without a run."""
         try:
             kind = self.read_summary().get("kind")
-        except (OSError, ValueError, AttributeError):
+        except RunFileError:
             kind = None
         if kind in RUN_KINDS:
             return str(kind)
@@ -481,10 +472,13 @@ class RunFolder:
                                   "records would be overwritten: choose another folder")
 
     def is_completed(self) -> bool:
-        """A finished run: a readable summary with status completed and test metrics."""
+        """A finished run: a readable summary with status completed and test metrics. A damaged summary is
+        not a finished run (a sweep runs it again); the warning names the file and what is wrong with it."""
         try:
             summary = self.read_summary()
-        except (OSError, ValueError):
+        except RunFileError as exc:
+            if exc.problem != "missing":
+                log.warning("%s: the run counts as not finished", exc)
             return False
         return summary.get("status", "completed") == "completed" and "final_metrics_fixed" in summary
 

@@ -15,7 +15,6 @@ unchanged, with validation meaning out-of-fold; this module adds the statistics 
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -27,6 +26,8 @@ from matplotlib.figure import Figure
 
 from tongue_nb.analysis.runs import RunData, SweepData, _probs, _targets, load_run, split_rows
 from tongue_nb.data.tasks import TaskSchema
+from tongue_nb import runfiles
+from tongue_nb.runfiles import RunFileError
 
 FOLD_RUN = re.compile(r"^(?P<label>.+)-fold(?P<fold>\d+)$")
 ENSEMBLE_FILE = "ensemble.json"
@@ -40,32 +41,26 @@ def fold_label(run_name: str) -> tuple[str, int] | None:
 
 
 def is_fold_ensemble(folder: str | Path) -> bool:
-    """True when the folder holds a fold ensemble (its ensemble.json names the kind)."""
-    file = Path(folder) / ENSEMBLE_FILE
-    if not file.is_file():
-        return False
-    try:
-        return json.loads(file.read_text(encoding="utf-8")).get("kind") == KIND
-    except (OSError, ValueError, AttributeError):
-        return False
+    """True when the folder has an ensemble.json (only `write_fold_ensemble` leaves one); `fold_members` reads it,
+    so a damaged one is named there rather than the folder taken for an ordinary run."""
+    return (Path(folder) / ENSEMBLE_FILE).is_file()
 
 
 def fold_members(folder: str | Path) -> list[Path]:
-    """The member run folders of a fold ensemble, in fold order; errors name the file and what is wrong."""
+    """The member run folders of a fold ensemble, in fold order; a missing or damaged ensemble.json, or a member
+    that is missing or unfinished, is a RunFileError naming the file."""
     folder = Path(folder)
     file = folder / ENSEMBLE_FILE
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{file}: cannot read the fold ensemble's member list ({exc})") from None
-    members = data.get("members") if isinstance(data, dict) else None
-    if data.get("kind") != KIND or not isinstance(members, list) or not all(isinstance(m, str) for m in members) \
+    expected = f"kind {KIND!r} and a list of at least 2 member run folders (JSON)"
+    data = runfiles.read_json(file, expected, keys=("kind", "members"))
+    members = data["members"]
+    if data["kind"] != KIND or not isinstance(members, list) or not all(isinstance(m, str) for m in members) \
             or len(members) < 2:
-        raise ValueError(f"{file}: expected kind {KIND!r} and a list of at least 2 member run folders")
+        raise RunFileError(file, f"kind {data['kind']!r} with members {members!r}", expected)
     paths = [(folder / m).resolve() for m in members]
     for p in paths:
         if not (p / "summary.json").is_file():
-            raise FileNotFoundError(f"{file}: member run folder {p} is missing or unfinished (no summary.json)")
+            raise RunFileError(file, f"member run folder {p} is missing or unfinished (no summary.json)", expected)
     return paths
 
 

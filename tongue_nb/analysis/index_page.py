@@ -1,16 +1,19 @@
 """reports/index.html: the sweep's front page (provenance, links to every report, the score rows, failures)."""
 from __future__ import annotations
 
-import contextlib
 import html
-import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from tongue_nb import runfiles
 from tongue_nb.analysis.runs import SweepData
 from tongue_nb.analysis.stats import bootstrap_table
 from tongue_nb.analysis.tables import run_table
+from tongue_nb.runfiles import RunFileError
+
+log = logging.getLogger(__name__)
 
 
 _CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2rem auto;max-width:60rem;
@@ -31,8 +34,10 @@ def _link(reports_dir: Path, target: str | Path | None, text: str) -> str:
 def sweep_provenance(sweep: SweepData) -> str:
     """One line: the dataset (and whether it is the built-in synthetic set), recipe, split sizes, start, commit."""
     info: dict[str, Any] = {}
-    with contextlib.suppress(OSError, ValueError):
-        info = json.loads((sweep.path / "sweep.json").read_text())
+    try:
+        info = runfiles.read_json(sweep.path / "sweep.json", "the sweep's record of its options (JSON object)")
+    except RunFileError as exc:  # the provenance line says '?' where the record is missing or damaged
+        log.warning("%s", exc)
     data = str(info.get("data_dir") or "?")
     synthetic = Path(data, ".synthetic.json").is_file()
     parts = [f"Data: {data}" + (" (the built-in synthetic set, not real photos)" if synthetic else "")]

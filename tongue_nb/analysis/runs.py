@@ -5,7 +5,6 @@ are written by `runio.RunFolder` (layout: docs/internals.md, "Run folder").
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,10 +12,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from tongue_nb.checks import check_int
-from tongue_nb.data.tasks import TaskSchema, load_schema
+from tongue_nb.data.tasks import TaskSchema
+from tongue_nb import runfiles
+from tongue_nb.runfiles import RunFileError
 from tongue_nb.runio import RunFolder
 
 log = logging.getLogger(__name__)
@@ -50,15 +50,15 @@ class SweepData:
 # reading run folders
 
 
+PREDICTIONS_EXPECTED = "a run's predictions (CSV: id, split, image, group, then p:/true:/pred: columns per task)"
+
+
 def _read_predictions(path: Path, schema: TaskSchema) -> pd.DataFrame:
     """Read predictions.csv keeping class names as text and turning probabilities and 0/1 cells into floats."""
     if not path.exists():
         return pd.DataFrame(columns=["id", "split", "image", "group"])
     # Everything as text first: an empty cell is a missing label and must not become the string 'nan'.
-    table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    for col in ("id", "split"):
-        if col not in table.columns:
-            raise ValueError(f"{path}: column {col!r} is missing; expected id, split, image, group, then p:/true:/pred: columns")
+    table = runfiles.read_csv(path, PREDICTIONS_EXPECTED, columns=("id", "split"), dtype=str, keep_default_na=False)
     for task in schema:
         numeric = [f"p:{task.name}:{label}" for label in task.labels]
         if task.kind != "multiclass":
@@ -67,7 +67,7 @@ def _read_predictions(path: Path, schema: TaskSchema) -> pd.DataFrame:
             [f"true:{task.name}"] if task.kind == "multiclass" else [f"true:{task.name}:{label}" for label in task.labels])
         absent = [c for c in needed if c not in table.columns]
         if absent:
-            raise ValueError(f"{path}: task {task.name!r} needs columns {absent} (see docs/internals.md, predictions.csv)")
+            raise RunFileError(path, f"task {task.name!r} needs columns {absent}", PREDICTIONS_EXPECTED)
         for col in numeric:
             if col not in table.columns:
                 continue
@@ -75,7 +75,8 @@ def _read_predictions(path: Path, schema: TaskSchema) -> pd.DataFrame:
             bad = values.isna() & (table[col] != "")
             if bad.any():
                 row = int(np.flatnonzero(bad.to_numpy())[0]) + 2  # header is line 1
-                raise ValueError(f"{path}: line {row}, column {col!r}: expected a number, got {table[col].iloc[row - 2]!r}")
+                raise RunFileError(path, f"line {row}, column {col!r}: {table[col].iloc[row - 2]!r} is not a number",
+                                   PREDICTIONS_EXPECTED)
             table[col] = values
     for col in ("image", "group"):
         if col not in table.columns:
@@ -84,18 +85,17 @@ def _read_predictions(path: Path, schema: TaskSchema) -> pd.DataFrame:
 
 
 def load_run(run_dir: str | Path) -> RunData:
-    """Read a run folder (summary.json, history.csv, predictions.csv, params.yaml, tasks.yaml)."""
+    """Read a run folder (summary.json, history.csv, predictions.csv, params.yaml, tasks.yaml); a missing or
+    damaged file is a RunFileError naming it (params.yaml, history.csv and predictions.csv may be absent)."""
     path = Path(run_dir)
-    summary = RunFolder(path).read_summary()
-    schema_file = path / "tasks.yaml"
-    if not schema_file.exists():
-        raise FileNotFoundError(f"{schema_file}: the run folder has no tasks.yaml (the schema it was trained with)")
-    schema = load_schema(schema_file)
-    params_file = path / "params.yaml"
-    params = (yaml.safe_load(params_file.read_text()) or {}) if params_file.exists() else {}
-    history_file = path / "history.csv"
-    history = pd.read_csv(history_file) if history_file.exists() and history_file.stat().st_size else pd.DataFrame()
-    predictions = _read_predictions(path / "predictions.csv", schema)
+    folder = RunFolder(path)
+    summary = folder.read_summary()
+    schema = folder.read_schema()
+    params = folder.read_yaml(RunFolder.PARAMS) if folder.file(RunFolder.PARAMS).exists() else {}
+    history_file = folder.file(RunFolder.HISTORY)
+    history = (runfiles.read_csv(history_file, "the run's training history (CSV, one row per epoch)")
+               if history_file.exists() else pd.DataFrame())
+    predictions = _read_predictions(folder.file(RunFolder.PREDICTIONS), schema)
     name = str(summary.get("experiment_name") or path.name)
     return RunData(path, name, summary, history, predictions, params, schema)
 
@@ -106,7 +106,9 @@ def load_failures(sweep_dir: str | Path) -> pd.DataFrame:
     file = Path(sweep_dir) / "failures.json"
     if not file.exists():
         return pd.DataFrame(columns=columns)
-    records = json.loads(file.read_text() or "[]")
+    records = runfiles.read_json(file, "the sweep's failure records (a JSON list)", kind=list)
+    if not all(isinstance(r, dict) for r in records):
+        raise RunFileError(file, "holds entries that are not records", "the sweep's failure records (a JSON list)")
     return pd.DataFrame(records, columns=columns) if records else pd.DataFrame(columns=columns)
 
 
@@ -137,7 +139,7 @@ def load_sweep(sweep_dir: str | Path) -> SweepData:
         sweep.runs[run_dir.name] = run
     for name in ("comparison.csv", "comparison/comparison.csv"):
         if (path / name).exists():
-            sweep.comparison = pd.read_csv(path / name)
+            sweep.comparison = runfiles.read_csv(path / name, "the model comparison table (CSV)")
             break
     return sweep
 

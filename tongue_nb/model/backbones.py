@@ -20,13 +20,12 @@ from typing import Any, Iterable, Mapping, Sequence
 import timm
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import Tensor, nn
 
 from tongue_nb.model import weights as weights_mod
 from tongue_nb.model.weights import PretrainedWeightsError, create_timm, load_pretrained_backbone, offline_help
 from tongue_nb.model.colour import ColourStats
-from tongue_nb.data.tasks import TaskSchema, load_schema
+from tongue_nb.data.tasks import TaskSchema
 
 log = logging.getLogger(__name__)
 
@@ -385,25 +384,17 @@ def build_model(params: Mapping[str, Any] | Any, schema: TaskSchema, *, pretrain
 
 
 def load_run_model(run_dir: str | Path, map_location: str | torch.device = "cpu") -> MultiTaskBackbone:
-    """Rebuild a trained run's model from params.yaml, tasks.yaml and checkpoints/best.safetensors (eval mode)."""
-    run = Path(run_dir)
-    paths = {"params": run / "params.yaml", "tasks": run / "tasks.yaml",
-             "weights": run / "checkpoints" / "best.safetensors"}
-    for what, p in paths.items():
-        if not p.is_file():
-            raise FileNotFoundError(f"run folder {str(run)!r}: {p.relative_to(run)} not found (needed for the "
-                                    f"{what}); is it a finished training run?")
-    params = yaml.safe_load(paths["params"].read_text()) or {}
-    if not isinstance(params, Mapping) or not params.get("backbone"):
-        raise ValueError(f"{paths['params']}: expected a mapping with a 'backbone' entry")
-    schema = load_schema(paths["tasks"])
+    """Rebuild a trained run's model from params.yaml, tasks.yaml and checkpoints/best.safetensors (eval mode);
+    a missing or damaged file is a RunFileError naming it."""
+    from tongue_nb.runfiles import load_module_state
+    from tongue_nb.runio import RunFolder, load_weights
+
+    folder = RunFolder(run_dir)
+    params = folder.read_yaml(RunFolder.PARAMS, keys=("backbone",))
+    schema = folder.read_schema()
+    state, _ = load_weights(folder.best, device=str(map_location))
     # pretrained=False: every weight comes from the checkpoint, so nothing is downloaded.
     model = build_model(params, schema, pretrained=False, freeze_backbone=False)
-    from safetensors.torch import load_file
-    state = load_file(str(paths["weights"]), device=str(map_location))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"{paths['weights']}: does not fit backbone {params['backbone']!r} with the schema in "
-                         f"{paths['tasks']}: {exc}") from None
+    load_module_state(model, state, folder.best, f"the weights of backbone {params['backbone']!r} with the tasks of "
+                                                 f"{folder.file(RunFolder.TASKS)}")
     return model.to(map_location).eval()

@@ -19,6 +19,8 @@ from sklearn.ensemble import HistGradientBoostingClassifier
 from tongue_nb.data.tasks import Task, TaskSchema, labelled_mask
 from tongue_nb.model.features import extract_features, feature_names
 from tongue_nb.model.trees import BoostedTrees
+from tongue_nb import runfiles
+from tongue_nb.runfiles import RunFileError
 
 if TYPE_CHECKING:  # pragma: no cover
     from tongue_nb.runio import RunFolder
@@ -143,6 +145,7 @@ class ColourTextureBaseline(BaseEstimator):
 
 MODEL_FORMAT = "tongue_nb-baseline/2"  # format 1 was a pickle (RunFolder.LEGACY_BASELINE_MODEL): refused unread
 METADATA_KEY = "tongue_nb"  # the safetensors metadata entry holding the model's JSON description
+_EXPECTED = f"a baseline model of format {MODEL_FORMAT} written by tongue-nb baseline"
 
 
 class BaselineModel:
@@ -206,11 +209,10 @@ def save_baseline_model(folder: "RunFolder", est: ColourTextureBaseline, image_s
 def load_baseline_model(run_dir: str | Path) -> BaselineModel:
     """The baseline a run folder keeps, read as data (`save_baseline_model`): nothing in the file can run code.
 
-    ValueError naming the file when it is not a valid model of this format; a pickled model of an earlier
-    version is refused without being read (a pickle runs code when loaded), saying how to fit it again.
+    A RunFileError naming the file when it is missing, damaged or not a valid model of this format; a pickled
+    model of an earlier version is refused without being read (a pickle runs code when loaded), saying how to fit
+    it again.
     """
-    from safetensors import safe_open
-
     from tongue_nb.runio import RunFolder
 
     folder = RunFolder(run_dir)
@@ -219,17 +221,12 @@ def load_baseline_model(run_dir: str | Path) -> BaselineModel:
     if not file.is_file():
         legacy = folder.file(RunFolder.LEGACY_BASELINE_MODEL)
         if legacy.is_file():
-            raise ValueError(f"{legacy}: a pickled baseline model from an earlier tongue_nb, not loaded (a pickle can "
-                             f"run code); {refit}")
-        raise FileNotFoundError(f"--run {run_dir}: no {RunFolder.BASELINE_MODEL}; this baseline run was written "
-                                f"before baselines kept their model: {refit}")
-    try:
-        with safe_open(str(file), framework="numpy") as fh:
-            text = (fh.metadata() or {}).get(METADATA_KEY)
-            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
-    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file (SafetensorError is no OSError): name it
-        raise ValueError(f"{file}: not a readable baseline model ({type(exc).__name__}: {exc})") from None
-    return _baseline_from_data(file, text, tensors, str(run_dir))
+            raise RunFileError(legacy, "a pickled baseline model from an earlier tongue_nb, not loaded (a pickle can "
+                                       "run code)", f"{RunFolder.BASELINE_MODEL} beside it: {refit}")
+        raise RunFileError(file, "missing: this baseline run was written before baselines kept their model",
+                           f"the fitted baseline: {refit}")
+    tensors, metadata = runfiles.read_safetensors(file, _EXPECTED, framework="numpy")
+    return _baseline_from_data(file, metadata.get(METADATA_KEY), tensors, str(run_dir))
 
 
 def _baseline_from_data(file: Path, text: str | None, tensors: Mapping[str, np.ndarray], run: str) -> BaselineModel:
@@ -238,8 +235,8 @@ def _baseline_from_data(file: Path, text: str | None, tensors: Mapping[str, np.n
 
     from tongue_nb.data.images import CROP_MODES
 
-    def bad(problem: str) -> ValueError:
-        return ValueError(f"{file}: not a valid tongue_nb baseline model ({MODEL_FORMAT}): {problem}")
+    def bad(problem: str) -> RunFileError:
+        return RunFileError(file, f"not a valid tongue_nb baseline model ({MODEL_FORMAT}): {problem}", _EXPECTED)
 
     try:
         meta = json.loads(text) if text is not None else None
@@ -290,13 +287,11 @@ def _baseline_from_data(file: Path, text: str | None, tensors: Mapping[str, np.n
 
 
 def is_baseline_run(run_dir: str | Path) -> bool:
-    """True for a run folder the classical baseline wrote (summary kind 'baseline')."""
+    """True for a run folder the classical baseline wrote (summary kind 'baseline'; with a damaged summary, its
+    model file tells)."""
     from tongue_nb.runio import RunFolder
 
-    try:
-        return RunFolder(run_dir).read_summary().get("kind") == "baseline"
-    except (OSError, ValueError):
-        return False
+    return RunFolder(run_dir).run_kind() == "baseline"
 
 
 # ---------------------------------------------------------------------------- run folder

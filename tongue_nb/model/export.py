@@ -140,18 +140,17 @@ def export_segmenter_onnx(run_dir: str | Path, out: str | Path) -> Path:
 
 
 def onnx_metadata(path: str | Path) -> dict[str, object]:
-    """An exported file's metadata, JSON values decoded."""
-    import onnx
+    """An exported file's metadata, JSON values decoded; a missing or damaged file, or one that is not a tongue_nb
+    export of this format, is a RunFileError naming it."""
+    from tongue_nb.runfiles import RunFileError, read_onnx_metadata
 
-    proto = onnx.load(str(path), load_external_data=False)
+    expected = f"an ONNX model exported by tongue-nb export (metadata tongue_nb_format {FORMAT!r})"
     out: dict[str, object] = {}
-    for entry in proto.metadata_props:
+    for key, value in read_onnx_metadata(path, expected).items():
         try:
-            out[entry.key] = json.loads(entry.value) if entry.key in ("mean", "std", "tasks", "thresholds") \
-                else entry.value
+            out[key] = json.loads(value) if key in ("mean", "std", "tasks", "thresholds") else value
         except ValueError:
-            out[entry.key] = entry.value
+            out[key] = value
     if out.get("tongue_nb_format") != FORMAT:
-        raise ValueError(f"{path}: not a tongue_nb ONNX export (metadata tongue_nb_format is "
-                         f"{out.get('tongue_nb_format')!r}, expected {FORMAT!r})")
+        raise RunFileError(path, f"metadata tongue_nb_format is {out.get('tongue_nb_format')!r}", expected)
     return out

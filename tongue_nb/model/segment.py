@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tongue_nb.data.images import prepare_image, read_image, read_mask
+from tongue_nb.runfiles import load_module_state
 from tongue_nb.runio import RunFolder, RunLock, load_checkpoint, load_weights
 
 from tongue_nb.train.params import ParamError, check_fields, coerce_fields, param
@@ -262,7 +263,7 @@ def train_segmenter(params: SegParams) -> dict[str, Any]:
         history: list[dict] = []
         best, start = -1.0, 1
         if params.resume and folder.last.exists():
-            state = load_checkpoint(folder.last)
+            state = load_checkpoint(folder.last, keys=("model", "optimizer", "scheduler", "history", "best", "epoch"))
             net.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
@@ -410,17 +411,14 @@ class Segmenter:
     @classmethod
     def from_run(cls, run_dir: str | Path) -> "Segmenter":
         folder = RunFolder(run_dir)
+        if not folder.path.is_dir():
+            raise FileNotFoundError(f"--segmenter {folder.path}: no such folder; expected a segmenter run folder")
         run, weights = folder.path, folder.best
-        if not folder.file(RunFolder.PARAMS).is_file() or not weights.is_file():
-            raise FileNotFoundError(f"--segmenter {run}: not a segmenter run folder (params.yaml and "
-                                    "checkpoints/best.safetensors expected)")
-        saved = folder.read_yaml(RunFolder.PARAMS)
-        if not isinstance(saved, dict) or "encoder" not in saved:
-            raise ValueError(f"--segmenter {run}: params.yaml is not a segmenter's (no encoder); is it a "
-                             "classification run?")
+        saved = folder.read_yaml(RunFolder.PARAMS, keys=("encoder",), expected="a segmenter run's parameters (with "
+                                 "its encoder), as tongue-nb train-segmenter writes them; is it a classification run?")
         net, _ = build_unet(str(saved["encoder"]), pretrained=False)
         state, _ = load_weights(weights)
-        net.load_state_dict(state)
+        load_module_state(net, state, weights, f"the weights of a U-Net with encoder {saved['encoder']!r}")
         cfg = getattr(net.encoder.model, "pretrained_cfg", None) or {}
         mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1)
         std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1)

@@ -164,14 +164,10 @@ def _cmd_train_segmenter(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    import yaml
-
     from tongue_nb.model.export import export_onnx, export_segmenter_onnx
+    from tongue_nb.runio import RunFolder
 
-    saved = Path(args.run, "params.yaml")
-    is_segmenter = saved.is_file() and "encoder" in (yaml.safe_load(saved.read_text()) or {})
+    is_segmenter = RunFolder(args.run).run_kind() == "segmenter"
     if is_segmenter:
         out = export_segmenter_onnx(args.run, args.out)
         print(f"{out}: ONNX export of the segmenter {args.run} (preprocessing and post-processing in its metadata)")

@@ -30,6 +30,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
+from tongue_nb import runfiles
 from tongue_nb.train.params import CROPS, ON_PROBLEM, ParamError, check_device, check_fields, coerce_fields, param
 
 log = logging.getLogger(__name__)
@@ -497,9 +498,8 @@ def save_comparison(df: pd.DataFrame, out_dir: str | Path, settings: dict[str, A
 def load_comparison(out_dir: str | Path) -> pd.DataFrame:
     """Read back the `comparison.csv` written by `compare_backbones`/`save_comparison`."""
     path = Path(out_dir) / "comparison.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"no comparison table at {path}; run compare_backbones(..., out_dir=...) first")
-    df = pd.read_csv(path, keep_default_na=True)
+    df = runfiles.read_csv(path, "a comparison table written by compare_backbones(..., out_dir=...) (CSV with an "
+                                 "error column)", columns=("error",), keep_default_na=True)
     df["error"] = df["error"].fillna("").astype(str)
     return df
 

@@ -10,7 +10,6 @@ the previous chunk. A photo that cannot be used gets an `error` and no scores; t
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -21,11 +20,13 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 
+from tongue_nb import runfiles
 from tongue_nb.checks import check_int
 from tongue_nb.data.images import ImageError, read_sample
 from tongue_nb.data.tasks import TaskSchema
+from tongue_nb.runfiles import RunFileError
+from tongue_nb.runio import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +87,7 @@ class Predictor:
                 baselines.append(load_baseline_model(run))
                 base_shares.append(share)
                 continue
-            params = yaml.safe_load((run / "params.yaml").read_text()) if (run / "params.yaml").is_file() else None
-            if not isinstance(params, dict):
-                raise ValueError(f"--run {run}: params.yaml missing or not a mapping; expected a training run folder")
+            params = RunFolder(run).read_yaml(RunFolder.PARAMS, keys=("backbone",))
             settings.append((str(params.get("crop", "crop")), float(params.get("crop_margin", 0.1))))
             nets.append(d)
             net_shares.append(share)
@@ -191,17 +190,28 @@ def _members(run_dirs: Sequence[str | Path]) -> list[tuple[str | Path, Path, flo
             out += [(m, m, 1.0 / len(members)) for m in members]
             continue
         if not (run / "summary.json").is_file():
-            raise FileNotFoundError(f"--run {run}: no summary.json; expected a finished training run folder")
+            raise RunFileError(run / "summary.json", "missing", "a finished training run folder given as --run")
         out.append((d, run, 1.0))
     return out
 
 
 def _saved_thresholds(run: Path, schema: TaskSchema) -> dict[str, list[float]]:
-    from tongue_nb.runio import RunFolder
-
-    summary = RunFolder(run).read_summary()
+    """The thresholds tuned for the run (summary.json), 0.5 where none was saved; ones that are not a number per
+    label are a RunFileError naming the summary."""
+    folder = RunFolder(run)
+    summary = folder.read_summary()
     saved = (summary.get("final_metrics_thresholded") or {}).get("thresholds") or {}
-    return {t.name: [float(v) for v in saved.get(t.name, [0.5] * t.n_outputs)] for t in schema if t.kind != "multiclass"}
+    out = {}
+    for t in schema:
+        if t.kind == "multiclass":
+            continue
+        values = saved.get(t.name, [0.5] * t.n_outputs) if isinstance(saved, dict) else None
+        if not (isinstance(values, list) and len(values) == t.n_outputs
+                and all(isinstance(v, (int, float)) for v in values)):
+            raise RunFileError(folder.file(RunFolder.SUMMARY), f"thresholds of task {t.name!r} are {values!r}",
+                               f"final_metrics_thresholded.thresholds: {t.n_outputs} number(s) per task")
+        out[t.name] = [float(v) for v in values]
+    return out
 
 
 def _ensemble_thresholds(run_dirs: Sequence[str | Path]) -> dict[str, list[float]]:
@@ -360,20 +370,21 @@ class Selection:
         """Read and load a selection file; a chosen run that keeps no model (no best checkpoint, or a baseline
         folder from before baselines kept theirs) is refused, naming the task."""
         from tongue_nb.analysis.cv import fold_members, is_fold_ensemble
-        from tongue_nb.runio import RunFolder
 
         path = Path(selection_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"--selection {path}: no such file (a sweep writes <sweep>/selection.json)")
-        try:
-            sel = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"--selection {path}: not valid JSON ({exc})") from None
-        if not isinstance(sel, dict) or sel.get("kind") != "per_task_selection" or not isinstance(sel.get("tasks"), dict):
-            raise ValueError(f"--selection {path}: not a per-task selection (expected kind per_task_selection and tasks)")
+        expected = "a per-task selection (JSON: kind per_task_selection and tasks) as a sweep writes it"
+        sel = runfiles.read_json(path, expected, keys=("kind", "tasks"))
+        if sel["kind"] != "per_task_selection" or not isinstance(sel["tasks"], dict) \
+                or not all(isinstance(c, dict) for c in sel["tasks"].values()):
+            raise RunFileError(path, f"kind {sel['kind']!r} with tasks of another form", expected)
         groups: dict[tuple[str, ...], list[str]] = {}
         for task, choice in sel["tasks"].items():
-            runs = tuple(choice.get("runs") or ())
+            runs, chosen = choice.get("runs") or [], choice.get("thresholds")
+            if not (isinstance(runs, list) and all(isinstance(r, str) for r in runs)) or not (
+                    chosen is None or isinstance(chosen, list) and all(isinstance(v, (int, float)) for v in chosen)):
+                raise RunFileError(path, f"task {task}: runs {runs!r}, thresholds {chosen!r}",
+                                   f"{expected}; each task's runs a list of folders, its thresholds numbers or null")
+            runs = tuple(runs)
             if not runs:
                 raise ValueError(f"--selection {path}: task {task} names no run folder (source {choice.get('source')!r})")
             for r in [m for given in runs for m in (fold_members(given) if is_fold_ensemble(given) else [given])]:

@@ -449,7 +449,7 @@ def _train_locked(params: TrainParams, rt: Runtime, data_dir: Path, labels: Labe
     # Everything a resume is checked against comes before the first write: a refused resume changes nothing.
     ckpt = None
     if params.resume and folder.last.exists():
-        ckpt = load_checkpoint(folder.last, map_location="cpu")
+        ckpt = load_checkpoint(folder.last, map_location="cpu", keys=("progress", "model", "callbacks", "rng"))
         _check_resume_params(ckpt.get("params", {}), resolved, folder.last)
         _check_resume_data(ckpt.get("data"), fingerprint, folder.last, params.resume_changed_data)
 
