@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 from tongue_nb.checks import check_int
+from tongue_nb.pipeline.jobs import RunOutcome, die_with_parent, failure_record, run_job
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,6 @@ class Executor(Protocol):
 
 
 def _failed(job: dict, exc: BaseException) -> dict:
-    from tongue_nb.pipeline.jobs import RunOutcome, failure_record
-
     out = RunOutcome(job["backbone"], job["run_dir"], job["output_nb"], status="failed")
     out.error = failure_record(job["backbone"], exc, Path(job["output_nb"]))
     return asdict(out)
@@ -49,8 +48,6 @@ class LocalExecutor:
     """Jobs one after another in this process."""
 
     def run(self, jobs: list[dict]) -> list[dict]:
-        from tongue_nb.pipeline.jobs import run_job
-
         return [run_job(job) for job in jobs]
 
 
@@ -61,7 +58,8 @@ def _run_job_in_subprocess(job: dict, device: str) -> dict:
         job_file, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job_file.write_text(json.dumps(job))
         proc = subprocess.run([sys.executable, "-m", "tongue_nb.pipeline.jobs", "--worker", str(job_file),
-                               str(result_file)], env=env, cwd=job["cwd"], capture_output=True, text=True)
+                               str(result_file)], env=env, cwd=job["cwd"], capture_output=True, text=True,
+                              preexec_fn=die_with_parent())  # a killed sweep takes its workers with it
         if result_file.exists():
             return json.loads(result_file.read_text())
         return _failed(job, RuntimeError(f"sweep worker exited with {proc.returncode}: {proc.stderr.strip()[-1500:]}"))
@@ -104,8 +102,6 @@ class _SlurmJob:
         self.job = job
 
     def __call__(self) -> dict:
-        from tongue_nb.pipeline.jobs import run_job
-
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         return run_job(self.job)
 

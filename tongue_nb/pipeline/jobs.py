@@ -11,12 +11,14 @@ import datetime as _dt
 import importlib.util
 import json
 import logging
+import os
+import signal
 import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from jupyter_client.manager import AsyncKernelManager
 
@@ -56,11 +58,32 @@ class RunOutcome:
 # kernel
 
 
+def die_with_parent() -> Callable[[], None] | None:
+    """A `preexec_fn` that makes a child process die (SIGKILL) when the process starting it dies, on Linux; None
+    elsewhere. A sweep's kernels and worker processes must not outlive a sweep that is killed: an orphaned kernel
+    would go on training and hold its run folder's lock against the sweep started again."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    parent = os.getpid()
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    pr_set_pdeathsig = 1
+
+    def arm() -> None:  # runs in the child between fork and exec
+        prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(1)
+
+    return arm
+
+
 class ProjectKernelManager(AsyncKernelManager):
     """The kernel manager of every notebook a sweep runs: the kernel named KERNEL_NAME is this Python
     (sys.executable, the project's environment), given to papermill directly; any other name is looked up as
     Jupyter does. Nothing is written to a kernelspec folder and the environment (JUPYTER_PATH) is left alone,
-    so a user-level `python3` spec that points at another Python cannot hijack the runs."""
+    so a user-level `python3` spec that points at another Python cannot hijack the runs. Its kernels die with
+    the process that started them (`die_with_parent`)."""
 
     @property
     def kernel_spec(self):  # type: ignore[override]
@@ -70,6 +93,13 @@ class ProjectKernelManager(AsyncKernelManager):
             self._kernel_spec = KernelSpec(argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
                                            display_name=f"tongue_nb ({sys.executable})", language="python")
         return super().kernel_spec
+
+    async def _async_pre_start_kernel(self, **kw: Any) -> tuple[list[str], dict[str, Any]]:
+        cmd, kw = await super()._async_pre_start_kernel(**kw)
+        arm = die_with_parent()  # the kernel dies with the process that runs the notebook
+        if arm is not None:
+            kw["preexec_fn"] = arm
+        return cmd, kw
 
 
 @contextlib.contextmanager
