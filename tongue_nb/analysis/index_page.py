@@ -45,8 +45,12 @@ def sweep_provenance(sweep: SweepData) -> str:
     run = next((r for r in sweep.runs.values() if r.summary.get("counts") and "seed" in r.summary), None)
     if run is not None:
         c = run.summary["counts"]
-        parts.append(f"split (seed {run.summary.get('seed', '?')}): "
-                     + ", ".join(f"{c[s]['samples']} {s}" for s in ("train", "val", "test") if s in c) + " images")
+        if sweep.cv:
+            parts.append(f"{run.summary.get('folds')}-fold cross-validation (seed {run.summary.get('seed', '?')}): "
+                         f"{c['val']['samples']} images out-of-fold, {c['test']['samples']} test images set aside")
+        else:
+            parts.append(f"split (seed {run.summary.get('seed', '?')}): "
+                         + ", ".join(f"{c[s]['samples']} {s}" for s in ("train", "val", "test") if s in c) + " images")
     trained = {name: r.summary for name, r in sweep.runs.items() if "image_size" in r.summary and "best_epoch" in r.summary}
     sizes = sorted({int(sm["image_size"]) for sm in trained.values()})
     if sizes:
@@ -153,7 +157,8 @@ def write_index(reports_dir: str | Path, runs: Sequence[dict], failures: Sequenc
     parts.append("</ul>")
     if cv is not None and len(cv):
         parts += _cv_section(cv, cv_verdict)
-    parts.append("<h2>Scores</h2><p>Combined macro-F1 on the test split, thresholds tuned on validation, best "
+    tuned = "all out-of-fold images (a run row is a fold ensemble)" if cv is not None and len(cv) else "validation"
+    parts.append(f"<h2>Scores</h2><p>Combined macro-F1 on the test split, thresholds tuned on {tuned}, best "
                  "first; 95% bootstrap intervals over the test images of one seed. <em>reference</em> rows need no "
                  "model; <em>combination</em> rows combine runs and are never one of them.</p>"
                  "<table><tr><th>run</th><th>kind</th><th>initial weights</th><th>combined (thresholded)</th>"
