@@ -121,6 +121,15 @@ def test_predict_and_export_with_a_fold_ensemble(cv_sweep, tmp_path, capsys):
     got = pd.read_csv(tmp_path / "p.csv").set_index("id").loc[saved.index]
     cols = [c for c in saved.columns if c.startswith("p:")]
     assert np.allclose(got[cols].to_numpy(float), saved[cols].to_numpy(float), atol=2e-5)  # the K models' mean
+    # notebook 06 takes the fold ensemble as one run too
+    from tongue_nb.pipeline import jobs
+
+    with jobs.project_kernel() as kernel:
+        jobs.execute_notebook(sweep.NOTEBOOKS / "06_predict.ipynb", tmp_path / "06.ipynb",
+                              {"runs": str(ens), "images": str(photos), "out_csv": str(tmp_path / "nb.csv"),
+                               "n_gallery": 2}, kernel, sweep.PROJECT_ROOT)
+    from_nb = pd.read_csv(tmp_path / "nb.csv").set_index("id").loc[saved.index]
+    assert np.allclose(from_nb[cols].to_numpy(float), got[cols].to_numpy(float), atol=1e-6)
     assert cli(["export", "--run", str(ens), "--out", str(tmp_path / "m.onnx")]) == 0
     from tongue_nb.model.export import onnx_metadata
 
