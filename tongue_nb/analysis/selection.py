@@ -14,7 +14,7 @@ The choice never looks at the test split; the chosen candidates' test scores mak
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -88,6 +88,29 @@ def _standard_error(schema, task: str, a: tuple, b: tuple, thr_a: dict, thr_b: d
     return float((boot["high"] - boot["low"]) / (2 * 1.96))
 
 
+def _choose(ranked: Sequence[str], levels: dict[str, int], score: Callable[[str], float],
+            se: Callable[[str, str], float], rule: str) -> tuple[str, float | None, float | None]:
+    """The rule's choice among candidate names ranked best first: (name, its lead, the standard error it beat).
+
+    `levels`: name -> 0 (a run alone), 1 (a network with the baseline), 2 (an ensemble); `score(name)`: its
+    validation score; `se(richer, simpler)`: the standard error of their difference (computed only when needed).
+    """
+    if rule == "best":
+        return ranked[0], None, None
+    best, margin, beaten = next(n for n in ranked if levels[n] == 0), None, None
+    for level in (1, 2):
+        richer = next((n for n in ranked if levels[n] == level), None)
+        if richer is None:
+            continue
+        lead = score(richer) - score(best)
+        if not lead > 0:
+            continue
+        err = se(richer, best)
+        if lead > err:
+            best, margin, beaten = richer, lead, err
+    return best, margin, beaten
+
+
 def per_task_selection(sweep: SweepData, ensemble_k: int = 3, rule: str = "simplest") -> dict:
     """For each task, the candidate chosen on validation by `rule` (module docstring), and its test score.
 
@@ -106,6 +129,7 @@ def per_task_selection(sweep: SweepData, ensemble_k: int = 3, rule: str = "simpl
     pool = candidates(sweep, ensemble_k)
     schema = next(iter(sweep.runs.values())).schema
     scores = score_candidates(schema, {name: members for name, (_, members) in pool.items()})
+    levels = {name: level for name, (level, _) in pool.items()}
     arrays: dict[str, tuple] = {}
 
     def val_arrays(name: str) -> tuple:
@@ -116,22 +140,10 @@ def per_task_selection(sweep: SweepData, ensemble_k: int = 3, rule: str = "simpl
     choice, rows = {}, []
     for t in schema:
         ranked = sorted(scores, key=lambda n: -np.nan_to_num(_primary(scores[n]["val"], t.name), nan=-1))
-        margin = se = None
-        if rule == "best":
-            best = ranked[0]
-        else:
-            best = next(n for n in ranked if pool[n][0] == 0)
-            for level in (1, 2):
-                richer = next((n for n in ranked if pool[n][0] == level), None)
-                if richer is None:
-                    continue
-                lead = _primary(scores[richer]["val"], t.name) - _primary(scores[best]["val"], t.name)
-                if not lead > 0:
-                    continue
-                err = _standard_error(schema, t.name, val_arrays(richer), val_arrays(best),
-                                      scores[richer]["thresholds"], scores[best]["thresholds"])
-                if lead > err:
-                    best, margin, se = richer, lead, err
+        best, margin, se = _choose(
+            ranked, levels, lambda n: _primary(scores[n]["val"], t.name),
+            lambda a, b: _standard_error(schema, t.name, val_arrays(a), val_arrays(b), scores[a]["thresholds"],
+                                         scores[b]["thresholds"]), rule)
         entry = scores[best]
         choice[t.name] = {"source": best, "runs": entry["runs"], "level": pool[best][0],
                           "val": _primary(entry["val"], t.name), "test": _primary(entry["test"], t.name),
@@ -165,6 +177,7 @@ def leave_one_fold_out(sweep: SweepData, ensemble_k: int = 3, rule: str = "simpl
     from tongue_nb.analysis import metrics
 
     pool = candidates(sweep, ensemble_k)
+    levels = {name: level for name, (level, _) in pool.items()}
     schema = next(iter(sweep.runs.values())).schema
     data = {name: _val_arrays(members) for name, (_, members) in pool.items()}
     fold = next(iter(data.values()))[2]
@@ -182,19 +195,14 @@ def leave_one_fold_out(sweep: SweepData, ensemble_k: int = 3, rule: str = "simpl
                 sub[name] = (thr, metrics.primary_scores(one, {t.name: p[t.name][inner]}, {t.name: y[t.name][inner]},
                                                          thr)[t.name])
             ranked = sorted(sub, key=lambda n: -np.nan_to_num(sub[n][1] if sub[n][1] is not None else np.nan, nan=-1))
-            best = ranked[0] if rule == "best" else next(n for n in ranked if pool[n][0] == 0)
-            if rule == "simplest":
-                for level in (1, 2):
-                    richer = next((n for n in ranked if pool[n][0] == level), None)
-                    if richer is None or not (sub[richer][1] or 0) > (sub[best][1] or 0):
-                        continue
-                    masked = [(p[t.name][inner], y[t.name][inner], fold[inner]) for p, y, _ in
-                              (data[richer], data[best])]
-                    err = _standard_error(one, t.name, ({t.name: masked[0][0]}, {t.name: masked[0][1]}, masked[0][2]),
-                                          ({t.name: masked[1][0]}, {t.name: masked[1][1]}, masked[1][2]),
-                                          sub[richer][0], sub[best][0])
-                    if sub[richer][1] - sub[best][1] > err:
-                        best = richer
+
+            def inner_arrays(name: str) -> tuple:
+                p, y, _ = data[name]
+                return {t.name: p[t.name][inner]}, {t.name: y[t.name][inner]}, fold[inner]
+
+            best, _, _ = _choose(ranked, levels, lambda n: sub[n][1] or 0,
+                                 lambda a, b: _standard_error(one, t.name, inner_arrays(a), inner_arrays(b),
+                                                              sub[a][0], sub[b][0]), rule)
             p, y, _ = data[best]
             score = metrics.primary_scores(one, {t.name: p[t.name][held]}, {t.name: y[t.name][held]}, sub[best][0])
             out[t.name].append(score[t.name] if score[t.name] is not None else float("nan"))
