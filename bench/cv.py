@@ -117,6 +117,65 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+def _mean_range(values: list[float]) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "-"
+    return f"{sum(vals) / len(vals):.3f} ({min(vals):.3f}-{max(vals):.3f})"
+
+
+def summary(args: argparse.Namespace) -> dict[str, Any]:
+    """Issue 26's figures over several splits: one `report` JSON per split (+ today's single model and its
+    per-task selection from bench/quality.py and bench/combine.py on the same splits), as markdown tables."""
+    cvs = [json.loads(Path(f).read_text()) for f in args.cv]
+    singles = [json.loads(Path(f).read_text()) for f in args.single] if args.single else []
+    combos = [json.loads(Path(f).read_text()) for f in args.combine] if args.combine else []
+    tasks = [t for t in cvs[0][NET]["oof"] if t != "combined"]
+    rows: dict[str, dict[str, list]] = {}
+    for t in tasks + ["combined"]:
+        r = rows.setdefault(t, {})
+        for d in cvs:
+            r.setdefault("oof", []).append(d[NET]["oof"][t])
+            r.setdefault("ens_test", []).append(d[NET]["test_fold_ensemble"][t])
+            r.setdefault("gap_oof", []).append(abs(d[NET]["oof"][t] - d[NET]["test_fold_ensemble"][t]))
+            r.setdefault("base_test", []).append(d[BASELINE]["test_fold_ensemble"][t])
+            for rule in ("best", "simplest"):
+                sel = d["selection"][rule]
+                r.setdefault(rule, []).append(sel["combined"] if t == "combined" else sel[t]["test"])
+            for rule in ("best", "simplest"):
+                lofo = d["rule_check"][rule]
+                r.setdefault(f"lofo_{rule}", []).append(lofo["combined"] if t == "combined" else lofo["mean"].get(t))
+        for q in singles:
+            m = q["main"]
+            val = m["val_combined"] if t == "combined" else m["val_macro_f1"][t]
+            test = m["test_combined"] if t == "combined" else m["test_macro_f1"][t]
+            r.setdefault("single_test", []).append(test)
+            r.setdefault("gap_val", []).append(abs(val - test))
+        for c in combos:
+            r.setdefault("v3_selection", []).append(c["test_combined"] if t == "combined" else c["test"][t])
+    cols = [("oof", "OOF"), ("ens_test", "fold ensemble, test"), ("single_test", "v3 single, test"),
+            ("gap_oof", "abs(OOF - test)"), ("gap_val", "abs(val - test), v3 single"),
+            ("simplest", "selection `simplest`, test"), ("best", "selection `best`, test"),
+            ("v3_selection", "v3 selection (one val split), test"), ("base_test", "baseline fold ensemble, test")]
+    cols = [c for c in cols if any(rows[t].get(c[0]) for t in rows)]
+    lines = [f"| task (mean (min-max) over {len(cvs)} splits) | " + " | ".join(h for _, h in cols) + " |",
+             "|---" * (len(cols) + 1) + "|"]
+    for t, r in rows.items():
+        lines.append(f"| {t} | " + " | ".join(_mean_range(r.get(k, [])) for k, _ in cols) + " |")
+    at_or_above = {t: sum(s >= b for s, b in zip(rows[t]["simplest"], rows[t]["base_test"])) for t in tasks}
+    lofo = {rule: _mean_range(rows["combined"][f"lofo_{rule}"]) for rule in ("best", "simplest")}
+    res = {"splits": [d["out_dir"] for d in cvs], "rows": rows, "selection_at_or_above_baseline": at_or_above,
+           "leave_one_fold_out_combined": lofo,
+           "target_met": all(v == len(cvs) for v in at_or_above.values())
+           and sum(rows["combined"]["simplest"]) / len(cvs) >= 0.80}
+    print("\n".join(lines))
+    print(f"\nselection `simplest` at or above the baseline fold ensemble (splits of {len(cvs)}): {at_or_above}")
+    print(f"leave-one-fold-out, combined: {lofo}; target met: {res['target_met']}")
+    if args.json:
+        common.write_json(args.json, res)
+    return res
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -136,13 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", type=Path, required=True)
     r.add_argument("--ensemble-k", type=int, default=3)
     r.add_argument("--net", default=NET, help="the network's fold ensemble (default: bench/cv.py train's)")
+    m = sub.add_parser("summary", help="several splits' report JSONs as markdown tables (mean and range)")
+    m.add_argument("--cv", nargs="+", required=True, help="bench/cv.py report JSONs, one per split")
+    m.add_argument("--single", nargs="*", help="bench/quality.py JSONs of today's single model, same splits")
+    m.add_argument("--combine", nargs="*", help="bench/combine.py JSONs of its per-task selection, same splits")
+    m.add_argument("--json", type=Path, default=None)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     common.setup_logging(False)
-    train(args) if args.command == "train" else report(args)
+    {"train": train, "report": report, "summary": summary}[args.command](args)
 
 
 if __name__ == "__main__":
