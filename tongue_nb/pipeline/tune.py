@@ -26,7 +26,6 @@ import dataclasses
 import fcntl
 import json
 import logging
-import math
 import os
 import subprocess
 import sys
@@ -41,7 +40,6 @@ if TYPE_CHECKING:
     import pandas as pd
 
 from tongue_nb.pipeline.tune_space import Dimension, load_space, space_from_dicts
-from tongue_nb.train.fit_state import Callback, FitState
 from tongue_nb.train.params import ParamError, TrainParams, load_params, read_params_file, split_overrides
 
 log = logging.getLogger(__name__)
@@ -208,72 +206,6 @@ def _check_same_space(study: Any, space: list[Dimension], base: TrainParams) -> 
 # --------------------------------------------------------------------------- one trial
 
 
-class PruneOnValidation(Callback):
-    """Reports each epoch's validation combined score to the trial; ends the fit when the pruner prunes it."""
-
-    def __init__(self, trial: Any) -> None:
-        self.trial = trial
-        self.pruned_epoch: int | None = None
-
-    def on_epoch_end(self, fit: FitState, row: dict[str, Any]) -> None:
-        if not math.isfinite(fit.score):
-            return
-        self.trial.report(fit.score, fit.epoch)
-        if self.trial.should_prune():
-            fit.stop_fit = True
-            self.pruned_epoch = fit.epoch
-            log.info("trial %d pruned after epoch %d (val combined %.4f)", self.trial.number, fit.epoch, fit.score)
-
-
-def _retried_number(trial: Any) -> int | None:
-    """The first trial of a retried trial's chain (its run folder), None for a fresh trial."""
-    frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
-    return frozen.system_attrs.get("failed_trial")
-
-
-def _write_marker(run_dir: Path, record: dict[str, Any]) -> None:
-    from tongue_nb.runio import atomic_write_text
-
-    atomic_write_text(run_dir / "trial.json", json.dumps(record, indent=2, default=str))
-
-
-def run_trial(trial: Any, options: TuneOptions, base: TrainParams, space: list[Dimension]) -> float:
-    """Train the trial's run(s); its value: the mean validation combined score. Raises TrialPruned when pruned."""
-    import optuna
-
-    from tongue_nb.analysis.scores import summary_score
-    from tongue_nb.train.trainer import train
-
-    values = {d.name: d.suggest(trial) for d in space}
-    origin = _retried_number(trial)
-    name = f"trial-{trial.number if origin is None else origin}"
-    folds = list(range(base.folds)) if base.folds >= 2 else [None]
-    trials_dir = options.folder.resolve() / "trials"
-    runs = [trials_dir / (name if k is None else f"{name}-fold{k}") for k in folds]
-    trial.set_user_attr("run_dir", os.path.relpath(runs[0], options.folder.resolve()))
-    scores: list[float] = []
-    for k, run_dir in zip(folds, runs):
-        fold = {} if k is None else {"fold": k}
-        params = dataclasses.replace(base, **values, **fold, out_dir=str(run_dir), resume=origin is not None,
-                                     experiment_name=f"{options.study}-{run_dir.name}")
-        pruning = PruneOnValidation(trial) if k in (None, 0) else None
-        summary = train(params, callbacks=[pruning] if pruning else [])
-        score = summary_score(summary.get("val_metrics_fixed"))
-        scores.append(score)
-        record = {"study": options.study, "trial": trial.number, "retry_of": origin, "values": values,
-                  "fold": k, "val_combined": score, "state": "complete"}
-        if pruning is not None and pruning.pruned_epoch is not None:
-            _write_marker(run_dir, {**record, "state": "pruned", "pruned_after_epoch": pruning.pruned_epoch})
-            trial.set_user_attr("val_score", score)
-            raise optuna.TrialPruned(f"pruned after epoch {pruning.pruned_epoch}")
-        _write_marker(run_dir, record)
-    value = sum(scores) / len(scores)
-    trial.set_user_attr("val_score", value)
-    if len(scores) > 1:
-        trial.set_user_attr("fold_scores", scores)
-    return value
-
-
 # --------------------------------------------------------------------------- workers
 
 
@@ -365,6 +297,8 @@ def work(options: TuneOptions, worker: int = 0, pruner: Any = None) -> int:
 
     Returns the number of trials this worker ran. Stops with RuntimeError after FAILURES_IN_A_ROW failed trials.
     """
+    from tongue_nb.pipeline.tune_trial import run_trial
+
     base, space = check_options(options)
     seed = base.seed + 7919 * worker + len(load_study(options).trials)  # reruns and workers draw differently
     study = load_study(options, pruner=pruner, seed=seed)
@@ -382,7 +316,7 @@ def work(options: TuneOptions, worker: int = 0, pruner: Any = None) -> int:
                 outcome["number"] = trial.number
                 beat = _FileHeartbeat(options.folder, trial.number, options.heartbeat) if journal else None
                 try:
-                    return run_trial(trial, options, base, space)
+                    return run_trial(trial, options.study, options.folder, base, space)
                 except Exception as exc:
                     if type(exc).__name__ != "TrialPruned":
                         outcome["error"] = f"{type(exc).__name__}: {exc}"
@@ -562,7 +496,7 @@ def _worker_main(argv: Sequence[str]) -> int:
     return 0
 
 
-__all__ = ["TuneOptions", "TuneResult", "PruneOnValidation", "check_options", "run_tune", "work", "load_study",
+__all__ = ["TuneOptions", "TuneResult", "check_options", "run_tune", "work", "load_study",
            "read_record", "fail_stale_trials", "show_study", "PRUNERS"]
 
 if __name__ == "__main__":

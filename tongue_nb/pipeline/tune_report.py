@@ -82,7 +82,7 @@ def importances(study: Any) -> tuple[dict[str, float], str]:
         return {}, f"{len(complete)} complete trial(s): importances need at least 2"
     try:
         return dict(optuna.importance.get_param_importances(study)), \
-            f"fANOVA over {len(complete)} complete trials (few trials: a rough guide)"
+            f"Optuna's default evaluator over {len(complete)} complete trials (few trials: a rough guide)"
     except (RuntimeError, ValueError) as exc:
         return {}, f"no importances: {exc}"
 
