@@ -21,6 +21,7 @@ color:#222;padding:0 1rem}h1{font-size:1.6rem}h2{font-size:1.2rem;margin-top:2re
 table{border-collapse:collapse;width:100%;font-size:.9rem}th,td{border:1px solid #ddd;padding:.35rem .5rem;text-align:left;
 vertical-align:top}th{background:#f4f4f4}a{color:#1a5fb4}.fail{color:#a51d2d;font-weight:600}.ok{color:#26a269}
 code,pre{font-size:.8rem;white-space:pre-wrap;margin:0}.muted{color:#777}"""
+PAGE_CSS = _CSS  # the style of the project's hand-written pages (the index, a tune's report)
 
 
 def _link(reports_dir: Path, target: str | Path | None, text: str) -> str:

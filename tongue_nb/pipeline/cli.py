@@ -7,6 +7,8 @@ import logging
 import sys
 from typing import Any, Sequence
 
+from tongue_nb.pipeline.tune import add_tune_command
+
 log = logging.getLogger("tongue_nb")
 
 
@@ -236,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_commands(sub)
     _add_models_commands(sub)
     _add_sweep_commands(sub)
+    add_tune_command(sub)
     return parser
 
 

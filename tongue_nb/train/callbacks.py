@@ -6,7 +6,7 @@ Hooks, in the order `fit` calls them (every one optional):
 - ``on_stage_start(fit, stage)`` when a stage (frozen heads, then everything) begins or resumes;
 - ``on_step(fit)`` after every optimizer step (cheap: no host reads);
 - ``on_epoch_end(fit, row)`` with the epoch's history row, in list order: trackers read ``fit.score``, may
-  set ``row["best"]`` or ``fit.stop_stage``;
+  set ``row["best"]``, ``fit.stop_stage`` (this stage ends) or ``fit.stop_fit`` (the whole fit ends);
 - ``on_stage_end(fit, stage)`` when a stage is over (its epochs done or stopped early);
 - ``after_epoch(fit, row)`` once the epoch's bookkeeping is complete and consistent (checkpoints, hooks);
 - ``on_fit_end(fit)`` once, after the last stage.

@@ -75,7 +75,7 @@ class Fit(FitState):
             stage_t0 = time.perf_counter()
             while pos.stage_epoch < stage.epochs:
                 self.epoch = pos.epoch + 1
-                self.improved = self.stop_stage = False
+                self.improved = self.stop_stage = self.stop_fit = False
                 stats = train_one_epoch(train_model, self.train_loader, self.loss_fn, self.optimizer, self.scheduler,
                                         rt, epoch=self.epoch, stage=stage.number,
                                         accumulation_steps=cfg.accumulation_steps, grad_clip=cfg.grad_clip,
@@ -101,11 +101,13 @@ class Fit(FitState):
                        if stats.seconds > 0 else float("nan"), "best": 0}
                 row = {k: (float("nan") if v is None else v) for k, v in row.items()}
                 self._call("on_epoch_end", row)
-                stage_done = self.stop_stage or pos.stage_epoch >= stage.epochs
+                stage_done = self.stop_stage or self.stop_fit or pos.stage_epoch >= stage.epochs
                 if stage_done:
                     key = f"stage{stage.number}"
                     pos.stage_seconds[key] = pos.stage_seconds.get(key, 0.0) + time.perf_counter() - stage_t0
-                    pos.stage_pos, pos.stage_epoch = pos.stage_pos + 1, 0
+                    # stop_fit ends the later stages too; last.pt then holds a finished fit (a resume ends it).
+                    pos.stage_pos = len(self.stages) if self.stop_fit else pos.stage_pos + 1
+                    pos.stage_epoch = 0
                     self.optimizer = self.scheduler = None  # the next stage builds its own
                     self._call("on_stage_end", stage)
                 self._call("after_epoch", row)

@@ -121,6 +121,7 @@ class FitState:
         self.val: dict[str, Any] = {}
         self.improved = False
         self.stop_stage = False
+        self.stop_fit = False  # set by a callback (a tuning trial pruned): this epoch ends the fit, later stages too
 
     # --- resume
     def checkpoint_state(self) -> dict[str, Any]:

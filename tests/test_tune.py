@@ -1,0 +1,123 @@
+"""`tongue-nb tune`: the space file's refusals, a tiny real search (best.yaml, report, run folders), pruning,
+resume, two workers on one SQLite study, the journal storage, and a dead worker's trial retried."""
+import json
+import time
+
+import pytest
+import yaml
+
+from tongue_nb.data.synth import make_synthetic
+from tongue_nb.pipeline import cli
+from tongue_nb.pipeline.tune import TuneOptions, check_options, load_study, run_tune
+from tongue_nb.train.params import load_params
+
+RECIPE = {"backbone": "test_convnext", "pretrained": False, "image_size": 32, "batch_size": 8, "stage1_epochs": 1,
+          "stage2_epochs": 1, "max_steps_per_epoch": 2, "device": "cpu", "num_threads": 1}
+SPACE = {"stage2_lr_backbone": {"float": ["1e-4", "2e-3"], "log": True}, "crop": {"choice": ["crop", "crop_blank"]}}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tune")
+    data = make_synthetic(root / "syn", n=40, size=48, seed=1)
+    (root / "recipe.yaml").write_text(yaml.safe_dump(RECIPE))
+    (root / "space.yaml").write_text(yaml.safe_dump(SPACE))
+    return root, data
+
+
+def _options(inputs, tmp_path, **kw):
+    root, data = inputs
+    return TuneOptions(space=str(root / "space.yaml"), study="s", files=[str(root / "recipe.yaml")],
+                       data_dir=str(data), out_dir=str(tmp_path / "tune"), **{"trials": 2, **kw})
+
+
+def _states(options):
+    return sorted((t.number, t.state.name) for t in load_study(options).get_trials())
+
+
+@pytest.mark.parametrize("space, words", [
+    ({"stage2_lr_bakbone": {"float": [1e-4, 1e-3]}}, ["stage2_lr_bakbone", "did you mean stage2_lr_backbone"]),
+    ({"drop_rate": {"float": [0.0, 1.5]}}, ["drop_rate", "< 1.0"]),
+    ({"crop": {"float": [0.0, 1.0]}}, ["crop", "a str field, got a float range"]),
+    ({"batch_size": {"int": [8, "many"]}}, ["batch_size", "an integer"]),
+    ({"seed": {"int": [0, 3]}}, ["seed", "not tunable"]),
+    ({"crop": {"choice": ["crop", "zoom"]}}, ["crop", "expected one of"]),
+], ids=["unknown", "out-of-bounds", "wrong-kind", "bad-type", "not-tunable", "bad-choice"])
+def test_space_refusals_are_one_line_exit_2_and_write_nothing(inputs, tmp_path, capsys, space, words):
+    root, data = inputs
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    out = tmp_path / "tune"
+    code = cli.main(["tune", "--data", str(data), "-f", str(root / "recipe.yaml"), "--space", str(tmp_path / "space.yaml"),
+                     "--trials", "2", "--study", "s", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("tongue-nb tune: error: search space ") and str(tmp_path / "space.yaml") in err
+    assert all(w in err for w in words), err
+    assert not out.exists()
+
+
+def test_tune_writes_runs_best_recipe_and_report_then_resumes(inputs, tmp_path, capsys):
+    root, data = inputs
+    argv = ["tune", "--data", str(data), "-f", str(root / "recipe.yaml"), "--space", str(root / "space.yaml"),
+            "--trials", "2", "--study", "s", "--out", str(tmp_path / "tune")]
+    assert cli.main(argv) == 0
+    assert "2 complete" in capsys.readouterr().out
+    folder = tmp_path / "tune"
+    assert (folder / "study.db").is_file()
+    best = load_params(files=[folder / "best.yaml"])  # a recipe, ready for sweep -f
+    raw = yaml.safe_load((folder / "best.yaml").read_text())
+    assert "data_dir" not in raw and "out_dir" not in raw and best.backbone == "test_convnext"
+    assert 1e-4 <= best.stage2_lr_backbone <= 2e-3 and best.crop in ("crop", "crop_blank")
+    for n in (0, 1):
+        run = folder / "trials" / f"trial-{n}"
+        marker = json.loads((run / "trial.json").read_text())
+        assert marker["state"] == "complete" and (run / "summary.json").is_file()
+    page = (folder / "report.html").read_text()
+    assert "trials/trial-0" in page and "optimisation history" in page.lower() and "importances" in page
+    # Run again with more trials: it goes on from the finished ones.
+    assert cli.main(argv[:-6] + ["--trials", "3", "--study", "s", "--out", str(folder)]) == 0
+    assert _states(TuneOptions(space="", trials=3, study="s", out_dir=str(folder))) == \
+        [(0, "COMPLETE"), (1, "COMPLETE"), (2, "COMPLETE")]
+
+
+def test_pruned_trial_stops_its_fit_and_says_so(inputs, tmp_path):
+    import optuna
+
+    options = _options(inputs, tmp_path, trials=1, overrides=["stage2_epochs=2"])
+    result = run_tune(options, pruner=optuna.pruners.ThresholdPruner(lower=2.0))  # no score reaches 2: pruned at once
+    assert (result.complete, result.pruned, result.best_yaml) == (0, 1, None)
+    run = tmp_path / "tune" / "trials" / "trial-0"
+    assert json.loads((run / "trial.json").read_text())["pruned_after_epoch"] == 1
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs_run"] == 1  # of 3: the fit ended at the pruned epoch, and the folder is a readable run
+    assert "No complete trial" in (tmp_path / "tune" / "report.html").read_text()
+
+
+def test_two_local_workers_share_one_sqlite_study(inputs, tmp_path):
+    options = _options(inputs, tmp_path, trials=2, workers=2)
+    result = run_tune(options)
+    assert result.ok and result.complete == 2
+    assert _states(options) == [(0, "COMPLETE"), (1, "COMPLETE")]  # exactly 2, distinct numbers
+    assert sorted(p.name for p in (tmp_path / "tune" / "trials").iterdir()) == ["trial-0", "trial-1"]
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the dead trial is asked by hand
+@pytest.mark.parametrize("storage", ["sqlite", "journal"])
+def test_dead_workers_trial_is_failed_and_retried_with_its_values(inputs, tmp_path, storage):
+    journal = str(tmp_path / "study.journal")
+    options = _options(inputs, tmp_path, trials=1, heartbeat=1, storage=journal if storage == "journal" else "")
+    (tmp_path / "tune").mkdir()
+    _, space = check_options(options)
+    study = load_study(options)
+    dead = study.ask()  # a worker asked a trial and died before its first heartbeat was renewed
+    values = {d.name: d.suggest(dead) for d in space}
+    if storage == "sqlite":
+        study._storage.record_heartbeat(dead._trial_id)
+    time.sleep(options.grace + 0.5)
+    result = run_tune(options)
+    assert result.complete == 1
+    trials = load_study(options).get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert trials[1].params == values and trials[1].system_attrs["failed_trial"] == 0
+    assert trials[1].user_attrs["run_dir"] == "trials/trial-0"  # the dead trial's run folder, resumed
+    assert json.loads((tmp_path / "tune" / "trials" / "trial-0" / "trial.json").read_text())["retry_of"] == 0

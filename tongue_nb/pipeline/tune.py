@@ -1,0 +1,503 @@
+"""`tongue-nb tune`: an Optuna search over a recipe's training parameters, each trial an ordinary run folder.
+
+- The space: a YAML file over `TrainParams` fields (tongue_nb.pipeline.tune_space), checked before any trial runs.
+- A trial: `trainer.train` with the recipe and the trial's values into ``<tune>/trials/trial-<number>``; its value
+  is the run's validation combined score (the best epoch's weights at the fixed 0.5 thresholds), never test. With
+  ``folds: K`` in the recipe a trial trains the K folds (``trial-<n>-fold<k>``) and its value is their mean.
+- Pruning: `PruneOnValidation` reports each epoch's validation score (the first fold's, with folds) and ends the fit
+  when the pruner says so; the trial is PRUNED, its run folder complete (summary of the epochs it ran) and its
+  ``trial.json`` says ``"state": "pruned"``.
+- Storage: SQLite ``<tune>/study.db`` by default, any SQLAlchemy URL (``--storage postgresql://...``), or Optuna's
+  journal file (``--storage journal:PATH`` or a path ending .log / .journal) on a shared file system.
+- Resume and dead workers: the command run again goes on until `trials` trials are finished (complete or pruned).
+  A trial whose worker died stops its heartbeat (Optuna's for a database; for the journal, a file
+  ``<tune>/heartbeats/<trial>`` touched by the worker): after the grace period it is marked FAIL and queued again
+  with the same values; the retry resumes the dead trial's run folder from its last.pt.
+- Workers: ``workers`` local processes share the study (one GPU each when there are GPUs); more machines run the
+  same command against the same storage and tune folder. Count and ask happen under a lock file in the tune folder,
+  so the workers together finish exactly `trials` trials.
+- Output: ``best.yaml`` (the recipe with the best values, for `sweep -f`) and ``report.html``
+  (tongue_nb.pipeline.tune_report).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+from tongue_nb.pipeline.tune_space import Dimension, load_space, space_from_dicts
+from tongue_nb.train.params import ParamError, TrainParams, load_params, read_params_file, split_overrides
+
+log = logging.getLogger(__name__)
+
+PRUNERS = ("median", "halving", "none")
+RECORD = "tune.json"          # the tune folder's record of its options (what a later run and show_study read)
+FAILURES_IN_A_ROW = 3          # a worker stops after this many failed trials in a row (a broken recipe or data)
+
+
+@dataclass
+class TuneOptions:
+    """What `run_tune` needs; `check_options` refuses a bad one before anything is written."""
+
+    space: str
+    trials: int
+    study: str
+    files: list[str] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)
+    data_dir: str | None = None
+    backbone: str | None = None
+    out_dir: str = ""
+    storage: str = ""
+    pruner: str = "median"
+    workers: int = 1
+    gpus: list[str] = field(default_factory=list)
+    heartbeat: int = 60        # seconds between heartbeats; a trial silent for 3x this is taken for dead
+    max_retry: int = 3         # times a dead worker's trial is queued again
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.out_dir or Path("tune") / self.study)
+
+    @property
+    def grace(self) -> int:
+        return 3 * self.heartbeat
+
+
+# --------------------------------------------------------------------------- checks (nothing written)
+
+
+def recipe_folds(options: TuneOptions) -> int:
+    """The recipe's number of folds (its files' `folds:`, then --set folds)."""
+    folds: Any = 0
+    for file in options.files:
+        folds = read_params_file(file).get("folds", folds)
+    for key, raw, _ in split_overrides(options.overrides):
+        folds = raw if key == "folds" else folds
+    try:
+        return int(folds)
+    except (TypeError, ValueError):
+        raise ParamError(f"recipe folds: got {folds!r}, expected 0 or a number of folds >= 2") from None
+
+
+def base_params(options: TuneOptions, **values: Any) -> TrainParams:
+    """The recipe (files < --set) with `values`, the data and the backbone; with folds, fold 0."""
+    given = {"progress": False}
+    if options.data_dir is not None:
+        given["data_dir"] = options.data_dir
+    if options.backbone is not None:
+        given["backbone"] = options.backbone
+    if recipe_folds(options) >= 2:
+        given["fold"] = 0
+    return load_params(files=options.files, overrides=options.overrides, **{**given, **values})
+
+
+def check_options(options: TuneOptions) -> tuple[TrainParams, list[Dimension]]:
+    """The recipe and the space, checked; ParamError (one line) on the first problem. Writes nothing."""
+    if options.trials < 1:
+        raise ParamError(f"--trials: got {options.trials}, expected at least 1")
+    if options.workers < 1:
+        raise ParamError(f"--workers: got {options.workers}, expected at least 1")
+    if options.heartbeat < 1:
+        raise ParamError(f"--heartbeat: got {options.heartbeat}, expected at least 1 second")
+    if options.pruner not in PRUNERS:
+        raise ParamError(f"--pruner: got {options.pruner!r}, expected one of {', '.join(PRUNERS)}")
+    if not options.study or "/" in options.study:
+        raise ParamError(f"--study: got {options.study!r}, expected a plain name")
+    if options.backbone is None and not any("backbone" in read_params_file(f) for f in options.files) \
+            and not any(key == "backbone" for key, _, _ in split_overrides(options.overrides)):
+        raise ParamError("tune: no backbone given: pass --backbone NAME or a recipe (-f) that names one")
+    if options.data_dir is not None and not Path(options.data_dir).is_dir():
+        raise ParamError(f"--data: folder {options.data_dir} not found")
+    base = base_params(options)
+    space = load_space(options.space, lambda values: base_params(options, **values))
+    storage_spec(options)  # a malformed --storage is refused here too
+    return base, space
+
+
+def storage_spec(options: TuneOptions) -> tuple[str, str]:
+    """('journal', path) or ('rdb', SQLAlchemy URL) of the study's storage."""
+    spec = options.storage.strip()
+    if not spec:
+        return "rdb", f"sqlite:///{(options.folder / 'study.db').resolve()}"
+    if spec.startswith("journal:") or spec.endswith((".log", ".journal")):
+        path = spec[len("journal:"):] if spec.startswith("journal:") else spec
+        if not path or not Path(path).expanduser().resolve().parent.is_dir():
+            raise ParamError(f"--storage {spec}: the journal file's folder does not exist; expected journal:PATH "
+                             "in an existing folder (a shared file system for several machines)")
+        return "journal", str(Path(path).expanduser().resolve())
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        make_url(spec)
+    except ArgumentError:
+        raise ParamError(f"--storage: got {spec!r}, expected a SQLAlchemy URL (sqlite:///PATH, "
+                         "postgresql://USER@HOST/DB) or journal:PATH") from None
+    return "rdb", spec
+
+
+# --------------------------------------------------------------------------- storage, study
+
+
+def open_storage(kind: str, where: str, options: TuneOptions) -> Any:
+    """The Optuna storage: an RDBStorage with heartbeats and retries, or a journal file."""
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    if kind == "journal":
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(where))
+    kwargs = {"connect_args": {"timeout": 60}} if where.startswith("sqlite") else {}
+    with warnings.catch_warnings():  # heartbeats and retries are marked experimental by Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RDBStorage(where, engine_kwargs=kwargs, heartbeat_interval=options.heartbeat,
+                          grace_period=options.grace,
+                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=options.max_retry))
+
+
+def _pruner(name: str) -> Any:
+    import optuna
+
+    if name == "median":  # no pruning before 5 trials have finished, nor on a trial's first epoch
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
+    if name == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner()
+    return optuna.pruners.NopPruner()
+
+
+def load_study(options: TuneOptions, pruner: Any = None, seed: int = 0) -> Any:
+    """The study in its storage (made when new), with the TPE sampler and the pruner."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = open_storage(*storage_spec(options), options)
+    sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+    return optuna.create_study(study_name=options.study, storage=storage, direction="maximize", sampler=sampler,
+                               pruner=pruner if pruner is not None else _pruner(options.pruner), load_if_exists=True)
+
+
+def _check_same_space(study: Any, space: list[Dimension], base: TrainParams) -> None:
+    """A study remembers its space and backbone: a rerun with others is refused (start another --study)."""
+    saved = study.user_attrs.get("space")
+    now = [d.as_dict() for d in space]
+    if saved is None:
+        study.set_user_attr("space", now)
+        study.set_user_attr("backbone", base.backbone)
+    elif space_from_dicts(saved) != space_from_dicts(now) or study.user_attrs.get("backbone") != base.backbone:
+        raise ParamError(f"--study {study.study_name}: this study was started with another search space or "
+                         "backbone; pass the same ones to go on, or name another --study")
+
+
+# --------------------------------------------------------------------------- one trial
+
+
+# --------------------------------------------------------------------------- workers
+
+
+@contextlib.contextmanager
+def _ask_lock(folder: Path):
+    """Exclusive lock on <tune>/.ask.lock (flock: dropped when its holder dies); yields a release function."""
+    fd = os.open(folder / ".ask.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield release
+    finally:
+        release()
+
+
+class _FileHeartbeat:
+    """The journal's heartbeat: a thread touching <tune>/heartbeats/<trial number> every `interval` seconds."""
+
+    def __init__(self, folder: Path, number: int, interval: int) -> None:
+        self.path = folder / "heartbeats" / str(number)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.touch()
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="tongue_nb-tune-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.path.touch()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+
+def fail_stale_trials(study: Any, options: TuneOptions) -> None:
+    """RUNNING trials whose worker died (no heartbeat for the grace period) marked FAIL and queued again."""
+    import optuna
+
+    with warnings.catch_warnings():  # Optuna marks heartbeats and retries experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if storage_spec(options)[0] == "rdb":
+            optuna.storages.fail_stale_trials(study)  # Optuna's heartbeat; the storage's callback queues a retry
+        else:
+            _fail_silent_journal_trials(study, options)
+
+
+def _fail_silent_journal_trials(study: Any, options: TuneOptions) -> None:
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+    from optuna.trial import TrialState
+
+    now = time.time()
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=options.max_retry)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        beat = options.folder / "heartbeats" / str(t.number)
+        last = beat.stat().st_mtime if beat.exists() else (t.datetime_start.timestamp() if t.datetime_start else now)
+        if now - last > options.grace:
+            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+            log.warning("trial %d: no heartbeat for %.0f s (its worker died): failed, queued again", t.number, now - last)
+            retry(study, study.get_trials(deepcopy=False)[t.number])
+            with contextlib.suppress(OSError):
+                beat.unlink()
+
+
+def _room(study: Any, trials: int) -> bool:
+    """Whether this worker should run one more trial: a queued retry, or fewer than `trials` finished or running."""
+    from optuna.trial import TrialState
+
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    done = sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states)
+    if done >= trials:
+        return False
+    return TrialState.WAITING in states or done + states.count(TrialState.RUNNING) < trials
+
+
+def work(options: TuneOptions, worker: int = 0, pruner: Any = None) -> int:
+    """One worker: trials until the study has `trials` finished ones (or another worker runs the last ones).
+
+    Returns the number of trials this worker ran. Stops with RuntimeError after FAILURES_IN_A_ROW failed trials.
+    """
+    from tongue_nb.pipeline.tune_trial import run_trial
+
+    base, space = check_options(options)
+    seed = base.seed + 7919 * worker + len(load_study(options).trials)  # reruns and workers draw differently
+    study = load_study(options, pruner=pruner, seed=seed)
+    journal = storage_spec(options)[0] == "journal"
+    ran, failures, last_error = 0, 0, ""
+    while True:
+        outcome: dict[str, Any] = {}
+        with _ask_lock(options.folder) as release:
+            fail_stale_trials(study, options)
+            if not _room(study, options.trials):
+                break
+
+            def objective(trial: Any) -> float:
+                release()  # the trial is asked: other workers may count and ask now
+                outcome["number"] = trial.number
+                beat = _FileHeartbeat(options.folder, trial.number, options.heartbeat) if journal else None
+                try:
+                    return run_trial(trial, options.study, options.folder, base, space)
+                except Exception as exc:
+                    if type(exc).__name__ != "TrialPruned":
+                        outcome["error"] = f"{type(exc).__name__}: {exc}"
+                    raise
+                finally:
+                    if beat is not None:
+                        beat.stop()
+
+            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+        ran += 1
+        if "error" in outcome:
+            failures, last_error = failures + 1, outcome["error"]
+            log.warning("trial %s failed: %s", outcome.get("number"), last_error)
+            if failures >= FAILURES_IN_A_ROW:
+                raise RuntimeError(f"{failures} trials in a row failed; the last: {last_error}")
+        else:
+            failures = 0
+    return ran
+
+
+def _spawn_workers(options: TuneOptions) -> list[int]:
+    """`options.workers` worker processes (one GPU each, round robin, when GPUs are given); their exit codes."""
+    from tongue_nb.pipeline.jobs import die_with_parent
+
+    record = options.folder / RECORD
+    procs = []
+    for i in range(options.workers):
+        env = dict(os.environ)
+        if options.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = options.gpus[i % len(options.gpus)]
+        procs.append(subprocess.Popen([sys.executable, "-m", "tongue_nb.pipeline.tune", "--worker", str(record),
+                                       str(i)], env=env, preexec_fn=die_with_parent()))
+        time.sleep(0.5)  # staggered: the first worker's image cache is built once
+    return [p.wait() for p in procs]
+
+
+# --------------------------------------------------------------------------- the whole tune
+
+
+@dataclass
+class TuneResult:
+    """What a tune left: the counts of its trials, the best one, the files written."""
+
+    folder: Path
+    complete: int
+    pruned: int
+    failed: int
+    best_number: int | None
+    best_value: float | None
+    best_yaml: Path | None
+    report: Path
+    worker_errors: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.worker_errors
+
+
+def run_tune(options: TuneOptions, pruner: Any = None) -> TuneResult:
+    """Check everything, make the tune folder and the study, run the workers, write best.yaml and report.html.
+
+    `pruner`: an Optuna pruner used instead of options.pruner (in-process workers only: workers == 1).
+    """
+    from tongue_nb.pipeline.sweep import visible_gpus
+    from tongue_nb.pipeline.tune_report import write_best, write_report
+    from tongue_nb.runio import atomic_write_text
+
+    base, space = check_options(options)
+    folder = options.folder
+    if folder.exists() and not folder.is_dir():
+        raise ParamError(f"--out: {folder} exists and is not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    study = load_study(options)
+    _check_same_space(study, space, base)
+    if not options.gpus and options.workers > 1:
+        options = dataclasses.replace(options, gpus=visible_gpus())
+    atomic_write_text(folder / RECORD, json.dumps(dataclasses.asdict(options), indent=2))
+    errors: list[str] = []
+    if options.workers == 1:
+        try:
+            work(options, 0, pruner)
+        except RuntimeError as exc:
+            errors.append(str(exc))
+    else:
+        errors += [f"worker {i} exited with {code}" for i, code in enumerate(_spawn_workers(options)) if code]
+    return _finish(options, load_study(options), base, errors, write_best, write_report)
+
+
+def _finish(options: TuneOptions, study: Any, base: TrainParams, errors: list[str], write_best: Any,
+            write_report: Any) -> TuneResult:
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    count = {s: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = max(complete, key=lambda t: t.value) if complete else None
+    best_yaml = write_best(options.folder / "best.yaml", base, best, options) if best is not None else None
+    report = write_report(study, options.folder, best_yaml=best_yaml)
+    return TuneResult(options.folder, count[TrialState.COMPLETE], count[TrialState.PRUNED], count[TrialState.FAIL],
+                      best.number if best else None, best.value if best else None, best_yaml, report, errors)
+
+
+def read_record(folder: str | Path) -> TuneOptions:
+    """A tune folder's options (tune.json), for a worker process and for `show_study`."""
+    from tongue_nb import runfiles
+
+    data = runfiles.read_json(Path(folder) / RECORD, "a tune folder's record of its options (JSON object)")
+    return TuneOptions(**data)
+
+
+def show_study(folder: str | Path) -> pd.DataFrame:
+    """In a notebook: a tune folder's history and importance figures shown, its trials table returned."""
+    from IPython.display import display
+
+    from tongue_nb.pipeline.tune_report import history_figure, importance_figure, importances, trials_table
+
+    study = load_study(read_record(folder))
+    display(history_figure(study))
+    values, note = importances(study)
+    print(f"parameter importances: {note}")
+    if values:
+        display(importance_figure(values))
+    return trials_table(study)
+
+
+
+def _cmd_tune(args: Any) -> int:
+    options = TuneOptions(space=args.space, trials=args.trials, study=args.study, files=args.file or [],
+                          overrides=args.set or [], data_dir=args.data, backbone=args.backbone, out_dir=args.out or "",
+                          storage=args.storage or "", pruner=args.pruner, workers=args.workers,
+                          gpus=[g for g in (args.gpus or "").split(",") if g], heartbeat=args.heartbeat)
+    if options.data_dir is not None and not options.data_dir.strip():
+        raise ParamError(f"--data: got {options.data_dir!r}, expected a dataset folder (an unset shell variable?); "
+                         "leave --data out to use the built-in synthetic set")
+    result = run_tune(options)
+    best = f"best trial {result.best_number}: validation combined {result.best_value:.4f}; recipe {result.best_yaml}" \
+        if result.best_number is not None else "no complete trial"
+    print(f"{result.folder}: {result.complete} complete, {result.pruned} pruned, {result.failed} failed; {best}; "
+          f"report {result.report}")
+    for error in result.worker_errors:
+        print(f"tongue-nb tune: {error}", file=sys.stderr)
+    return 0 if result.ok and result.complete + result.pruned >= options.trials else 1
+
+
+def add_tune_command(sub: Any) -> None:
+    """The `tune` subcommand (tongue_nb.pipeline.cli's parser)."""
+    p = sub.add_parser("tune", help="search a recipe's training parameters with Optuna (validation score, pruning)")
+    p.add_argument("--data", help="dataset folder (default: the built-in synthetic set)")
+    p.add_argument("-f", "--file", action="append", help="recipe YAML (repeatable, later wins)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one recipe parameter (repeatable)")
+    p.add_argument("--backbone", help="the backbone to tune (default: the recipe's)")
+    p.add_argument("--space", required=True, help="search space YAML: field: {float|int: [low, high], log/step} or "
+                                                  "{choice: [...]}")
+    p.add_argument("--trials", type=int, required=True, help="finished trials (complete or pruned) to reach")
+    p.add_argument("--study", required=True, help="study name (several workers and reruns share it)")
+    p.add_argument("--out", help="tune folder (default tune/<study>): trials/, study.db, best.yaml, report.html")
+    p.add_argument("--storage", help="sqlite:///PATH (default <tune>/study.db), any SQLAlchemy URL "
+                                     "(postgresql://...), or journal:PATH (a journal file on a shared file system)")
+    p.add_argument("--pruner", choices=PRUNERS, default="median", help="stop bad trials early (default median)")
+    p.add_argument("--workers", type=int, default=1, help="local worker processes sharing the study (one GPU each)")
+    p.add_argument("--gpus", help="GPU ids for the workers, e.g. 0,1 (default: every visible GPU)")
+    p.add_argument("--heartbeat", type=int, default=60, metavar="SECONDS",
+                   help="a running trial's heartbeat; silent for 3x this, its worker is taken for dead and the trial "
+                        "retried (default 60)")
+    p.set_defaults(func=_cmd_tune)
+
+
+def _worker_main(argv: Sequence[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    record, index = Path(argv[1]), int(argv[2])
+    try:
+        work(read_record(record.parent), index)
+    except (RuntimeError, ValueError, OSError) as exc:
+        print(f"tongue-nb tune worker {index}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+__all__ = ["TuneOptions", "TuneResult", "check_options", "run_tune", "work", "load_study",
+           "read_record", "fail_stale_trials", "show_study", "PRUNERS"]
+
+if __name__ == "__main__":
+    raise SystemExit(_worker_main(sys.argv[1:]))
