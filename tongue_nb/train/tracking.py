@@ -141,6 +141,11 @@ def check_tracking(params: TrainParams) -> None:
 # --------------------------------------------------------------------------- the callbacks
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
 class Tracker(Callback):
     """What both trackers share: rank 0 only, and a failed write logged once, after which tracking stops."""
 
@@ -158,8 +163,8 @@ class Tracker(Callback):
         except Exception as exc:  # noqa: BLE001 - tracking never costs a run: warned once, then off
             self.active = False
             self.close()
-            log.warning("%s tracking failed while %s (%s: %s); training goes on without it (the run folder keeps "
-                        "everything)", self.what, action, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            log.warning("%s tracking failed while %s (%s); training goes on without it (the run folder keeps "
+                        "everything)", self.what, action, _first_line(exc))
 
     def on_fit_start(self, fit: FitState) -> None:
         if not fit.rt.dist.is_main:
@@ -167,9 +172,8 @@ class Tracker(Callback):
         try:
             self.start(fit.position.epoch)
         except Exception as exc:  # noqa: BLE001 - one line, before the first epoch
-            raise TrainingError(f"tracking={self.params.tracking}: cannot start ({type(exc).__name__}: "
-                                f"{str(exc).splitlines()[0] if str(exc) else ''}); fix tracking_uri or train with "
-                                "tracking=none") from None
+            raise TrainingError(f"tracking={self.params.tracking}: cannot start ({_first_line(exc)}); fix "
+                                "tracking_uri or train with tracking=none") from None
         self.active = True
 
     def after_epoch(self, fit: FitState, row: dict[str, Any]) -> None:
@@ -206,7 +210,7 @@ class TensorBoardTracker(Tracker):
         self.writer = SummaryWriter(str(self.folder.file(TENSORBOARD_DIR)), purge_step=resumed_after + 1)
         if resumed_after:
             return  # parameters were written when the run started
-        values = {k: v for k, v in self.params.as_dict().items()}
+        values = self.params.as_dict()
         self.writer.add_text("params", _params_text(values), 0)
         metrics = {"val/combined": 0.0, "test/fixed/combined": 0.0, "test/thresholded/combined": 0.0}
         for summary in hparams(values, metrics):  # the HPARAMS tab: every run's parameters beside its scores
