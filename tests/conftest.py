@@ -15,6 +15,8 @@ def _test_env(tmp_path_factory):
     """Keep caches out of the user's home and torch on few threads so tests stay predictable."""
     os.environ.setdefault("TONGUE_NB_CACHE", str(tmp_path_factory.mktemp("cache")))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Runs track nothing unless a test asks (tests/test_tracking.py): the test figures cost a second a run.
+    os.environ.setdefault("TONGUE_NB_TRACKING", "none")
     try:
         import torch
 

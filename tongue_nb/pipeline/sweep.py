@@ -288,6 +288,7 @@ def _sweep(data: Path, backbones: list[str], params_file: str | Path | None, ext
     _write_json(sweep_dir / "sweep.json", {"data_dir": str(data), "backbones": backbones, "params_file": str(params_file or ""),
                                            "overrides": extra, "seeds": seeds, "folds": folds,
                                            "started": _dt.datetime.now().isoformat(timespec="seconds")})
+    extra = dict(extra, **_tracking_experiment(params_file, extra, folds, sweep_dir))
     # The data review comes first: what the runs are trained on, in the same report folder.
     review_nb = sweep_dir / "notebooks" / "01_data_review.ipynb"
     if (NOTEBOOKS / "01_data_review.ipynb").exists() and _run_stage(
@@ -336,6 +337,10 @@ def _sweep(data: Path, backbones: list[str], params_file: str | Path | None, ext
         if nb.exists():  # failed runs too: the partial notebook shows where it stopped
             html = _render(nb, reports / f"03_train-{name}.html", run.backbone, result)
             run.report = str(html) if html else None
+            if html and run.ok:
+                from tongue_nb.train.tracking import attach_report
+
+                attach_report(run.run_dir, html)  # an MLflow run keeps its page (nothing for other trackers)
         if run.error:
             run.error["report"] = run.report
             Path(run.run_dir).mkdir(parents=True, exist_ok=True)
@@ -386,6 +391,13 @@ def _recipe_params(params_file: str | Path | None, extra: dict, folds: int, **va
     if folds and "fold" not in values:
         values["fold"] = 0
     return load_params([params_file] if params_file else (), **values)
+
+
+def _tracking_experiment(params_file: str | Path | None, extra: dict, folds: int, sweep_dir: Path) -> dict:
+    """The sweep's runs are one MLflow experiment named after the sweep folder, unless --set or the recipe names one."""
+    if extra.get("tracking_experiment") or _recipe_params(params_file, extra, folds).tracking_experiment:
+        return {}
+    return {"tracking_experiment": sweep_dir.name}
 
 
 def _gather_folds(sweep_dir: Path, result: SweepResult) -> dict[str, Path]:

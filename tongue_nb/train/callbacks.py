@@ -9,7 +9,9 @@ Hooks, in the order `fit` calls them (every one optional):
   set ``row["best"]``, ``fit.stop_stage`` (this stage ends) or ``fit.stop_fit`` (the whole fit ends);
 - ``on_stage_end(fit, stage)`` when a stage is over (its epochs done or stopped early);
 - ``after_epoch(fit, row)`` once the epoch's bookkeeping is complete and consistent (checkpoints, hooks);
-- ``on_fit_end(fit)`` once, after the last stage.
+- ``on_fit_end(fit)`` once, after the last stage;
+- ``on_run_end(fit, summary)`` once the trainer's final evaluation is written (rank 0; the trackers'
+  test metrics and figures: tongue_nb.train.tracking).
 
 A callback with a ``key`` has its ``state_dict()`` stored under that key in last.pt and handed back to
 ``load_state_dict`` on resume. Adding one: docs/internals.md ("An end-of-run callback").

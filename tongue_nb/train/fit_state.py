@@ -167,6 +167,9 @@ class Callback:
 
     def on_fit_end(self, fit: FitState) -> None: ...
 
+    def on_run_end(self, fit: FitState, summary: Mapping[str, Any]) -> None:
+        """Once the final evaluation is written (summary.json, predictions.csv), with the run's summary (rank 0)."""
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

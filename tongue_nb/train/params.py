@@ -13,6 +13,7 @@ import difflib
 import json
 import logging
 import math
+import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -52,6 +53,8 @@ CLASS_WEIGHTINGS = ("none", "balanced", "effective")
 CROPS = CROP_MODES  # the cache's crop modes (data/images.py)
 ON_BAD_IMAGE = ("error", "skip")
 ON_PROBLEM = ("error", "drop", "report")
+TRACKINGS = ("tensorboard", "mlflow", "none")
+TRACKING_ENV = "TONGUE_NB_TRACKING"  # the default of `tracking` where no recipe, value or override sets it
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
 
@@ -147,6 +150,14 @@ class TrainParams:
     resume_changed_data: bool = param(False, "let resume go on although labels.csv or the task schema changed since "
                                           "the run started (refused otherwise)")
     progress: bool = param(True, "show tqdm progress bars (turn off under papermill)")
+    # --- experiment tracking (tongue_nb/train/tracking.py)
+    tracking: str = param("tensorboard", "where each epoch's scalars, the parameters and the test figures go: "
+                          "tensorboard (<run folder>/tensorboard), mlflow, none; unset: $TONGUE_NB_TRACKING, else "
+                          "tensorboard", choices=TRACKINGS)
+    tracking_uri: str = param("", "mlflow: tracking URI (a server http://host:5000, or sqlite:///file.db); empty: "
+                              "$MLFLOW_TRACKING_URI, else sqlite:///<parent of the run folder>/mlruns/mlflow.db")
+    tracking_experiment: str = param("", "mlflow: experiment name; empty: the parent folder's name (a sweep: its "
+                                     "folder's name, one experiment for all its runs)")
 
     def __post_init__(self) -> None:
         # Coercion is applied here too, so TrainParams(batch_size="8") from a notebook works
@@ -405,6 +416,8 @@ def load_params(files: Iterable[str | Path] = (), overrides: Iterable[str] = (),
             merged[str(key)] = _coerce(_field_for(str(key), where), value, where)
     for key, raw, where in parsed:
         merged[key] = _coerce(_field_for(key, where), raw, where)
+    if "tracking" not in merged and os.environ.get(TRACKING_ENV):  # this machine's default (the test suite: none)
+        merged["tracking"] = os.environ[TRACKING_ENV].strip()
     return TrainParams(**merged)
 
 

@@ -39,6 +39,7 @@ from tongue_nb.train.fit_state import Callback, FitConfig, stages_from_params
 from tongue_nb.train.loop import EpochStats, NonFiniteLossError, evaluate, make_optimizer, train_one_epoch, warmup_cosine
 from tongue_nb.train.params import TrainParams
 from tongue_nb.train.runtime import DistInfo, Runtime, TrainingError, peak_memory_mb, progress_allowed
+from tongue_nb.train.tracking import check_tracking, make_trackers
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +314,7 @@ def make_loss(params: TrainParams, labels: Labels, train_rows: np.ndarray) -> Mu
 
 # out_dir: the checkpoint is read from it, so it is the run's folder however it is spelled (or wherever it moved).
 _RESUME_FREE = {"resume", "resume_changed_data", "progress", "num_threads", "device", "cache_dir", "oom_retry",
-                "eval_batch_size", "out_dir"}
+                "eval_batch_size", "out_dir", "tracking", "tracking_uri", "tracking_experiment"}
 _PATH_PARAMS = {"data_dir", "tasks", "pretrained_path"}  # the same file or folder, spelled relative or absolute
 
 
@@ -380,6 +381,7 @@ def default_callbacks(params: TrainParams, folder: RunFolder, model: MultiTaskBa
             # Written last of an epoch's files: a kill at any moment redoes at most that epoch.
             # On CUDA last.pt (optimizer state included: up to gigabytes) is written while the next epoch trains.
             LastCheckpoint(folder.save_last, extra={"params": resolved.as_dict(), "data": dict(fingerprint)})]
+    cbs += make_trackers(resolved, folder, schema.names)  # after last.pt: what they show is safely on disk
     if on_epoch_end is not None:
         cbs.append(EpochHook(on_epoch_end))
     return cbs
@@ -452,6 +454,7 @@ def _train_locked(params: TrainParams, rt: Runtime, data_dir: Path, labels: Labe
         ckpt = load_checkpoint(folder.last, map_location="cpu", keys=("progress", "model", "callbacks", "rng"))
         _check_resume_params(ckpt.get("params", {}), resolved, folder.last)
         _check_resume_data(ckpt.get("data"), fingerprint, folder.last, params.resume_changed_data)
+    check_tracking(params)
 
     img_cache, cache_seconds = _open_cache(params, labels, image_size, rt)
     idx = {name: np.flatnonzero((split == name) & img_cache.valid) for name in ("train", "val", "test")}
@@ -529,6 +532,8 @@ def _train_locked(params: TrainParams, rt: Runtime, data_dir: Path, labels: Labe
         folder.write_summary(summary)
         log.info("%s: test combined %.4f (fixed), %.4f (thresholded); best epoch %d", out_dir,
                  test_fixed["combined_score"], test_thr["combined_score"], best.best_epoch)
+        for cb in callbacks:
+            cb.on_run_end(f, to_jsonable(summary))
     rt.dist.barrier()
     return to_jsonable(summary)
 
