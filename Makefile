@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m tongue_nb.fonts  # the Regular CJK face for Chinese/Japanese/Korean names in figures, built once
 	touch $(STAMP)
 
 report: $(STAMP)

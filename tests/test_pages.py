@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -32,19 +33,36 @@ window.addEventListener('load', () => {
   document.body.appendChild(pre);
 });
 </script>"""
+CHINESE = {"shape": "舌形", "spots": "点刺", "cracks": "裂纹", "teethmarks": "齿痕", "coat": "舌苔", "greasy": "腻苔",
+           "rotten": "腐苔", "nospecialgreasy": "白苔"}
 LOG_LINE = re.compile(r"\b\d\d:\d\d:\d\d\b.*\b(INFO|WARNING|DEBUG)\b")
 
 
-def read_page(page: Path, screenshot: Path | None = None) -> dict:
+def font_env(folder: Path, cjk: bool = True) -> dict[str, str]:
+    """Chromium's environment with a fontconfig file that adds (cjk) the Noto Sans CJK of manimgx-fonts-cjk to
+    the system's fonts, or leaves the system's alone (a machine without a CJK font); no root needed."""
+    from tongue_nb.fonts import collection_path
+
+    conf = folder / f"fonts-{'cjk' if cjk else 'plain'}.conf"
+    extra = f"<dir>{collection_path().parent}</dir>" if cjk and collection_path() else ""
+    conf.write_text(f'<?xml version="1.0"?><fontconfig><include ignore_missing="yes">/etc/fonts/fonts.conf</include>'
+                    f"{extra}<cachedir>{folder / 'fc-cache'}</cachedir></fontconfig>", encoding="utf-8")
+    return {**os.environ, "FONTCONFIG_FILE": str(conf)}
+
+
+def read_page(page: Path, screenshot: Path | None = None, cjk: bool = True, height: int = 1000) -> dict:
     """What Chromium shows of a page: title, visible text, images (total, loaded), width at 1,400 px."""
     probe = page.with_name(f".probe-{page.name}")
     probe.write_text(page.read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"), encoding="utf-8")
-    args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,1000",
+    args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--window-size=1400,{height}",
             "--virtual-time-budget=10000"]
+    env = font_env(page.parent, cjk)
     try:
-        out = subprocess.run(args + ["--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120).stdout
+        out = subprocess.run(args + ["--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120,
+                             env=env).stdout
         if screenshot is not None:
-            subprocess.run(args + [f"--screenshot={screenshot}", page.as_uri()], capture_output=True, timeout=120)
+            subprocess.run(args + [f"--screenshot={screenshot}", page.as_uri()], capture_output=True, timeout=120,
+                           env=env)
     finally:
         probe.unlink()
     found = re.search(r'<pre id="tnb-probe">(.*?)</pre>', out, re.S)
@@ -52,12 +70,23 @@ def read_page(page: Path, screenshot: Path | None = None) -> dict:
     return json.loads(html.unescape(found.group(1)))
 
 
+def chinese_names(data: Path) -> Path:
+    """The synthetic dataset with Chinese task and class names (tasks.yaml and labels.csv); returns it."""
+    for name in ("tasks.yaml", "labels.csv"):
+        text = (data / name).read_text(encoding="utf-8")
+        for latin, chinese in CHINESE.items():
+            text = re.sub(rf"\b{latin}\b", chinese, text)
+        (data / name).write_text(text, encoding="utf-8")
+    return data
+
+
 @pytest.fixture(scope="module")
-def pages(tmp_path_factory) -> dict[str, dict]:
+def pages_root(tmp_path_factory) -> Path:
+    """A tiny sweep over the synthetic set named in Chinese (its tasks and classes), its pages in reports/."""
     from tongue_nb.data.synth import make_synthetic
 
     root = tmp_path_factory.mktemp("pages")
-    data = make_synthetic(root / "data", n=60, size=48, seed=1)
+    data = chinese_names(make_synthetic(root / "data", n=60, size=48, seed=1))
     recipe = root / "tiny.yaml"
     recipe.write_text("pretrained: false\nimage_size: 32\nbatch_size: 8\nstage1_epochs: 1\nstage2_epochs: 1\n"
                       "num_threads: 1\nearly_stopping_patience: 0\n")
@@ -66,6 +95,12 @@ def pages(tmp_path_factory) -> dict[str, dict]:
                              reports_dir=reports, compare=True, compare_steps=4, ensemble_k=2,
                              compare_options={"image_size": 32, "batch_size": 4, "isolate": False, "num_threads": 1})
     assert result.ok, result.describe()
+    return root
+
+
+@pytest.fixture(scope="module")
+def pages(pages_root) -> dict[str, dict]:
+    root, reports = pages_root, pages_root / "reports"
     shots = root / "screenshots"
     shots.mkdir()
     return {p.name: read_page(p, shots / f"{p.stem}.png") for p in sorted(reports.glob("*.html"))}
@@ -100,3 +135,20 @@ def test_figures_show_and_the_reader_gets_the_verdict_and_references(pages):
     assert "Data:" in index and "recipe:" in index and "95% interval" in index
     training = pages["03_train-test_convnext.html"]["text"]
     assert "initial weights" in training and "ROC and precision-recall" in training
+
+
+def test_chinese_names_are_drawn_in_every_figure_and_shown_on_the_pages(pages_root, pages):
+    """No notebook of the sweep warns of a glyph missing from matplotlib's fonts, and the pages show the names in
+    Chromium: the screenshot with the CJK font differs from the one without it where the names stand (with
+    empty boxes, tofu, both would be the same)."""
+    for nb in (pages_root / "sweep").rglob("*.ipynb"):
+        text = nb.read_text(encoding="utf-8")
+        assert "missing from font" not in text and "Glyph" not in text, nb.name
+    review = pages["01_data_review.html"]["text"]
+    assert all(name in review for name in CHINESE.values()), review[:500]
+    assert "舌苔" in pages["05_report.html"]["text"] and "白苔" in pages["03_train-test_convnext.html"]["text"]
+    page = pages_root / "reports" / "01_data_review.html"
+    shots = {cjk: pages_root / f"review-{cjk}.png" for cjk in (True, False)}
+    for cjk, shot in shots.items():
+        read_page(page, shot, cjk=cjk, height=3000)
+    assert shots[True].read_bytes() != shots[False].read_bytes(), "the names look the same without the CJK font"

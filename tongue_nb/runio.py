@@ -378,7 +378,8 @@ class RunFolder:
     def write_yaml(self, name: str, data: Mapping[str, Any]) -> Path:
         import yaml
 
-        return atomic_write_text(self.path / name, yaml.safe_dump(to_jsonable(dict(data)), sort_keys=False))
+        return atomic_write_text(self.path / name, yaml.safe_dump(to_jsonable(dict(data)), sort_keys=False,
+                                                                      allow_unicode=True))
 
     def write_table(self, name: str, table: Any, float_format: str | None = "%.6g") -> Path:
         """A pandas table as CSV (history, predictions, split, ...)."""

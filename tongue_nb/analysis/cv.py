@@ -27,11 +27,13 @@ from matplotlib.figure import Figure
 from tongue_nb.analysis.runs import RunData, SweepData, _probs, _targets, load_run, split_rows
 from tongue_nb.data.tasks import TaskSchema
 from tongue_nb import runfiles
+from tongue_nb.fonts import use_cjk_fonts
 from tongue_nb.runfiles import RunFileError
 
 FOLD_RUN = re.compile(r"^(?P<label>.+)-fold(?P<fold>\d+)$")
 ENSEMBLE_FILE = "ensemble.json"
 KIND = "fold_ensemble"
+use_cjk_fonts()
 
 
 def fold_label(run_name: str) -> tuple[str, int] | None:

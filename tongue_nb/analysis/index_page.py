@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tongue_nb import runfiles
+from tongue_nb.fonts import CSS_CJK
 from tongue_nb.analysis.runs import SweepData
 from tongue_nb.analysis.stats import bootstrap_table
 from tongue_nb.analysis.tables import run_table
@@ -16,7 +17,7 @@ from tongue_nb.runfiles import RunFileError
 log = logging.getLogger(__name__)
 
 
-_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2rem auto;max-width:60rem;
+_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,""" + CSS_CJK + """,sans-serif;margin:2rem auto;max-width:60rem;
 color:#222;padding:0 1rem}h1{font-size:1.6rem}h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;width:100%;font-size:.9rem}th,td{border:1px solid #ddd;padding:.35rem .5rem;text-align:left;
 vertical-align:top}th{background:#f4f4f4}a{color:#1a5fb4}.fail{color:#a51d2d;font-weight:600}.ok{color:#26a269}

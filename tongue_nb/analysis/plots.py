@@ -18,9 +18,12 @@ from matplotlib.figure import Figure
 
 from tongue_nb.analysis.runs import load_run, split_rows
 from tongue_nb.data.tasks import TaskSchema
+from tongue_nb.fonts import use_cjk_fonts
 
 __all__ = ["read_run", "plot_history", "metrics_table", "details_table", "thresholds_table",
            "confusion_matrices", "plot_confusion_matrices"]
+
+use_cjk_fonts()  # Chinese, Japanese and Korean task and class names in every figure (figures, errors, review too)
 
 
 def figure_png(fig: Figure, dpi: int = 90) -> bytes:

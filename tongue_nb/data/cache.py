@@ -84,7 +84,7 @@ def cache_key(root: Path, images: list[str], masks: list[str], image_size: int, 
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     """Exclusive advisory lock so that concurrent builders (DDP ranks, parallel sweeps) decode only once."""
     try:
         import fcntl
@@ -192,7 +192,7 @@ def build_cache(labels, image_size: int, crop: str = "crop", margin: float = 0.1
     hit = _open_hit(npy, meta_path, key, len(images), size)
     if hit is not None:
         return finish(hit)
-    with _file_lock(cache_dir / f"{stem}.lock"):
+    with file_lock(cache_dir / f"{stem}.lock"):
         hit = _open_hit(npy, meta_path, key, len(images), size)  # another process may have built it meanwhile
         if hit is not None:
             return finish(hit)

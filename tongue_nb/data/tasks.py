@@ -144,7 +144,7 @@ class TaskSchema:
     def to_yaml(self, path: str | Path) -> Path:
         """Write the schema as YAML."""
         path = Path(path)
-        path.write_text(yaml.safe_dump(self.as_dict(), sort_keys=False))
+        path.write_text(yaml.safe_dump(self.as_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
         return path
 
     @classmethod

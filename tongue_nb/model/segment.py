@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tongue_nb.data.images import prepare_image, read_image, read_mask
+from tongue_nb.fonts import CSS_CJK
 from tongue_nb.runfiles import load_module_state
 from tongue_nb.runio import RunFolder, RunLock, load_checkpoint, load_weights
 
@@ -386,7 +387,7 @@ def write_report(out: Path, summary: dict, history: list[dict], images: np.ndarr
         ax.set_title(f"{Path(names[i]).name}: IoU {ious[i]:.3f}", fontsize=7)
     c = summary["counts"]
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>segmenter - {html.escape(out.name)}"
-            f"</title><style>body{{font-family:sans-serif;max-width:1300px;margin:2em}}td,th{{padding:4px 10px}}"
+            f"</title><style>body{{font-family:Helvetica,Arial,{CSS_CJK},sans-serif;max-width:1300px;margin:2em}}td,th{{padding:4px 10px}}"
             f"</style></head><body><h1>segmenter - {html.escape(out.name)}</h1>"
             f"<p>U-Net, encoder {html.escape(summary['encoder'])} (initial weights: "
             f"{html.escape(str(summary['pretrained'].get('kind')))}), {summary['image_size']} px, "

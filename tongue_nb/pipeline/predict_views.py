@@ -9,7 +9,10 @@ import pandas as pd
 
 from tongue_nb.data.images import read_image, read_mask
 from tongue_nb.data.tasks import TaskSchema
+from tongue_nb.fonts import use_cjk_fonts
 from tongue_nb.pipeline.predict import Predictor, Selection, apply, predict_table
+
+use_cjk_fonts()
 
 
 def _summary_lines(schema: TaskSchema, rec: dict[str, Any]) -> list[str]:

@@ -3,9 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tongue_nb.fonts import CSS_CJK
+
 PAGE_TITLES = {"01_data_review": "data review", "02_model_comparison": "model comparison (cost and speed screen)",
                "03_train": "training", "04_error_analysis": "error analysis", "05_report": "final report",
                "06_predict": "predictions"}
+# JupyterLab's font lists with CJK fonts before the generic family, for Chinese, Japanese and Korean names
+_FONT_CSS = ("<style>:root{--jp-ui-font-family:system-ui,-apple-system,'Segoe UI',Helvetica,Arial," + CSS_CJK
+             + ",sans-serif;--jp-content-font-family:var(--jp-ui-font-family)}</style>\n")
 
 
 def page_title(html_path: str | Path) -> str:
@@ -45,6 +50,7 @@ def render_html(notebook: str | Path, html_path: str | Path, title: str | None =
         nb.cells.insert(0, nbformat.v4.new_markdown_cell(f"# {title}{back}"))
     exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True, embed_images=True)
     body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": title}})
+    body = body.replace("</head>", _FONT_CSS + "</head>", 1)
     html_path = Path(html_path)
     html_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = html_path.with_suffix(".html.tmp")
