@@ -277,3 +277,24 @@ def test_real_tonguexpert_images_crop_to_tongue(tmp_path):
     assert (centre.mean(axis=1) > 40).all()  # the tongue fills the middle of a tongue crop
     assert not np.array_equal(np.asarray(blank.images), np.asarray(whole.images))
     assert list((tmp_path / "cache").glob("*.npy")) and not list(SHARED.rglob("*.npy"))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_and_folders_get_the_umask_permissions(tmp_path, umask):
+    """Files written atomically (run folders, the image cache) and folders built aside and renamed in (the
+    synthetic set) are readable by whom the umask allows, not only by their owner as a bare mkstemp makes them."""
+    from tongue_nb.data.synth import ensure_synthetic
+    from tongue_nb.runio import atomic_write_text
+
+    old = os.umask(umask)
+    try:
+        labels = _dataset(tmp_path / "data", n=2)
+        c = build_cache(labels, 16, "crop", cache_dir=tmp_path / "cache")
+        written = [atomic_write_text(tmp_path / "run" / "summary.json", "{}"), Path(c.path),
+                   *Path(c.path).parent.glob("*.json")]
+        folder = ensure_synthetic(n=8, size=32, out_dir=tmp_path / "synth")
+    finally:
+        os.umask(old)
+    for f in written:
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask

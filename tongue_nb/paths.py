@@ -6,6 +6,7 @@ import errno
 import hashlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 __all__ = ["FolderError", "DiskFullError", "check_folder", "check_outside_dataset", "check_file_target", "prepare_folder", "check_free_space", "describe_os_error", "is_disk_full", "human_bytes", "file_sha256"]
@@ -124,3 +125,35 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc), else set and put back."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temp_file(folder: str | Path, prefix: str, suffix: str = ".tmp") -> tuple[int, str]:
+    """`tempfile.mkstemp` in `folder`, with the permissions an ordinary new file gets (0666 less the umask).
+
+    mkstemp makes a file only its owner can read; renamed into place as a run folder's file, a cache or a
+    font, that would hide it from the colleagues the umask lets read the folder.
+    """
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+    os.fchmod(fd, 0o666 & ~_umask())
+    return fd, name
+
+
+def temp_folder(folder: str | Path, prefix: str) -> Path:
+    """`tempfile.mkdtemp` in `folder`, with the permissions an ordinary new folder gets (0777 less the umask)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=folder))
+    path.chmod(0o777 & ~_umask())
+    return path

@@ -17,7 +17,6 @@ import math
 import os
 import shutil
 import socket
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from tongue_nb import runfiles
+from tongue_nb.paths import temp_file
 from tongue_nb.runfiles import RunFileError
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def _atomic_file(path: str | Path) -> Iterator[io.BufferedWriter]:
     """Yield a binary file that replaces `path` only once it is completely written and synced."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file(path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as fh:
             yield fh

@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,7 +20,8 @@ import numpy as np
 import pandas as pd
 
 from tongue_nb.data.images import CROP_MODES, ImageError, read_sample
-from tongue_nb.paths import DiskFullError, check_free_space, human_bytes, is_disk_full, prepare_folder
+from tongue_nb.paths import (DiskFullError, check_free_space, human_bytes, is_disk_full, prepare_folder,
+                             temp_file)
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ def _build(root: Path, images: list[str], masks: list[str], size: int, crop: str
     what = f"the image cache ({n} images at {size} px)"
     check_free_space(npy.parent, needed, what, f"free space there, or {_ELSEWHERE}")
     log.info("building image cache %s (%d images at %d px, crop=%s)", npy, n, size, crop)
-    fd, tmp_name = tempfile.mkstemp(prefix=npy.stem + ".", suffix=".tmp", dir=npy.parent)
+    fd, tmp_name = temp_file(npy.parent, prefix=npy.stem + ".")
     os.close(fd)
     tmp = Path(tmp_name)
     bad: list[dict] = []
@@ -270,7 +270,7 @@ def _build(root: Path, images: list[str], masks: list[str], size: int, crop: str
             "margin": margin, "bad": bad, "empty_masks": empty, "build_seconds": round(seconds, 3),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     # The JSON is written last: its presence marks a complete cache.
-    fd, tmp_meta = tempfile.mkstemp(prefix=meta_path.stem + ".", suffix=".tmp", dir=meta_path.parent)
+    fd, tmp_meta = temp_file(meta_path.parent, prefix=meta_path.stem + ".")
     try:
         with os.fdopen(fd, "w") as fh:
             json.dump(meta, fh, indent=1)

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from tongue_nb.checks import check_int
+from tongue_nb.paths import temp_folder
 
 from tongue_nb.data.tasks import default_schema
 
@@ -390,7 +391,7 @@ def ensure_synthetic(n: int = 500, size: int = 128, seed: int = 0, missing: floa
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename: a reader never sees half a dataset, and two racing
     # builders both end with the same finished folder.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    tmp = temp_folder(target.parent, prefix=f".{target.name}-")
     try:
         make_synthetic(tmp, n=n, size=size, seed=seed, missing=missing)
         (tmp / ".synthetic.json").write_text(json.dumps(stamp))
