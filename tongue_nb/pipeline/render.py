@@ -5,7 +5,7 @@ from pathlib import Path
 
 PAGE_TITLES = {"01_data_review": "data review", "02_model_comparison": "model comparison (cost and speed screen)",
                "03_train": "training", "04_error_analysis": "error analysis", "05_report": "final report",
-               "06_predict": "predictions"}
+               "06_predict": "predictions", "07_tune": "tuning study"}
 
 
 def page_title(html_path: str | Path) -> str:
