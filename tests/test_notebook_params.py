@@ -9,7 +9,8 @@ import pytest
 
 from tongue_nb.pipeline.compare import CompareParams
 from tongue_nb.pipeline.notebook_params import (NOTEBOOK_PARAMS, ComparisonNotebookParams, DataReviewParams,
-                                                ErrorAnalysisParams, PredictNotebookParams, ReportParams)
+                                                ErrorAnalysisParams, PredictNotebookParams, ReportParams,
+                                                TuneNotebookParams)
 from tongue_nb.pipeline.sweep import NOTEBOOKS
 from tongue_nb.train.params import ParamError
 
@@ -58,6 +59,7 @@ def test_each_notebook_checks_exactly_its_parameters_cell(stem):
     (PredictNotebookParams, {"images": "i"}, "one of the two"),
     (PredictNotebookParams, {"runs": "r", "selection": "s.json", "images": "i"}, "one of the two"),
     (PredictNotebookParams, {"runs": "r"}, "parameter images"),
+    (TuneNotebookParams, {"tune_dir": " "}, "parameter tune_dir: expected a tune folder"),
 ])
 def test_bad_values_are_named(cls, given, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -9,9 +9,9 @@ import pytest
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
-def test_all_six_notebooks_exist():
+def test_all_seven_notebooks_exist():
     assert [p.stem for p in NOTEBOOKS] == ["01_data_review", "02_model_comparison", "03_train",
-                                           "04_error_analysis", "05_report", "06_predict"]
+                                           "04_error_analysis", "05_report", "06_predict", "07_tune"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

@@ -1,5 +1,8 @@
 """`tongue-nb tune`: the space file's refusals, a tiny real search (best.yaml, report, run folders), pruning,
-resume, two workers on one SQLite study, the journal storage, and a dead worker's trial retried."""
+resume, notebook 07 on the finished study, two workers on one SQLite study, the journal storage, and a dead
+worker's trial retried."""
+import contextlib
+import io
 import json
 import time
 
@@ -9,7 +12,7 @@ import yaml
 from tongue_nb.data.synth import make_synthetic
 from tongue_nb.pipeline import cli
 from tongue_nb.pipeline.tune import TuneOptions, check_options, load_study, run_tune
-from tongue_nb.train.params import load_params
+from tongue_nb.train.params import ParamError, load_params
 
 RECIPE = {"backbone": "test_convnext", "pretrained": False, "image_size": 32, "batch_size": 8, "stage1_epochs": 1,
           "stage2_epochs": 1, "max_steps_per_epoch": 2, "device": "cpu", "num_threads": 1}
@@ -56,13 +59,87 @@ def test_space_refusals_are_one_line_exit_2_and_write_nothing(inputs, tmp_path, 
     assert not out.exists()
 
 
-def test_tune_writes_runs_best_recipe_and_report_then_resumes(inputs, tmp_path, capsys):
+@pytest.mark.parametrize("case, words", [
+    ("space-missing", ["search space", "nope.yaml (--space): not found; expected a YAML file"]),
+    ("recipe-missing", ["-f/--file", "nope.yaml: recipe not found; expected a recipe YAML file"]),
+    ("no-driver", ["--storage postgresql://", "the driver of postgresql:// is not installed", "expected"]),
+    ("unknown-db", ["--storage nosuchdb://", "unknown database kind 'nosuchdb'; expected"]),
+    ("sqlite-no-folder", ["--storage sqlite:///", "cannot write an SQLite file there; expected"]),
+    ("sqlite-under-a-file", ["--storage sqlite:///", "cannot write an SQLite file there; expected"]),
+    ("sqlite-in-memory", ["--storage sqlite://", "expected sqlite:///PATH"]),
+    ("out-under-a-file", ["--out", "is a file, expected a folder"]),
+], ids=lambda value: value if isinstance(value, str) else "")
+def test_bad_options_are_one_line_naming_the_option_exit_2_and_write_nothing(inputs, tmp_path, capsys, case,
+                                                                               words):
+    import importlib.util
+
+    if case == "no-driver" and importlib.util.find_spec("psycopg"):
+        pytest.skip("a PostgreSQL driver is installed here")
     root, data = inputs
+    (tmp_path / "a-file").write_text("")
+    recipe, space, out = str(root / "recipe.yaml"), str(root / "space.yaml"), str(tmp_path / "tune")
+    extra = {"space-missing": ["--space", str(tmp_path / "nope.yaml")],
+             "recipe-missing": ["-f", str(tmp_path / "nope.yaml")],
+             "no-driver": ["--storage", "postgresql://user@localhost/db"],
+             "unknown-db": ["--storage", "nosuchdb://h/db"],
+             "sqlite-no-folder": ["--storage", f"sqlite:///{tmp_path}/missing/study.db"],
+             "sqlite-under-a-file": ["--storage", f"sqlite:///{tmp_path}/a-file/study.db"],
+             "sqlite-in-memory": ["--storage", "sqlite://"],
+             "out-under-a-file": ["--out", str(tmp_path / "a-file" / "t")]}
+    argv = ["tune", "--data", str(data), "-f", recipe, "--space", space, "--trials", "2", "--study", "s", "--out", out]
+    code = cli.main(argv + extra[case])  # argparse: the last --space / --out wins; -f adds a missing recipe
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("tongue-nb tune: error: "), err
+    assert all(w in err for w in words), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # no tune folder, no study file
+
+
+def test_the_command_lines_median_pruner_waits_for_3_trials_and_the_whole_network(inputs, tmp_path):
+    import dataclasses
+
+    import optuna
+
+    from tongue_nb.pipeline.tune import make_pruner, median_warmup, options_from_args
+    from tongue_nb.pipeline.tune_space import Dimension
+
+    root, data = inputs
+    args = cli.build_parser().parse_args(["tune", "--data", str(data), "-f", str(root / "recipe.yaml"), "--space",
+                                          str(root / "space.yaml"), "--trials", "9", "--study", "s"])
+    options = options_from_args(args)
+    base, space = check_options(options)
+    pruner = make_pruner(options.pruner, base, space)
+    assert options.pruner == "median" and isinstance(pruner, optuna.pruners.MedianPruner)
+    assert (pruner._n_startup_trials, pruner._n_warmup_steps) == (3, 2)  # the recipe's stage 1: epoch 1
+    assert median_warmup(dataclasses.replace(base, stage1_epochs=5), []) == 6  # the default 5 frozen epochs
+    assert median_warmup(base, [Dimension("stage1_epochs", "int", 0, 4)]) == 5  # the space's longest stage 1
+    assert median_warmup(dataclasses.replace(base, stage1_epochs=0), []) == 2  # never epoch 1
+    # Optuna's reading of it, on the epoch numbers the trials report: a bad 4th trial is pruned at epoch 2, not 1.
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    for _ in range(3):
+        study.add_trial(optuna.trial.create_trial(value=0.8, intermediate_values={1: 0.5, 2: 0.8}))
+    trial = study.ask()
+    trial.report(0.1, 1)
+    assert not trial.should_prune()
+    trial.report(0.1, 2)
+    assert trial.should_prune()
+
+
+@pytest.fixture(scope="module")
+def finished(inputs, tmp_path_factory):
+    """A tiny finished tune through the command line (2 trials): the resume test goes on to 3, 07 shows it."""
+    root, data = inputs
+    folder = tmp_path_factory.mktemp("finished") / "tune"
     argv = ["tune", "--data", str(data), "-f", str(root / "recipe.yaml"), "--space", str(root / "space.yaml"),
-            "--trials", "2", "--study", "s", "--out", str(tmp_path / "tune")]
-    assert cli.main(argv) == 0
-    assert "2 complete" in capsys.readouterr().out
-    folder = tmp_path / "tune"
+            "--trials", "2", "--study", "s", "--out", str(folder)]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.main(argv)
+    return {"folder": folder, "argv": argv, "code": code, "out": out.getvalue()}
+
+
+def test_tune_writes_runs_best_recipe_and_report_then_resumes(finished):
+    folder, argv = finished["folder"], finished["argv"]
+    assert finished["code"] == 0 and "2 complete" in finished["out"]
     assert (folder / "study.db").is_file()
     best = load_params(files=[folder / "best.yaml"])  # a recipe, ready for sweep -f
     raw = yaml.safe_load((folder / "best.yaml").read_text())
@@ -78,6 +155,33 @@ def test_tune_writes_runs_best_recipe_and_report_then_resumes(inputs, tmp_path, 
     assert cli.main(argv[:-6] + ["--trials", "3", "--study", "s", "--out", str(folder)]) == 0
     assert _states(TuneOptions(space="", trials=3, study="s", out_dir=str(folder))) == \
         [(0, "COMPLETE"), (1, "COMPLETE"), (2, "COMPLETE")]
+
+
+def test_notebook_07_shows_the_study_and_changes_nothing(finished, tmp_path):
+    from tongue_nb.pipeline import jobs, sweep
+
+    folder = finished["folder"]
+    before = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+    out_nb = tmp_path / "07.ipynb"
+    with jobs.project_kernel() as kernel:  # run from another folder: the tune folder is read as given
+        jobs.execute_notebook(sweep.NOTEBOOKS / "07_tune.ipynb", out_nb, {"tune_dir": str(folder)}, kernel, tmp_path)
+    page = sweep.render_html(out_nb, tmp_path / "07_tune.html").read_text()
+    assert "tuning study" in page and "complete" in page and "trials/trial-1" in page  # the trials table
+    assert page.count("data:image/png;base64") >= 2  # history, importances
+    assert "best recipe" in page and "stage2_lr_backbone:" in page and "tongue-nb sweep -f" in page
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()} == before
+
+
+def test_open_study_refuses_a_folder_that_is_not_a_tunes(finished, tmp_path):
+    from tongue_nb.pipeline.tune import open_study
+    from tongue_nb.runfiles import RunFileError
+
+    with pytest.raises(RunFileError, match="tune.json"):
+        open_study(tmp_path)
+    (tmp_path / "tune.json").write_text((finished["folder"] / "tune.json").read_text())
+    with pytest.raises(ParamError, match="no study file .*study.db; expected the folder of a tune"):
+        open_study(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tune.json"]
 
 
 def test_pruned_trial_stops_its_fit_and_says_so(inputs, tmp_path):
@@ -113,7 +217,7 @@ def test_dead_workers_trial_is_failed_and_retried_with_its_values(inputs, tmp_pa
     values = {d.name: d.suggest(dead) for d in space}
     if storage == "sqlite":
         study._storage.record_heartbeat(dead._trial_id)
-    time.sleep(options.grace + 0.5)
+    time.sleep(options.grace + 1.5)  # SQLite keeps whole seconds: 3.5 s can read as 3
     result = run_tune(options)
     assert result.complete == 1
     trials = load_study(options).get_trials()

@@ -1,4 +1,4 @@
-"""The parameters of the analysis notebooks (01, 02, 04, 05, 06), typed and checked like TrainParams.
+"""The parameters of the analysis notebooks (01, 02, 04, 05, 06, 07), typed and checked like TrainParams.
 
 Each notebook's first cell after its parameters cell reads them with `<Class>.from_namespace(globals())`:
 every value is converted to its declared type and checked (range, choices) by the same field checker as
@@ -19,7 +19,7 @@ from tongue_nb.train.params import (ParamError, check_fields, check_notebook_nam
                                     injected_parameter_names, param)
 
 __all__ = ["DataReviewParams", "ComparisonNotebookParams", "ErrorAnalysisParams", "ReportParams",
-           "PredictNotebookParams", "NOTEBOOK_PARAMS"]
+           "PredictNotebookParams", "TuneNotebookParams", "NOTEBOOK_PARAMS"]
 
 
 class NotebookParams:
@@ -144,7 +144,15 @@ class PredictNotebookParams(NotebookParams):
         return Path(self.out_csv) if self.out_csv.strip() else Path(f"predictions-{Path(self.images).stem or 'photos'}.csv")
 
 
+@dataclass
+class TuneNotebookParams(NotebookParams):
+    """07_tune."""
+
+    tune_dir: str = param("", "tune folder written by tongue-nb tune (tune.json, trials/, study.db, best.yaml)")
+    required: ClassVar[dict[str, str]] = {"tune_dir": "a tune folder, e.g. -p tune_dir tune/lr-crop"}
+
+
 #: notebook file stem -> its parameters class (03_train: TrainParams)
 NOTEBOOK_PARAMS: dict[str, type] = {"01_data_review": DataReviewParams, "02_model_comparison": ComparisonNotebookParams,
                                     "04_error_analysis": ErrorAnalysisParams, "05_report": ReportParams,
-                                    "06_predict": PredictNotebookParams}
+                                    "06_predict": PredictNotebookParams, "07_tune": TuneNotebookParams}

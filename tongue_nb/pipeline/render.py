@@ -7,7 +7,7 @@ from tongue_nb.fonts import CSS_CJK
 
 PAGE_TITLES = {"01_data_review": "data review", "02_model_comparison": "model comparison (cost and speed screen)",
                "03_train": "training", "04_error_analysis": "error analysis", "05_report": "final report",
-               "06_predict": "predictions"}
+               "06_predict": "predictions", "07_tune": "tuning study"}
 # JupyterLab's font lists with CJK fonts before the generic family, for Chinese, Japanese and Korean names
 _FONT_CSS = ("<style>:root{--jp-ui-font-family:system-ui,-apple-system,'Segoe UI',Helvetica,Arial," + CSS_CJK
              + ",sans-serif;--jp-content-font-family:var(--jp-ui-font-family)}</style>\n")

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 if TYPE_CHECKING:
     import pandas as pd
 
+from tongue_nb.paths import check_folder
 from tongue_nb.pipeline.tune_space import Dimension, load_space, space_from_dicts
 from tongue_nb.train.params import ParamError, TrainParams, load_params, read_params_file, split_overrides
 
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 PRUNERS = ("median", "halving", "none")
 RECORD = "tune.json"          # the tune folder's record of its options (what a later run and show_study read)
 FAILURES_IN_A_ROW = 3          # a worker stops after this many failed trials in a row (a broken recipe or data)
+MEDIAN_STARTUP = 3             # finished trials before the median pruner stops any (a median of fewer is noise)
 
 
 @dataclass
@@ -107,6 +109,9 @@ def base_params(options: TuneOptions, **values: Any) -> TrainParams:
 
 def check_options(options: TuneOptions) -> tuple[TrainParams, list[Dimension]]:
     """The recipe and the space, checked; ParamError (one line) on the first problem. Writes nothing."""
+    for file in options.files:
+        if not Path(file).is_file():
+            raise ParamError(f"-f/--file {file}: recipe not found; expected a recipe YAML file")
     if options.trials < 1:
         raise ParamError(f"--trials: got {options.trials}, expected at least 1")
     if options.workers < 1:
@@ -122,9 +127,10 @@ def check_options(options: TuneOptions) -> tuple[TrainParams, list[Dimension]]:
         raise ParamError("tune: no backbone given: pass --backbone NAME or a recipe (-f) that names one")
     if options.data_dir is not None and not Path(options.data_dir).is_dir():
         raise ParamError(f"--data: folder {options.data_dir} not found")
+    check_folder(options.folder, "--out", "choose a tune folder you can write to")
     base = base_params(options)
     space = load_space(options.space, lambda values: base_params(options, **values))
-    storage_spec(options)  # a malformed --storage is refused here too
+    check_storage(options)
     return base, space
 
 
@@ -150,6 +156,34 @@ def storage_spec(options: TuneOptions) -> tuple[str, str]:
     return "rdb", spec
 
 
+def check_storage(options: TuneOptions) -> None:
+    """A --storage the study can be opened in, checked without connecting or writing: its database driver is
+    installed, and an SQLite file's folder exists and is writable. ParamError (one line) if not."""
+    kind, where = storage_spec(options)
+    if kind == "journal" or not options.storage.strip():
+        return  # the journal's folder is checked by storage_spec; the default study.db goes in the tune folder
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import NoSuchModuleError
+
+    url = make_url(where)
+    try:
+        url.get_dialect().import_dbapi()
+    except NoSuchModuleError:
+        raise ParamError(f"--storage {where}: unknown database kind {url.drivername!r}; expected a SQLAlchemy URL "
+                         "(sqlite:///PATH, postgresql://USER@HOST/DB) or journal:PATH") from None
+    except ImportError as exc:
+        module = getattr(exc, "name", None) or str(exc)
+        raise ParamError(f"--storage {where}: the driver of {url.drivername}:// is not installed (no Python module "
+                         f"{module}); expected a URL whose driver is installed (pip install it, or name one: "
+                         "postgresql+psycopg2://...), sqlite:///PATH or journal:PATH") from None
+    if url.get_backend_name() == "sqlite":
+        database = url.database or ""
+        folder = Path(database).expanduser().parent
+        if database in ("", ":memory:") or not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            raise ParamError(f"--storage {where}: cannot write an SQLite file there; expected sqlite:///PATH with "
+                             "PATH a file in an existing folder you can write to")
+
+
 # --------------------------------------------------------------------------- storage, study
 
 
@@ -170,25 +204,39 @@ def open_storage(kind: str, where: str, options: TuneOptions) -> Any:
                           heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=options.max_retry))
 
 
-def _pruner(name: str) -> Any:
+def median_warmup(base: TrainParams, space: Sequence[Dimension]) -> int:
+    """The first epoch the median pruner may stop a trial at: the first that trains the whole network (after the
+    frozen-backbone stage 1, the space's longest when it tunes stage1_epochs), and never epoch 1."""
+    stage1 = base.stage1_epochs
+    for d in space:
+        if d.name == "stage1_epochs":
+            stage1 = int(max(d.choices) if d.kind == "choice" else d.high)
+    return max(2, stage1 + 1)
+
+
+def make_pruner(name: str, base: TrainParams, space: Sequence[Dimension]) -> Any:
+    """The --pruner of a worker's study: median (once MEDIAN_STARTUP trials completed, from median_warmup),
+    halving, or none."""
     import optuna
 
-    if name == "median":  # no pruning before 5 trials have finished, nor on a trial's first epoch
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
+    if name == "median":  # trials report their epoch numbers (1, 2, ...): pruning from epoch n_warmup_steps on
+        return optuna.pruners.MedianPruner(n_startup_trials=MEDIAN_STARTUP, n_warmup_steps=median_warmup(base, space))
     if name == "halving":
         return optuna.pruners.SuccessiveHalvingPruner()
     return optuna.pruners.NopPruner()
 
 
 def load_study(options: TuneOptions, pruner: Any = None, seed: int = 0) -> Any:
-    """The study in its storage (made when new), with the TPE sampler and the pruner."""
+    """The study in its storage (made when new), with the TPE sampler and `pruner` (a worker's: make_pruner;
+    without one, none: reading a study needs no pruner)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(*storage_spec(options), options)
     sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
     return optuna.create_study(study_name=options.study, storage=storage, direction="maximize", sampler=sampler,
-                               pruner=pruner if pruner is not None else _pruner(options.pruner), load_if_exists=True)
+                               pruner=pruner if pruner is not None else optuna.pruners.NopPruner(),
+                               load_if_exists=True)
 
 
 def _check_same_space(study: Any, space: list[Dimension], base: TrainParams) -> None:
@@ -201,9 +249,6 @@ def _check_same_space(study: Any, space: list[Dimension], base: TrainParams) -> 
     elif space_from_dicts(saved) != space_from_dicts(now) or study.user_attrs.get("backbone") != base.backbone:
         raise ParamError(f"--study {study.study_name}: this study was started with another search space or "
                          "backbone; pass the same ones to go on, or name another --study")
-
-
-# --------------------------------------------------------------------------- one trial
 
 
 # --------------------------------------------------------------------------- workers
@@ -301,6 +346,7 @@ def work(options: TuneOptions, worker: int = 0, pruner: Any = None) -> int:
 
     base, space = check_options(options)
     seed = base.seed + 7919 * worker + len(load_study(options).trials)  # reruns and workers draw differently
+    pruner = pruner if pruner is not None else make_pruner(options.pruner, base, space)
     study = load_study(options, pruner=pruner, seed=seed)
     journal = storage_spec(options)[0] == "journal"
     ran, failures, last_error = 0, 0, ""
@@ -393,7 +439,7 @@ def run_tune(options: TuneOptions, pruner: Any = None) -> TuneResult:
     _check_same_space(study, space, base)
     if not options.gpus and options.workers > 1:
         options = dataclasses.replace(options, gpus=visible_gpus())
-    atomic_write_text(folder / RECORD, json.dumps(dataclasses.asdict(options), indent=2))
+    atomic_write_text(folder / RECORD, json.dumps(dataclasses.asdict(_recorded(options)), indent=2))
     errors: list[str] = []
     if options.workers == 1:
         try:
@@ -403,6 +449,13 @@ def run_tune(options: TuneOptions, pruner: Any = None) -> TuneResult:
     else:
         errors += [f"worker {i} exited with {code}" for i, code in enumerate(_spawn_workers(options)) if code]
     return _finish(options, load_study(options), base, errors, write_best, write_report)
+
+
+def _recorded(options: TuneOptions) -> TuneOptions:
+    """The options as tune.json keeps them: the folder and a journal file as absolute paths (read from anywhere)."""
+    kind, where = storage_spec(options)
+    return dataclasses.replace(options, out_dir=str(options.folder.resolve()),
+                               storage=f"journal:{where}" if kind == "journal" else options.storage)
 
 
 def _finish(options: TuneOptions, study: Any, base: TrainParams, errors: list[str], write_best: Any,
@@ -427,23 +480,53 @@ def read_record(folder: str | Path) -> TuneOptions:
     return TuneOptions(**data)
 
 
+def open_study(folder: str | Path) -> Any:
+    """A finished (or running) tune's study, read from its folder's record and storage; never makes one.
+
+    A folder that is not a tune folder, or whose study is not in its storage, is a one-line ParamError.
+    """
+    import optuna
+
+    # The folder as given, not as recorded: it may have moved, or be read from another working folder.
+    options = dataclasses.replace(read_record(folder), out_dir=str(folder))
+    kind, where = storage_spec(options)
+    file = None  # a database server: optuna says whether the study is there
+    if kind == "journal":
+        file = Path(where)
+    elif not options.storage.strip():
+        file = options.folder / "study.db"
+    if file is not None and not file.is_file():
+        raise ParamError(f"tune folder {folder}: no study file {file}; expected the folder of a tune that has run")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.load_study(study_name=options.study, storage=open_storage(kind, where, options))
+    except KeyError:
+        raise ParamError(f"tune folder {folder}: study {options.study!r} is not in its storage {where}") from None
+
+
 def show_study(folder: str | Path) -> pd.DataFrame:
-    """In a notebook: a tune folder's history and importance figures shown, its trials table returned."""
+    """In a notebook: a tune's summary, history and importance figures and best recipe shown; its trials returned."""
     from IPython.display import display
 
     from tongue_nb.pipeline.tune_report import history_figure, importance_figure, importances, trials_table
 
-    study = load_study(read_record(folder))
+    study = open_study(folder)
+    table = trials_table(study)
+    counts = table["state"].value_counts().to_dict() if len(table) else {}
+    print(f"study {study.study_name}: {', '.join(f'{n} {s}' for s, n in counts.items()) or 'no trials'}")
     display(history_figure(study))
     values, note = importances(study)
     print(f"parameter importances: {note}")
     if values:
         display(importance_figure(values))
-    return trials_table(study)
+    best = Path(folder) / "best.yaml"
+    print(f"best recipe ({best}, for tongue-nb sweep -f):\n{best.read_text()}" if best.is_file()
+          else "best recipe: none yet (no complete trial)")
+    return table
 
 
-
-def _cmd_tune(args: Any) -> int:
+def options_from_args(args: Any) -> TuneOptions:
+    """The command line's TuneOptions (the `tune` subcommand's parsed arguments)."""
     options = TuneOptions(space=args.space, trials=args.trials, study=args.study, files=args.file or [],
                           overrides=args.set or [], data_dir=args.data, backbone=args.backbone, out_dir=args.out or "",
                           storage=args.storage or "", pruner=args.pruner, workers=args.workers,
@@ -451,6 +534,11 @@ def _cmd_tune(args: Any) -> int:
     if options.data_dir is not None and not options.data_dir.strip():
         raise ParamError(f"--data: got {options.data_dir!r}, expected a dataset folder (an unset shell variable?); "
                          "leave --data out to use the built-in synthetic set")
+    return options
+
+
+def _cmd_tune(args: Any) -> int:
+    options = options_from_args(args)
     result = run_tune(options)
     best = f"best trial {result.best_number}: validation combined {result.best_value:.4f}; recipe {result.best_yaml}" \
         if result.best_number is not None else "no complete trial"
@@ -463,21 +551,34 @@ def _cmd_tune(args: Any) -> int:
 
 def add_tune_command(sub: Any) -> None:
     """The `tune` subcommand (tongue_nb.pipeline.cli's parser)."""
-    p = sub.add_parser("tune", help="search a recipe's training parameters with Optuna (validation score, pruning)")
-    p.add_argument("--data", help="dataset folder (default: the built-in synthetic set)")
-    p.add_argument("-f", "--file", action="append", help="recipe YAML (repeatable, later wins)")
+    p = sub.add_parser(
+        "tune", help="search a recipe's training parameters with Optuna (validation score, pruning)",
+        description="Search a recipe's training parameters with Optuna (TPE): each trial an ordinary run folder, its "
+                    "value the validation combined score (test is never read). Writes <tune>/best.yaml (the recipe "
+                    "with the best values, for sweep -f) and report.html; notebooks/07_tune.ipynb shows the study. "
+                    "Run the same command again to go on; bad input is one line, exit 2, nothing written.")
+    p.add_argument("--data", metavar="DIR", help="dataset folder (default: the built-in synthetic set)")
+    p.add_argument("-f", "--file", action="append", metavar="RECIPE", help="recipe YAML (repeatable, later wins)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one recipe parameter (repeatable)")
-    p.add_argument("--backbone", help="the backbone to tune (default: the recipe's)")
-    p.add_argument("--space", required=True, help="search space YAML: field: {float|int: [low, high], log/step} or "
-                                                  "{choice: [...]}")
-    p.add_argument("--trials", type=int, required=True, help="finished trials (complete or pruned) to reach")
-    p.add_argument("--study", required=True, help="study name (several workers and reruns share it)")
-    p.add_argument("--out", help="tune folder (default tune/<study>): trials/, study.db, best.yaml, report.html")
-    p.add_argument("--storage", help="sqlite:///PATH (default <tune>/study.db), any SQLAlchemy URL "
-                                     "(postgresql://...), or journal:PATH (a journal file on a shared file system)")
-    p.add_argument("--pruner", choices=PRUNERS, default="median", help="stop bad trials early (default median)")
-    p.add_argument("--workers", type=int, default=1, help="local worker processes sharing the study (one GPU each)")
-    p.add_argument("--gpus", help="GPU ids for the workers, e.g. 0,1 (default: every visible GPU)")
+    p.add_argument("--backbone", metavar="NAME", help="the backbone to tune (default: the recipe's)")
+    p.add_argument("--space", required=True, metavar="FILE",
+                   help="search space YAML, one field a line: {float: [low, high]} or {int: [low, high]} (optional "
+                        "log: true, step: S), or {choice: [a, b, ...]}")
+    p.add_argument("--trials", type=int, required=True, metavar="N",
+                   help="finished trials (complete or pruned) to reach, over every run of the command")
+    p.add_argument("--study", required=True, metavar="NAME", help="study name (several workers and reruns share it)")
+    p.add_argument("--out", metavar="DIR",
+                   help="tune folder (default tune/<study>): trials/, study.db, best.yaml, report.html")
+    p.add_argument("--storage", metavar="URL", help="sqlite:///PATH (default <tune>/study.db), any SQLAlchemy URL "
+                                                    "(postgresql://USER@HOST/DB, its driver installed), or journal:PATH "
+                                                    "(a journal file on a shared file system)")
+    p.add_argument("--pruner", choices=PRUNERS, default="median",
+                   help="stop bad trials early on their per-epoch validation score: median (default; once 3 trials have "
+                        "completed, from the first epoch that trains the whole network, never epoch 1), halving "
+                        "(successive halving), or none")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="local worker processes sharing the study (one GPU each; default 1)")
+    p.add_argument("--gpus", metavar="IDS", help="GPU ids for the workers, e.g. 0,1 (default: every visible GPU)")
     p.add_argument("--heartbeat", type=int, default=60, metavar="SECONDS",
                    help="a running trial's heartbeat; silent for 3x this, its worker is taken for dead and the trial "
                         "retried (default 60)")
@@ -497,7 +598,8 @@ def _worker_main(argv: Sequence[str]) -> int:
 
 
 __all__ = ["TuneOptions", "TuneResult", "check_options", "run_tune", "work", "load_study",
-           "read_record", "fail_stale_trials", "show_study", "PRUNERS"]
+           "read_record", "open_study", "fail_stale_trials", "show_study", "make_pruner", "median_warmup",
+           "options_from_args", "PRUNERS"]
 
 if __name__ == "__main__":
     raise SystemExit(_worker_main(sys.argv[1:]))

@@ -67,7 +67,7 @@ def history_figure(study: Any) -> Figure:
     ax.set_xlabel("trial")
     ax.set_ylabel("validation combined score")
     ax.set_title("optimisation history")
-    if len(table):
+    if ax.get_legend_handles_labels()[0]:  # failed or running trials only: nothing to label
         ax.legend(loc="lower right")
     return fig
 

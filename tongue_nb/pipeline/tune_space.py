@@ -68,6 +68,8 @@ def load_space(path: str | Path, check: Callable[[dict[str, Any]], TrainParams])
     """
     path = Path(path)
     where = f"search space {path}"
+    if not path.is_file():
+        raise ParamError(f"{where} (--space): not found; expected a YAML file of field: {{float|int|choice: ...}}")
     try:
         data = read_params_file(path)  # the recipe's reader: a missing file, bad YAML, not a mapping
     except ParamError as exc:
