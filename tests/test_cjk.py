@@ -25,7 +25,11 @@ def regular(tmp_path, monkeypatch):
     monkeypatch.setattr(fonts, "regular_path", lambda cache_dir=None: path)
     monkeypatch.setattr(fonts, "_known_static", lambda: None)
     monkeypatch.setattr(fonts, "_chosen", None)
-    monkeypatch.setattr(font_manager.fontManager, "ttflist", list(font_manager.fontManager.ttflist))
+    # a face of the same family registered earlier in this process (the real built one, by any module that
+    # drew a figure) would win over this one: left out here, put back afterwards
+    monkeypatch.setattr(font_manager.fontManager, "ttflist",
+                        [f for f in font_manager.fontManager.ttflist if f.name != fonts.FAMILY])
+    font_manager.fontManager._findfont_cached.cache_clear()
     with rc_context():
         yield path
     font_manager.fontManager._findfont_cached.cache_clear()
@@ -50,7 +54,11 @@ def test_without_the_built_face_the_variable_one_is_used_without_a_warning_per_t
     monkeypatch.setattr(fonts, "regular_path", lambda cache_dir=None: tmp_path / "absent.otf")
     monkeypatch.setattr(fonts, "_known_static", lambda: None)
     monkeypatch.setattr(fonts, "_chosen", None)
-    monkeypatch.setattr(font_manager.fontManager, "ttflist", list(font_manager.fontManager.ttflist))
+    # a face of the same family registered earlier in this process (the real built one, by any module that
+    # drew a figure) would win over this one: left out here, put back afterwards
+    monkeypatch.setattr(font_manager.fontManager, "ttflist",
+                        [f for f in font_manager.fontManager.ttflist if f.name != fonts.FAMILY])
+    font_manager.fontManager._findfont_cached.cache_clear()
     with rc_context():
         family = fonts.use_cjk_fonts()
         fig = Figure(figsize=(3, 1))
