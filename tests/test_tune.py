@@ -15,7 +15,8 @@ from tongue_nb.pipeline.tune import TuneOptions, check_options, load_study, run_
 from tongue_nb.train.params import ParamError, load_params
 
 RECIPE = {"backbone": "test_convnext", "pretrained": False, "image_size": 32, "batch_size": 8, "stage1_epochs": 1,
-          "stage2_epochs": 1, "max_steps_per_epoch": 2, "device": "cpu", "num_threads": 1}
+          "stage2_epochs": 1, "max_steps_per_epoch": 2, "device": "cpu", "num_threads": 1,
+          "stage2_lr_backbone": 3e-4}  # inside SPACE: the first trial is this recipe as given
 SPACE = {"stage2_lr_backbone": {"float": ["1e-4", "2e-3"], "log": True}, "crop": {"choice": ["crop", "crop_blank"]}}
 
 
@@ -149,6 +150,10 @@ def test_tune_writes_runs_best_recipe_and_report_then_resumes(finished):
         run = folder / "trials" / f"trial-{n}"
         marker = json.loads((run / "trial.json").read_text())
         assert marker["state"] == "complete" and (run / "summary.json").is_file()
+    # The first trial is the recipe as given (its values lie in the space); the next is the search's.
+    recipe = load_params(files=[argv[4]])
+    first = json.loads((folder / "trials" / "trial-0" / "trial.json").read_text())["values"]
+    assert first == {"stage2_lr_backbone": recipe.stage2_lr_backbone, "crop": recipe.crop}
     page = (folder / "report.html").read_text()
     assert "trials/trial-0" in page and "optimisation history" in page.lower() and "importances" in page
     # Run again with more trials: it goes on from the finished ones.

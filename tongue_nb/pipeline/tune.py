@@ -240,15 +240,34 @@ def load_study(options: TuneOptions, pruner: Any = None, seed: int = 0) -> Any:
 
 
 def _check_same_space(study: Any, space: list[Dimension], base: TrainParams) -> None:
-    """A study remembers its space and backbone: a rerun with others is refused (start another --study)."""
+    """A study remembers its space and backbone: a rerun with others is refused (start another --study).
+
+    A new study without trials gets the recipe's own values as its first trial (`_enqueue_recipe`).
+    """
     saved = study.user_attrs.get("space")
     now = [d.as_dict() for d in space]
     if saved is None:
         study.set_user_attr("space", now)
         study.set_user_attr("backbone", base.backbone)
+        if not study.get_trials(deepcopy=False):
+            _enqueue_recipe(study, space, base)
     elif space_from_dicts(saved) != space_from_dicts(now) or study.user_attrs.get("backbone") != base.backbone:
         raise ParamError(f"--study {study.study_name}: this study was started with another search space or "
                          "backbone; pass the same ones to go on, or name another --study")
+
+
+def _enqueue_recipe(study: Any, space: list[Dimension], base: TrainParams) -> None:
+    """Queue the recipe as given as the study's first trial, so its table shows what the search gained over it.
+
+    Only when every tuned field's recipe value lies in the space (on its grid); otherwise the search starts from
+    the sampler alone and the log says which value is outside.
+    """
+    values = {d.name: getattr(base, d.name) for d in space}
+    outside = [f"{d.name}={values[d.name]!r}" for d in space if not d.contains(values[d.name])]
+    if outside:
+        log.info("the recipe's own values are not queued as the first trial: %s outside the space", ", ".join(outside))
+        return
+    study.enqueue_trial(values, user_attrs={"recipe": True})
 
 
 # --------------------------------------------------------------------------- workers
@@ -436,7 +455,8 @@ def run_tune(options: TuneOptions, pruner: Any = None) -> TuneResult:
         raise ParamError(f"--out: {folder} exists and is not a folder")
     folder.mkdir(parents=True, exist_ok=True)
     study = load_study(options)
-    _check_same_space(study, space, base)
+    with _ask_lock(folder):  # a first run on several machines at once: one records the space and queues the recipe
+        _check_same_space(study, space, base)
     if not options.gpus and options.workers > 1:
         options = dataclasses.replace(options, gpus=visible_gpus())
     atomic_write_text(folder / RECORD, json.dumps(dataclasses.asdict(_recorded(options)), indent=2))

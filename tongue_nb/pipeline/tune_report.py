@@ -40,13 +40,15 @@ def write_best(path: Path, base: TrainParams, best: Any, options: Any) -> Path:
 
 
 def trials_table(study: Any) -> pd.DataFrame:
-    """One row per trial: number, state, the tuned values, score (pruned: the run's own), seconds, run folder."""
+    """One row per trial: number, state, origin (the recipe as given, or the search), the tuned values, score
+    (pruned: the run's own), seconds, run folder."""
     rows = []
     for t in study.get_trials(deepcopy=False):
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() \
             if t.datetime_complete and t.datetime_start else float("nan")
         score = t.value if t.value is not None else t.user_attrs.get("val_score", float("nan"))
-        rows.append({"number": t.number, "state": t.state.name.lower(), **t.params, "score": score,
+        rows.append({"number": t.number, "state": t.state.name.lower(),
+                     "origin": "recipe" if t.user_attrs.get("recipe") else "search", **t.params, "score": score,
                      "seconds": seconds, "retry_of": t.system_attrs.get("failed_trial"),
                      "run_dir": t.user_attrs.get("run_dir", "")})
     return pd.DataFrame(rows)

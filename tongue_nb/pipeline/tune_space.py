@@ -57,6 +57,17 @@ class Dimension:
             return trial.suggest_int(self.name, self.low, self.high, log=self.log, step=self.step or 1)
         return trial.suggest_categorical(self.name, list(self.choices))
 
+    def contains(self, value: Any) -> bool:
+        """Whether `value` is one this dimension can suggest (in the range and on its grid, or a choice)."""
+        if self.kind == "choice":
+            return value in self.choices
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not self.low <= value <= self.high:
+            return False
+        if self.step is None:
+            return self.kind == "float" or float(value).is_integer()
+        steps = (value - self.low) / self.step
+        return abs(steps - round(steps)) < 1e-9
+
     def as_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
