@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-# The main job's backbones and recipe: tiny models that a 2-core CPU trains in minutes, three from random
-# weights and tf_efficientnet_lite0 fine-tuned from the ImageNet weights its pip package ships.
-BACKBONES ?= convnext_atto resnet18 test_vit tf_efficientnet_lite0
+# The main job's backbones and recipe: tiny models that a 2-core CPU trains in minutes, a ConvNeXt and a ViT from
+# random weights and tf_efficientnet_lite0 fine-tuned from the ImageNet weights its pip package ships.
+BACKBONES ?= convnext_atto test_vit tf_efficientnet_lite0
 RECIPE ?= params/smoke.yaml
 DATA ?=
 
@@ -31,11 +31,15 @@ browser:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1; } || \
 	  echo "chromium not installed: the report-page tests will be skipped"
 
+# Two test processes (pytest-xdist), each test file on one of them (module fixtures are built once): most tests
+# run one thread, so two keep both cores busy; tests/conftest.py gives each its share of threads.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) browser
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 test-all: $(STAMP) browser
-	$(PY) -m pytest -q -m ''
+	$(PY) -m pytest -q -m '' -n $(TEST_WORKERS) --dist loadfile
 
 strip: $(STAMP)
 	$(VENV)/bin/nbstripout notebooks/*.ipynb

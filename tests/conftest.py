@@ -9,6 +9,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED_DATA = ROOT.parent / "shared" / "data" / "tonguexpert" / "TonguExpertDatabase"
 
+# With pytest-xdist (`make test` runs `-n 2`) the cores are shared among the workers: each worker, and every
+# process it starts (kernels, sweeps, workers), gets its share of threads. Set before torch or OpenMP start here;
+# two workers spinning two OpenMP threads each on two cores run many times slower than one thread each.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, min(2, (os.cpu_count() or 1) // WORKERS))
+if WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _test_env(tmp_path_factory):
@@ -20,7 +28,7 @@ def _test_env(tmp_path_factory):
     try:
         import torch
 
-        torch.set_num_threads(min(2, os.cpu_count() or 1))
+        torch.set_num_threads(THREADS)
     except ImportError:
         pass
     yield
