@@ -230,3 +230,28 @@ def test_dead_workers_trial_is_failed_and_retried_with_its_values(inputs, tmp_pa
     assert trials[1].params == values and trials[1].system_attrs["failed_trial"] == 0
     assert trials[1].user_attrs["run_dir"] == "trials/trial-0"  # the dead trial's run folder, resumed
     assert json.loads((tmp_path / "tune" / "trials" / "trial-0" / "trial.json").read_text())["retry_of"] == 0
+
+
+def test_bench_tune_check_reads_the_trials_and_compares_runs(finished, tmp_path, capsys):
+    """bench/tune_check.py: the trials best validation first, the recipe's trial marked, test only as a record."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("tune_check", ROOT / "bench" / "tune_check.py")
+    tune_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune_check)
+    folder = finished["folder"]
+    out = tmp_path / "trials.json"
+    assert tune_check.main(["trials", "--tune", str(folder), "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    scores = [r["score"] for r in rows]
+    assert scores == sorted(scores, reverse=True) and {r["origin"] for r in rows if r["number"] == 0} == {"recipe"}
+    assert all(0.0 <= r["test_combined"] <= 1.0 for r in rows)
+    assert "| trial | origin | state |" in capsys.readouterr().out
+    runs = [f"t{n}={folder / 'trials' / f'trial-{n}'}" for n in (0, 1)]
+    assert tune_check.main(["compare", "--run", runs[0], "--run", runs[1], "--out", str(tmp_path / "c.json")]) == 0
+    table = capsys.readouterr().out
+    assert "| t0 |" in table and "test combined" in table
+    with pytest.raises(SystemExit):
+        tune_check.main(["compare", "--run", f"x={tmp_path}"])  # not a run folder: refused, naming it
