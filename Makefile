@@ -36,10 +36,10 @@ browser:
 TEST_WORKERS ?= 2
 
 test: $(STAMP) browser
-	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-all: $(STAMP) browser
-	$(PY) -m pytest -q -m '' -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -m '' -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 strip: $(STAMP)
 	$(VENV)/bin/nbstripout notebooks/*.ipynb
