@@ -69,6 +69,7 @@ def test_space_refusals_are_one_line_exit_2_and_write_nothing(inputs, tmp_path, 
     ("sqlite-under-a-file", ["--storage sqlite:///", "cannot write an SQLite file there; expected"]),
     ("sqlite-in-memory", ["--storage sqlite://", "expected sqlite:///PATH"]),
     ("out-under-a-file", ["--out", "is a file, expected a folder"]),
+    ("negative-minutes", ["--minutes: got -1.0, expected a time budget in minutes >= 0"]),
 ], ids=lambda value: value if isinstance(value, str) else "")
 def test_bad_options_are_one_line_naming_the_option_exit_2_and_write_nothing(inputs, tmp_path, capsys, case,
                                                                                words):
@@ -86,7 +87,8 @@ def test_bad_options_are_one_line_naming_the_option_exit_2_and_write_nothing(inp
              "sqlite-no-folder": ["--storage", f"sqlite:///{tmp_path}/missing/study.db"],
              "sqlite-under-a-file": ["--storage", f"sqlite:///{tmp_path}/a-file/study.db"],
              "sqlite-in-memory": ["--storage", "sqlite://"],
-             "out-under-a-file": ["--out", str(tmp_path / "a-file" / "t")]}
+             "out-under-a-file": ["--out", str(tmp_path / "a-file" / "t")],
+             "negative-minutes": ["--minutes", "-1"]}
     argv = ["tune", "--data", str(data), "-f", recipe, "--space", space, "--trials", "2", "--study", "s", "--out", out]
     code = cli.main(argv + extra[case])  # argparse: the last --space / --out wins; -f adds a missing recipe
     err = capsys.readouterr().err.strip()
@@ -187,6 +189,17 @@ def test_open_study_refuses_a_folder_that_is_not_a_tunes(finished, tmp_path):
     with pytest.raises(ParamError, match="no study file .*study.db; expected the folder of a tune"):
         open_study(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tune.json"]
+
+
+def test_a_spent_time_budget_starts_no_trial_and_says_so(inputs, tmp_path, capsys):
+    root, data = inputs
+    argv = ["tune", "--data", str(data), "-f", str(root / "recipe.yaml"), "--space", str(root / "space.yaml"),
+            "--trials", "2", "--study", "s", "--out", str(tmp_path / "tune"), "--minutes", "0.0001"]
+    assert cli.main(argv) == 0  # the budget (6 ms) is spent before the first trial is asked
+    out = capsys.readouterr().out
+    assert "0 complete" in out and "stopped by --minutes 0.0001 before 2 trials (run again to go on)" in out
+    assert not (tmp_path / "tune" / "trials").exists() and (tmp_path / "tune" / "report.html").is_file()
+    assert [t.state.name for t in load_study(_options(inputs, tmp_path)).get_trials()] == ["WAITING"]  # the recipe
 
 
 def test_pruned_trial_stops_its_fit_and_says_so(inputs, tmp_path):

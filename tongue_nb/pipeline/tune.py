@@ -9,6 +9,7 @@
   ``trial.json`` says ``"state": "pruned"``.
 - Storage: SQLite ``<tune>/study.db`` by default, any SQLAlchemy URL (``--storage postgresql://...``), or Optuna's
   journal file (``--storage journal:PATH`` or a path ending .log / .journal) on a shared file system.
+- A time budget (``minutes``): no trial starts after it (one under way finishes); the result says it stopped short.
 - Resume and dead workers: the command run again goes on until `trials` trials are finished (complete or pruned).
   A trial whose worker died stops its heartbeat (Optuna's for a database; for the journal, a file
   ``<tune>/heartbeats/<trial>`` touched by the worker): after the grace period it is marked FAIL and queued again
@@ -69,6 +70,8 @@ class TuneOptions:
     gpus: list[str] = field(default_factory=list)
     heartbeat: int = 60        # seconds between heartbeats; a trial silent for 3x this is taken for dead
     max_retry: int = 3         # times a dead worker's trial is queued again
+    minutes: float = 0.0       # a time budget for this run of the command: no trial starts after it; 0: none
+    deadline: float = 0.0      # that budget's end (epoch seconds), set by run_tune and recorded for the workers
 
     @property
     def folder(self) -> Path:
@@ -118,6 +121,8 @@ def check_options(options: TuneOptions) -> tuple[TrainParams, list[Dimension]]:
         raise ParamError(f"--workers: got {options.workers}, expected at least 1")
     if options.heartbeat < 1:
         raise ParamError(f"--heartbeat: got {options.heartbeat}, expected at least 1 second")
+    if not (isinstance(options.minutes, (int, float)) and 0 <= options.minutes < float("inf")):
+        raise ParamError(f"--minutes: got {options.minutes}, expected a time budget in minutes >= 0 (0: none)")
     if options.pruner not in PRUNERS:
         raise ParamError(f"--pruner: got {options.pruner!r}, expected one of {', '.join(PRUNERS)}")
     if not options.study or "/" in options.study:
@@ -375,6 +380,9 @@ def work(options: TuneOptions, worker: int = 0, pruner: Any = None) -> int:
             fail_stale_trials(study, options)
             if not _room(study, options.trials):
                 break
+            if options.deadline and time.time() >= options.deadline:
+                log.info("worker %d: the --minutes budget is spent; no more trials start", worker)
+                break
 
             def objective(trial: Any) -> float:
                 release()  # the trial is asked: other workers may count and ask now
@@ -434,6 +442,7 @@ class TuneResult:
     best_yaml: Path | None
     report: Path
     worker_errors: list[str]
+    out_of_time: bool = False  # stopped by --minutes before reaching --trials
 
     @property
     def ok(self) -> bool:
@@ -459,6 +468,7 @@ def run_tune(options: TuneOptions, pruner: Any = None) -> TuneResult:
         _check_same_space(study, space, base)
     if not options.gpus and options.workers > 1:
         options = dataclasses.replace(options, gpus=visible_gpus())
+    options = dataclasses.replace(options, deadline=time.time() + 60 * options.minutes if options.minutes else 0.0)
     atomic_write_text(folder / RECORD, json.dumps(dataclasses.asdict(_recorded(options)), indent=2))
     errors: list[str] = []
     if options.workers == 1:
@@ -488,8 +498,11 @@ def _finish(options: TuneOptions, study: Any, base: TrainParams, errors: list[st
     best = max(complete, key=lambda t: t.value) if complete else None
     best_yaml = write_best(options.folder / "best.yaml", base, best, options) if best is not None else None
     report = write_report(study, options.folder, best_yaml=best_yaml)
+    out_of_time = bool(options.deadline) and time.time() >= options.deadline \
+        and count[TrialState.COMPLETE] + count[TrialState.PRUNED] < options.trials
     return TuneResult(options.folder, count[TrialState.COMPLETE], count[TrialState.PRUNED], count[TrialState.FAIL],
-                      best.number if best else None, best.value if best else None, best_yaml, report, errors)
+                      best.number if best else None, best.value if best else None, best_yaml, report, errors,
+                      out_of_time)
 
 
 def read_record(folder: str | Path) -> TuneOptions:
@@ -550,7 +563,8 @@ def options_from_args(args: Any) -> TuneOptions:
     options = TuneOptions(space=args.space, trials=args.trials, study=args.study, files=args.file or [],
                           overrides=args.set or [], data_dir=args.data, backbone=args.backbone, out_dir=args.out or "",
                           storage=args.storage or "", pruner=args.pruner, workers=args.workers,
-                          gpus=[g for g in (args.gpus or "").split(",") if g], heartbeat=args.heartbeat)
+                          gpus=[g for g in (args.gpus or "").split(",") if g], heartbeat=args.heartbeat,
+                          minutes=args.minutes)
     if options.data_dir is not None and not options.data_dir.strip():
         raise ParamError(f"--data: got {options.data_dir!r}, expected a dataset folder (an unset shell variable?); "
                          "leave --data out to use the built-in synthetic set")
@@ -562,11 +576,13 @@ def _cmd_tune(args: Any) -> int:
     result = run_tune(options)
     best = f"best trial {result.best_number}: validation combined {result.best_value:.4f}; recipe {result.best_yaml}" \
         if result.best_number is not None else "no complete trial"
+    budget = f"; stopped by --minutes {options.minutes:g} before {options.trials} trials (run again to go on)" \
+        if result.out_of_time else ""
     print(f"{result.folder}: {result.complete} complete, {result.pruned} pruned, {result.failed} failed; {best}; "
-          f"report {result.report}")
+          f"report {result.report}{budget}")
     for error in result.worker_errors:
         print(f"tongue-nb tune: {error}", file=sys.stderr)
-    return 0 if result.ok and result.complete + result.pruned >= options.trials else 1
+    return 0 if result.ok and (result.complete + result.pruned >= options.trials or result.out_of_time) else 1
 
 
 def add_tune_command(sub: Any) -> None:
@@ -599,6 +615,9 @@ def add_tune_command(sub: Any) -> None:
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="local worker processes sharing the study (one GPU each; default 1)")
     p.add_argument("--gpus", metavar="IDS", help="GPU ids for the workers, e.g. 0,1 (default: every visible GPU)")
+    p.add_argument("--minutes", type=float, default=0.0, metavar="M",
+                   help="time budget of this run: no trial starts after M minutes (one under way finishes); run "
+                        "again to go on (default 0: none)")
     p.add_argument("--heartbeat", type=int, default=60, metavar="SECONDS",
                    help="a running trial's heartbeat; silent for 3x this, its worker is taken for dead and the trial "
                         "retried (default 60)")
