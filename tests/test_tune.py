@@ -268,3 +268,28 @@ def test_bench_tune_check_reads_the_trials_and_compares_runs(finished, tmp_path,
     assert "| t0 |" in table and "test combined" in table
     with pytest.raises(SystemExit):
         tune_check.main(["compare", "--run", f"x={tmp_path}"])  # not a run folder: refused, naming it
+
+
+def test_a_trial_is_never_pruned_after_its_last_epoch():
+    """Pruning saves the epochs after it: after the last one there are none, and the trial completes."""
+    from types import SimpleNamespace
+
+    from tongue_nb.pipeline.tune_trial import PruneOnValidation
+    from tongue_nb.train.fit_state import Stage
+
+    class AlwaysPrune:
+        number, reported = 0, []
+
+        def report(self, value, step):
+            self.reported.append(step)
+
+        def should_prune(self):
+            return True
+
+    stages = [Stage(1, 1, 0.0, 1e-3, True), Stage(2, 2, 1e-4, 1e-3, False)]
+    for epoch, pruned in ((2, True), (3, False)):
+        callback, fit = PruneOnValidation(AlwaysPrune()), SimpleNamespace(score=0.5, epoch=epoch, stages=stages,
+                                                                           stop_fit=False)
+        callback.on_epoch_end(fit, {})
+        assert fit.stop_fit is pruned and (callback.pruned_epoch == epoch) is pruned
+    assert AlwaysPrune.reported == [2, 3]  # both epochs reported to the study

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 
 class PruneOnValidation(Callback):
-    """Reports each epoch's validation combined score to the trial; ends the fit when the pruner prunes it."""
+    """Reports each epoch's validation combined score to the trial; ends the fit when the pruner prunes it (never
+    after the last epoch: a trial that has run every epoch completes)."""
 
     def __init__(self, trial: Any) -> None:
         self.trial = trial
@@ -35,6 +36,8 @@ class PruneOnValidation(Callback):
         if not math.isfinite(fit.score):
             return
         self.trial.report(fit.score, fit.epoch)
+        if fit.epoch >= sum(stage.epochs for stage in fit.stages):
+            return  # the last epoch: the trial has paid for every epoch, so it completes with its score
         if self.trial.should_prune():
             fit.stop_fit = True
             self.pruned_epoch = fit.epoch
