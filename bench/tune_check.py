@@ -82,16 +82,6 @@ def compare(named: list[tuple[str, Path]]) -> tuple[dict[str, Any], str]:
     return res, "\n".join(lines)
 
 
-def _no_nan(value: Any) -> Any:
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, dict):
-        return {k: _no_nan(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_no_nan(v) for v in value]
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -116,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         data, text = compare(named)
         print(text)
     if args.out:  # strict JSON: a missing figure (NaN) is null
-        args.out.write_text(json.dumps(_no_nan(data), indent=2, default=str, allow_nan=False) + "\n")
+        from bench import common
+
+        common.write_json(args.out, data)
     return 0
 
 
