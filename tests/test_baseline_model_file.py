@@ -83,6 +83,34 @@ def test_the_trees_reproduce_the_classifier_they_were_read_from() -> None:
         assert (got[:, n_classes] == 0).all()
 
 
+@pytest.mark.parametrize("class_weight, weights", [("balanced", None), ("balanced", "some zero"), (None, "uneven"),
+                                                    (None, None)])
+def test_fitting_on_bins_gives_the_classifier_fitted_on_raw_values(class_weight, weights) -> None:
+    """fit_on_bins bins each feature once (bin_edges) instead of scikit-learn's one sort per quantile: the
+    model must be the one scikit-learn fits on the raw values, bit for bit, on new rows too (more distinct
+    values than bins, ties, few distinct values, missing values, zero weights, two and three classes)."""
+    from tongue_nb.model.trees import fit_on_bins
+
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(1200, 8)).astype(np.float32)
+    X[:, 1] = np.round(X[:, 1] * 3)  # seven values: midpoints
+    X[:, 2] = np.round(X[:, 2] * 200)  # ties among more values than bins
+    X[rng.random(X.shape) < 0.03] = np.nan
+    w = None if weights is None else rng.uniform(0.2, 3.0, size=len(X))
+    if weights == "some zero":
+        w[:100] = 0
+    train, new = slice(0, 900), slice(900, None)
+    for n_classes in (2, 3):
+        y = (np.nan_to_num(X[:, 0]) + rng.normal(size=len(X)) > 0.3).astype(int)
+        if n_classes == 3:
+            y = y + (np.nan_to_num(X[:, 3]) > 0.8)
+        kw = dict(max_iter=40, max_leaf_nodes=15, min_samples_leaf=20, class_weight=class_weight, random_state=0)
+        raw = HistGradientBoostingClassifier(**kw).fit(X[train], y[train], sample_weight=None if w is None else w[train])
+        trees = fit_on_bins(HistGradientBoostingClassifier(**kw), X[train], y[train], None if w is None else w[train])
+        for rows in (train, new):
+            assert np.array_equal(trees.predict_proba(X[rows], n_classes)[:, trees.classes], raw.predict_proba(X[rows]))
+
+
 def test_save_and_load_give_identical_probabilities(fitted, tmp_path) -> None:
     folder = RunFolder(tmp_path)
     path = save_baseline_model(folder, fitted, image_size=16, crop="crop_blank", margin=0.1)

@@ -18,7 +18,7 @@ from sklearn.ensemble import HistGradientBoostingClassifier
 
 from tongue_nb.data.tasks import Task, TaskSchema, labelled_mask
 from tongue_nb.model.features import extract_features, feature_names
-from tongue_nb.model.trees import BoostedTrees
+from tongue_nb.model.trees import BoostedTrees, fit_on_bins
 from tongue_nb import runfiles
 from tongue_nb.runfiles import RunFileError
 
@@ -109,9 +109,7 @@ class ColourTextureBaseline(BaseEstimator):
             log.warning("task %r (%s): only class %s in the training labels; predicting it constantly",
                         task.name, ", ".join(labels), present.tolist())
             return np.bincount(y, minlength=n_out).astype(np.float64) / len(y)
-        clf = self._classifier()
-        clf.fit(X[keep], y, sample_weight=None if sample_weight is None else sample_weight[keep])
-        return BoostedTrees.from_classifier(clf, X[keep])
+        return fit_on_bins(self._classifier(), X[keep], y, None if sample_weight is None else sample_weight[keep])
 
     def predict_proba(self, images: np.ndarray, masks: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Per-task probabilities in the models' format: binary `[N, 1]`, multilabel `[N, L]`, multiclass `[N, C]`."""
