@@ -13,7 +13,7 @@ from tongue_nb.analysis.stats import seed_table
 from tongue_nb.analysis.tables import run_table
 from tongue_nb.pipeline import sweep
 from tongue_nb.pipeline import jobs
-from tongue_nb.pipeline.executors import GpuPoolExecutor, SlurmExecutor, _SlurmJob, make_executor
+from tongue_nb.pipeline.executors import PoolExecutor, SlurmExecutor, _SlurmJob, make_executor
 from tongue_nb.runio import RunFolder
 from tongue_nb.train.params import ParamError
 
@@ -58,10 +58,42 @@ def test_one_process_per_gpu_sees_only_its_device(tmp_path):
                       "import os, pathlib\npathlib.Path(target).write_text(os.environ.get('CUDA_VISIBLE_DEVICES', 'unset'))")
     with jobs.project_kernel() as kernel:
         batch = [_job(tmp_path, f"j{i}", probe, kernel, target=str(tmp_path / f"j{i}.txt")) for i in range(2)]
-        results = GpuPoolExecutor(["5", "7"]).run(batch)
+        results = PoolExecutor(["5", "7"]).run(batch)
     assert [r["status"] for r in results] == ["completed"] * 2
     seen = [(tmp_path / f"j{i}.txt").read_text() for i in range(2)]
     assert sorted(seen) == ["5", "7"]  # two runs at the same time, each in a process that sees one GPU
+
+
+def test_cpu_workers_run_side_by_side_with_their_share_of_the_cores(tmp_path, monkeypatch):
+    """--workers 2 on a machine without GPUs: two jobs at once, each seeing no GPU and cores/2 threads."""
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    pool = make_executor("auto", [], workers=2)
+    assert isinstance(pool, PoolExecutor) and list(pool.devices) == ["", ""] and pool.threads == 2
+    probe = _notebook(tmp_path / "probe.ipynb", "target = ''",
+                      "import json, os, pathlib, time\nstart = time.time()\ntime.sleep(4)\n"
+                      "pathlib.Path(target).write_text(json.dumps([os.environ.get('CUDA_VISIBLE_DEVICES'), "
+                      "os.environ.get('OMP_NUM_THREADS'), start, time.time()]))")
+    with jobs.project_kernel() as kernel:
+        batch = [_job(tmp_path, f"j{i}", probe, kernel, target=str(tmp_path / f"j{i}.txt")) for i in range(2)]
+        results = pool.run(batch)
+    assert [r["status"] for r in results] == ["completed"] * 2
+    seen = [json.loads((tmp_path / f"j{i}.txt").read_text()) for i in range(2)]
+    assert [s[:2] for s in seen] == [["", "2"], ["", "2"]]
+    (_, _, a0, a1), (_, _, b0, b1) = seen
+    assert a0 < b1 and b0 < a1  # the two jobs' sleeps overlapped: side by side, not one after the other
+
+
+def test_workers_option_is_checked_against_the_executor():
+    assert [list(make_executor("auto", ["0"], workers=2).devices), list(make_executor("gpus", ["0", "1", "2"],
+                                                                                      workers=2).devices)] \
+        == [["0", "0"], ["0", "1"]]  # two jobs share one GPU; two workers take two of three GPUs
+    assert list(make_executor("auto", ["0", "1"]).devices) == ["0", "1"]  # default: one per GPU
+    assert type(make_executor("auto", [])).__name__ == "LocalExecutor"  # default without GPUs: in-process
+    assert type(make_executor("auto", [], workers=1)).__name__ == "LocalExecutor"
+    for kind, workers, words in (("auto", 0, "workers (--workers): got 0"), ("local", 2, "executor 'local'"),
+                                 ("slurm", 2, "executor 'slurm'"), ("auto", True, "workers (--workers): got True")):
+        with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            make_executor(kind, [], workers=workers)
 
 
 def test_slurm_executor_runs_jobs_through_submitit_and_requeues_to_resume(tmp_path):

@@ -187,7 +187,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                        reports_dir=args.reports, compare=not args.no_compare,
                        seeds=args.seeds if args.seeds is not None else recipe_seeds(args.file),
                        cell_timeout=args.cell_timeout, executor=args.executor, slurm=_slurm_options(args),
-                       folds=args.folds)
+                       folds=args.folds, workers=args.workers)
     # run_sweep has logged its outcome (result.describe()); the exit status says whether all runs succeeded.
     return 0 if result.ok else 1
 
@@ -354,6 +354,9 @@ def _add_sweep_commands(sub: Any) -> None:
     p.add_argument("--executor", choices=("auto", "local", "gpus", "slurm"), default="auto",
                    help="where training notebooks run: auto (one process per GPU when several, else here), local, "
                         "gpus, or slurm (one Slurm job per backbone through submitit)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="training notebooks side by side, each in its own process: without GPUs, each with "
+                        "cores/N CPU threads; with GPUs, taking them in turn (default: one per GPU, else 1)")
     p.add_argument("--slurm-partition", help="Slurm partition")
     p.add_argument("--slurm-gpus-per-job", type=int, help="GPUs per training job (default 1)")
     p.add_argument("--slurm-cpus-per-job", type=int, help="CPU cores per training job (default 8)")

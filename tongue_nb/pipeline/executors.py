@@ -5,7 +5,8 @@ dict per job, in order, never raising for a failed job: the sweep renders, repor
 the same way whichever executor ran them.
 
 - `LocalExecutor`: one job after another in this process (CPU, or one GPU).
-- `GpuPoolExecutor`: one worker process per GPU id, each seeing only its GPU (CUDA_VISIBLE_DEVICES).
+- `PoolExecutor`: jobs side by side, one worker process per slot: per GPU id, each seeing only its GPU
+  (CUDA_VISIBLE_DEVICES), or per share of the CPU cores (`--workers N` on a machine without GPUs).
 - `SlurmExecutor`: one Slurm job per training notebook through submitit, with partition, GPUs per job, time
   limit and extra sbatch options; a job that is pre-empted or reaches its time limit is requeued and resumes
   from its run folder's last checkpoint. ``cluster="local"`` sends the same submissions to submitit's local
@@ -51,9 +52,12 @@ class LocalExecutor:
         return [run_job(job) for job in jobs]
 
 
-def _run_job_in_subprocess(job: dict, device: str) -> dict:
-    """Run a job in its own Python process that sees one GPU (kernels inherit the process environment)."""
+def _run_job_in_subprocess(job: dict, device: str, threads: int = 0) -> dict:
+    """Run a job in its own Python process that sees one GPU, or none for device "" (kernels inherit the process
+    environment); `threads` > 0 sets its CPU thread count (OMP_NUM_THREADS: torch's and OpenMP's default)."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=device)
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     with tempfile.TemporaryDirectory(prefix="tongue-nb-job-") as tmp:
         job_file, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job_file.write_text(json.dumps(job))
@@ -66,10 +70,15 @@ def _run_job_in_subprocess(job: dict, device: str) -> dict:
 
 
 @dataclass
-class GpuPoolExecutor:
-    """One worker process per GPU at a time; each job sees only the GPU it was given."""
+class PoolExecutor:
+    """One worker process per slot at a time; each job sees only its slot's GPU ("": no GPU, a CPU job).
+
+    A GPU id given twice runs two jobs on that GPU at once. `threads` > 0 is each job's CPU thread count: a
+    CPU pool of N workers gives each its share of the cores, so that N jobs do not oversubscribe them (a
+    recipe's own num_threads still wins inside its run)."""
 
     devices: Sequence[str]
+    threads: int = 0
 
     def run(self, jobs: list[dict]) -> list[dict]:
         free: queue.Queue[str] = queue.Queue()
@@ -80,7 +89,7 @@ class GpuPoolExecutor:
         def worker(i: int, job: dict) -> None:
             device = free.get()
             try:
-                results[i] = _run_job_in_subprocess(job, device)
+                results[i] = _run_job_in_subprocess(job, device, self.threads)
             finally:
                 free.put(device)
 
@@ -188,19 +197,37 @@ class SlurmExecutor:
 
 
 def make_executor(kind: str = "auto", gpus: Sequence[str] | None = None, slurm: dict | None = None,
-                  folder: str | Path | None = None) -> Executor:
-    """'auto' (one worker per GPU when there are several, else in-process), 'local', 'gpus' or 'slurm'."""
+                  folder: str | Path | None = None, workers: int | None = None) -> Executor:
+    """'auto' (one worker per GPU when there are several, else in-process), 'local', 'gpus' or 'slurm'.
+
+    `workers` N runs N training jobs side by side: with GPUs, the N workers take the GPUs in turn (N above
+    the GPU count shares them); without, each worker is a CPU process with cores/N threads. None: one per
+    GPU, or one in-process job at a time without GPUs."""
+    if workers is not None:
+        check_int("workers (--workers)", workers, 1)
     if kind == "slurm":
+        if workers is not None:
+            raise ValueError(f"workers={workers} (--workers) is for jobs on this machine; with executor 'slurm' "
+                             "the cluster runs the jobs side by side as it has room")
         opts = dict(slurm or {})
         opts.setdefault("folder", str(Path(folder or ".") / "slurm"))
         return SlurmExecutor(**opts)
     if slurm:
         raise ValueError(f"Slurm options given ({sorted(slurm)}) but executor is {kind!r}; use executor='slurm'")
     if kind == "local":
+        if workers not in (None, 1):
+            raise ValueError(f"workers={workers} (--workers) but executor 'local' runs one job after another in "
+                             "this process; use executor 'auto' (or 'gpus') for jobs side by side")
         return LocalExecutor()
     if kind in ("auto", "gpus"):
         devices = list(gpus or [])
         if kind == "gpus" and not devices:
             raise ValueError("executor 'gpus': no GPU visible (CUDA_VISIBLE_DEVICES, torch.cuda.device_count())")
-        return GpuPoolExecutor(devices) if len(devices) > 1 or kind == "gpus" else LocalExecutor()
+        if devices:
+            n = workers or len(devices)
+            return PoolExecutor([devices[i % len(devices)] for i in range(n)]) if n > 1 or kind == "gpus" \
+                else LocalExecutor()
+        if workers and workers > 1:
+            return PoolExecutor([""] * workers, threads=max(1, (os.cpu_count() or 1) // workers))
+        return LocalExecutor()
     raise ValueError(f"executor must be one of auto, local, gpus, slurm; got {kind!r}")

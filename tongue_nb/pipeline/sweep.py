@@ -214,7 +214,8 @@ def run_sweep(data_dir: str | Path | None, backbones: Sequence[str], params_file
               gpus: Sequence[str] | int | None = None, compare: bool = True, compare_steps: int = 10,
               kernel_name: str | None = None, ensemble_k: int = 3, compare_options: dict | None = None,
               baseline: bool = True, seeds: Sequence[int] | None = None, cell_timeout: float = 0,
-              executor: str = "auto", slurm: dict | None = None, folds: int | None = None) -> SweepResult:
+              executor: str = "auto", slurm: dict | None = None, folds: int | None = None,
+              workers: int | None = None) -> SweepResult:
     """Compare the backbones, train one 03 notebook per backbone, analyse errors, report, and write index.html.
 
     `data_dir` None trains on the built-in synthetic set; an empty string is refused (an unset variable).
@@ -223,6 +224,8 @@ def run_sweep(data_dir: str | Path | None, backbones: Sequence[str], params_file
     `executor` says where the training notebooks run (pipeline/executors.py): "auto" (one worker process per GPU
     when several are visible, else in this process), "local", "gpus" or "slurm" with `slurm` options
     (partition, gpus_per_job, cpus_per_job, mem_gb, time_min, sbatch, max_requeues, folder, cluster).
+    `workers` N runs N training notebooks side by side (executors.make_executor): on a CPU machine each process
+    gets cores/N threads, which trains small backbones faster than one job with all the cores.
     `folds` K >= 2 (or the recipe's `folds:`, or --set folds=K) cross-validates: the test split is set aside and
     each backbone and the baseline train K times (runs `<name>-fold<k>`, fold k validating), gathered into one
     fold ensemble per backbone under <sweep>/cv (analysis/cv.py) that the reports compare.
@@ -262,7 +265,7 @@ def run_sweep(data_dir: str | Path | None, backbones: Sequence[str], params_file
 
     try:
         runner = make_executor(executor, visible_gpus(gpus) if executor in ("auto", "gpus") else None, slurm,
-                               folder=sweep_dir)
+                               folder=sweep_dir, workers=workers)
     except (TypeError, ValueError) as exc:
         from tongue_nb.train.params import ParamError
 
