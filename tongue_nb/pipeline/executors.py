@@ -45,11 +45,19 @@ def _failed(job: dict, exc: BaseException) -> dict:
     return asdict(out)
 
 
+def _announced(job: dict, where: str, run: Any) -> dict:
+    """Run a job, logging its start and its outcome (a worker's own output is not shown)."""
+    log.info("training %s%s", job["backbone"], where)
+    result = run()
+    log.info("%s %s in %.0f s", job["backbone"], result.get("status"), result.get("seconds") or 0)
+    return result
+
+
 class LocalExecutor:
     """Jobs one after another in this process."""
 
     def run(self, jobs: list[dict]) -> list[dict]:
-        return [run_job(job) for job in jobs]
+        return [_announced(job, "", lambda job=job: run_job(job)) for job in jobs]
 
 
 def _run_job_in_subprocess(job: dict, device: str, threads: int = 0) -> dict:
@@ -89,7 +97,8 @@ class PoolExecutor:
         def worker(i: int, job: dict) -> None:
             device = free.get()
             try:
-                results[i] = _run_job_in_subprocess(job, device, self.threads)
+                where = f" on GPU {device}" if device else f" in a CPU worker ({self.threads or 'default'} threads)"
+                results[i] = _announced(job, where, lambda: _run_job_in_subprocess(job, device, self.threads))
             finally:
                 free.put(device)
 
