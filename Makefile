@@ -8,6 +8,9 @@ STAMP := $(VENV)/.installed-stamp
 BACKBONES ?= convnext_atto test_vit tf_efficientnet_lite0
 RECIPE ?= params/smoke.yaml
 DATA ?=
+# The smoke recipe's tiny CPU models train two at a time, one thread each (faster than one at a time on all the
+# cores); any other recipe, one at a time unless WORKERS is given (`sweep --workers`).
+WORKERS ?= $(if $(filter params/smoke.yaml,$(RECIPE)),2)
 
 .PHONY: report test test-all venv strip clean-reports bench browser
 
@@ -21,7 +24,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 report: $(STAMP)
-	$(VENV)/bin/tongue-nb sweep $(if $(DATA),--data $(DATA)) -f $(RECIPE) --backbones $(BACKBONES) --reports reports
+	$(VENV)/bin/tongue-nb sweep $(if $(DATA),--data $(DATA)) -f $(RECIPE) --backbones $(BACKBONES) $(if $(WORKERS),--workers $(WORKERS)) --reports reports
 
 # Headless Chromium for the tests that read the HTML reports as a reader sees them (tests/test_pages.py);
 # installed with apt-get where it is missing and we may, else those tests skip and say why.
