@@ -255,3 +255,13 @@ def test_a_resumed_sweep_refits_a_baseline_that_keeps_no_model(tmp_path, tiny_da
     from tongue_nb.pipeline.predict import Predictor
 
     assert Predictor.from_runs([run_dir]).baselines  # now applicable to new photos
+
+
+def test_the_cost_screen_measures_the_recipes_training_setting(tmp_path):
+    """A sweep's 02 screen runs at the recipe's image size, batch, crop, device and threads (0 px: 224); options
+    given to the sweep win over them."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("image_size: 48\nbatch_size: 4\ncrop: crop_blank\nnum_threads: 1\n")
+    assert sweep._screen_settings(recipe, {"batch_size": 6}, 0) == {
+        "image_size": 48, "batch_size": 6, "crop": "crop_blank", "device": "auto", "num_threads": 1}
+    assert sweep._screen_settings(None, {"folds": 3}, 3)["image_size"] == 224

@@ -97,7 +97,8 @@ class PoolExecutor:
         def worker(i: int, job: dict) -> None:
             device = free.get()
             try:
-                where = f" on GPU {device}" if device else f" in a CPU worker ({self.threads or 'default'} threads)"
+                threads = f"{self.threads} thread{'s' if self.threads > 1 else ''}" if self.threads else "default threads"
+                where = f" on GPU {device}" if device else f" in a CPU worker ({threads})"
                 results[i] = _announced(job, where, lambda: _run_job_in_subprocess(job, device, self.threads))
             finally:
                 free.put(device)

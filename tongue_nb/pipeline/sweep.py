@@ -298,6 +298,7 @@ def _sweep(data: Path, backbones: list[str], params_file: str | Path | None, ext
             "data_review", None, "01_data_review", review_nb, {"data_dir": str(data)}, kernel, result):
         _render(review_nb, reports / "01_data_review.html", None, result)
     if compare is not None:
+        compare = dict(_screen_settings(params_file, extra, folds), **compare)
         result.comparison = _compare(data, backbones, sweep_dir, compare, kernel, result)
     split_seed = _recipe_params(params_file, extra, folds).effective_split_seed if seeds else None
     if baseline:
@@ -394,6 +395,15 @@ def _recipe_params(params_file: str | Path | None, extra: dict, folds: int, **va
     if folds and "fold" not in values:
         values["fold"] = 0
     return load_params([params_file] if params_file else (), **values)
+
+
+def _screen_settings(params_file: str | Path | None, extra: dict, folds: int) -> dict:
+    """What the recipe decides of the cost screen (02): its image size (0, each model's own: 224) and batch, crop,
+    device and threads, so that the screen measures the training the sweep runs; compare options given to the
+    sweep still win."""
+    recipe = _recipe_params(params_file, extra, folds)
+    return {"image_size": recipe.image_size or 224, "batch_size": recipe.batch_size, "crop": recipe.crop,
+            "device": recipe.device, "num_threads": recipe.num_threads}
 
 
 def _tracking_experiment(params_file: str | Path | None, extra: dict, folds: int, sweep_dir: Path) -> dict:
