@@ -53,7 +53,7 @@ def cv_sweep(tmp_path_factory):
     recipe.write_text(RECIPE)
     out, reports = root / "sweep", root / "reports"
     result = sweep.run_sweep(data, ["test_convnext"], params_file=recipe, out_dir=out, reports_dir=reports,
-                             compare=False, ensemble_k=0)
+                             compare=False, ensemble_k=0, workers=2)  # folds and analyses side by side
     return {"data": data, "recipe": recipe, "out": out, "reports": reports, "result": result}
 
 

@@ -47,7 +47,7 @@ def _failed(job: dict, exc: BaseException) -> dict:
 
 def _announced(job: dict, where: str, run: Any) -> dict:
     """Run a job, logging its start and its outcome (a worker's own output is not shown)."""
-    log.info("training %s%s", job["backbone"], where)
+    log.info("%s %s%s", job.get("task", "training"), job["backbone"], where)
     result = run()
     log.info("%s %s in %.0f s", job["backbone"], result.get("status"), result.get("seconds") or 0)
     return result
@@ -97,7 +97,7 @@ class PoolExecutor:
         def worker(i: int, job: dict) -> None:
             device = free.get()
             try:
-                threads = f"{self.threads} thread{'s' if self.threads > 1 else ''}" if self.threads else "default threads"
+                threads = f"{self.threads} thread{'s' * (self.threads > 1)}" if self.threads else "default threads"
                 where = f" on GPU {device}" if device else f" in a CPU worker ({threads})"
                 results[i] = _announced(job, where, lambda: _run_job_in_subprocess(job, device, self.threads))
             finally:

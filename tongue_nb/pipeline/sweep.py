@@ -349,10 +349,15 @@ def _sweep(data: Path, backbones: list[str], params_file: str | Path | None, ext
             run.error["report"] = run.report
             Path(run.run_dir).mkdir(parents=True, exist_ok=True)
             _write_json(Path(run.run_dir) / "failure.json", run.error)
-        if run.ok and not folds:
-            run.error_analysis = _error_analysis(name, Path(run.run_dir), run.status == "skipped", data, kernel, result)
-    for label, folder in analysed.items():  # a cross-validated sweep analyses each fold ensemble once
-        result.fold_analysis[label] = _error_analysis(_safe_name(label), folder, False, data, kernel, result)
+    # The error analyses: of each run, or in a cross-validated sweep of each fold ensemble once.
+    todo = {run.backbone: (_safe_name(run.backbone), Path(run.run_dir), run.status == "skipped")
+            for run in result.runs if run.ok and not folds}
+    todo.update({("cv", label): (_safe_name(label), folder, False) for label, folder in analysed.items()})
+    pages = _error_analyses(todo, data, kernel, result, executor)
+    for run in result.runs:
+        run.error_analysis = pages.get(run.backbone, run.error_analysis)
+    for label in analysed:
+        result.fold_analysis[label] = pages.get(("cv", label))
     _write_json(sweep_dir / "failures.json", result.failures)
 
     out_nb = sweep_dir / "notebooks" / "05_report.ipynb"
@@ -426,18 +431,35 @@ def _gather_folds(sweep_dir: Path, result: SweepResult) -> dict[str, Path]:
     return {label: folder for label, folder in written.items() if not label.startswith(BASELINE_RUN)}
 
 
-def _error_analysis(name: str, run_dir: Path, unchanged: bool, data: Path, kernel: str,
-                    result: SweepResult) -> str | None:
-    """The 04 notebook of one run (or fold ensemble) rendered to reports/04_error_analysis-<name>.html."""
-    out_nb = result.sweep_dir / "notebooks" / f"04_error_analysis-{name}.ipynb"
-    html_path = result.reports_dir / f"04_error_analysis-{name}.html"
-    if unchanged and html_path.exists() and executed_ok(out_nb):
-        return str(html_path)  # the run did not change since its analysis
-    if _run_stage("error_analysis", name, "04_error_analysis", out_nb, {"run_dir": str(run_dir), "data_dir": str(data)},
-                  kernel, result):
-        html = _render(out_nb, html_path, name, result)
-        return str(html) if html else None
-    return None
+def _error_analyses(todo: dict, data: Path, kernel: str, result: SweepResult, executor: Any) -> dict:
+    """The 04 notebooks of `todo` ({key: (name, run or fold-ensemble folder, unchanged)}), each rendered to
+    reports/04_error_analysis-<name>.html; {key: page} of those written. With a worker pool they run side by side
+    like the training notebooks, else one after another here. An unchanged run keeps its page."""
+    from tongue_nb.pipeline.executors import PoolExecutor
+
+    pages, jobs, waiting = {}, [], []
+    for key, (name, folder, unchanged) in todo.items():
+        out_nb = result.sweep_dir / "notebooks" / f"04_error_analysis-{name}.ipynb"
+        html_path = result.reports_dir / f"04_error_analysis-{name}.html"
+        parameters = {"run_dir": str(folder), "data_dir": str(data)}
+        if unchanged and html_path.exists() and executed_ok(out_nb):
+            pages[key] = str(html_path)  # the run did not change since its analysis
+        elif isinstance(executor, PoolExecutor):
+            jobs.append({"backbone": name, "run_dir": str(folder), "output_nb": str(out_nb),
+                         "input_nb": str(NOTEBOOKS / "04_error_analysis.ipynb"), "parameters": parameters, "kernel_name": kernel,
+                         "cwd": str(PROJECT_ROOT), "task": "error analysis of"})
+            waiting.append((key, name, out_nb, html_path))
+        elif _run_stage("error_analysis", name, "04_error_analysis", out_nb, parameters, kernel, result):
+            html = _render(out_nb, html_path, name, result)
+            pages[key] = str(html) if html else None
+    for (key, name, out_nb, html_path), outcome in zip(waiting, executor.run(jobs) if jobs else []):
+        if outcome["status"] != "completed":
+            result.errors.append(dict(outcome["error"], stage="error_analysis"))
+        if out_nb.exists():  # a failed analysis's partial notebook is rendered too, as _run_stage does
+            html = _render(out_nb, html_path, name, result)
+            if outcome["status"] == "completed":
+                pages[key] = str(html) if html else None
+    return pages
 
 
 def _baseline(data: Path, params_file: str | Path | None, extra: dict, run_dir: Path, result: SweepResult) -> None:
