@@ -115,6 +115,7 @@ def test_every_page_says_what_it_is_and_shows_no_logs_or_raw_dicts(pages):
         assert page["text"].lstrip().startswith(page["title"]), (name, page["text"][:80])  # first heading
         assert not LOG_LINE.search(page["text"]), (name, LOG_LINE.search(page["text"]).group(0))
         assert "{'" not in page["text"] and "'none'" not in page["text"], name
+        assert not re.search(r"^'[^'\n]*'$", page["text"], re.M), (name, "a str shown as its repr, in quotes")
         assert page["images"] == page["loaded"], (name, page)
         assert page["width"] <= 1400, (name, page["width"])  # wide tables scroll inside the page, not the page
         if name != "index.html":

@@ -101,14 +101,26 @@ def metrics_table(summary: Mapping[str, Any], split: str = "test") -> pd.DataFra
     return pd.DataFrame(rows).set_index("task")
 
 
+class Note(str):
+    """A short text that a notebook shows as itself (a plain str shows as its repr, in quotes)."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+    def _repr_html_(self) -> str:
+        import html
+
+        return f"<p><em>{html.escape(self)}</em></p>"
+
+
 def show(table: pd.DataFrame, digits: int = 3, empty: str = "none found") -> Any:
     """A table as a reader should see it: numbers rounded, missing values as '-', no row-number index.
 
-    Returns a pandas Styler (renders as HTML in notebooks and reports), or `empty` for an empty table.
-    A meaningful index (anything but 0, 1, 2, ...) is kept.
+    Returns a pandas Styler (renders as HTML in notebooks and reports), or `empty` as a `Note` (a str) for an
+    empty table. A meaningful index (anything but 0, 1, 2, ...) is kept.
     """
     if table is None or len(table) == 0:
-        return empty
+        return Note(empty)
     table = table.copy()
     for col in table.columns:  # whole numbers stored as floats (counts next to NaN) print as integers
         values = table[col]

@@ -557,6 +557,6 @@ def plot_speed(df: pd.DataFrame):
     ax.invert_yaxis()
     ax.set_xlabel(f"samples/s ({ok['device'].iloc[0]}, batch {int(ok['batch_size'].iloc[0])})")
     ax.set_title("throughput after warm-up")
-    ax.legend(loc="lower right")
+    fig.legend(loc="outside right upper")  # beside the axes: never over a bar
     ax.grid(axis="x", alpha=0.3)
     return fig
