@@ -3,6 +3,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix
 
+from tongue_nb.analysis import plots
 from tongue_nb.analysis.plots import confusion_matrices, plot_confusion_matrices, plot_history
 from tongue_nb.data.tasks import default_schema
 
@@ -76,3 +77,10 @@ def test_overview_tables_round_numbers_and_list_only_changed_parameters():
                              "timings": {"train_seconds": 90.0}, "pretrained": {"kind": "package", "detail": "pkg"}})
     assert overview.loc["best val combined score", "value"] == "0.1235"
     assert overview.loc["training time (min)", "value"] == "1.5" and overview.loc["initial weights", "value"] == "package pkg"
+
+
+def test_an_empty_table_shows_as_a_note_not_a_quoted_string():
+    note = plots.show(pd.DataFrame())
+    assert note == "none found" and repr(note) == "none found"  # a str's repr would add quotes on the page
+    assert note._repr_html_() == "<p><em>none found</em></p>"
+    assert plots.show(None, empty="<no runs>")._repr_html_() == "<p><em>&lt;no runs&gt;</em></p>"
