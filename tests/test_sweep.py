@@ -66,7 +66,7 @@ def test_one_process_per_gpu_sees_only_its_device(tmp_path):
 
 def test_cpu_workers_run_side_by_side_with_their_share_of_the_cores(tmp_path, monkeypatch):
     """--workers 2 on a machine without GPUs: two jobs at once, each seeing no GPU and cores/2 threads."""
-    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    monkeypatch.setattr("tongue_nb.pipeline.executors._cores", lambda: 4)
     pool = make_executor("auto", [], workers=2)
     assert isinstance(pool, PoolExecutor) and list(pool.devices) == ["", ""] and pool.threads == 2
     probe = _notebook(tmp_path / "probe.ipynb", "target = ''",

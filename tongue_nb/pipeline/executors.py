@@ -206,6 +206,15 @@ class SlurmExecutor:
         return outcomes
 
 
+def _cores() -> int:
+    """CPU cores this process may use: its affinity mask where the OS keeps one (a container's or a Slurm job's
+    share), else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def make_executor(kind: str = "auto", gpus: Sequence[str] | None = None, slurm: dict | None = None,
                   folder: str | Path | None = None, workers: int | None = None) -> Executor:
     """'auto' (one worker per GPU when there are several, else in-process), 'local', 'gpus' or 'slurm'.
@@ -238,6 +247,6 @@ def make_executor(kind: str = "auto", gpus: Sequence[str] | None = None, slurm: 
             return PoolExecutor([devices[i % len(devices)] for i in range(n)]) if n > 1 or kind == "gpus" \
                 else LocalExecutor()
         if workers and workers > 1:
-            return PoolExecutor([""] * workers, threads=max(1, (os.cpu_count() or 1) // workers))
+            return PoolExecutor([""] * workers, threads=max(1, _cores() // workers))
         return LocalExecutor()
     raise ValueError(f"executor must be one of auto, local, gpus, slurm; got {kind!r}")
