@@ -37,7 +37,7 @@ def bin_edges(values: np.ndarray, weights: np.ndarray, max_bins: int = MAX_BINS)
         on_sample = cdf[at] - targets <= np.finfo(np.float64).eps
         edges = np.where(on_sample, (values[at] + values[np.minimum(at + 1, len(values) - 1)]) / 2, values[at])
         edges = np.unique(edges)
-    return np.minimum(edges, np.finfo(np.float64).max)  # no +inf edge
+    return np.minimum(edges, 1e300)  # no +inf edge (scikit-learn's cap too)
 
 
 def fit_on_bins(clf: HistGradientBoostingClassifier, X: np.ndarray, y: np.ndarray,
@@ -63,7 +63,7 @@ def fit_on_bins(clf: HistGradientBoostingClassifier, X: np.ndarray, y: np.ndarra
     inner = ~trees.is_leaf
     k = np.floor(trees.threshold[inner]).astype(np.int64)  # index values are whole: index <= t iff index <= k
     n_edges = np.array([len(e) for e in edges])[trees.feature[inner]]
-    raw = np.full(len(k), np.finfo(np.float64).max)  # k past the last edge: every value goes left
+    raw = np.full(len(k), np.inf)  # k past the last edge: every value goes left
     for j, (f, kk) in enumerate(zip(trees.feature[inner], k)):
         if kk < n_edges[j]:
             raw[j] = edges[f][kk]
