@@ -181,3 +181,46 @@ def test_fit_baseline_run_writes_a_run_folder_and_learns_the_synthetic_set(tmp_p
     prim = {t: fixed["tasks"][t]["primary"] for t in ("shape", "coat")}
     assert {t: h["tasks"][t]["primary"] for t in prim} == pytest.approx(prim)
     assert h["combined_score"] == pytest.approx((0.5 * prim["shape"] + 1.5 * prim["coat"]) / 2.0)
+
+
+def test_features_are_kept_beside_the_image_cache_and_never_trusted_blindly(tmp_path, monkeypatch, caplog) -> None:
+    from tongue_nb.data.cache import ImageCache
+    from tongue_nb.model import features
+
+    rng = np.random.default_rng(3)
+    npy = tmp_path / "data-32px-crop_blank-0123.npy"
+    images = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    np.save(npy, images)
+    cache = ImageCache(images=np.load(npy, mmap_mode="r"), path=npy, key="k1")
+    first = features.cached_features(cache)
+    assert np.array_equal(first, extract_features(images))
+    kept = [p for p in tmp_path.iterdir() if ".features-" in p.name]
+    assert len(kept) == 1
+
+    calls = []
+    real = features.extract_features
+    monkeypatch.setattr(features, "extract_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert np.array_equal(features.cached_features(cache), first) and not calls  # read back, not recomputed
+
+    kept[0].write_bytes(b"not an array")  # damaged: recomputed with a warning, and rewritten
+    assert np.array_equal(features.cached_features(cache), first) and len(calls) == 1
+    assert "cannot be read" in caplog.text
+    np.save(kept[0], first[:3])  # wrong shape (e.g. another image set under the same name): recomputed
+    assert np.array_equal(features.cached_features(cache), first) and len(calls) == 2
+
+    # New images (another image-cache key) or new feature code get a file of their own; the old one goes.
+    other = ImageCache(images=cache.images, path=npy, key="k2")
+    features.cached_features(other)
+    assert len(calls) == 3
+    now = [p for p in tmp_path.iterdir() if ".features-" in p.name]
+    assert len(now) == 1 and now[0] != kept[0]
+
+
+def test_features_are_still_computed_where_the_cache_folder_is_read_only(tmp_path, monkeypatch, caplog) -> None:
+    from tongue_nb.data.cache import ImageCache
+    from tongue_nb.model import features
+
+    images = np.random.default_rng(4).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    cache = ImageCache(images=images, path=tmp_path / "missing-folder" / "c.npy", key="k")
+    assert np.array_equal(features.cached_features(cache), extract_features(images))
+    assert "not kept" in caplog.text

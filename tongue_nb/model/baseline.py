@@ -17,7 +17,7 @@ from sklearn.base import BaseEstimator
 from sklearn.ensemble import HistGradientBoostingClassifier
 
 from tongue_nb.data.tasks import Task, TaskSchema, labelled_mask
-from tongue_nb.model.features import extract_features, feature_names
+from tongue_nb.model.features import cached_features, extract_features, feature_names
 from tongue_nb.model.trees import BoostedTrees, fit_on_bins
 from tongue_nb import runfiles
 from tongue_nb.runfiles import RunFileError
@@ -355,13 +355,13 @@ def _fit_baseline_run(params: "TrainParams", out: Path, crop: str, class_weight:
             raise ValueError(f"{data_dir}: the {name} split is empty; the baseline needs train, val and test samples")
     check_train_weights(labels, idx["train"])
     t0 = time.perf_counter()
-    images = cache.build_cache(labels, image_size, crop=crop, margin=params.crop_margin,
-                               cache_dir=params.cache_dir or None).images
+    img_cache = cache.build_cache(labels, image_size, crop=crop, margin=params.crop_margin,
+                                  cache_dir=params.cache_dir or None)
     t_cache = time.perf_counter() - t0
-    # Features once for every sample; blanked background (crop_blank) marks the tongue region, and
-    # without blanking the whole (cropped) image is the region.
+    # Features once for every sample (and kept for the other folds); blanked background (crop_blank)
+    # marks the tongue region, and without blanking the whole (cropped) image is the region.
     t0 = time.perf_counter()
-    feats = extract_features(images)
+    feats = cached_features(img_cache)
     t_feat = time.perf_counter() - t0
     sub = {name: {k: v[rows] for k, v in labels.targets.items()} for name, rows in idx.items()}
     weights = labels.table["weight"].to_numpy(np.float64)

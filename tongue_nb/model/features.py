@@ -4,7 +4,10 @@ Cheap, fixed and GPU-free; model/baseline.py fits gradient boosting on them.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+from pathlib import Path
 
 import numpy as np
 
@@ -171,3 +174,53 @@ def extract_features(images: np.ndarray, masks: np.ndarray | None = None) -> np.
         frac = region.reshape(m, -1).mean(axis=1, dtype=np.float32)[:, None]
         out[sl] = np.concatenate([cstats, tex, frac], axis=1)
     return out
+
+
+def _features_key(image_key: str) -> str:
+    """The image cache's key with this module's code and numpy's version: any change to either recomputes."""
+    h = hashlib.sha256(image_key.encode())
+    h.update(Path(__file__).read_bytes())
+    h.update(np.__version__.encode())
+    return h.hexdigest()
+
+
+def cached_features(cache) -> np.ndarray:
+    """`extract_features` of a built image cache (`tongue_nb.data.cache.ImageCache`), kept in a file beside it.
+
+    Cross-validation fits the baseline once per fold on the same images; the features are computed on the
+    first fit and read back on the others. The file's name carries a key over the image cache's key and
+    this module's code, so a changed image, crop or feature computes afresh; a file that cannot be read
+    or written is recomputed (with a warning), never trusted.
+    """
+    from tongue_nb.paths import temp_file
+
+    key = _features_key(cache.key)
+    path = cache.path.with_name(f"{cache.path.stem}.features-{key[:16]}.npy")
+    shape = (len(cache.images), len(feature_names()))
+    if path.is_file():
+        try:
+            feats = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            log.warning("recomputing the baseline's features: %s cannot be read (%s)", path, exc)
+        else:
+            if feats.shape == shape and feats.dtype == np.float32:
+                return feats
+            log.warning("recomputing the baseline's features: %s holds %s %s, expected %s float32",
+                        path, feats.shape, feats.dtype, shape)
+    feats = extract_features(cache.images)
+    tmp = None
+    try:
+        fd, tmp = temp_file(path.parent, prefix=path.stem + ".")
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, feats, allow_pickle=False)
+        os.replace(tmp, path)
+    except OSError as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        log.warning("the baseline's features are not kept for the next fit: cannot write %s (%s)", path, exc)
+        return feats
+    prefix = f"{cache.path.stem}.features-"
+    for old in path.parent.iterdir():  # earlier code's features of these images
+        if old.name.startswith(prefix) and old.name.endswith(".npy") and old != path:
+            old.unlink(missing_ok=True)
+    return feats
