@@ -113,6 +113,8 @@ def test_slurm_executor_runs_jobs_through_submitit_and_requeues_to_resume(tmp_pa
     (Path(job["run_dir"]) / "checkpoints").mkdir(parents=True)
     (Path(job["run_dir"]) / "checkpoints" / "last.pt").write_bytes(b"x")
     assert _SlurmJob(job).checkpoint().function.job["parameters"]["resume"] is True
+    analysis = dict(job, task="error analysis of")  # reads that run folder: requeued as it was, no resume
+    assert "resume" not in _SlurmJob(analysis).checkpoint().function.job["parameters"]
     # Options are checked before anything is submitted.
     with pytest.raises(ValueError, match="cluster"):
         SlurmExecutor(tmp_path, cluster="pbs")
@@ -197,16 +199,19 @@ def test_real_sweep_two_backbones_and_a_failure(tmp_path, tiny_data):
     # Started again: finished runs are skipped, the failed one is tried again; this time with the
     # model comparison (a tiny budget), whose unknown backbone gets an error row, not a sweep error,
     # and the training jobs submitted through submitit's local backend (the Slurm executor's path).
+    # Its error analysis page was deleted: the analysis is made again, as a job of the same executor.
+    (reports / "04_error_analysis-test_convnext.html").unlink()
     t0 = time.perf_counter()
     again = sweep.run_sweep(tiny_data, ["test_convnext", "no_such_net"], params_file=recipe, out_dir=out,
                             reports_dir=reports, compare=True, compare_steps=4,
                             compare_options={"image_size": 32, "batch_size": 4, "isolate": False, "num_threads": 1},
                             executor="slurm", slurm={"cluster": "local", "gpus_per_job": 0, "cpus_per_job": 1,
                                                      "time_min": 10})
-    assert list((out / "slurm").iterdir()), "no submitit job folder"  # the job went through submitit
+    # submitit keeps a folder per job: the failed training, then the error analysis
+    assert len([d for d in (out / "slurm").iterdir() if d.name.isdigit()]) == 2
     assert {r.backbone: r.status for r in again.runs} == {"test_convnext": "skipped", "no_such_net": "failed"}
     assert not again.ok and not again.errors, again.errors
-    assert again.runs[0].error_analysis == str(reports / "04_error_analysis-test_convnext.html")  # kept, not re-run
+    assert again.runs[0].error_analysis == str(reports / "04_error_analysis-test_convnext.html")  # made again
     assert again.comparison and again.comparison.exists() and "02_model_comparison.html" in (reports / "index.html").read_text()
     print(f"sweep: first {first:.1f} s, rerun {time.perf_counter() - t0:.1f} s")
 

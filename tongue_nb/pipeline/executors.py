@@ -115,7 +115,8 @@ class PoolExecutor:
 
 
 class _SlurmJob:
-    """The submitted callable: one training notebook; on pre-emption or time-out it requeues itself to resume."""
+    """The submitted callable: one notebook (a training or an error analysis); on pre-emption or time-out it
+    requeues itself, a training to resume from its last checkpoint."""
 
     def __init__(self, job: dict) -> None:
         self.job = job
@@ -129,14 +130,15 @@ class _SlurmJob:
         import submitit
 
         job = dict(self.job)
-        if (Path(job["run_dir"]) / "checkpoints" / "last.pt").exists():
+        training = "task" not in job  # an error analysis reads the run folder; it has nothing to resume
+        if training and (Path(job["run_dir"]) / "checkpoints" / "last.pt").exists():
             job["parameters"] = dict(job["parameters"], resume=True)
         return submitit.helpers.DelayedSubmission(_SlurmJob(job))
 
 
 @dataclass
 class SlurmExecutor:
-    """One Slurm job per training notebook through submitit (https://github.com/facebookincubator/submitit).
+    """One Slurm job per notebook (training, then error analysis) through submitit (https://github.com/facebookincubator/submitit).
 
     `folder` keeps submitit's pickles and each job's logs (it must be on a file system the compute nodes
     share); `partition`, `gpus_per_job`, `cpus_per_job`, `mem_gb` and `time_min` are the sbatch resources;
@@ -191,7 +193,8 @@ class SlurmExecutor:
         for job in jobs:
             try:
                 submitted.append(ex.submit(_SlurmJob(job)))
-                log.info("submitted %s as %s job %s", job["backbone"], self.cluster, submitted[-1].job_id)
+                log.info("submitted %s %s as %s job %s", job.get("task", "training"), job["backbone"], self.cluster,
+                         submitted[-1].job_id)
             except Exception as exc:  # noqa: BLE001 - a refused submission is that job's failure
                 submitted.append(exc)
         outcomes = []

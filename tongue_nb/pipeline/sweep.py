@@ -433,9 +433,10 @@ def _gather_folds(sweep_dir: Path, result: SweepResult) -> dict[str, Path]:
 
 def _error_analyses(todo: dict, data: Path, kernel: str, result: SweepResult, executor: Any) -> dict:
     """The 04 notebooks of `todo` ({key: (name, run or fold-ensemble folder, unchanged)}), each rendered to
-    reports/04_error_analysis-<name>.html; {key: page} of those written. With a worker pool they run side by side
-    like the training notebooks, else one after another here. An unchanged run keeps its page."""
-    from tongue_nb.pipeline.executors import PoolExecutor
+    reports/04_error_analysis-<name>.html; {key: page} of those written. With a worker pool or Slurm they run as
+    the training notebooks did (side by side, or as jobs), else one after another here. An unchanged run keeps
+    its page."""
+    from tongue_nb.pipeline.executors import PoolExecutor, SlurmExecutor
 
     pages, jobs, waiting = {}, [], []
     for key, (name, folder, unchanged) in todo.items():
@@ -444,7 +445,7 @@ def _error_analyses(todo: dict, data: Path, kernel: str, result: SweepResult, ex
         parameters = {"run_dir": str(folder), "data_dir": str(data)}
         if unchanged and html_path.exists() and executed_ok(out_nb):
             pages[key] = str(html_path)  # the run did not change since its analysis
-        elif isinstance(executor, PoolExecutor):
+        elif isinstance(executor, (PoolExecutor, SlurmExecutor)):
             jobs.append({"backbone": name, "run_dir": str(folder), "output_nb": str(out_nb),
                          "input_nb": str(NOTEBOOKS / "04_error_analysis.ipynb"), "parameters": parameters, "kernel_name": kernel,
                          "cwd": str(PROJECT_ROOT), "task": "error analysis of"})
