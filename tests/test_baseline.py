@@ -216,11 +216,12 @@ def test_features_are_kept_beside_the_image_cache_and_never_trusted_blindly(tmp_
     assert len(now) == 1 and now[0] != kept[0]
 
 
-def test_features_are_still_computed_where_the_cache_folder_is_read_only(tmp_path, monkeypatch, caplog) -> None:
+def test_features_are_still_computed_where_the_cache_folder_cannot_be_written(tmp_path, monkeypatch, caplog) -> None:
     from tongue_nb.data.cache import ImageCache
     from tongue_nb.model import features
 
     images = np.random.default_rng(4).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
-    cache = ImageCache(images=images, path=tmp_path / "missing-folder" / "c.npy", key="k")
+    (tmp_path / "a-file").write_text("")  # its "folder" is a file: nothing can be written there
+    cache = ImageCache(images=images, path=tmp_path / "a-file" / "c.npy", key="k")
     assert np.array_equal(features.cached_features(cache), extract_features(images))
     assert "not kept" in caplog.text

@@ -5,8 +5,8 @@ Cheap, fixed and GPU-free; model/baseline.py fits gradient boosting on them.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -192,7 +192,8 @@ def cached_features(cache) -> np.ndarray:
     this module's code, so a changed image, crop or feature computes afresh; a file that cannot be read
     or written is recomputed (with a warning), never trusted.
     """
-    from tongue_nb.paths import temp_file
+    from tongue_nb.paths import DiskFullError
+    from tongue_nb.runio import atomic_write_bytes
 
     key = _features_key(cache.key)
     path = cache.path.with_name(f"{cache.path.stem}.features-{key[:16]}.npy")
@@ -208,15 +209,11 @@ def cached_features(cache) -> np.ndarray:
             log.warning("recomputing the baseline's features: %s holds %s %s, expected %s float32",
                         path, feats.shape, feats.dtype, shape)
     feats = extract_features(cache.images)
-    tmp = None
+    buf = io.BytesIO()
+    np.save(buf, feats, allow_pickle=False)
     try:
-        fd, tmp = temp_file(path.parent, prefix=path.stem + ".")
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, feats, allow_pickle=False)
-        os.replace(tmp, path)
-    except OSError as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+        atomic_write_bytes(path, buf.getvalue())
+    except (OSError, DiskFullError) as exc:  # only the reuse is lost: this fit has its features
         log.warning("the baseline's features are not kept for the next fit: cannot write %s (%s)", path, exc)
         return feats
     prefix = f"{cache.path.stem}.features-"
