@@ -56,7 +56,7 @@ def train(args: argparse.Namespace) -> None:
                                  out_dir=str(out), experiment_name=out.name)
             size = args.baseline_size or params.image_size or 128
             baseline_mod.fit_baseline_run(dataclasses.replace(params, image_size=size), out, crop="crop_blank")
-    plan = [(f"{NET}-fold{k}", {"folds": args.folds, "fold": k}) for k in range(args.folds)
+    plan = [(f"{args.name}-fold{k}", {"folds": args.folds, "fold": k}) for k in range(args.folds)
             if not args.fold or k in args.fold]
     plan += [("single", {})] if args.single else []
     for name, values in plan:
@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--fold", type=int, action="append", default=[],
                    help="train only this fold of the network (repeatable): two processes, one thread each, can share "
                         "a split's folds")
+    t.add_argument("--name", default=NET, help="the network's run name (`<name>-fold<k>`); a second recipe or backbone "
+                   "in the same --out-dir becomes another candidate of the per-task selection")
     t.add_argument("--baseline-size", type=int, default=96)
     t.add_argument("--single", action="store_true", help="also train the recipe once on the ordinary split")
     t.add_argument("--out-dir", type=Path, required=True)

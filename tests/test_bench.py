@@ -375,3 +375,50 @@ def test_every_bench_recipe_loads_and_finds_its_pretrained_weights_offline(path,
     if params.pretrained:
         source = locate_weights(resolve_backbone(params.backbone), params.pretrained_path or None)
         assert source.kind in ("file", "package", "cache"), f"{path.name}: {params.backbone} weights: {source.describe()}"
+
+
+def test_tta_check_reevaluates_fold_runs_and_compares_out_of_fold_scores(tmp_path, monkeypatch, capsys):
+    import json
+
+    import tta_check
+
+    from tongue_nb.analysis.cv import gather_fold_ensembles
+    from tongue_nb.analysis.runs import load_sweep
+    from tongue_nb.data.synth import make_synthetic
+    from tongue_nb.train import trainer
+    from tongue_nb.train.params import load_params
+
+    data = make_synthetic(tmp_path / "syn", n=36, size=40, seed=3)
+    cv_dir = tmp_path / "cv"
+    for k in range(2):
+        out = cv_dir / "runs" / f"net-fold{k}"
+        trainer.train(load_params(backbone="test_convnext", pretrained=False, image_size=32, batch_size=8,
+                                  stage1_epochs=0, stage2_epochs=1, num_threads=1, data_dir=str(data), folds=2,
+                                  fold=k, out_dir=str(out), experiment_name=out.name, progress=False,
+                                  cache_dir=str(tmp_path / "cache")))
+    with pytest.raises(SystemExit, match="no fold ensemble"):
+        tta_check.main(["--out-dir", str(cv_dir), "--tta-dir", str(tmp_path / "x")])
+    gather_fold_ensembles(cv_dir)
+    # The flip is the mean of the logits of the batch and its mirror.
+    model = tta_check.load_run_model(cv_dir / "runs" / "net-fold0")
+    x = torch.randn(2, 3, 32, 32)
+    flipped = tta_check.FlipMean(model)(x)
+    for name, logits in model(x).items():
+        assert torch.allclose(flipped[name], (logits + model(x.flip(3))[name]) / 2, atol=1e-5)
+    # Without the flip the re-evaluation reproduces each run's own predictions: same rows, loaders, thresholds.
+    monkeypatch.setattr(tta_check, "FlipMean", lambda m: m)
+    res = tta_check.main(["--out-dir", str(cv_dir), "--tta-dir", str(tmp_path / "same"), "--threads", "1",
+                          "--json", str(tmp_path / "same.json")])
+    for k in range(2):
+        mine = pd.read_csv(tmp_path / "same" / "runs" / f"net-fold{k}" / "predictions.csv")
+        theirs = pd.read_csv(cv_dir / "runs" / f"net-fold{k}" / "predictions.csv")
+        assert list(mine["id"]) == list(theirs["id"])
+        p = [c for c in theirs.columns if c.startswith("p:")]
+        assert np.allclose(mine[p].to_numpy(), theirs[p].to_numpy(), atol=1e-5)
+        assert res["per_fold_val"][f"net-fold{k}"]["flip"] == pytest.approx(res["per_fold_val"][f"net-fold{k}"]["plain"])
+    assert res["oof"]["flip"] == pytest.approx(res["oof"]["plain"])
+    assert set(json.loads((tmp_path / "same.json").read_text())) == {"out_dir", "per_fold_val", "oof"}
+    again = load_sweep(tmp_path / "same")
+    assert again.cv and list(again.runs) == ["net"]  # the re-evaluated folds read as a fold ensemble
+    with pytest.raises(SystemExit, match="fewer than two"):
+        tta_check.main(["--out-dir", str(cv_dir), "--tta-dir", str(tmp_path / "x"), "--name", "other"])
