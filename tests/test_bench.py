@@ -377,10 +377,10 @@ def test_every_bench_recipe_loads_and_finds_its_pretrained_weights_offline(path,
         assert source.kind in ("file", "package", "cache"), f"{path.name}: {params.backbone} weights: {source.describe()}"
 
 
-def test_tta_check_reevaluates_fold_runs_and_compares_out_of_fold_scores(tmp_path, monkeypatch, capsys):
+def test_flip_tta_cv_reevaluates_fold_runs_and_compares_out_of_fold_scores(tmp_path, monkeypatch, capsys):
     import json
 
-    import tta_check
+    import flip_tta_cv
 
     from tongue_nb.analysis.cv import gather_fold_ensembles
     from tongue_nb.analysis.runs import load_sweep
@@ -397,17 +397,17 @@ def test_tta_check_reevaluates_fold_runs_and_compares_out_of_fold_scores(tmp_pat
                                   fold=k, out_dir=str(out), experiment_name=out.name, progress=False,
                                   cache_dir=str(tmp_path / "cache")))
     with pytest.raises(SystemExit, match="no fold ensemble"):
-        tta_check.main(["--out-dir", str(cv_dir), "--tta-dir", str(tmp_path / "x")])
+        flip_tta_cv.main(["--out-dir", str(cv_dir), "--tta-dir", str(tmp_path / "x")])
     gather_fold_ensembles(cv_dir)
     # The flip is the mean of the logits of the batch and its mirror.
-    model = tta_check.load_run_model(cv_dir / "runs" / "net-fold0")
+    model = flip_tta_cv.load_run_model(cv_dir / "runs" / "net-fold0")
     x = torch.randn(2, 3, 32, 32)
-    flipped = tta_check.FlipMean(model)(x)
+    flipped = flip_tta_cv.MirrorMean(model)(x)
     for name, logits in model(x).items():
         assert torch.allclose(flipped[name], (logits + model(x.flip(3))[name]) / 2, atol=1e-5)
     # Without the flip the re-evaluation reproduces each run's own predictions: same rows, loaders, thresholds.
-    monkeypatch.setattr(tta_check, "FlipMean", lambda m: m)
-    res = tta_check.main(["--out-dir", str(cv_dir), "--tta-dir", str(tmp_path / "same"), "--threads", "1",
+    monkeypatch.setattr(flip_tta_cv, "MirrorMean", lambda m: m)
+    res = flip_tta_cv.main(["--out-dir", str(cv_dir), "--tta-dir", str(tmp_path / "same"), "--threads", "1",
                           "--json", str(tmp_path / "same.json")])
     for k in range(2):
         mine = pd.read_csv(tmp_path / "same" / "runs" / f"net-fold{k}" / "predictions.csv")
@@ -421,4 +421,4 @@ def test_tta_check_reevaluates_fold_runs_and_compares_out_of_fold_scores(tmp_pat
     again = load_sweep(tmp_path / "same")
     assert again.cv and list(again.runs) == ["net"]  # the re-evaluated folds read as a fold ensemble
     with pytest.raises(SystemExit, match="fewer than two"):
-        tta_check.main(["--out-dir", str(cv_dir), "--tta-dir", str(tmp_path / "x"), "--name", "other"])
+        flip_tta_cv.main(["--out-dir", str(cv_dir), "--tta-dir", str(tmp_path / "x"), "--name", "other"])

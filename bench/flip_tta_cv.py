@@ -1,11 +1,14 @@
 """Would left-right flip test-time augmentation help? Out-of-fold evidence from a finished cross-validation.
 
-Re-evaluates every fold run `<name>-fold<k>` of a `bench/cv.py train` folder with each image and its mirror
-(the mean of the two logits), writes the re-evaluated runs to `--tta-dir` (checkpoints linked, not copied),
-gathers their fold ensemble, and prints the pooled out-of-fold scores per task with and without the flip.
-Only out-of-fold rows are compared: the decision is made without the test split.
+`bench/flip_tta.py` asks this of single runs (val and test photos predicted from their files); this script asks
+it of a cross-validation's fold runs. It re-evaluates every fold run `<name>-fold<k>` of a `bench/cv.py train`
+folder with each image and its mirror (`flip_tta.MirrorMean`: the mean of the two logits), writes the
+re-evaluated runs to `--tta-dir` (checkpoints linked, not copied), gathers their fold ensemble, and prints the
+pooled out-of-fold scores per task with and without the flip. Only out-of-fold rows are compared: the decision
+is made without the test split.
 
-    .venv/bin/python bench/tta_check.py --out-dir D/v4-s0 --tta-dir D/v4-s0-flip --json bench/results/tta-s0.json
+    .venv/bin/python bench/flip_tta_cv.py --out-dir D/v4-s0 --tta-dir D/v4-s0-flip \
+        --json bench/results/flip-tta-cv-v4-s0.json
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from flip_tta import MirrorMean  # noqa: E402
 
 from tongue_nb.analysis import cv as cv_mod  # noqa: E402
 from tongue_nb.analysis import metrics as metrics_mod  # noqa: E402
@@ -35,18 +39,6 @@ from tongue_nb.train.params import load_params  # noqa: E402
 from tongue_nb.train.runtime import Runtime  # noqa: E402
 
 
-class FlipMean(torch.nn.Module):
-    """The wrapped model's logits averaged over the batch and its left-right mirror."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        a, b = self.model(x), self.model(x.flip(3))
-        return {k: (a[k] + b[k]) / 2 for k in a}
-
-
 def reevaluate(run: Path, out: Path) -> float:
     """Write `out`: a copy of the finished run `run` whose final evaluation (val, test, thresholds tuned on val)
     used the flip; returns its validation combined score."""
@@ -57,7 +49,7 @@ def reevaluate(run: Path, out: Path) -> float:
         raise SystemExit(f"{run}: split.csv differs from the split its params.yaml cuts now")
     schema, rt = labels.schema, Runtime()
     base = load_run_model(run)
-    model = FlipMean(base)
+    model = MirrorMean(base)
     img = cache_mod.build_cache(labels, image_size=params.image_size, crop=params.crop, margin=params.crop_margin,
                                 cache_dir=params.cache_dir or None, on_bad_image=params.on_bad_image)
     idx = {n: np.flatnonzero((split == n) & img.valid) for n in ("train", "val", "test")}
