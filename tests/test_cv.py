@@ -165,6 +165,29 @@ def test_fold_options_are_checked_before_anything_runs(tmp_path, cv_sweep):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_folds_and_overrides_are_checked_with_the_recipe_not_alone(tmp_path, cv_sweep, monkeypatch):
+    # `--folds K` and `--set folds=K` reach the runs (each override was once checked as if it were the whole recipe,
+    # and a lone folds=3 looked like a run without its fold); what depends on several parameters is checked on the
+    # recipe and the overrides together, before the sweep writes anything.
+    seen = []
+    monkeypatch.setattr(sweep, "_sweep", lambda *a, **kw: seen.append((a[3], kw["folds"])) or
+                        sweep.SweepResult(a[4], a[5]))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("test_fraction: 0.05\nstage1_epochs: 0\n")
+    assert cli(["sweep", "--data", str(cv_sweep["data"]), "--backbones", "test_convnext", "--folds", "3",
+                "--no-compare", "--out", str(tmp_path / "a"), "--reports", str(tmp_path / "ra")]) == 0
+    sweep.run_sweep(cv_sweep["data"], ["test_convnext"], params_file=recipe, overrides=["folds=2", "val_fraction=0.9"],
+                    compare=False, out_dir=tmp_path / "b", reports_dir=tmp_path / "rb")
+    assert seen == [({"folds": 3}, 3), ({"folds": 2, "val_fraction": 0.9}, 2)]
+    for overrides, match in ((["stage2_epochs=0"], "stage1_epochs \\+ stage2_epochs"),
+                             (["val_fraction=0.95"], "val_fraction \\+ test_fraction"),
+                             (["val_fraction=2"], "override 'val_fraction=2'.*< 1")):
+        with pytest.raises(ParamError, match=match):
+            sweep.run_sweep(cv_sweep["data"], ["test_convnext"], params_file=recipe, overrides=overrides,
+                            compare=False, out_dir=tmp_path / "c", reports_dir=tmp_path / "rc")
+    assert not (tmp_path / "c").exists() and not (tmp_path / "rc").exists() and len(seen) == 2
+
+
 def test_the_plan_of_a_cross_validated_sweep_over_seeds(tmp_path):
     assert sweep._plan(["a"], None, 0) == [("a", None, None)]
     assert sweep._plan(["a"], [0, 1], 2) == [("a-seed0-fold0", 0, 0), ("a-seed0-fold1", 0, 1),

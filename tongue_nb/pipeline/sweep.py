@@ -105,16 +105,24 @@ SWEEP_OWNED = {"data_dir": "use --data", "out_dir": "runs go to <sweep>/runs/<ba
 
 def _parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     """'key=value' strings into typed notebook parameters, checked by tongue_nb.train.params (errors name the override)."""
-    from tongue_nb.train.params import ParamError, load_params, split_overrides
+    from tongue_nb.train.params import ParamError, check_value, split_overrides
 
     values: dict[str, Any] = {}
-    for key, _, item in split_overrides(overrides):
+    for key, raw, item in split_overrides(overrides):
         if key in SWEEP_OWNED:
             raise ParamError(f"override {item!r}: the sweep sets {key} for every run ({SWEEP_OWNED[key]}); "
                              "it cannot be overridden with --set")
-        # Typing one override at a time keeps its error message about that override only.
-        values[key] = getattr(load_params(overrides=[item]), key)
+        # Each override is typed alone, so that its error is about it only; checks across parameters need the
+        # recipe as well (_check_runs_params).
+        values[key] = check_value(key, raw, f"override {item!r}")
     return values
+
+
+def _check_runs_params(params_file: str | Path | None, extra: dict, folds: int, backbones: Sequence[str]) -> None:
+    """The recipe with the overrides, as each backbone's runs will read it (fold 0 of a cross-validation): a
+    combination no run could train with is refused before the sweep writes anything."""
+    for backbone in backbones:
+        _recipe_params(params_file, extra, folds, backbone=backbone)
 
 
 def recipe_seeds(params_file: str | Path | None) -> list[int] | None:
@@ -239,6 +247,7 @@ def run_sweep(data_dir: str | Path | None, backbones: Sequence[str], params_file
     extra = _parse_overrides(list(overrides) + ([f"folds={folds}"] if folds is not None else []))
     n_folds = _sweep_folds(extra, params_file)
     seeds_list = _check_seeds(seeds, extra, params_file)
+    _check_runs_params(params_file, extra, n_folds, backbones)
     if data_dir is not None and not str(data_dir).strip():
         raise SweepError(f"run_sweep: data_dir (--data) is {str(data_dir)!r}, expected a dataset folder (an unset "
                          "shell variable?); leave it out (None) to use the built-in synthetic set")

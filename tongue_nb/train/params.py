@@ -239,17 +239,30 @@ def coerce_fields(obj: Any) -> None:
 def check_fields(obj: Any) -> None:
     """Check every field of a parameters dataclass against its metadata: finite floats, choices, bounds."""
     for f in fields(obj):
-        value = getattr(obj, f.name)
-        meta = f.metadata
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ParamError(f"parameter {f.name}: got {value!r}, expected a finite number")
-        if meta.get("choices") and value not in meta["choices"]:
-            raise ParamError(f"parameter {f.name}: got {value!r}, expected one of {list(meta['choices'])}")
-        for key, ok, word in (("gt", lambda v, b: v > b, ">"), ("ge", lambda v, b: v >= b, ">="),
-                              ("lt", lambda v, b: v < b, "<"), ("le", lambda v, b: v <= b, "<=")):
-            bound = meta.get(key)
-            if bound is not None and not ok(value, bound):
-                raise ParamError(f"parameter {f.name}: got {value!r}, expected a number {word} {bound}")
+        _check_field(f, getattr(obj, f.name))
+
+
+def _check_field(f: dataclasses.Field, value: Any, where: str = "") -> None:
+    meta = f.metadata
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ParamError(f"parameter {f.name}{where}: got {value!r}, expected a finite number")
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ParamError(f"parameter {f.name}{where}: got {value!r}, expected one of {list(meta['choices'])}")
+    for key, ok, word in (("gt", lambda v, b: v > b, ">"), ("ge", lambda v, b: v >= b, ">="),
+                          ("lt", lambda v, b: v < b, "<"), ("le", lambda v, b: v <= b, "<=")):
+        bound = meta.get(key)
+        if bound is not None and not ok(value, bound):
+            raise ParamError(f"parameter {f.name}{where}: got {value!r}, expected a number {word} {bound}")
+
+
+def check_value(key: str, raw: Any, source: str) -> Any:
+    """One parameter's value, typed and checked on its own (type, choices, bounds); errors name `source`.
+    What depends on other parameters (folds and fold, the two split fractions, the epochs of both stages) is
+    checked where the whole set is known: `load_params`."""
+    f = _field_for(key, source)
+    value = _coerce(f, raw, source)
+    _check_field(f, value, f" (from {source})")
+    return value
 
 
 _FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in fields(TrainParams)}
