@@ -185,6 +185,9 @@ def test_folds_and_overrides_are_checked_with_the_recipe_not_alone(tmp_path, cv_
         with pytest.raises(ParamError, match=match):
             sweep.run_sweep(cv_sweep["data"], ["test_convnext"], params_file=recipe, overrides=overrides,
                             compare=False, out_dir=tmp_path / "c", reports_dir=tmp_path / "rc")
+    with pytest.raises(ParamError, match="--folds 3 and --set folds=5"):
+        sweep.run_sweep(cv_sweep["data"], ["test_convnext"], overrides=["folds=5"], folds=3, compare=False,
+                        out_dir=tmp_path / "c", reports_dir=tmp_path / "rc")
     assert not (tmp_path / "c").exists() and not (tmp_path / "rc").exists() and len(seen) == 2
 
 

@@ -244,7 +244,15 @@ def run_sweep(data_dir: str | Path | None, backbones: Sequence[str], params_file
     for name in ("03_train", "04_error_analysis", "05_report"):
         if not (NOTEBOOKS / f"{name}.ipynb").exists():
             raise SweepError(f"run_sweep: notebook {NOTEBOOKS / name}.ipynb is missing from the project")
-    extra = _parse_overrides(list(overrides) + ([f"folds={folds}"] if folds is not None else []))
+    extra = _parse_overrides(overrides)
+    if folds is not None:
+        from tongue_nb.train.params import ParamError, check_value
+
+        value = check_value("folds", folds, "the folds argument (--folds)")
+        if extra.get("folds", value) != value:
+            raise ParamError(f"folds: --folds {folds} and --set folds={extra['folds']} (or the folds argument and an "
+                             "override) disagree; give it once")
+        extra["folds"] = value
     n_folds = _sweep_folds(extra, params_file)
     seeds_list = _check_seeds(seeds, extra, params_file)
     _check_runs_params(params_file, extra, n_folds, backbones)
