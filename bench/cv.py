@@ -91,10 +91,11 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {"machine": common.machine_info(), "out_dir": str(args.out_dir), "folds": net["folds"],
                            "fold_scores": cv_mod.fold_scores(sweep).to_dict("records")}
     res["cv_table"] = cv_mod.cv_table(sweep).to_dict("records")
-    for name in (args.net, BASELINE):
-        s = sweep.runs[name].summary
-        res[NET if name == args.net else name] = {"oof": _task_scores(s, "val_metrics_thresholded"),
-                     "test_fold_ensemble": _task_scores(s, "final_metrics_thresholded")}
+    scores = {name: {"oof": _task_scores(run.summary, "val_metrics_thresholded"),
+                     "test_fold_ensemble": _task_scores(run.summary, "final_metrics_thresholded")}
+              for name, run in sweep.runs.items()}
+    res[NET], res[BASELINE] = scores[args.net], scores[BASELINE]
+    res["fold_ensembles"] = scores  # every network of the folder (a second one: `train --name`) and the baseline
     single_dir = args.out_dir / "runs" / "single"
     if (single_dir / "summary.json").is_file():
         single = load_run(single_dir).summary
