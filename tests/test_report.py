@@ -358,6 +358,34 @@ def test_rendered_pages_say_what_they_are_link_back_and_hide_logs(tmp_path):
     assert page_title("04_error_analysis-tf_efficientnet_lite0.html") == "tf_efficientnet_lite0 - error analysis"
 
 
+def test_rendered_figures_carry_alternative_text_naming_their_section(tmp_path, caplog):
+    import base64
+    import io
+
+    import nbformat
+    from bs4 import BeautifulSoup
+    from PIL import Image
+
+    from tongue_nb.pipeline.render import render_html
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 3), (200, 30, 30)).save(buf, format="PNG")
+    png = base64.b64encode(buf.getvalue()).decode()
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# Report\n\n## Per-task **F1** by [fold](#f)"),
+                nbformat.v4.new_code_cell("x"), nbformat.v4.new_code_cell("y")]
+    nb.cells[1].outputs = [nbformat.v4.new_output("display_data", data={"image/png": png, "text/plain": "<Figure>"},
+                                                  metadata={"image/png": {"width": 400}})]
+    nb.cells[2].outputs = [nbformat.v4.new_output("display_data", data={"image/png": png})]
+    nbformat.write(nb, str(tmp_path / "n.ipynb"))
+    with caplog.at_level("WARNING"):
+        page = render_html(tmp_path / "n.ipynb", tmp_path / "05_report.html").read_text()
+    assert "Alternative text is missing" not in caplog.text
+    images = BeautifulSoup(page, "html.parser").select("img")
+    assert [i["alt"] for i in images] == [f"Figure {k} of section 'Per-task F1 by fold' (final report)" for k in (1, 2)]
+    assert {i["src"] for i in images} == {f"data:image/png;base64,{png}"} and images[0]["width"] == "400"
+
+
 def test_roc_pr_curves_one_panel_pair_per_task_with_scores_in_the_legend(sweep_dir):
     from sklearn.metrics import roc_auc_score
 

@@ -1,7 +1,10 @@
 """Executed notebooks rendered to the reports' HTML pages: no code, figures embedded, titled, linked to the index."""
 from __future__ import annotations
 
+import html
+import re
 from pathlib import Path
+from typing import Any
 
 from tongue_nb.fonts import CSS_CJK
 
@@ -48,6 +51,7 @@ def render_html(notebook: str | Path, html_path: str | Path, title: str | None =
             + (f"\n{lines[1]}" if len(lines) > 1 else "")
     else:
         nb.cells.insert(0, nbformat.v4.new_markdown_cell(f"# {title}{back}"))
+    _describe_figures(nb, title)
     exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True, embed_images=True)
     body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": title}})
     body = body.replace("</head>", _FONT_CSS + "</head>", 1)
@@ -57,3 +61,36 @@ def render_html(notebook: str | Path, html_path: str | Path, title: str | None =
     tmp.write_text(body, encoding="utf-8")
     tmp.replace(html_path)
     return html_path
+
+
+_IMAGES = ("image/png", "image/jpeg")
+
+
+def _heading(source: str) -> str | None:
+    """The text of a markdown cell's last heading (link targets and emphasis marks dropped), or None."""
+    heads = [line.lstrip("#").strip() for line in source.splitlines() if re.match(r"#{1,6} ", line)]
+    return re.sub(r"\]\([^)]*\)|[\[*_`]", "", heads[-1]).strip() if heads else None
+
+
+def _describe_figures(nb: Any, title: str) -> None:
+    """Give every figure an alternative text: its number in its section, the section's heading and the page.
+
+    The page template takes no alternative text from a notebook, so each figure becomes an HTML image that
+    carries its own (otherwise a screen reader hears a placeholder, and every page logs a warning)."""
+    section, seen = title, {}
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            section = _heading(cell.source) or section
+            continue
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            kind = next((k for k in _IMAGES if k in data), None)
+            if kind is None or "text/html" in data:
+                continue
+            seen[section] = seen.get(section, 0) + 1
+            alt = f"Figure {seen[section]} of section {section!r} ({title})"
+            size = "".join(f' {k}="{v}"' for k, v in (out.get("metadata", {}).get(kind) or {}).items()
+                           if k in ("width", "height") and isinstance(v, (int, float)))
+            b64 = "".join(str(data[kind]).split())
+            out["data"] = {"text/html": f'<img src="data:{kind};base64,{b64}" alt="{html.escape(alt)}"{size}>'}
+            out.get("metadata", {}).pop(kind, None)
