@@ -79,6 +79,12 @@ def _task_scores(summary: dict, key: str) -> dict[str, float]:
         {"combined": block.get("combined_score")}
 
 
+def _cross_fitted(summary: dict) -> dict[str, float]:
+    """A fold ensemble's out-of-fold scores with each fold decided at thresholds tuned on the other folds."""
+    crossed = (summary.get("cv") or {}).get("cross_fitted") or {}
+    return dict(crossed.get("tasks") or {}) | {"combined": crossed.get("combined")}
+
+
 def report(args: argparse.Namespace) -> dict[str, Any]:
     """The figures of issue 26 for one split, as JSON and a printed table."""
     from tongue_nb.analysis.runs import load_run, load_sweep
@@ -92,6 +98,7 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
                            "fold_scores": cv_mod.fold_scores(sweep).to_dict("records")}
     res["cv_table"] = cv_mod.cv_table(sweep).to_dict("records")
     scores = {name: {"oof": _task_scores(run.summary, "val_metrics_thresholded"),
+                     "oof_cross_fitted": _cross_fitted(run.summary),
                      "test_fold_ensemble": _task_scores(run.summary, "final_metrics_thresholded")}
               for name, run in sweep.runs.items()}
     res[NET], res[BASELINE] = scores[args.net], scores[BASELINE]
@@ -102,20 +109,26 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
         res["single"] = {"val": _task_scores(single, "val_metrics_thresholded"),
                          "test": _task_scores(single, "final_metrics_thresholded"),
                          "train_seconds": (single.get("timings") or {}).get("train_seconds")}
-    res["selection"], res["rule_check"] = {}, {}
-    for rule in ("best", "simplest"):
-        sel = per_task_selection(sweep, ensemble_k=args.ensemble_k, rule=rule)
-        res["selection"][rule] = {t: {"source": c["source"], "val": c["val"], "test": c["test"]}
-                                  for t, c in sel["choice"].items()} | {"combined": sel["row"]["combined_thresholded"]}
-        # which rule to keep, judged on out-of-fold rows alone: choose on K-1 folds, score on the held-out one
-        res["rule_check"][rule] = leave_one_fold_out(sweep, ensemble_k=args.ensemble_k, rule=rule)
+    # the candidates scored out-of-fold with cross-fitted thresholds (the default), and with thresholds tuned on
+    # all out-of-fold rows ("_pooled"); which to keep is judged on out-of-fold rows alone (rule_check: choose on
+    # K-1 folds, score on the held-out one)
+    for cross_fit, suffix in ((True, ""), (False, "_pooled")):
+        res["selection" + suffix], res["rule_check" + suffix] = {}, {}
+        for rule in ("best", "simplest"):
+            sel = per_task_selection(sweep, ensemble_k=args.ensemble_k, rule=rule, cross_fit=cross_fit)
+            res["selection" + suffix][rule] = {t: {"source": c["source"], "val": c["val"], "test": c["test"]}
+                                               for t, c in sel["choice"].items()} | \
+                {"combined": sel["row"]["combined_thresholded"]}
+            res["rule_check" + suffix][rule] = leave_one_fold_out(sweep, ensemble_k=args.ensemble_k, rule=rule,
+                                                                  cross_fit=cross_fit)
     res["train_seconds"] = {r.path.name: (r.summary.get("timings") or {}).get("train_seconds")
                             for r in (load_run(d) for d in sorted((args.out_dir / "runs").iterdir())
                                       if (d / "summary.json").is_file())}
     common.write_json(args.json, res)
     print(json.dumps({k: res[k] for k in (NET, BASELINE, "single", "selection") if k in res}, indent=1))
-    print(json.dumps({rule: {"mean": r["mean"], "combined": r["combined"]} for rule, r in res["rule_check"].items()},
-                     indent=1))
+    for key in ("rule_check", "rule_check_pooled"):
+        print(key, json.dumps({rule: {"mean": r["mean"], "combined": r["combined"]}
+                               for rule, r in res[key].items()}, indent=1))
     return res
 
 
@@ -140,6 +153,10 @@ def summary(args: argparse.Namespace) -> dict[str, Any]:
             r.setdefault("oof", []).append(d[NET]["oof"][t])
             r.setdefault("ens_test", []).append(d[NET]["test_fold_ensemble"][t])
             r.setdefault("gap_oof", []).append(abs(d[NET]["oof"][t] - d[NET]["test_fold_ensemble"][t]))
+            crossed = d[NET].get("oof_cross_fitted") or {}
+            if crossed.get(t) is not None:
+                r.setdefault("oof_cf", []).append(crossed[t])
+                r.setdefault("gap_oof_cf", []).append(abs(crossed[t] - d[NET]["test_fold_ensemble"][t]))
             r.setdefault("base_test", []).append(d[BASELINE]["test_fold_ensemble"][t])
             for rule in ("best", "simplest"):
                 sel = d["selection"][rule]
@@ -155,8 +172,9 @@ def summary(args: argparse.Namespace) -> dict[str, Any]:
             r.setdefault("gap_val", []).append(abs(val - test))
         for c in combos:
             r.setdefault("v3_selection", []).append(c["test_combined"] if t == "combined" else c["test"][t])
-    cols = [("oof", "OOF"), ("ens_test", "fold ensemble, test"), ("single_test", "v3 single, test"),
-            ("gap_oof", "abs(OOF - test)"), ("gap_val", "abs(val - test), v3 single"),
+    cols = [("oof", "OOF"), ("oof_cf", "OOF, cross-fitted thresholds"), ("ens_test", "fold ensemble, test"),
+            ("single_test", "v3 single, test"), ("gap_oof", "abs(OOF - test)"),
+            ("gap_oof_cf", "abs(OOF cross-fitted - test)"), ("gap_val", "abs(val - test), v3 single"),
             ("simplest", "selection `simplest`, test"), ("best", "selection `best`, test"),
             ("v3_selection", "v3 selection (one val split), test"), ("base_test", "baseline fold ensemble, test")]
     cols = [c for c in cols if any(rows[t].get(c[0]) for t in rows)]

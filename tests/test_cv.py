@@ -1,4 +1,5 @@
 """Cross-validated sweeps: fold runs, fold ensembles, the corrected t-test, resume, and predict with a fold ensemble."""
+import dataclasses
 import json
 import math
 import shutil
@@ -84,6 +85,20 @@ def test_a_cross_validated_sweep_trains_every_fold_and_gathers_fold_ensembles(cv
     assert np.allclose(pred[pred["split"] == "test"].set_index("id")[col].sort_index(), mean, atol=1e-6)
     summary = json.loads((ens / "summary.json").read_text())
     assert summary["kind"] == "fold_ensemble" and len(summary["cv"]["per_fold"]) == 3
+    # the out-of-fold estimates decide each fold at thresholds tuned on the other two folds, never on its own rows
+    from tongue_nb.analysis.metrics import primary_scores, tune_thresholds
+    from tongue_nb.analysis.runs import _probs, _targets, load_run
+
+    run = load_run(ens)
+    probs, targets, fold = _probs(run.schema, oof), _targets(run.schema, oof), oof["fold"].to_numpy()
+    for rec in summary["cv"]["per_fold"]:
+        k, mine = rec["fold"], oof["fold"].to_numpy() == rec["fold"]
+        thr = tune_thresholds(run.schema, {t: p[~mine] for t, p in probs.items()},
+                              {t: y[~mine] for t, y in targets.items()})
+        own = primary_scores(run.schema, {t: p[mine] for t, p in probs.items()},
+                             {t: y[mine] for t, y in targets.items()}, thr)
+        assert rec["combined"] == pytest.approx(own["__combined__"]) and rec["n_val"] == mine.sum()
+    assert set(summary["cv"]["cross_fitted"]["tasks"]) == set(run.schema.names) and len(set(fold)) == 3
 
 
 def test_reports_of_a_cross_validated_sweep(cv_sweep):
@@ -100,6 +115,15 @@ def test_reports_of_a_cross_validated_sweep(cv_sweep):
         sel = per_task_selection(s, 0, rule)
         assert set(sel["choice"]) == set(s.runs["test_convnext"].schema.names)
         assert set(leave_one_fold_out(s, 0, rule)["mean"]) == set(sel["choice"])
+    # candidates are compared on cross-fitted out-of-fold scores; cross_fit=False scores at the pooled thresholds
+    crossed = s.runs["test_convnext"].summary["cv"]["cross_fitted"]["tasks"]
+    pooled = s.runs["test_convnext"].summary["val_metrics_thresholded"]["tasks"]
+    alone = dataclasses.replace(s, runs={"test_convnext": s.runs["test_convnext"]})  # the network the only candidate
+    for cross_fit, expected in ((True, crossed), (False, {t: m["primary"] for t, m in pooled.items()})):
+        sel = per_task_selection(alone, 0, "best", cross_fit=cross_fit)
+        assert {c["source"] for c in sel["choice"].values()} == {"test_convnext"}
+        assert {t: c["val"] for t, c in sel["choice"].items()} == pytest.approx(expected, nan_ok=True)
+    assert leave_one_fold_out(s, 0, "simplest", cross_fit=False)["cross_fit"] is False
     page = (reports / "05_report.html").read_text()
     assert "Cross-validation" in page and "corrected resampled t-test" in page
     for k in range(3):

@@ -289,3 +289,45 @@ def test_multiclass_classification_report_matches_scikit_learn():
         assert c["per_class_auroc"][name] == pytest.approx(roc_auc_score(y == i, p[:, i]))
         assert c["per_class_ap"][name] == pytest.approx(average_precision_score(y == i, p[:, i]))
     assert m["tasks"]["m"]["per_label"]["y"]["ap"] == pytest.approx(average_precision_score(ym[:, 1], pm[:, 1]))
+
+
+def test_cross_fitted_scores_decide_each_fold_at_thresholds_tuned_on_the_others():
+    one = TaskSchema((Task("fissure", "binary", ("fissure",), 1.0),))
+    # Fold 0's two positives sit at 0.35 and 0.45, fold 1's at 0.75 and 0.85; every negative below 0.3.
+    # Tuned on fold 1 alone the threshold lands above 0.45 and misses both of fold 0's positives; tuned on fold 0
+    # alone it lands at or below 0.35 and catches both of fold 1's. Pooled: tp 2, fn 2, fp 0 -> F1 = 4/6.
+    p = np.array([0.35, 0.45, 0.1, 0.2, 0.75, 0.85, 0.1, 0.25])[:, None]
+    t = np.array([1, 1, 0, 0, 1, 1, 0, 0], dtype=np.float32)[:, None]
+    fold = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    res = metrics.cross_fitted_scores(one, {"fissure": p}, {"fissure": t}, fold)
+    assert res["per_fold"][0]["tasks"]["fissure"] == pytest.approx(0.0)
+    assert res["per_fold"][1]["tasks"]["fissure"] == pytest.approx(1.0)
+    assert res["tasks"]["fissure"] == pytest.approx(4 / 6) and res["combined"] == pytest.approx(4 / 6)
+    assert res["per_fold"][0]["n"] == 4
+    # thresholds tuned on all rows and scored on them grade themselves: a perfect 1.0
+    assert metrics.primary_scores(one, {"fissure": p}, {"fissure": t}, tune_thresholds(one, {"fissure": p},
+                                                                                     {"fissure": t}))["fissure"] == 1.0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cross_fitted_scores_match_scikit_learn_on_the_pooled_decisions(seed):
+    probs, targets = random_data(300, seed)
+    fold = np.random.default_rng(seed).integers(0, 3, 300)
+    res = metrics.cross_fitted_scores(SCHEMA, probs, targets, fold)
+    decided = {"shape": np.zeros((300, 3), bool), "fissure": np.zeros((300, 1), bool)}
+    for k in range(3):
+        m = fold == k
+        thr = tune_thresholds(SCHEMA, {n: v[~m] for n, v in probs.items()}, {n: v[~m] for n, v in targets.items()})
+        for name in decided:
+            decided[name][m] = probs[name][m] >= np.asarray(thr[name])[None, :]
+    shape = [f1_score(targets["shape"][~np.isnan(targets["shape"][:, j]), j],
+                      decided["shape"][~np.isnan(targets["shape"][:, j]), j]) for j in range(3)]
+    assert res["tasks"]["shape"] == pytest.approx(np.mean(shape))
+    lab = ~np.isnan(targets["fissure"][:, 0])
+    assert res["tasks"]["fissure"] == pytest.approx(f1_score(targets["fissure"][lab, 0], decided["fissure"][lab, 0]))
+    # multiclass decides by argmax: no threshold, so the same as scoring all rows at once
+    assert res["tasks"]["coat"] == pytest.approx(compute_metrics(SCHEMA, probs, targets)["tasks"]["coat"]["primary"])
+    with pytest.raises(ValueError, match="at least two folds"):
+        metrics.cross_fitted_scores(SCHEMA, probs, targets, np.zeros(300, int))
+    with pytest.raises(ValueError, match="fold numbers for 300 rows"):
+        metrics.cross_fitted_scores(SCHEMA, probs, targets, fold[:10])

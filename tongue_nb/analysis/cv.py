@@ -7,7 +7,9 @@ that reads like a run (kind `fold_ensemble`):
 - `predictions.csv`: the out-of-fold rows as the `val` split (every non-test image predicted by the one model
   that did not train on it, with a `fold` column) and the K models' mean probabilities on the test split;
 - `summary.json`: thresholds tuned on all out-of-fold rows, the test metrics of the fold ensemble with them,
-  and a `cv` block with each fold's scores (on its own out-of-fold rows, with those thresholds);
+  and a `cv` block with each fold's scores on its own out-of-fold rows and their pool (`cross_fitted`), each
+  fold's rows decided at thresholds tuned on the other folds' rows (tuned and scored on the same rows, a
+  threshold fitted to a few dozen positives of a rare label grades itself);
 - `ensemble.json`: the member run folders, relative to it (what `tongue-nb predict --run` and `export` load).
 
 So the reports' run machinery (tables, bootstrap, ensembles, per-task selection) applies to fold ensembles
@@ -99,27 +101,34 @@ def _primary(metrics: dict, task: str | None = None) -> float:
     return float(value) if value is not None else float("nan")
 
 
-def _fold_record(schema: TaskSchema, run: RunData, thresholds: dict) -> dict:
-    """One fold's scores on its own out-of-fold rows, with the thresholds tuned on all out-of-fold rows."""
+def _fold_record(schema: TaskSchema, run: RunData, cross_fitted: dict) -> dict:
+    """One fold's scores on its own out-of-fold rows: at thresholds tuned on the other folds' out-of-fold rows
+    (`metrics.cross_fitted_scores`), and at the fixed 0.5."""
     from tongue_nb.analysis import metrics
 
     rows = split_rows(run.predictions, "val")
-    probs, targets = _probs(schema, rows), _targets(schema, rows)
-    tuned = metrics.compute_metrics(schema, probs, targets, thresholds=thresholds)
-    fixed = metrics.compute_metrics(schema, probs, targets)
+    fixed = metrics.compute_metrics(schema, _probs(schema, rows), _targets(schema, rows))
+    fold = int(run.summary["fold"])
+    tuned = cross_fitted["per_fold"][fold]
     counts = run.summary.get("counts") or {}
-    return {"fold": int(run.summary["fold"]), "run": run.path.name, "n_val": len(rows),
+    return {"fold": fold, "run": run.path.name, "n_val": len(rows),
             "n_train": int((counts.get("train") or {}).get("samples") or 0),
-            "combined": _primary(tuned), "combined_fixed": _primary(fixed),
-            "tasks": {t.name: _primary(tuned, t.name) for t in schema},
+            "combined": _number(tuned["combined"]), "combined_fixed": _primary(fixed),
+            "tasks": {t.name: _number(tuned["tasks"][t.name]) for t in schema},
             "tasks_fixed": {t.name: _primary(fixed, t.name) for t in schema}}
+
+
+def _number(value: float | None) -> float:
+    return float("nan") if value is None else float(value)
 
 
 def write_fold_ensemble(members: Sequence[str | Path], out: str | Path) -> dict:
     """Gather the K fold runs of one backbone into the fold-ensemble folder `out`; returns its summary.
 
     Thresholds are tuned on the out-of-fold predictions of all K folds (K times the images of one validation
-    split) and applied to the fold ensemble's test probabilities (the mean of the K models').
+    split) and applied to the fold ensemble's test probabilities (the mean of the K models'). The out-of-fold
+    scores that estimate how well it does (each fold's, and `cv.cross_fitted` pooled over them) decide each fold's
+    rows at thresholds tuned on the other folds, so that no row grades thresholds fitted to it.
     """
     from tongue_nb.analysis import metrics
     from tongue_nb.analysis.combine import mean_probs
@@ -147,7 +156,8 @@ def write_fold_ensemble(members: Sequence[str | Path], out: str | Path) -> dict:
     folder.write_yaml(RunFolder.TASKS, schema.as_dict())
     tuned = metrics.compute_metrics(schema, test_p, test_t, thresholds=thresholds)
     tuned["thresholds"] = thresholds
-    per_fold = [_fold_record(schema, r, thresholds) for r in runs]
+    cross_fitted = metrics.cross_fitted_scores(schema, oof_p, oof_t, oof["fold"].to_numpy())
+    per_fold = [_fold_record(schema, r, cross_fitted) for r in runs]
 
     def total(key: str) -> float:
         return float(sum((r.summary.get("timings") or {}).get(key) or 0.0 for r in runs))
@@ -165,7 +175,8 @@ def write_fold_ensemble(members: Sequence[str | Path], out: str | Path) -> dict:
         "final_metrics_thresholded": tuned,
         "timings": {"total_seconds": total("total_seconds"), "train_seconds": total("train_seconds")},
         "train_samples_per_s": None, "eval_samples_per_s": None,
-        "cv": {"folds": k, "members": [r.path.name for r in runs], "per_fold": per_fold},
+        "cv": {"folds": k, "members": [r.path.name for r in runs], "per_fold": per_fold,
+               "cross_fitted": {"combined": cross_fitted["combined"], "tasks": cross_fitted["tasks"]}},
     }
     atomic_write_json(out / ENSEMBLE_FILE, {"kind": KIND, "folds": k,
                                             "members": [_relative(r.path, out) for r in runs]})
@@ -281,11 +292,20 @@ def cv_table(sweep: SweepData, view: str = "thresholded") -> pd.DataFrame:
         runs = [sweep.runs[r] for r in mine["run"].unique()]
         view_key = "val_metrics_thresholded" if view == "thresholded" else "val_metrics_fixed"
         final_key = "final_metrics_thresholded" if view == "thresholded" else "final_metrics_fixed"
-        row["oof_combined"] = float(np.mean([_primary(r.summary[view_key]) for r in runs]))
+        row["oof_combined"] = float(np.mean([_oof_score(r.summary, view_key) for r in runs]))
         row["test_combined"] = float(np.mean([_primary(r.summary[final_key]) for r in runs]))
         row.update(_against(mine.set_index(["seed", "fold"]), ref, backbone == best, best))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _oof_score(summary: dict, view_key: str) -> float:
+    """The pooled out-of-fold combined score: cross-fitted (thresholds from the other folds) in the thresholded
+    view, at the fixed 0.5 in the fixed view."""
+    crossed = (summary.get("cv") or {}).get("cross_fitted")
+    if view_key == "val_metrics_thresholded" and crossed:
+        return _number(crossed.get("combined"))
+    return _primary(summary[view_key])
 
 
 def _against(mine: pd.DataFrame, ref: pd.DataFrame, is_best: bool, best: str) -> dict[str, Any]:
@@ -309,8 +329,8 @@ def cv_verdict(table: pd.DataFrame) -> str:
     if table is None or not len(table):
         return "No cross-validated runs: nothing to compare across folds."
     best = table.iloc[0]
-    text = (f"Cross-validated winner (combined macro-F1 over {int(best['folds'])} folds, thresholds tuned on all "
-            f"out-of-fold images): {best['backbone']}, {best['combined_mean']:.3f} +- {best['combined_sd']:.3f} (sd "
+    text = (f"Cross-validated winner (combined macro-F1 over {int(best['folds'])} folds, each fold's images "
+            f"decided at thresholds tuned on the other folds): {best['backbone']}, {best['combined_mean']:.3f} +- {best['combined_sd']:.3f} (sd "
             f"over folds); its fold ensemble scores {best['test_combined']:.3f} on the test split")
     if len(table) > 1:
         nxt = table.iloc[1]

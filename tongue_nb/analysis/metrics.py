@@ -470,6 +470,44 @@ def primary_scores(schema: TaskSchema, probs: Mapping[str, Any], targets: Mappin
     return {k: _num(float(v[0])) for k, v in point.items()}
 
 
+def cross_fitted_scores(schema: TaskSchema, probs: Mapping[str, Any], targets: Mapping[str, Any],
+                        fold: Any) -> dict[str, Any]:
+    """Out-of-fold primary scores with thresholds that never saw the rows they decide: fold k's rows are
+    decided at thresholds tuned on the other folds' rows (`tune_thresholds`), and the decisions of all folds
+    are pooled.
+
+    Thresholds tuned on all out-of-fold rows and scored on those same rows overstate what the tuned model does
+    on new images, most on rare labels (a threshold fitted to a few dozen positives); this is the honest
+    estimate. `fold`: each row's fold (>= 0, at least two folds). Returns {"tasks": {task: primary},
+    "combined": float, "per_fold": {k: {"tasks": {...}, "combined": float, "n": rows}}} (None where a task has
+    no labelled row).
+    """
+    n = _n_samples(schema, probs, targets)
+    fold = np.asarray(fold).reshape(-1)
+    if len(fold) != n:
+        raise ValueError(f"cross_fitted_scores: {len(fold)} fold numbers for {n} rows")
+    folds = sorted(set(fold.tolist()))
+    if len(folds) < 2 or folds[0] < 0:
+        raise ValueError(f"cross_fitted_scores: needs rows of at least two folds numbered from 0, got folds {folds}")
+    probs = {t: np.asarray(probs[t]) for t in schema.names}
+    targets = {t: np.asarray(targets[t]) for t in schema.names}
+    total, per_fold, spans = None, {}, None
+    for k in folds:
+        mine = fold == k
+        thr = tune_thresholds(schema, {t: p[~mine] for t, p in probs.items()},
+                              {t: y[~mine] for t, y in targets.items()})
+        ind, spans = _indicator_matrix(schema, {t: p[mine] for t, p in probs.items()},
+                                       {t: y[mine] for t, y in targets.items()}, thr)
+        counts = ind.sum(axis=0, keepdims=True).astype(np.float64)
+        total = counts if total is None else total + counts
+        point = _scores(schema, counts, spans)
+        per_fold[int(k)] = {"tasks": {t: _num(float(point[t][0])) for t in schema.names},
+                            "combined": _num(float(point["__combined__"][0])), "n": int(mine.sum())}
+    pooled = _scores(schema, total, spans)
+    return {"tasks": {t: _num(float(pooled[t][0])) for t in schema.names},
+            "combined": _num(float(pooled["__combined__"][0])), "per_fold": per_fold}
+
+
 def paired_bootstrap_diff(schema: TaskSchema, probs_a: Mapping[str, Any], probs_b: Mapping[str, Any],
                           targets: Mapping[str, Any], n_boot: int = 1000, seed: int = 0,
                           thresholds_a: Mapping[str, Sequence[float]] | None = None,

@@ -64,23 +64,44 @@ def _val_arrays(members: Sequence[RunData]) -> tuple[dict, dict, np.ndarray]:
     return probs, targets, fold
 
 
-def _standard_error(schema, task: str, a: tuple, b: tuple, thr_a: dict, thr_b: dict, n_boot: int = 200) -> float:
-    """Standard error of the validation difference a - b on one task: over folds when the rows carry them,
-    else from a paired bootstrap of the validation images."""
+def _oof_scores(schema, data: tuple, thresholds: dict, cross_fit: bool) -> dict[str, Any]:
+    """A candidate's validation scores: {"tasks": {task: score}, "per_fold": {fold: {task: score}}} ("per_fold"
+    empty without folds). With folds and `cross_fit`, each fold's rows are decided at thresholds tuned on the
+    other folds' rows (`metrics.cross_fitted_scores`); otherwise at `thresholds` (tuned on all the rows)."""
     from tongue_nb.analysis import metrics
 
-    (pa, ta, fold), (pb, _, _) = a, b
-    one = schema.__class__(tuple(t for t in schema if t.name == task))
+    probs, targets, fold = data
     folds = sorted(set(fold.tolist()) - {-1})
+    if len(folds) >= 2 and cross_fit and (fold >= 0).all():
+        res = metrics.cross_fitted_scores(schema, probs, targets, fold)
+        return {"tasks": res["tasks"], "per_fold": {k: v["tasks"] for k, v in res["per_fold"].items()}}
+    scores = metrics.primary_scores(schema, probs, targets, thresholds)
+    per_fold = {}
+    for k in folds if len(folds) >= 2 else ():
+        m = fold == k
+        per_fold[k] = metrics.primary_scores(schema, {t: p[m] for t, p in probs.items()},
+                                             {t: y[m] for t, y in targets.items()}, thresholds)
+    return {"tasks": {t.name: scores[t.name] for t in schema}, "per_fold": per_fold}
+
+
+def _score(oof: dict, task: str) -> float:
+    value = oof["tasks"].get(task)
+    return float(value) if value is not None else float("nan")
+
+
+def _standard_error(schema, task: str, a: tuple, b: tuple, oof_a: dict, oof_b: dict, thr_a: dict, thr_b: dict,
+                    n_boot: int = 200) -> float:
+    """Standard error of the validation difference a - b on one task: over folds when the rows carry them (the
+    per-fold scores of `_oof_scores`), else from a paired bootstrap of the validation images."""
+    from tongue_nb.analysis import metrics
+
+    folds = sorted(set(oof_a["per_fold"]) & set(oof_b["per_fold"]))
     if len(folds) >= 2:
-        diffs = []
-        for k in folds:
-            m = fold == k
-            sa = metrics.primary_scores(one, {task: pa[task][m]}, {task: ta[task][m]}, thr_a)[task]
-            sb = metrics.primary_scores(one, {task: pb[task][m]}, {task: ta[task][m]}, thr_b)[task]
-            if sa is not None and sb is not None:
-                diffs.append(sa - sb)
+        diffs = [oof_a["per_fold"][k][task] - oof_b["per_fold"][k][task] for k in folds
+                 if oof_a["per_fold"][k][task] is not None and oof_b["per_fold"][k][task] is not None]
         return float(np.std(diffs, ddof=1) / np.sqrt(len(diffs))) if len(diffs) >= 2 else float("inf")
+    (pa, ta, _), (pb, _, _) = a, b
+    one = schema.__class__(tuple(t for t in schema if t.name == task))
     boot = metrics.paired_bootstrap_diff(one, {task: pa[task]}, {task: pb[task]}, {task: ta[task]}, n_boot=n_boot,
                                          thresholds_a=thr_a, thresholds_b=thr_b)["tasks"][task]
     if boot.get("low") is None or boot.get("high") is None:
@@ -111,12 +132,13 @@ def _choose(ranked: Sequence[str], levels: dict[str, int], score: Callable[[str]
     return best, margin, beaten
 
 
-def per_task_selection(sweep: SweepData, ensemble_k: int = 3, rule: str = "simplest") -> dict:
+def per_task_selection(sweep: SweepData, ensemble_k: int = 3, rule: str = "simplest", cross_fit: bool = True) -> dict:
     """For each task, the candidate chosen on validation by `rule` (module docstring), and its test score.
 
     Returns {"choice": {task: {source, runs, val, test, test_fixed, thresholds, level, margin, se}}, "table":
     per-task DataFrame, "row": a run_table row, "rule": rule}. Validation is out-of-fold in a cross-validated
-    sweep (its runs are fold ensembles).
+    sweep (its runs are fold ensembles); there, with `cross_fit`, a candidate's validation score decides each
+    fold's rows at thresholds tuned on the other folds (the thresholds it is deployed with are tuned on all).
     """
     from tongue_nb.analysis import metrics
     from tongue_nb.analysis.combine import score_candidates
@@ -130,28 +152,24 @@ def per_task_selection(sweep: SweepData, ensemble_k: int = 3, rule: str = "simpl
     schema = next(iter(sweep.runs.values())).schema
     scores = score_candidates(schema, {name: members for name, (_, members) in pool.items()})
     levels = {name: level for name, (level, _) in pool.items()}
-    arrays: dict[str, tuple] = {}
-
-    def val_arrays(name: str) -> tuple:
-        if name not in arrays:
-            arrays[name] = _val_arrays(pool[name][1])
-        return arrays[name]
+    arrays = {name: _val_arrays(pool[name][1]) for name in scores}
+    oof = {name: _oof_scores(schema, arrays[name], scores[name]["thresholds"], cross_fit) for name in scores}
 
     choice, rows = {}, []
     for t in schema:
-        ranked = sorted(scores, key=lambda n: -np.nan_to_num(_primary(scores[n]["val"], t.name), nan=-1))
+        ranked = sorted(scores, key=lambda n: -np.nan_to_num(_score(oof[n], t.name), nan=-1))
         best, margin, se = _choose(
-            ranked, levels, lambda n: _primary(scores[n]["val"], t.name),
-            lambda a, b: _standard_error(schema, t.name, val_arrays(a), val_arrays(b), scores[a]["thresholds"],
-                                         scores[b]["thresholds"]), rule)
+            ranked, levels, lambda n: _score(oof[n], t.name),
+            lambda a, b: _standard_error(schema, t.name, arrays[a], arrays[b], oof[a], oof[b],
+                                         scores[a]["thresholds"], scores[b]["thresholds"]), rule)
         entry = scores[best]
         choice[t.name] = {"source": best, "runs": entry["runs"], "level": pool[best][0],
-                          "val": _primary(entry["val"], t.name), "test": _primary(entry["test"], t.name),
+                          "val": _score(oof[best], t.name), "test": _primary(entry["test"], t.name),
                           "test_fixed": _primary(entry["test_fixed"], t.name),
                           "thresholds": entry["thresholds"].get(t.name), "margin": margin, "se": se}
         top = ranked[0]
         rows.append({"task": t.name, "chosen": best, "val": choice[t.name]["val"], "test": choice[t.name]["test"],
-                     "best_on_val": top, "best_on_val_val": _primary(scores[top]["val"], t.name)})
+                     "best_on_val": top, "best_on_val_val": _score(oof[top], t.name)})
     row = {"run": "per-task selection", "backbone": "; ".join(f"{k}: {v['source']}" for k, v in choice.items()),
            "params_m": None,
            "combined_fixed": metrics.combined_score(schema, {k: v["test_fixed"] for k, v in choice.items()}),
@@ -169,11 +187,14 @@ def save_selection(selection: dict, path: str | Path) -> Path:
                                     "tasks": selection["choice"]})
 
 
-def leave_one_fold_out(sweep: SweepData, ensemble_k: int = 3, rule: str = "simplest") -> dict[str, Any]:
+def leave_one_fold_out(sweep: SweepData, ensemble_k: int = 3, rule: str = "simplest",
+                       cross_fit: bool = True) -> dict[str, Any]:
     """How well a rule chooses, judged without the test split: for each fold, the rule chooses on the other
-    folds' out-of-fold rows and the choice is scored on the held-out fold; per task, the mean over folds.
+    folds' out-of-fold rows (scored as `per_task_selection` scores them, with `cross_fit` among those folds) and
+    the choice, at thresholds tuned on those other folds, is scored on the held-out fold; per task, the mean
+    over folds.
 
-    Needs a cross-validated sweep (validation rows with their fold)."""
+    Needs a cross-validated sweep (validation rows with their fold; three folds or more with `cross_fit`)."""
     from tongue_nb.analysis import metrics
 
     pool = candidates(sweep, ensemble_k)
@@ -182,30 +203,25 @@ def leave_one_fold_out(sweep: SweepData, ensemble_k: int = 3, rule: str = "simpl
     data = {name: _val_arrays(members) for name, (_, members) in pool.items()}
     fold = next(iter(data.values()))[2]
     folds = sorted(set(fold.tolist()) - {-1})
-    if len(folds) < 2:
-        raise ValueError("leave_one_fold_out: needs validation rows with folds (a cross-validated sweep)")
+    if len(folds) < (3 if cross_fit else 2):
+        raise ValueError(f"leave_one_fold_out: needs validation rows of {3 if cross_fit else 2} folds or more (a "
+                         f"cross-validated sweep), got folds {folds}")
     out: dict[str, list[float]] = {t.name: [] for t in schema}
     for k in folds:
         inner, held = fold != k, fold == k
+        sub = {name: ({t: v[inner] for t, v in p.items()}, {t: v[inner] for t, v in y.items()}, f[inner])
+               for name, (p, y, f) in data.items()}
+        thr = {name: metrics.tune_thresholds(schema, p, y) for name, (p, y, _) in sub.items()}
+        oof = {name: _oof_scores(schema, sub[name], thr[name], cross_fit) for name in sub}
         for t in schema:
-            one = schema.__class__((t,))
-            sub = {}
-            for name, (p, y, _) in data.items():
-                thr = metrics.tune_thresholds(one, {t.name: p[t.name][inner]}, {t.name: y[t.name][inner]})
-                sub[name] = (thr, metrics.primary_scores(one, {t.name: p[t.name][inner]}, {t.name: y[t.name][inner]},
-                                                         thr)[t.name])
-            ranked = sorted(sub, key=lambda n: -np.nan_to_num(sub[n][1] if sub[n][1] is not None else np.nan, nan=-1))
-
-            def inner_arrays(name: str) -> tuple:
-                p, y, _ = data[name]
-                return {t.name: p[t.name][inner]}, {t.name: y[t.name][inner]}, fold[inner]
-
-            best, _, _ = _choose(ranked, levels, lambda n: sub[n][1] or 0,
-                                 lambda a, b: _standard_error(one, t.name, inner_arrays(a), inner_arrays(b),
-                                                              sub[a][0], sub[b][0]), rule)
+            ranked = sorted(sub, key=lambda n: -np.nan_to_num(_score(oof[n], t.name), nan=-1))
+            best, _, _ = _choose(ranked, levels, lambda n: np.nan_to_num(_score(oof[n], t.name)),
+                                 lambda a, b: _standard_error(schema, t.name, sub[a], sub[b], oof[a], oof[b],
+                                                              thr[a], thr[b]), rule)
             p, y, _ = data[best]
-            score = metrics.primary_scores(one, {t.name: p[t.name][held]}, {t.name: y[t.name][held]}, sub[best][0])
+            one = schema.__class__((t,))
+            score = metrics.primary_scores(one, {t.name: p[t.name][held]}, {t.name: y[t.name][held]}, thr[best])
             out[t.name].append(score[t.name] if score[t.name] is not None else float("nan"))
     means = {t: float(np.nanmean(v)) for t, v in out.items()}
-    return {"rule": rule, "per_fold": out, "mean": means,
+    return {"rule": rule, "cross_fit": cross_fit, "per_fold": out, "mean": means,
             "combined": float(schema.combined_score({t: means[t] for t in means}))}
