@@ -43,7 +43,7 @@ def reevaluate(run: Path, out: Path) -> float:
     """Write `out`: a copy of the finished run `run` whose final evaluation (val, test, thresholds tuned on val)
     used the flip; returns its validation combined score."""
     params = load_params(files=[run / RunFolder.PARAMS])
-    _, labels, split = trainer._load_split(params)
+    _, labels, split = trainer.load_split(params)
     saved = pd.read_csv(run / RunFolder.SPLIT, keep_default_na=False)
     if list(saved["split"].astype(str)) != [str(s) for s in split]:
         raise SystemExit(f"{run}: split.csv differs from the split its params.yaml cuts now")

@@ -186,7 +186,14 @@ def test_fold_options_are_checked_before_anything_runs(tmp_path, cv_sweep):
     with pytest.raises(ParamError, match="the sweep trains every fold"):
         sweep.run_sweep(cv_sweep["data"], ["test_convnext"], overrides=["fold=1"], folds=3, out_dir=tmp_path / "b",
                         reports_dir=tmp_path / "r")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    # more folds than the data has patients outside the test split: refused once, up front, naming the data
+    # (it used to plan K baseline fits and K runs per backbone, each failing on its own)
+    with pytest.raises(ParamError, match=r"folds: 500 folds need at least 500 groups .*\(data .*syn"):
+        sweep.run_sweep(cv_sweep["data"], ["test_convnext"], folds=500, out_dir=tmp_path / "c", reports_dir=tmp_path / "r")
+    with pytest.raises(ParamError, match=r"seed 1\)"):
+        sweep.run_sweep(cv_sweep["data"], ["test_convnext"], folds=40, seeds=[1], out_dir=tmp_path / "c",
+                        reports_dir=tmp_path / "r")
+    assert not any((tmp_path / d).exists() for d in ("a", "b", "c", "r"))
 
 
 def test_folds_and_overrides_are_checked_with_the_recipe_not_alone(tmp_path, cv_sweep, monkeypatch):

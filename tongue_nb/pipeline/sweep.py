@@ -1,6 +1,8 @@
 """The papermill sweep: one training notebook per backbone, error analysis, final report, HTML and index.html."""
 from __future__ import annotations
 
+import dataclasses
+
 import datetime as _dt
 import json
 import logging
@@ -268,6 +270,7 @@ def run_sweep(data_dir: str | Path | None, backbones: Sequence[str], params_file
         raise SweepError(f"run_sweep: data_dir {data} has no labels.csv")
     compare_options = dict(compare_options or {}, steps=compare_steps) if compare else None
     _check_sweep_options(data, compare_options, cell_timeout, ensemble_k)
+    _check_fold_cut(data, params_file, extra, n_folds, seeds_list)
     from tongue_nb.paths import check_folder, prepare_folder
     from tongue_nb.runio import RunLock
 
@@ -407,6 +410,29 @@ def _sweep_folds(extra: dict, params_file: str | Path | None) -> int:
         source = "--folds / --set folds" if "folds" in extra else f"recipe {params_file}, key folds"
         raise ParamError(f"{source}: got {value!r}, expected 0 (one train/val split) or a number of folds >= 2")
     return value
+
+
+def _check_fold_cut(data: Path, params_file: str | Path | None, extra: dict, folds: int,
+                    seeds: list[int] | None) -> None:
+    """With folds, cut the data as the runs will (its test split, then the K folds of each seed) before anything
+    is written: data too small for K folds is refused once, not failed K times per backbone."""
+    if not folds:
+        return
+    from tongue_nb.data.labels import load_labels
+    from tongue_nb.train.params import ParamError
+    from tongue_nb.train.trainer import resolve_data, run_split
+
+    params = _recipe_params(params_file, extra, folds, data_dir=str(data))
+    data_dir, schema = resolve_data(params)
+    labels = load_labels(data_dir, schema=schema, on_problem=params.on_problem)
+    for seed in seeds or [None]:
+        run = params if seed is None else dataclasses.replace(params, seed=seed, split_seed=params.effective_split_seed)
+        try:
+            run_split(run, labels)
+        except ValueError as exc:
+            where = f"data {data}" + (f", seed {seed}" if seed is not None else "")
+            message = str(exc) if str(exc).startswith("folds") else f"folds: {folds}: {exc}"
+            raise ParamError(f"{message} ({where})") from None
 
 
 def _recipe_params(params_file: str | Path | None, extra: dict, folds: int, **values: Any):

@@ -99,7 +99,8 @@ def run_split(params: TrainParams, labels: Labels) -> np.ndarray:
     return split
 
 
-def _load_split(params: TrainParams) -> tuple[Path, Labels, np.ndarray]:
+def load_split(params: TrainParams) -> tuple[Path, Labels, np.ndarray]:
+    """The run's data folder, its labels and its split (`run_split`), as training reads them."""
     data_dir, schema = resolve_data(params)
     labels = load_labels(data_dir, schema=schema, on_problem=params.on_problem)
     return data_dir, labels, run_split(params, labels)
@@ -107,7 +108,7 @@ def _load_split(params: TrainParams) -> tuple[Path, Labels, np.ndarray]:
 
 def data_summary(params: TrainParams) -> pd.DataFrame:
     """Samples and labelled samples per task in each split, as training would see them."""
-    _, labels, split = _load_split(params)
+    _, labels, split = load_split(params)
     return _counts_table(labels, split)
 
 
@@ -215,7 +216,7 @@ def _train(params: TrainParams, info: DistInfo, on_epoch_end: Callable[[dict[str
     _seed_everything(params.seed)
 
     # --- data and model (model first: its pretrained config gives the default input size)
-    data_dir, labels, split = _load_split(params)
+    data_dir, labels, split = load_split(params)
     model = build_model(params, labels.schema)
     if params.layer_decay < 1 and params.stage2_epochs > 0:
         model.backbone_layer_depths()  # a backbone without layer groups is refused before anything is written
