@@ -102,8 +102,23 @@ def machine_info() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "commit": git_commit(),
+        # what else a figure can move with between environments (image decoding, the baseline's classifiers)
+        "packages": _versions(("numpy", "pandas", "scipy", "scikit-learn", "pillow", "opencv-python-headless",
+                               "torchvision")),
     }
     return info
+
+
+def _versions(names: tuple[str, ...]) -> dict[str, str | None]:
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def peak_rss_mb(children: bool = False) -> float:
