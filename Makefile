@@ -17,10 +17,10 @@ WORKERS ?= $(if $(filter params/smoke.yaml,$(RECIPE)),2)
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'  # constraints.txt: the release of each package
 	$(PY) -m tongue_nb.fonts  # the Regular CJK face for Chinese/Japanese/Korean names in figures, built once
 	touch $(STAMP)
 
