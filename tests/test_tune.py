@@ -70,6 +70,7 @@ def test_space_refusals_are_one_line_exit_2_and_write_nothing(inputs, tmp_path, 
     ("sqlite-in-memory", ["--storage sqlite://", "expected sqlite:///PATH"]),
     ("out-under-a-file", ["--out", "is a file, expected a folder"]),
     ("negative-minutes", ["--minutes: got -1.0, expected a time budget in minutes >= 0"]),
+    ("more-folds-than-patients", ["folds: 500 folds need at least 500 groups (patients)", "(data "]),
 ], ids=lambda value: value if isinstance(value, str) else "")
 def test_bad_options_are_one_line_naming_the_option_exit_2_and_write_nothing(inputs, tmp_path, capsys, case,
                                                                                words):
@@ -88,7 +89,8 @@ def test_bad_options_are_one_line_naming_the_option_exit_2_and_write_nothing(inp
              "sqlite-under-a-file": ["--storage", f"sqlite:///{tmp_path}/a-file/study.db"],
              "sqlite-in-memory": ["--storage", "sqlite://"],
              "out-under-a-file": ["--out", str(tmp_path / "a-file" / "t")],
-             "negative-minutes": ["--minutes", "-1"]}
+             "negative-minutes": ["--minutes", "-1"],
+             "more-folds-than-patients": ["--set", "folds=500", "--set", "fold=0"]}
     argv = ["tune", "--data", str(data), "-f", recipe, "--space", space, "--trials", "2", "--study", "s", "--out", out]
     code = cli.main(argv + extra[case])  # argparse: the last --space / --out wins; -f adds a missing recipe
     err = capsys.readouterr().err.strip()

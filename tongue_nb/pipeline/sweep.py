@@ -418,21 +418,13 @@ def _check_fold_cut(data: Path, params_file: str | Path | None, extra: dict, fol
     is written: data too small for K folds is refused once, not failed K times per backbone."""
     if not folds:
         return
-    from tongue_nb.data.labels import load_labels
-    from tongue_nb.train.params import ParamError
-    from tongue_nb.train.trainer import resolve_data, run_split
+    from tongue_nb.train.trainer import check_split
 
     params = _recipe_params(params_file, extra, folds, data_dir=str(data))
-    data_dir, schema = resolve_data(params)
-    labels = load_labels(data_dir, schema=schema, on_problem=params.on_problem)
+    labels = None
     for seed in seeds or [None]:
         run = params if seed is None else dataclasses.replace(params, seed=seed, split_seed=params.effective_split_seed)
-        try:
-            run_split(run, labels)
-        except ValueError as exc:
-            where = f"data {data}" + (f", seed {seed}" if seed is not None else "")
-            message = str(exc) if str(exc).startswith("folds") else f"folds: {folds}: {exc}"
-            raise ParamError(f"{message} ({where})") from None
+        labels = check_split(run, labels, where=f"seed {seed}" if seed is not None else "")
 
 
 def _recipe_params(params_file: str | Path | None, extra: dict, folds: int, **values: Any):

@@ -134,6 +134,9 @@ def check_options(options: TuneOptions) -> tuple[TrainParams, list[Dimension]]:
         raise ParamError(f"--data: folder {options.data_dir} not found")
     check_folder(options.folder, "--out", "choose a tune folder you can write to")
     base = base_params(options)
+    from tongue_nb.train.trainer import check_split
+
+    check_split(base)  # a split or fold cut the data cannot give fails here, not in every trial
     space = load_space(options.space, lambda values: base_params(options, **values))
     check_storage(options)
     return base, space

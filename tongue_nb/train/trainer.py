@@ -99,6 +99,25 @@ def run_split(params: TrainParams, labels: Labels) -> np.ndarray:
     return split
 
 
+def check_split(params: TrainParams, labels: Labels | None = None, where: str = "") -> Labels:
+    """Cut the data as `params`' run will (`run_split`) without training: a split or fold cut the data cannot
+    give is a ParamError naming the data (and `where`, e.g. a seed) before anything is written. Returns the
+    labels, for checking several seeds' cuts on one read."""
+    from tongue_nb.train.params import ParamError
+
+    if labels is None:
+        data_dir, schema = resolve_data(params)
+        labels = load_labels(data_dir, schema=schema, on_problem=params.on_problem)
+    try:
+        run_split(params, labels)
+    except ParamError:
+        raise
+    except ValueError as exc:
+        place = f"data {params.data_dir or 'the built-in synthetic set'}" + (f", {where}" if where else "")
+        raise ParamError(f"{exc} ({place})") from None
+    return labels
+
+
 def load_split(params: TrainParams) -> tuple[Path, Labels, np.ndarray]:
     """The run's data folder, its labels and its split (`run_split`), as training reads them."""
     data_dir, schema = resolve_data(params)
