@@ -422,3 +422,37 @@ def test_flip_tta_cv_reevaluates_fold_runs_and_compares_out_of_fold_scores(tmp_p
     assert again.cv and list(again.runs) == ["net"]  # the re-evaluated folds read as a fold ensemble
     with pytest.raises(SystemExit, match="fewer than two"):
         flip_tta_cv.main(["--out-dir", str(cv_dir), "--tta-dir", str(tmp_path / "x"), "--name", "other"])
+
+
+def test_cv_report_gives_both_scorings_of_the_out_of_fold_rows(tmp_path, capsys):
+    import json
+
+    import cv as cv_bench
+
+    from tongue_nb.analysis.cv import gather_fold_ensembles
+    from tongue_nb.data.synth import make_synthetic
+    from tongue_nb.model.baseline import fit_baseline_run
+    from tongue_nb.train import trainer
+    from tongue_nb.train.params import load_params
+
+    data = make_synthetic(tmp_path / "syn", n=45, size=40, seed=4)
+    out_dir = tmp_path / "cv"
+    for k in range(3):
+        shared = dict(data_dir=str(data), folds=3, fold=k, progress=False, cache_dir=str(tmp_path / "cache"),
+                      image_size=32, num_threads=1)
+        net = out_dir / "runs" / f"net-fold{k}"
+        trainer.train(load_params(backbone="test_convnext", pretrained=False, batch_size=8, stage1_epochs=0,
+                                  stage2_epochs=1, out_dir=str(net), experiment_name=net.name, **shared))
+        base = out_dir / "runs" / f"classical-baseline-fold{k}"
+        fit_baseline_run(load_params(out_dir=str(base), experiment_name=base.name, **shared), base, max_iter=20)
+    gather_fold_ensembles(out_dir)
+    cv_bench.main(["report", "--out-dir", str(out_dir), "--json", str(tmp_path / "r.json")])
+    res = json.loads((tmp_path / "r.json").read_text())
+    crossed = json.loads((out_dir / "cv" / "net" / "summary.json").read_text())["cv"]["cross_fitted"]
+    assert res["net"]["oof_cross_fitted"]["combined"] == pytest.approx(crossed["combined"])
+    for key in ("selection", "selection_pooled"):  # candidates scored cross-fitted (the default) and pooled
+        assert set(res[key]) == {"best", "simplest"}
+        assert set(res[key]["simplest"]) == set(crossed["tasks"]) | {"combined"}
+    assert res["rule_check"]["simplest"]["cross_fit"] is True and res["rule_check_pooled"]["best"]["cross_fit"] is False
+    assert "packages" in res["machine"] and res["machine"]["packages"]["numpy"] == np.__version__
+    assert "rule_check_pooled" in capsys.readouterr().out
