@@ -106,8 +106,7 @@ def check_split(params: TrainParams, labels: Labels | None = None, where: str = 
     from tongue_nb.train.params import ParamError
 
     if labels is None:
-        data_dir, schema = resolve_data(params)
-        labels = load_labels(data_dir, schema=schema, on_problem=params.on_problem)
+        labels = _run_labels(params)[1]
     try:
         run_split(params, labels)
     except ParamError:
@@ -118,10 +117,15 @@ def check_split(params: TrainParams, labels: Labels | None = None, where: str = 
     return labels
 
 
+def _run_labels(params: TrainParams) -> tuple[Path, Labels]:
+    """The run's data folder and its labels, read with the run's schema and `on_problem`."""
+    data_dir, schema = resolve_data(params)
+    return data_dir, load_labels(data_dir, schema=schema, on_problem=params.on_problem)
+
+
 def load_split(params: TrainParams) -> tuple[Path, Labels, np.ndarray]:
     """The run's data folder, its labels and its split (`run_split`), as training reads them."""
-    data_dir, schema = resolve_data(params)
-    labels = load_labels(data_dir, schema=schema, on_problem=params.on_problem)
+    data_dir, labels = _run_labels(params)
     return data_dir, labels, run_split(params, labels)
 
 
