@@ -63,7 +63,7 @@ WRONG: dict[str, tuple[Callable[[], bytes], str]] = {
     "checkpoints/best.safetensors": (_wrong_safetensors, "weights that do not fit the model"),
     "checkpoints/meta.json": (lambda: b'"meta"\n', "holds a string, not a mapping"),
     "checkpoints/last.pt": (lambda: _torch_bytes({"epoch": 1}), "lacks 'progress'"),
-    "ensemble.json": (lambda: b'{"kind": "fold_ensemble", "members": ["a"]}\n', "with members ['a']"),
+    "ensemble.json": (lambda: b'{"kind": "fold_ensemble", "folds": 2, "members": ["a"]}\n', "with members ['a']"),
     "selection.json": (lambda: b'{"kind": "per_task_selection", "tasks": {"coat": {"runs": 3}}}\n',
                        "task coat: runs 3"),
     "failures.json": (lambda: b'{"backbone": "x"}\n', "holds a mapping, not a list"),
@@ -162,6 +162,8 @@ def _fold_ensemble(trained: dict[str, Path], tmp_path: Path) -> Path:
     folder.mkdir(parents=True)
     for k in (0, 1):
         shutil.copytree(trained["run"], tmp_path / f"x-fold{k}")
+        summary = tmp_path / f"x-fold{k}" / "summary.json"
+        summary.write_text(json.dumps(dict(json.loads(summary.read_text()), fold=k, folds=2)))
     (folder / "ensemble.json").write_text(json.dumps({"kind": "fold_ensemble", "folds": 2,
                                                       "members": ["../../x-fold0", "../../x-fold1"]}))
     return folder
@@ -229,6 +231,20 @@ def test_a_damaged_sweep_selection_or_export_file_is_named(trained, tmp_path, na
     with pytest.raises(RunFileError) as err:
         read(file)
     _check(err.value, file, how, WRONG[name][1])
+
+
+@pytest.mark.parametrize("members, says", [
+    (["../../x-fold0", "../../x-fold0"], r"member 1 \(.*x-fold0\) is fold 0 of 2 folds, not fold 1 of 2"),
+    (["../../x-fold1", "../../x-fold0"], r"member 0 \(.*x-fold1\) is fold 1 of 2 folds, not fold 0 of 2"),
+    (["../../x-fold0"], r"folds 2 with members \['../../x-fold0'\]"),
+])
+def test_a_fold_ensemble_whose_members_are_not_its_folds_is_named(trained, tmp_path, members, says):
+    """An ensemble.json listing one fold twice, out of order or short would average the wrong models."""
+    file = _fold_ensemble(trained, tmp_path) / "ensemble.json"
+    file.write_text(json.dumps({"kind": "fold_ensemble", "folds": 2, "members": members}))
+    with pytest.raises(RunFileError, match=says) as err:
+        fold_members(file.parent)
+    assert str(file) in str(err.value)
 
 
 # ------------------------------------------------------------------------------------------------ the commands

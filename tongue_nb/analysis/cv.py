@@ -52,19 +52,26 @@ def is_fold_ensemble(folder: str | Path) -> bool:
 
 def fold_members(folder: str | Path) -> list[Path]:
     """The member run folders of a fold ensemble, in fold order; a missing or damaged ensemble.json, or a member
-    that is missing or unfinished, is a RunFileError naming the file."""
+    that is missing, unfinished or not the fold its place says (fold k of the same K), is a RunFileError naming
+    the file."""
     folder = Path(folder)
     file = folder / ENSEMBLE_FILE
-    expected = f"kind {KIND!r} and a list of at least 2 member run folders (JSON)"
-    data = runfiles.read_json(file, expected, keys=("kind", "members"))
-    members = data["members"]
+    expected = (f"kind {KIND!r}, folds K >= 2 and a list of the K member run folders in fold order "
+                "(fold 0 first; JSON)")
+    data = runfiles.read_json(file, expected, keys=("kind", "folds", "members"))
+    members, k = data["members"], data["folds"]
     if data["kind"] != KIND or not isinstance(members, list) or not all(isinstance(m, str) for m in members) \
-            or len(members) < 2:
-        raise RunFileError(file, f"kind {data['kind']!r} with members {members!r}", expected)
+            or isinstance(k, bool) or not isinstance(k, int) or k < 2 or len(members) != k:
+        raise RunFileError(file, f"kind {data['kind']!r}, folds {k!r} with members {members!r}", expected)
     paths = [(folder / m).resolve() for m in members]
-    for p in paths:
+    for i, p in enumerate(paths):
         if not (p / "summary.json").is_file():
             raise RunFileError(file, f"member run folder {p} is missing or unfinished (no summary.json)", expected)
+        summary = runfiles.read_json(p / "summary.json", "a run summary (JSON)")
+        got = (summary.get("fold"), summary.get("folds"))
+        if got != (i, k):
+            raise RunFileError(file, f"member {i} ({p}) is fold {got[0]!r} of {got[1]!r} folds, not fold {i} of {k}",
+                               expected)
     return paths
 
 
