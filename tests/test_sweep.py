@@ -148,6 +148,35 @@ def test_bad_kernel_and_bad_overrides_fail_fast(tmp_path):
             sweep._parse_overrides([item])
 
 
+@pytest.mark.parametrize("recipe, says", [
+    ("out_dir: elsewhere\n", "out_dir: the sweep sets out_dir for every run"),
+    ("folds: 3\nfold: 1\n", "fold: the sweep sets fold for every run"),
+    ("per_backbone:\n  test_convnext:\n    data_dir: elsewhere\n",
+     "per_backbone.test_convnext.data_dir: the sweep sets data_dir"),
+    ("per_backbone:\n  test_convnext:\n    out_dir: elsewhere\n", "per_backbone.test_convnext.out_dir"),
+    ("data_dir: ''\n", "data_dir: got '', expected a dataset folder"),
+])
+def test_a_recipe_key_the_sweep_would_replace_is_refused_before_anything_is_written(tmp_path, recipe, says):
+    file = tmp_path / "recipe.yaml"
+    file.write_text(recipe)
+    with pytest.raises(ParamError, match=says) as err:
+        sweep.run_sweep(None, ["test_convnext"], params_file=file, out_dir=tmp_path / "sw",
+                        reports_dir=tmp_path / "rep", compare=False)
+    assert str(file) in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
+
+
+def test_the_recipes_data_dir_is_the_sweeps_dataset_when_no_data_is_given(tmp_path):
+    """As `tongue-nb train -f recipe` reads it: the recipe's dataset, not the synthetic set in its place."""
+    (tmp_path / "mine").mkdir()
+    file = tmp_path / "recipe.yaml"
+    file.write_text(f"data_dir: {tmp_path / 'mine'}\n")
+    with pytest.raises(sweep.SweepError, match=f"data_dir {tmp_path / 'mine'} has no labels.csv"):
+        sweep.run_sweep(None, ["test_convnext"], params_file=file, out_dir=tmp_path / "sw",
+                        reports_dir=tmp_path / "rep", compare=False)
+    assert not (tmp_path / "sw").exists()
+
+
 def test_skip_only_completed_runs(tmp_path):
     assert not sweep.is_completed(tmp_path)
     (tmp_path / "summary.json").write_text(json.dumps({"status": "running", "final_metrics_fixed": {}}))

@@ -270,7 +270,7 @@ def _add_data_commands(sub: Any) -> None:
 def _add_training_commands(sub: Any) -> None:
     """Subcommands for one run: train, compare, baseline, train-segmenter."""
     p = sub.add_parser("train", help="train one backbone and write its run folder")
-    p.add_argument("--data", help="dataset folder (default: the built-in synthetic set)")
+    p.add_argument("--data", help="dataset folder (default: the recipe's data_dir, else the built-in synthetic set)")
     p.add_argument("--backbone", help="short name (see list) or any timm model name (default: the recipe's backbone)")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("-f", "--file", action="append", help="parameter YAML file (repeatable; later files win)")
@@ -292,7 +292,7 @@ def _add_training_commands(sub: Any) -> None:
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("baseline", help="fit the classical colour/texture baseline and write its run folder")
-    p.add_argument("--data", help="dataset folder (default: the built-in synthetic set)")
+    p.add_argument("--data", help="dataset folder (default: the recipe's data_dir, else the built-in synthetic set)")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("-f", "--file", action="append", help="the runs' recipe YAML (repeatable): split, tasks, weights")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one parameter (repeatable)")
@@ -335,7 +335,7 @@ def _add_models_commands(sub: Any) -> None:
 def _add_sweep_commands(sub: Any) -> None:
     """Subcommands for the sweep and where its jobs run."""
     p = sub.add_parser("sweep", help="one training notebook per backbone, then HTML reports")
-    p.add_argument("--data", help="dataset folder (default: the built-in synthetic set)")
+    p.add_argument("--data", help="dataset folder (default: the recipe's data_dir, else the built-in synthetic set)")
     p.add_argument("-f", "--file", help="recipe YAML applied to every backbone (e.g. params/smoke.yaml)")
     p.add_argument("--backbones", nargs="+", help="backbone names (default: the recipe's list or the seed's)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one parameter (repeatable)")

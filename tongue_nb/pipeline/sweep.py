@@ -119,6 +119,30 @@ def _parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     return values
 
 
+def _recipe_data_dir(params_file: str | Path | None) -> str | None:
+    """The sweep recipe's data_dir (the dataset when --data is not given, as for `tongue-nb train -f`), after
+    refusing the keys the sweep sets for every run: a recipe's out_dir or fold (at its top or in a per_backbone
+    section), or a per_backbone data_dir, would otherwise be silently replaced."""
+    if not params_file:
+        return None
+    from tongue_nb.train.params import PER_BACKBONE_KEY, ParamError, read_params_file
+
+    data = read_params_file(params_file)
+    sections = data.get(PER_BACKBONE_KEY)
+    places = [("", data)] + [(f"{PER_BACKBONE_KEY}.{name}.", values) for name, values in
+                             (sections.items() if isinstance(sections, dict) else ()) if isinstance(values, dict)]
+    for where, values in places:
+        for key in values:
+            if key in SWEEP_OWNED and (key in ("out_dir", "fold") or (where and key == "data_dir")):
+                raise ParamError(f"recipe {params_file}: {where}{key}: the sweep sets {key} for every run "
+                                 f"({SWEEP_OWNED[key]}); remove it from the recipe")
+    value = data.get("data_dir")
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ParamError(f"recipe {params_file}: data_dir: got {value!r}, expected a dataset folder; leave it out "
+                         "to use --data or the built-in synthetic set")
+    return value
+
+
 def _check_runs_params(params_file: str | Path | None, extra: dict, folds: int, backbones: Sequence[str]) -> None:
     """The recipe with the overrides, as each backbone's runs will read it (fold 0 of a cross-validation): a
     combination no run could train with is refused before the sweep writes anything."""
@@ -227,7 +251,8 @@ def run_sweep(data_dir: str | Path | None, backbones: Sequence[str], params_file
               workers: int | None = None) -> SweepResult:
     """Compare the backbones, train one 03 notebook per backbone, analyse errors, report, and write index.html.
 
-    `data_dir` None trains on the built-in synthetic set; an empty string is refused (an unset variable).
+    `data_dir` None trains on the recipe's data_dir, else the built-in synthetic set; an empty string is refused
+    (an unset variable). A recipe that sets out_dir or fold (the sweep sets them for every run) is refused.
     `compare_options` go to compare.compare_backbones (e.g. image_size, batch_size) besides `steps=compare_steps`.
     `baseline` fits the classical colour/texture baseline on the same split as a reference row of the report.
     `executor` says where the training notebooks run (pipeline/executors.py): "auto" (one worker process per GPU
@@ -256,7 +281,11 @@ def run_sweep(data_dir: str | Path | None, backbones: Sequence[str], params_file
         extra["folds"] = value
     n_folds = _sweep_folds(extra, params_file)
     seeds_list = _check_seeds(seeds, extra, params_file)
+    recipe_data = _recipe_data_dir(params_file)
     _check_runs_params(params_file, extra, n_folds, backbones)
+    if data_dir is None and recipe_data is not None:
+        data_dir = recipe_data
+        log.info("sweep: dataset %s (the recipe's data_dir)", data_dir)
     if data_dir is not None and not str(data_dir).strip():
         raise SweepError(f"run_sweep: data_dir (--data) is {str(data_dir)!r}, expected a dataset folder (an unset "
                          "shell variable?); leave it out (None) to use the built-in synthetic set")
