@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -60,6 +61,13 @@ def test_space_refusals_are_one_line_exit_2_and_write_nothing(inputs, tmp_path, 
     assert not out.exists()
 
 
+def _recipe_with(folder: Path, text: str) -> Path:
+    """A second recipe r.yaml (applied after the test's own) holding `text`."""
+    folder.mkdir(exist_ok=True)
+    (folder / "r.yaml").write_text(text + "\n")
+    return folder / "r.yaml"
+
+
 @pytest.mark.parametrize("case, words", [
     ("space-missing", ["search space", "nope.yaml (--space): not found; expected a YAML file"]),
     ("recipe-missing", ["-f/--file", "nope.yaml: recipe not found; expected a recipe YAML file"]),
@@ -71,6 +79,10 @@ def test_space_refusals_are_one_line_exit_2_and_write_nothing(inputs, tmp_path, 
     ("out-under-a-file", ["--out", "is a file, expected a folder"]),
     ("negative-minutes", ["--minutes: got -1.0, expected a time budget in minutes >= 0"]),
     ("more-folds-than-patients", ["folds: 500 folds need at least 500 groups (patients)", "(data "]),
+    ("recipe-out-dir", ["-f/--file", "r.yaml: out_dir: the tune sets it for every trial", "remove it from the recipe"]),
+    ("per-backbone-experiment-name", ["r.yaml: per_backbone.test_convnext.experiment_name: the tune sets it"]),
+    ("set-resume", ["--set resume=true: the tune sets it for every trial"]),
+    ("fold-with-folds", ["--set fold=1: with folds every trial trains every fold"]),
 ], ids=lambda value: value if isinstance(value, str) else "")
 def test_bad_options_are_one_line_naming_the_option_exit_2_and_write_nothing(inputs, tmp_path, capsys, case,
                                                                                words):
@@ -90,7 +102,12 @@ def test_bad_options_are_one_line_naming_the_option_exit_2_and_write_nothing(inp
              "sqlite-in-memory": ["--storage", "sqlite://"],
              "out-under-a-file": ["--out", str(tmp_path / "a-file" / "t")],
              "negative-minutes": ["--minutes", "-1"],
-             "more-folds-than-patients": ["--set", "folds=500", "--set", "fold=0"]}
+             "more-folds-than-patients": ["--set", "folds=500"],
+             "recipe-out-dir": ["-f", str(_recipe_with(root / "out-dir", "out_dir: elsewhere"))],
+             "per-backbone-experiment-name": ["-f", str(_recipe_with(
+                 root / "per-backbone", "per_backbone:\n  test_convnext:\n    experiment_name: mine"))],
+             "set-resume": ["--set", "resume=true"],
+             "fold-with-folds": ["--set", "folds=2", "--set", "fold=1"]}
     argv = ["tune", "--data", str(data), "-f", recipe, "--space", space, "--trials", "2", "--study", "s", "--out", out]
     code = cli.main(argv + extra[case])  # argparse: the last --space / --out wins; -f adds a missing recipe
     err = capsys.readouterr().err.strip()

@@ -41,8 +41,9 @@ if TYPE_CHECKING:
     import pandas as pd
 
 from tongue_nb.paths import check_folder
-from tongue_nb.pipeline.tune_space import Dimension, load_space, space_from_dicts
-from tongue_nb.train.params import ParamError, TrainParams, load_params, read_params_file, split_overrides
+from tongue_nb.pipeline.tune_space import NOT_TUNABLE, Dimension, load_space, space_from_dicts
+from tongue_nb.train.params import (PER_BACKBONE_KEY, ParamError, TrainParams, load_params, read_params_file,
+                                    split_overrides)
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,31 @@ def base_params(options: TuneOptions, **values: Any) -> TrainParams:
     return load_params(files=options.files, overrides=options.overrides, **{**given, **values})
 
 
+# What every trial's run is given by the tune itself (tune_trial.run_trial): a recipe's or a --set value of one of
+# these would be silently replaced.
+TRIAL_OWNED = ("out_dir", "experiment_name", "resume", "resume_changed_data", "progress")
+
+
+def _check_trial_owned(options: TuneOptions) -> None:
+    """Refuse a recipe key (at its top or in a per_backbone section) or --set that the tune sets for every trial;
+    with folds, `fold` too (each trial trains every fold)."""
+    owned = {key: NOT_TUNABLE[key] for key in TRIAL_OWNED}
+    if recipe_folds(options) >= 2:
+        owned["fold"] = "with folds every trial trains every fold 0 .. K-1"
+    for file in options.files:
+        data = read_params_file(file)
+        sections = data.get(PER_BACKBONE_KEY)
+        places = [("", data)] + [(f"{PER_BACKBONE_KEY}.{name}.", values) for name, values in
+                                 (sections.items() if isinstance(sections, dict) else ()) if isinstance(values, dict)]
+        for where, values in places:
+            for key in values:
+                if key in owned:
+                    raise ParamError(f"-f/--file {file}: {where}{key}: {owned[key]}; remove it from the recipe")
+    for key, _, item in split_overrides(options.overrides):
+        if key in owned:
+            raise ParamError(f"--set {item}: {owned[key]}; it cannot be set for a tune")
+
+
 def check_options(options: TuneOptions) -> tuple[TrainParams, list[Dimension]]:
     """The recipe and the space, checked; ParamError (one line) on the first problem. Writes nothing."""
     for file in options.files:
@@ -132,6 +158,7 @@ def check_options(options: TuneOptions) -> tuple[TrainParams, list[Dimension]]:
         raise ParamError("tune: no backbone given: pass --backbone NAME or a recipe (-f) that names one")
     if options.data_dir is not None and not Path(options.data_dir).is_dir():
         raise ParamError(f"--data: folder {options.data_dir} not found")
+    _check_trial_owned(options)
     check_folder(options.folder, "--out", "choose a tune folder you can write to")
     base = base_params(options)
     from tongue_nb.train.trainer import check_split
