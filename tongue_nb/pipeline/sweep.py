@@ -125,13 +125,10 @@ def _recipe_data_dir(params_file: str | Path | None) -> str | None:
     section), or a per_backbone data_dir, would otherwise be silently replaced."""
     if not params_file:
         return None
-    from tongue_nb.train.params import PER_BACKBONE_KEY, ParamError, read_params_file
+    from tongue_nb.train.params import ParamError, file_places, read_params_file
 
     data = read_params_file(params_file)
-    sections = data.get(PER_BACKBONE_KEY)
-    places = [("", data)] + [(f"{PER_BACKBONE_KEY}.{name}.", values) for name, values in
-                             (sections.items() if isinstance(sections, dict) else ()) if isinstance(values, dict)]
-    for where, values in places:
+    for where, values in file_places(data):
         for key in values:
             if key in SWEEP_OWNED and (key in ("out_dir", "fold") or (where and key == "data_dir")):
                 raise ParamError(f"recipe {params_file}: {where}{key}: the sweep sets {key} for every run "

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 from tongue_nb.paths import check_folder
 from tongue_nb.pipeline.tune_space import NOT_TUNABLE, Dimension, load_space, space_from_dicts
-from tongue_nb.train.params import (PER_BACKBONE_KEY, ParamError, TrainParams, load_params, read_params_file,
+from tongue_nb.train.params import (ParamError, TrainParams, file_places, load_params, read_params_file,
                                     split_overrides)
 
 log = logging.getLogger(__name__)
@@ -123,11 +123,7 @@ def _check_trial_owned(options: TuneOptions) -> None:
     if recipe_folds(options) >= 2:
         owned["fold"] = "with folds every trial trains every fold 0 .. K-1"
     for file in options.files:
-        data = read_params_file(file)
-        sections = data.get(PER_BACKBONE_KEY)
-        places = [("", data)] + [(f"{PER_BACKBONE_KEY}.{name}.", values) for name, values in
-                                 (sections.items() if isinstance(sections, dict) else ()) if isinstance(values, dict)]
-        for where, values in places:
+        for where, values in file_places(read_params_file(file)):
             for key in values:
                 if key in owned:
                     raise ParamError(f"-f/--file {file}: {where}{key}: {owned[key]}; remove it from the recipe")

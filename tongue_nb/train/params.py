@@ -372,6 +372,14 @@ def _split_sections(data: dict[str, Any], path: Path) -> tuple[dict[str, Any], d
     return data, {str(k): v for k, v in sections.items()}
 
 
+def file_places(data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """A parameter file's mappings with where they sit, for errors that name a key: ("", the top level) and
+    ("per_backbone.<name>.", the section) for each per_backbone section."""
+    sections = data.get(PER_BACKBONE_KEY)
+    return [("", data)] + [(f"{PER_BACKBONE_KEY}.{name}.", values) for name, values in
+                           (sections.items() if isinstance(sections, dict) else ()) if isinstance(values, dict)]
+
+
 def split_overrides(overrides: Iterable[str], flag: str = "override") -> list[tuple[str, str, str]]:
     """'key=value' strings into (key, raw value, the string itself); a key given twice is refused (the later value
     would silently replace the earlier one). `flag` names the option in errors."""
