@@ -38,6 +38,10 @@ def test_corrected_resampled_ttest_worked_example():
     assert res["low"] == pytest.approx(0.02 - half, rel=1e-4) and res["high"] == pytest.approx(0.02 + half, rel=1e-4)
     with pytest.raises(ValueError, match="at least 2"):
         cv.corrected_ttest([0.1], 0.25)
+    for alpha in (0, 1.5, -0.05):  # an interval level outside (0, 1) would come back inverted or empty
+        with pytest.raises(ValueError, match="alpha must be between 0 and 1"):
+            cv.corrected_ttest([0.1, 0.2], 0.25, alpha=alpha)
+    assert cv.corrected_ttest([0.02, float("nan"), 0.01, 0.04], 0.25)["n"] == 3  # a fold without a score, counted
 
 
 RECIPE = ("pretrained: false\nimage_size: 32\nbatch_size: 8\nstage1_epochs: 0\nstage2_epochs: 1\nnum_threads: 1\n"

@@ -252,10 +252,13 @@ def corrected_ttest(diffs: Sequence[float], test_train_ratio: float, alpha: floa
     The J differences come from J train/validation cuts that share training images, so their plain variance
     understates the spread of the mean; the correction inflates the variance of the mean from s^2/J to
     (1/J + n_val/n_train) s^2 (`test_train_ratio` = n_val/n_train, 1/(K-1) for K-fold). Returns mean, sd, se,
-    t, df, the two-sided p-value and the (1-alpha) interval of the mean difference.
+    t, df, the two-sided p-value, the (1-alpha) interval of the mean difference and n, the differences used: a
+    NaN difference (a fold without a score for the task) is left out and n says so.
     """
     from scipy import stats
 
+    if not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
+        raise ValueError(f"corrected_ttest: alpha must be between 0 and 1 (0.05: a 95% interval), got {alpha!r}")
     d = np.asarray(diffs, dtype=np.float64)
     d = d[~np.isnan(d)]
     j = len(d)
