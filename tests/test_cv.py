@@ -128,6 +128,11 @@ def test_reports_of_a_cross_validated_sweep(cv_sweep):
         assert {c["source"] for c in sel["choice"].values()} == {"test_convnext"}
         assert {t: c["val"] for t, c in sel["choice"].items()} == pytest.approx(expected, nan_ok=True)
     assert leave_one_fold_out(s, 0, "simplest", cross_fit=False)["cross_fit"] is False
+    for choose in (per_task_selection, leave_one_fold_out):  # both check their options, each named
+        for kwargs, says in (({"rule": "bogus"}, "rule: got 'bogus'"), ({"cross_fit": "no"}, "cross_fit: got 'no'"),
+                             ({"ensemble_k": -1}, "ensemble_k: got -1")):
+            with pytest.raises(ValueError, match=says):
+                choose(s, **kwargs)
     page = (reports / "05_report.html").read_text()
     assert "Cross-validation" in page and "corrected resampled t-test" in page
     for k in range(3):

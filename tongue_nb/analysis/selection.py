@@ -132,6 +132,18 @@ def _choose(ranked: Sequence[str], levels: dict[str, int], score: Callable[[str]
     return best, margin, beaten
 
 
+def _check_options(sweep: SweepData, ensemble_k: Any, rule: Any, cross_fit: Any, caller: str) -> int:
+    """The selection's options, checked (each named in its error); returns ensemble_k."""
+    ensemble_k = check_count("ensemble_k", ensemble_k)
+    if rule not in RULES:
+        raise ValueError(f"rule: got {rule!r}, expected one of {', '.join(RULES)}")
+    if not isinstance(cross_fit, bool):
+        raise ValueError(f"cross_fit: got {cross_fit!r}, expected True or False")
+    if not sweep.runs:
+        raise ValueError(f"{caller}: the sweep has no finished runs")
+    return ensemble_k
+
+
 def per_task_selection(sweep: SweepData, ensemble_k: int = 3, rule: str = "simplest", cross_fit: bool = True) -> dict:
     """For each task, the candidate chosen on validation by `rule` (module docstring), and its test score.
 
@@ -143,11 +155,7 @@ def per_task_selection(sweep: SweepData, ensemble_k: int = 3, rule: str = "simpl
     from tongue_nb.analysis import metrics
     from tongue_nb.analysis.combine import score_candidates
 
-    ensemble_k = check_count("ensemble_k", ensemble_k)
-    if rule not in RULES:
-        raise ValueError(f"rule: got {rule!r}, expected one of {', '.join(RULES)}")
-    if not sweep.runs:
-        raise ValueError("per_task_selection: the sweep has no finished runs")
+    ensemble_k = _check_options(sweep, ensemble_k, rule, cross_fit, "per_task_selection")
     pool = candidates(sweep, ensemble_k)
     schema = next(iter(sweep.runs.values())).schema
     scores = score_candidates(schema, {name: members for name, (_, members) in pool.items()})
@@ -197,6 +205,7 @@ def leave_one_fold_out(sweep: SweepData, ensemble_k: int = 3, rule: str = "simpl
     Needs a cross-validated sweep (validation rows with their fold; three folds or more with `cross_fit`)."""
     from tongue_nb.analysis import metrics
 
+    ensemble_k = _check_options(sweep, ensemble_k, rule, cross_fit, "leave_one_fold_out")
     pool = candidates(sweep, ensemble_k)
     levels = {name: level for name, (level, _) in pool.items()}
     schema = next(iter(sweep.runs.values())).schema
