@@ -83,3 +83,23 @@ def test_fold_parameters_are_checked():
         load_params(folds=5)  # a single run trains one fold
     with pytest.raises(ParamError, match="a fold needs folds >= 2"):
         load_params(fold=0)
+
+
+def test_a_given_split_keeps_its_test_rows_and_the_log_says_its_train_and_val_rows_go_into_the_folds(caplog):
+    from types import SimpleNamespace
+
+    from tongue_nb.train.trainer import run_split
+
+    table, targets, schema = _data()
+    groups = pd.factorize(table["group"])[0]
+    table["split"] = np.where(groups % 5 == 0, "test", np.where(groups % 5 == 1, "val", "train"))
+    labels = SimpleNamespace(table=table, targets=targets, schema=schema)
+    with caplog.at_level("WARNING", logger="tongue_nb.train.trainer"):
+        split = run_split(load_params(folds=3, fold=1), labels)
+    n_train, n_val = int((table["split"] == "train").sum()), int((table["split"] == "val").sum())
+    assert f"gives {n_train} train rows and {n_val} val rows; with folds=3 these rows are pooled" in caplog.text
+    assert (split[table["split"] == "test"] == "test").all() and ((split == "test") == (table["split"] == "test")).all()
+    with caplog.at_level("WARNING", logger="tongue_nb.train.trainer"):
+        caplog.clear()
+        run_split(load_params(), labels)  # without folds the given split is used as it is, nothing to say
+    assert "pooled" not in caplog.text

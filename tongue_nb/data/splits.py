@@ -21,7 +21,7 @@ def _where(table: pd.DataFrame, i: int) -> str:
     return f"row {i}"
 
 
-def _given_splits(table: pd.DataFrame) -> np.ndarray:
+def given_splits(table: pd.DataFrame) -> np.ndarray:
     """The table's `split` column normalised ('' = to be assigned), each value checked."""
     n = len(table)
     if "split" not in table.columns:
@@ -157,7 +157,7 @@ def make_split(table: pd.DataFrame, targets: Mapping[str, np.ndarray], schema, s
     for name, arr in targets.items():
         if len(arr) != n:
             raise ValueError(f"targets[{name!r}] has {len(arr)} rows but the table has {n}")
-    given = _given_splits(table)
+    given = given_splits(table)
     groups = _groups(table)
     codes, uniques = pd.factorize(pd.Series(groups, dtype=object), sort=True)
     n_groups = len(uniques)

@@ -94,6 +94,13 @@ def run_split(params: TrainParams, labels: Labels) -> np.ndarray:
                                              val_fraction=params.val_fraction, test_fraction=params.test_fraction),
                        dtype=object)
     if params.fold >= 0:
+        given = splits_mod.given_splits(labels.table)
+        pooled = {name: int((given == name).sum()) for name in ("train", "val") if (given == name).any()}
+        if pooled:
+            # The labels' own train/val assignment has no place in a K-fold cut: said, not silently dropped.
+            log.warning("folds: labels.csv's split column gives %s; with folds=%d these rows are pooled with the "
+                        "others outside the test split and cut into folds (its test rows stay test)",
+                        " and ".join(f"{n} {name} rows" for name, n in pooled.items()), params.folds)
         folds = splits_mod.make_folds(labels.table, labels.targets, labels.schema, split, params.folds, seed=params.seed)
         split = np.asarray(splits_mod.fold_split(split, folds, params.fold), dtype=object)
     return split
