@@ -456,3 +456,31 @@ def test_cv_report_gives_both_scorings_of_the_out_of_fold_rows(tmp_path, capsys)
     assert res["rule_check"]["simplest"]["cross_fit"] is True and res["rule_check_pooled"]["best"]["cross_fit"] is False
     assert "packages" in res["machine"] and res["machine"]["packages"]["numpy"] == np.__version__
     assert "rule_check_pooled" in capsys.readouterr().out
+
+
+def test_class_offsets_find_a_rare_class_that_argmax_never_predicts(tmp_path):
+    """bench/class_offsets.py: macro-F1 as scikit-learn counts it, and cross-fitted offsets that recover a rare
+    class whose probability the model understates (argmax never picks it)."""
+    import class_offsets
+    from sklearn.metrics import f1_score
+
+    from tongue_nb.runio import RunFolder
+
+    rng = np.random.default_rng(0)
+    n, classes = 600, ["a", "b", "rare"]
+    y = rng.choice(3, size=n, p=[0.6, 0.3, 0.1])
+    p = np.full((n, 3), 0.1)
+    p[np.arange(n), np.where(y == 2, 0, y)] = 0.55  # the rare class's rows look like class a, a little less sure
+    p[y == 2, 2] = 0.35
+    p /= p.sum(1, keepdims=True)
+    pred = rng.integers(0, 3, n)
+    assert class_offsets.macro_f1(y, pred, 3) == pytest.approx(f1_score(y, pred, average="macro"))
+    rows = pd.DataFrame({"id": [f"i{i}" for i in range(n)], "split": "val", "fold": np.arange(n) % 4,
+                         "true:t": [classes[c] for c in y], **{f"p:t:{c}": p[:, j] for j, c in enumerate(classes)}})
+    folder = RunFolder(tmp_path / "cv" / "net")
+    folder.path.mkdir(parents=True)
+    folder.write_yaml(RunFolder.TASKS, TaskSchema((Task("t", "multiclass", tuple(classes)),)).as_dict())
+    rows.to_csv(folder.file(RunFolder.PREDICTIONS), index=False)
+    result = class_offsets.evaluate(folder.path)["tasks"]["t"]
+    assert result["argmax"] == pytest.approx(f1_score(y, p.argmax(1), average="macro", labels=[0, 1, 2]))
+    assert result["offsets"] > result["argmax"] + 0.1 and result["prior"] > result["argmax"]
