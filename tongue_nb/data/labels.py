@@ -19,7 +19,7 @@ from tongue_nb.data.tasks import FALSE_WORDS, NONE_WORDS, TRUE_WORDS, Task, Task
 
 log = logging.getLogger(__name__)
 
-META_COLUMNS = ("image", "mask", "group", "split", "weight")
+META_COLUMNS = ("image", "mask", "group", "split", "fold", "weight")
 SPLITS = ("train", "val", "test")
 ON_PROBLEM = ("error", "drop", "report")
 
@@ -95,6 +95,7 @@ class _Reading:
     masks: list[str] = field(default_factory=list)
     groups: list[str] = field(default_factory=list)
     splits: list[str] = field(default_factory=list)
+    folds: list[int] | None = None  # the preset cross-validation fold per row (-1: none); None without the column
     weights: np.ndarray = field(default_factory=lambda: np.ones(0, dtype=np.float32))
     targets: dict[str, np.ndarray] = field(default_factory=dict)
     problems: list[dict] = field(default_factory=list)
@@ -204,6 +205,22 @@ def _read_splits(r: _Reading) -> None:
         if s and s not in SPLITS:
             raise LabelError(f"{r.at(i, 'split')}: {r.df['split'].iloc[i]!r} is not one of {', '.join(SPLITS)} "
                              "(or empty)")
+
+
+def _read_folds(r: _Reading) -> None:
+    """Preset cross-validation folds: a whole number >= 0 or empty (assigned by the fold cut); used with folds."""
+    if "fold" not in r.df.columns:
+        return
+    r.folds = []
+    for i, v in enumerate(r.df["fold"]):
+        text = v.strip()
+        try:
+            number = float(text) if text else -1.0
+        except ValueError:
+            number = float("nan")
+        if not (text == "" or (number.is_integer() and number >= 0)):
+            raise LabelError(f"{r.at(i, 'fold')}: {v!r} is not a fold number (a whole number 0, 1, ... or empty)")
+        r.folds.append(int(number))
 
 
 def _read_weights(r: _Reading) -> None:
@@ -375,7 +392,7 @@ def _parse_bool(cell: str) -> float | None:
 
 # The checks load_labels runs, in order; each reads what the ones before it have read.
 READING_STEPS = (_check_table, _find_task_columns, _read_images, _read_masks, _read_groups, _read_splits,
-                 _read_weights, _read_targets)
+                 _read_folds, _read_weights, _read_targets)
 FILE_STEPS = (_check_files,)
 
 
@@ -385,6 +402,8 @@ def _result(r: _Reading, on_problem: str) -> Labels:
     lines = np.arange(r.n, dtype=np.int64) + 2
     table = pd.DataFrame({"id": r.images, "image": r.images, "mask": r.masks, "group": r.groups, "split": r.splits,
                           "weight": r.weights, "row": lines})
+    if r.folds is not None:
+        table["fold"] = np.asarray(r.folds, dtype=np.int64)
     targets = r.targets
     if problems and on_problem == "error":
         listing = "\n".join(f"  line {p['row']}, column {p['column']!r}: {p['problem']}" for p in problems[:20])

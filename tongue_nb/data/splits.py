@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
@@ -219,7 +219,8 @@ def make_folds(table: pd.DataFrame, targets: Mapping[str, np.ndarray], schema, s
     The test rows of `split` (make_split's answer, or the given split column) are set aside untouched and
     get -1; every other row gets a fold 0..folds-1, with each `group` whole in one fold and every task's
     label values spread over the folds as evenly as the groups allow (the same greedy stratification as
-    make_split, over equal fractions). Deterministic for a seed; a different seed repeats the cut
+    make_split, over equal fractions). A `fold` column of the table presets folds: its groups keep the fold
+    given and the others are spread around them. Deterministic for a seed; a different seed repeats the cut
     differently (repeated cross-validation).
     """
     check_int("folds", folds, 2)
@@ -238,13 +239,65 @@ def make_folds(table: pd.DataFrame, targets: Mapping[str, np.ndarray], schema, s
     per_group = np.zeros((len(uniques), y.shape[1]))
     np.add.at(per_group, codes, y)
     sizes = np.bincount(codes, minlength=len(uniques)).astype(np.float64)
-    fixed = np.full(len(uniques), -1, dtype=np.int64)
+    fixed = _preset_folds(table, split, folds, pool, codes, uniques)
     group_fold = _assign_groups(per_group, sizes, np.full(folds, 1.0 / folds), fixed, seed)
     out = np.full(n, -1, dtype=np.int64)
     out[pool] = group_fold[codes]
-    log.info("folds: %s rows per fold, %d test rows set aside", np.bincount(out[pool], minlength=folds).tolist(),
-             n - len(pool))
+    per_fold = np.bincount(out[pool], minlength=folds)
+    if (per_fold == 0).any():
+        raise ValueError(f"folds: fold {int(np.argmin(per_fold))} has no rows (rows per fold {per_fold.tolist()}); "
+                         "the preset fold column leaves no group to give it: preset every fold, or fewer folds")
+    preset = int((fixed[codes] >= 0).sum())
+    log.info("folds: %s rows per fold, %d test rows set aside%s", per_fold.tolist(), n - len(pool),
+             f", {preset} rows in the fold labels.csv gives them" if preset else "")
     return out
+
+
+def keep_preset_folds_out_of_test(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with the groups that labels.csv gives a fold kept out of the test split: their rows without a
+    given split take their group's given one, else train (under folds train and val are pooled alike). A group
+    given a fold and the test split is refused, naming both lines."""
+    given = given_splits(table)
+    groups = _groups(table)
+    preset = np.asarray(table["fold"]) >= 0
+    group_split: dict[Any, int] = {}
+    for i in np.flatnonzero(given != ""):
+        group_split.setdefault(groups[i], i)
+    fill = given.copy()
+    for i in np.flatnonzero(preset):
+        j = group_split.get(groups[i])
+        if j is not None and given[j] == "test":
+            raise ValueError(f"{_where(table, i)}, column 'fold': fold {int(table['fold'].iloc[i])} for group "
+                             f"{groups[i]!r}, which {_where(table, j)} puts in the test split; the test split is set "
+                             "aside from the folds (leave the fold empty, or the split not test)")
+        if given[i] == "":
+            fill[i] = given[j] if j is not None else "train"
+    return table.assign(split=fill)
+
+
+def _preset_folds(table: pd.DataFrame, split: np.ndarray, folds: int, pool: np.ndarray, codes: np.ndarray,
+                  uniques: Any) -> np.ndarray:
+    """Each pool group's preset fold from the table's `fold` column (-1: to be assigned), each value checked."""
+    fixed = np.full(len(uniques), -1, dtype=np.int64)
+    if "fold" not in table.columns:
+        return fixed
+    given = np.asarray(table["fold"], dtype=np.int64)
+    for i in np.flatnonzero(given >= folds):
+        raise ValueError(f"{_where(table, i)}, column 'fold': fold {given[i]} but folds is {folds} (folds 0 .. "
+                         f"{folds - 1}); set folds to the data's number of folds")
+    for i in np.flatnonzero((given >= 0) & (split == "test")):
+        raise ValueError(f"{_where(table, i)}, column 'fold': fold {given[i]} on a test row; the test split is set "
+                         "aside from the folds (leave its fold empty, or its split not test)")
+    for pos, i in enumerate(pool):
+        if given[i] < 0:
+            continue
+        g = codes[pos]
+        if fixed[g] not in (-1, given[i]):
+            other = next(pool[q] for q in np.flatnonzero(codes == g) if given[pool[q]] not in (-1, given[i]))
+            raise ValueError(f"group {uniques[g]!r} is given two folds: {given[other]} on {_where(table, other)} and "
+                             f"{given[i]} on {_where(table, i)}; a group must stay in one fold")
+        fixed[g] = given[i]
+    return fixed
 
 
 def fold_split(split, fold_of_row: np.ndarray, fold: int) -> np.ndarray:

@@ -25,6 +25,7 @@ RESERVED_COLUMNS = {
     "mask": "the tongue mask's path",
     "group": "the patient id that keeps a patient's photos in one split",
     "split": "the preset train/val/test split",
+    "fold": "the preset cross-validation fold",
     "weight": "the per-sample loss weight",
     "id": "the sample's id in split.csv and predictions.csv",
 }

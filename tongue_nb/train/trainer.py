@@ -90,7 +90,14 @@ def resolve_data(params: TrainParams) -> tuple[Path, TaskSchema]:
 def run_split(params: TrainParams, labels: Labels) -> np.ndarray:
     """The run's train/val/test split: the seeded group-aware split; with `fold`, the non-test rows re-cut into
     `folds` folds (seeded by `seed`) of which fold `fold` validates and the others train."""
-    split = np.asarray(splits_mod.make_split(labels.table, labels.targets, labels.schema, seed=params.effective_split_seed,
+    table = labels.table
+    preset = np.asarray(table["fold"]) >= 0 if "fold" in table.columns else np.zeros(len(table), dtype=bool)
+    if preset.any() and params.fold < 0:
+        log.warning("labels.csv's fold column presets the fold of %d rows; it is used with folds (cross-validation) "
+                    "only, and this run trains on one split", int(preset.sum()))
+    elif preset.any():
+        table = splits_mod.keep_preset_folds_out_of_test(table)
+    split = np.asarray(splits_mod.make_split(table, labels.targets, labels.schema, seed=params.effective_split_seed,
                                              val_fraction=params.val_fraction, test_fraction=params.test_fraction),
                        dtype=object)
     if params.fold >= 0:
