@@ -242,3 +242,21 @@ def test_the_plan_of_a_cross_validated_sweep_over_seeds(tmp_path):
     with pytest.raises(ParamError, match="key folds"):
         sweep._sweep_folds({}, recipe)
     assert cv.fold_label("convnext_tiny-seed1-fold3") == ("convnext_tiny-seed1", 3) and cv.fold_label("x") is None
+
+
+def test_a_fold_ensemble_is_never_written_over_a_run_or_a_dataset(cv_sweep, tmp_path):
+    """write_fold_ensemble(members, out) with `out` a member overwrote its summary, predictions and params (the
+    run was lost); with `out` the dataset it replaced the dataset's tasks.yaml."""
+    out, data = cv_sweep["out"], cv_sweep["data"]
+    members = sorted((out / "runs").glob("test_convnext-fold*"))
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    before = {p: p.read_bytes() for folder in (*members, copy) for p in folder.rglob("*") if p.is_file()}
+    for target, says in ((members[0], "is the member run"), (members[1] / "cv", "is inside run"),
+                         (out / "runs", "is around run"), (out / "runs" / "classical-baseline-fold0", "holds another run"),
+                         (copy, "is in the dataset"), (copy / "ensembles", "is in the dataset")):
+        with pytest.raises(ValueError, match=says):
+            cv.write_fold_ensemble(members, target)
+    assert {p: p.read_bytes() for folder in (*members, copy) for p in folder.rglob("*") if p.is_file()} == before
+    assert not (members[1] / "cv").exists() and not (copy / "ensembles").exists()
+    assert cv.write_fold_ensemble(members, tmp_path / "mine")["cv"]["folds"] == 3  # a folder of its own is fine

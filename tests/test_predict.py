@@ -392,6 +392,44 @@ def test_a_run_folder_of_another_kind_is_refused_and_kept(with_baseline, tmp_pat
     assert {p: p.read_bytes() for run in (net, base) for p in run.rglob("*") if p.is_file()} == before
 
 
+def test_predict_and_export_never_write_over_a_dataset_a_run_or_their_own_input(with_baseline, tmp_path, capsys):
+    """`predict --out <data>/labels.csv` replaced the dataset's labels with predictions, `export --out` the same
+    with an ONNX file, and `--out <run>/summary.json` a run's summary; `--images list.csv --out list.csv` its list."""
+    data = tmp_path / "data"
+    shutil.copytree(with_baseline["data"], data)
+    net = tmp_path / "net"
+    shutil.copytree(with_baseline["net"], net)
+    photos = tmp_path / "list.csv"
+    photos.write_text("image\n" + "\n".join(str(p) for p in sorted((data / "images").iterdir())[:2]) + "\n")
+    before = {p: p.read_bytes() for folder in (data, net) for p in folder.rglob("*") if p.is_file()}
+    before[photos] = photos.read_bytes()
+    predict = ["predict", "--run", str(net), "--images", str(photos), "--out"]
+    commands = [(predict + [str(data / "labels.csv")], "is inside the dataset"),
+                (predict + [str(data / "new.csv")], "nothing is written inside a dataset"),
+                (predict + [str(net / "summary.json")], "would replace the summary.json of the tongue_nb folder"),
+                (predict + [str(net / "checkpoints" / "p.csv")], "checkpoints: choose a file path outside them"),
+                (predict + [str(photos)], "is the --images list itself"),
+                (predict + [str(tmp_path / "p.csv"), "--explain", str(data / "cam")], "explain (--explain): "),
+                (["export", "--run", str(net), "--out", str(data / "labels.csv")], "is inside the dataset"),
+                (["export", "--run", str(net), "--out", str(net / "predictions.csv")], "would replace the predictions.csv")]
+    for argv, message in commands:
+        assert cli_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert {p: p.read_bytes() for folder in (data, net) for p in folder.rglob("*") if p.is_file()} \
+        == {p: v for p, v in before.items() if p != photos}
+    assert photos.read_bytes() == before[photos] and not (tmp_path / "p.csv").exists()
+    assert cli_main(predict + [str(net / "my-photos.csv")]) == 0  # a file of its own beside a run is fine
+
+
+def test_every_file_a_run_folder_reads_is_protected_from_an_output_path():
+    from tongue_nb.paths import TOOL_FILES
+    from tongue_nb.runio import RunFolder
+
+    names = {v for k, v in vars(RunFolder).items() if k.isupper() and isinstance(v, str) and "/" not in v}
+    assert names <= TOOL_FILES, names - TOOL_FILES
+
+
 @pytest.mark.parametrize("option, value, message", [
     ("--batch-size", "0", r"batch_size \(--batch-size\): got 0, expected an integer >= 1"),
     ("--workers", "-1", r"workers \(--workers\): got -1, expected an integer >= 1"),

@@ -91,12 +91,51 @@ def check_outside_dataset(folder: str | Path, data_dir: str | Path, parameter: s
     return check_folder(folder, parameter)
 
 
+# The files that tongue_nb's run, fold-ensemble, sweep and tune folders hold and read back (runio.RunFolder's among
+# them), and the files that mark such a folder: an output file the user names never replaces one of them.
+TOOL_FILES = frozenset({
+    "params.yaml", "tasks.yaml", "split.csv", "split_stats.csv", "skipped_images.csv", "data_fingerprint.json",
+    "history.csv", "predictions.csv", "summary.json", "baseline_model.safetensors", "baseline_model.pkl",
+    "report.html", "ensemble.json", "selection.json", "sweep.json", "failures.json", "comparison.csv",
+    "comparison.json", "tune.json", "study.db", "best.yaml",
+})
+TOOL_FOLDER_MARKS = ("summary.json", "params.yaml", "ensemble.json", "sweep.json", "tune.json")
+
+
+def _would_replace(path: Path) -> str | None:
+    """Why writing `path` would damage what tongue_nb reads: inside a dataset, a tool folder's own file, or in a
+    run's checkpoints; None when it would not."""
+    target = path.resolve()
+    for folder in target.parents:
+        if (folder / "labels.csv").is_file():
+            return (f"is inside the dataset {folder} (it holds labels.csv); nothing is written inside a dataset: "
+                    "choose a file path outside it")
+        if folder.name == "checkpoints" and (folder.parent / "params.yaml").is_file():
+            return f"is inside the run {folder.parent}'s checkpoints: choose a file path outside them"
+    if target.name in TOOL_FILES and any((target.parent / mark).is_file() for mark in TOOL_FOLDER_MARKS):
+        return (f"would replace the {target.name} of the tongue_nb folder {target.parent}, which is read back: "
+                "choose another file name")
+    return None
+
+
+def check_output_folder(folder: str | Path, parameter: str) -> Path:
+    """check_folder, and FolderError when `folder` lies in a dataset or a run's checkpoints (`_would_replace`)."""
+    why = _would_replace(Path(folder) / "_")
+    if why:
+        raise FolderError(f"parameter {parameter}: {folder} {why.replace('choose a file path', 'choose a folder')}")
+    return check_folder(folder, parameter)
+
+
 def check_file_target(path: str | Path, parameter: str, instead: str = "choose a file path you can write to") -> Path:
-    """Without writing anything: FolderError naming the parameter when a file could not be written at `path`
-    (it is a folder, a file stands on its parent path, or the nearest existing folder is not writable)."""
+    """Without writing anything: FolderError naming the parameter when a file could not or may not be written at
+    `path`: it is a folder, a file stands on its parent path, the nearest existing folder is not writable, or it
+    lies inside a dataset, a run's checkpoints, or is one of a tongue_nb folder's own files (`_would_replace`)."""
     path = Path(path)
     if path.is_dir():
         raise FolderError(f"parameter {parameter}: {path} is a folder, expected a file path; {instead}")
+    why = _would_replace(path)
+    if why:
+        raise FolderError(f"parameter {parameter}: {path} {why}")
     check_folder(path.parent, parameter, instead)
     return path
 

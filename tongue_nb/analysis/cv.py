@@ -129,6 +129,26 @@ def _number(value: float | None) -> float:
     return float("nan") if value is None else float(value)
 
 
+def _check_out(members: Sequence[str | Path], out: str | Path) -> None:
+    """The fold ensemble's folder may be new or a fold ensemble's, never a member, inside one or around one, nor
+    another run's folder: writing there would overwrite that run's files."""
+    target = Path(out).resolve()
+    for m in members:
+        member = Path(m).resolve()
+        where = ("the member" if target == member else "inside" if member in target.parents
+                 else "around" if target in member.parents else None)
+        if where:
+            raise ValueError(f"write_fold_ensemble: out {out} is {where} run {m}; its files would overwrite or mix "
+                             "with the run's: choose a folder of its own (the sweep uses <sweep>/cv/<backbone>)")
+    if (target / "summary.json").exists() and not is_fold_ensemble(target):
+        raise ValueError(f"write_fold_ensemble: out {out} holds another run (a summary.json without ensemble.json); "
+                         "choose an empty folder or an earlier fold ensemble's")
+    for folder in (target, *target.parents):
+        if (folder / "labels.csv").is_file():
+            raise ValueError(f"write_fold_ensemble: out {out} is in the dataset {folder} (it holds labels.csv); a "
+                             "fold ensemble is never written into a dataset: choose a folder outside it")
+
+
 def write_fold_ensemble(members: Sequence[str | Path], out: str | Path) -> dict:
     """Gather the K fold runs of one backbone into the fold-ensemble folder `out`; returns its summary.
 
@@ -141,6 +161,7 @@ def write_fold_ensemble(members: Sequence[str | Path], out: str | Path) -> dict:
     from tongue_nb.analysis.combine import mean_probs
     from tongue_nb.runio import RunFolder, atomic_write_json, predictions_table
 
+    _check_out(members, out)
     runs = sorted((load_run(m) for m in members), key=lambda r: int(r.summary.get("fold", -1)))
     k = _check_members(runs)
     schema = runs[0].schema

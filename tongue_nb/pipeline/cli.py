@@ -103,9 +103,11 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     import torch
 
-    from tongue_nb.paths import check_file_target, check_folder
+    from tongue_nb.paths import check_file_target, check_output_folder
     from tongue_nb.pipeline.predict import Predictor, check_options, list_photos, predict_table
     from tongue_nb.runio import atomic_write_text
     from tongue_nb.train.params import ParamError
@@ -118,8 +120,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise ParamError(f"threads (--threads): got {args.threads}, expected an integer >= 0 (0: torch's default)")
     check_options(args.batch_size, args.workers, args.device)
     check_file_target(args.out, "out (--out)")
+    if Path(args.images).is_file() and Path(args.images).resolve() == Path(args.out).resolve():
+        raise ParamError(f"out (--out): {args.out} is the --images list itself; the predictions would replace it: "
+                         "choose another file")
     if args.explain:
-        check_folder(args.explain, "explain (--explain)")
+        check_output_folder(args.explain, "explain (--explain)")
     if args.threads:
         torch.set_num_threads(args.threads)
     photos = list_photos(args.images)  # checked before the models load: a bad list costs nothing
