@@ -134,3 +134,8 @@ def test_bad_options_and_output_inside_source(tmp_path):
         import_tonguexpert(db, tmp_path / "out", link="hardlink")
     with pytest.raises(ValueError, match="inside the source database"):
         import_tonguexpert(db, db / "out")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "labels.csv").write_text("image\n")
+    with pytest.raises(ValueError, match="inside the dataset .*mine"):
+        import_tonguexpert(db, tmp_path / "mine" / "te")
+    assert not (tmp_path / "mine" / "te").exists()

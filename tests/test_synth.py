@@ -150,8 +150,13 @@ def test_a_failed_generation_leaves_the_folder_as_it_was_and_can_be_rerun(monkey
 
 
 def test_refuses_to_overwrite(small):
+    before = sorted(p.relative_to(small) for p in small.rglob("*"))
     with pytest.raises(FileExistsError, match="already holds a dataset"):
         synth.make_synthetic(small, n=4, size=32)
+    for inside in (small / "more", small / "images" / "more"):  # nor a dataset within a dataset
+        with pytest.raises(FileExistsError, match=f"inside the dataset {small.resolve()}"):
+            synth.make_synthetic(inside, n=4, size=32)
+    assert sorted(p.relative_to(small) for p in small.rglob("*")) == before
 
 
 def test_ensure_synthetic_builds_once_in_the_cache(monkeypatch, tmp_path):

@@ -83,6 +83,7 @@ def _recipe_with(folder: Path, text: str) -> Path:
     ("per-backbone-experiment-name", ["r.yaml: per_backbone.test_convnext.experiment_name: the tune sets it"]),
     ("set-resume", ["--set resume=true: the tune sets it for every trial"]),
     ("fold-with-folds", ["--set fold=1: with folds every trial trains every fold"]),
+    ("out-in-the-dataset", ["parameter --out", "is inside the dataset", "nothing is written inside a dataset"]),
 ], ids=lambda value: value if isinstance(value, str) else "")
 def test_bad_options_are_one_line_naming_the_option_exit_2_and_write_nothing(inputs, tmp_path, capsys, case,
                                                                                words):
@@ -107,7 +108,8 @@ def test_bad_options_are_one_line_naming_the_option_exit_2_and_write_nothing(inp
              "per-backbone-experiment-name": ["-f", str(_recipe_with(
                  root / "per-backbone", "per_backbone:\n  test_convnext:\n    experiment_name: mine"))],
              "set-resume": ["--set", "resume=true"],
-             "fold-with-folds": ["--set", "folds=2", "--set", "fold=1"]}
+             "fold-with-folds": ["--set", "folds=2", "--set", "fold=1"],
+             "out-in-the-dataset": ["--out", str(data / "tune")]}
     argv = ["tune", "--data", str(data), "-f", recipe, "--space", space, "--trials", "2", "--study", "s", "--out", out]
     code = cli.main(argv + extra[case])  # argparse: the last --space / --out wins; -f adds a missing recipe
     err = capsys.readouterr().err.strip()

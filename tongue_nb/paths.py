@@ -102,14 +102,20 @@ TOOL_FILES = frozenset({
 TOOL_FOLDER_MARKS = ("summary.json", "params.yaml", "ensemble.json", "sweep.json", "tune.json")
 
 
+def dataset_around(path: str | Path) -> Path | None:
+    """The nearest folder above `path` (not `path` itself) that holds a labels.csv, i.e. the dataset it lies in."""
+    return next((folder for folder in Path(path).resolve().parents if (folder / "labels.csv").is_file()), None)
+
+
 def _would_replace(path: Path) -> str | None:
     """Why writing `path` would damage what tongue_nb reads: inside a dataset, a tool folder's own file, or in a
     run's checkpoints; None when it would not."""
     target = path.resolve()
+    data = dataset_around(target)
+    if data is not None:
+        return (f"is inside the dataset {data} (it holds labels.csv); nothing is written inside a dataset: "
+                "choose a file path outside it")
     for folder in target.parents:
-        if (folder / "labels.csv").is_file():
-            return (f"is inside the dataset {folder} (it holds labels.csv); nothing is written inside a dataset: "
-                    "choose a file path outside it")
         if folder.name == "checkpoints" and (folder.parent / "params.yaml").is_file():
             return f"is inside the run {folder.parent}'s checkpoints: choose a file path outside them"
     if target.name in TOOL_FILES and any((target.parent / mark).is_file() for mark in TOOL_FOLDER_MARKS):

@@ -147,8 +147,12 @@ def import_tonguexpert(db_dir: str | Path, out_dir: str | Path, labels: str = "m
     out = Path(out_dir)
     if out.resolve() == db or db in out.resolve().parents:
         raise ValueError(f"out_dir {out} is inside the source database {db}; choose a folder outside it")
-    from tongue_nb.paths import check_folder
+    from tongue_nb.paths import check_folder, dataset_around
 
+    around = dataset_around(out)
+    if around is not None:
+        raise ValueError(f"out_dir {out} is inside the dataset {around} (it holds labels.csv); nothing is written "
+                         "inside a dataset: choose a folder outside it")
     check_folder(out, "out_dir (import out)")
     rows = _read_label_file(db / LABEL_FILES[labels], labels)
 

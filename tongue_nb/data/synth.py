@@ -282,13 +282,17 @@ def make_synthetic(out_dir: str | Path, n: int = 500, size: int = 128, seed: int
     check_int("make_synthetic: seed", seed, 0)
     if not isinstance(missing, (int, float)) or not 0.0 <= float(missing) < 1.0:
         raise ValueError(f"make_synthetic: missing must be a fraction in [0, 1), got {missing!r}")
-    from tongue_nb.paths import check_folder
+    from tongue_nb.paths import check_folder, dataset_around
 
     out = check_folder(Path(out_dir), "out_dir (synth out)")
     if (out / "labels.csv").exists() or (out / "images").exists():
         # Refuse to mix two generations in one folder: stale images would stay listed nowhere.
         raise FileExistsError(f"make_synthetic: {out} already holds a dataset (labels.csv or images/); "
                               "choose an empty folder")
+    around = dataset_around(out)
+    if around is not None:
+        raise FileExistsError(f"make_synthetic: {out} is inside the dataset {around} (it holds labels.csv); nothing "
+                              "is written inside a dataset: choose a folder outside it")
     t0 = time.perf_counter()
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)

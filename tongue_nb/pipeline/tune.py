@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 if TYPE_CHECKING:
     import pandas as pd
 
-from tongue_nb.paths import check_folder
+from tongue_nb.paths import check_output_folder
 from tongue_nb.pipeline.tune_space import NOT_TUNABLE, Dimension, load_space, space_from_dicts
 from tongue_nb.train.params import (ParamError, TrainParams, file_places, load_params, read_params_file,
                                     split_overrides)
@@ -155,7 +155,7 @@ def check_options(options: TuneOptions) -> tuple[TrainParams, list[Dimension]]:
     if options.data_dir is not None and not Path(options.data_dir).is_dir():
         raise ParamError(f"--data: folder {options.data_dir} not found")
     _check_trial_owned(options)
-    check_folder(options.folder, "--out", "choose a tune folder you can write to")
+    check_output_folder(options.folder, "--out")  # not in a dataset: its trials could not write their runs there
     base = base_params(options)
     from tongue_nb.train.trainer import check_split
 
