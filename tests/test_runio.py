@@ -168,3 +168,22 @@ def test_a_write_on_a_full_disk_names_the_folder_and_leaves_nothing(tmp_path, mo
     with pytest.raises(RuntimeError, match="boom"):
         with runio._atomic_file(tmp_path / "run" / "x.json"):
             raise RuntimeError("boom")
+
+
+def test_each_commands_folder_is_kept_from_the_others(tmp_path):
+    """A run never goes into a sweep's or tune's folder, nor a sweep or tune into a run's, a fold ensemble's or
+    each other's: their records would overwrite or mix with each other."""
+    from tongue_nb.runio import RunFolder, held_by_another
+
+    sweep, tune, run, ens, new = (tmp_path / n for n in ("sweep", "tune", "run", "ens", "new"))
+    for folder, name, text in ((sweep, "sweep.json", "{}"), (tune, "tune.json", "{}"), (run, "params.yaml", "seed: 0\n"),
+                               (ens, "summary.json", '{"kind": "fold_ensemble"}')):
+        folder.mkdir()
+        (folder / name).write_text(text)
+    assert [held_by_another(f, "sweep.json") for f in (sweep, tune, run, ens, new)] == \
+        [None, "a tune (an Optuna study)", "a run", "a fold ensemble (cross-validation)", None]
+    assert [held_by_another(f, "tune.json") for f in (sweep, tune)] == ["a sweep", None]
+    for folder, held in ((sweep, "holds a sweep"), (tune, "holds a tune")):
+        with pytest.raises(FileExistsError, match=f"out_dir {folder}: {held}.*, not a training run"):
+            RunFolder(folder).check_kind("train", "out_dir")
+    RunFolder(new).check_kind("train", "out_dir")

@@ -166,6 +166,20 @@ def test_a_recipe_key_the_sweep_would_replace_is_refused_before_anything_is_writ
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
 
 
+def test_a_sweep_is_never_written_into_a_run_or_a_tune(tmp_path):
+    from tongue_nb.data.synth import make_synthetic
+
+    data = make_synthetic(tmp_path / "data", n=24, size=32, seed=0)
+    for name, mark, held in (("run", "params.yaml", "holds a run"), ("tune", "tune.json", "holds a tune")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / mark).write_text("{}")
+        with pytest.raises(sweep.SweepError, match=f"out_dir \\(--out\\) .*{name} {held}.*, not a sweep"):
+            sweep.run_sweep(data, ["test_convnext"], out_dir=tmp_path / name, reports_dir=tmp_path / "rep",
+                            compare=False)
+        assert [p.name for p in (tmp_path / name).iterdir()] == [mark]
+    assert not (tmp_path / "rep").exists()
+
+
 def test_the_recipes_data_dir_is_the_sweeps_dataset_when_no_data_is_given(tmp_path):
     """As `tongue-nb train -f recipe` reads it: the recipe's dataset, not the synthetic set in its place."""
     (tmp_path / "mine").mkdir()

@@ -84,6 +84,7 @@ def _recipe_with(folder: Path, text: str) -> Path:
     ("set-resume", ["--set resume=true: the tune sets it for every trial"]),
     ("fold-with-folds", ["--set fold=1: with folds every trial trains every fold"]),
     ("out-in-the-dataset", ["parameter --out", "is inside the dataset", "nothing is written inside a dataset"]),
+    ("out-holds-a-run", ["--out", "a-run: holds a run, not a tune; its records would mix"]),
 ], ids=lambda value: value if isinstance(value, str) else "")
 def test_bad_options_are_one_line_naming_the_option_exit_2_and_write_nothing(inputs, tmp_path, capsys, case,
                                                                                words):
@@ -93,6 +94,9 @@ def test_bad_options_are_one_line_naming_the_option_exit_2_and_write_nothing(inp
         pytest.skip("a PostgreSQL driver is installed here")
     root, data = inputs
     (tmp_path / "a-file").write_text("")
+    if case == "out-holds-a-run":
+        (tmp_path / "a-run").mkdir()
+        (tmp_path / "a-run" / "params.yaml").write_text("seed: 0\n")
     recipe, space, out = str(root / "recipe.yaml"), str(root / "space.yaml"), str(tmp_path / "tune")
     extra = {"space-missing": ["--space", str(tmp_path / "nope.yaml")],
              "recipe-missing": ["-f", str(tmp_path / "nope.yaml")],
@@ -109,13 +113,15 @@ def test_bad_options_are_one_line_naming_the_option_exit_2_and_write_nothing(inp
                  root / "per-backbone", "per_backbone:\n  test_convnext:\n    experiment_name: mine"))],
              "set-resume": ["--set", "resume=true"],
              "fold-with-folds": ["--set", "folds=2", "--set", "fold=1"],
-             "out-in-the-dataset": ["--out", str(data / "tune")]}
+             "out-in-the-dataset": ["--out", str(data / "tune")],
+             "out-holds-a-run": ["--out", str(tmp_path / "a-run")]}
     argv = ["tune", "--data", str(data), "-f", recipe, "--space", space, "--trials", "2", "--study", "s", "--out", out]
     code = cli.main(argv + extra[case])  # argparse: the last --space / --out wins; -f adds a missing recipe
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("tongue-nb tune: error: "), err
     assert all(w in err for w in words), err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # no tune folder, no study file
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "a-run") == ["a-file"]  # no tune folder, no study
+    assert not (tmp_path / "a-run").exists() or [p.name for p in (tmp_path / "a-run").iterdir()] == ["params.yaml"]
 
 
 def test_the_command_lines_median_pruner_waits_for_3_trials_and_the_whole_network(inputs, tmp_path):

@@ -102,6 +102,15 @@ TOOL_FILES = frozenset({
 TOOL_FOLDER_MARKS = ("summary.json", "params.yaml", "ensemble.json", "sweep.json", "tune.json")
 
 
+# Folders that commands other than a run's write: the file that marks each, and what it is called in errors.
+COMMAND_FOLDERS = {"sweep.json": "a sweep", "tune.json": "a tune (an Optuna study)"}
+
+
+def command_folder_kind(folder: str | Path) -> str | None:
+    """'a sweep' or 'a tune (...)' when `folder` holds that command's record, else None."""
+    return next((what for mark, what in COMMAND_FOLDERS.items() if (Path(folder) / mark).is_file()), None)
+
+
 def dataset_around(path: str | Path) -> Path | None:
     """The nearest folder above `path` (not `path` itself) that holds a labels.csv, i.e. the dataset it lies in."""
     return next((folder for folder in Path(path).resolve().parents if (folder / "labels.csv").is_file()), None)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from tongue_nb import runfiles
-from tongue_nb.paths import temp_file
+from tongue_nb.paths import command_folder_kind, temp_file
 from tongue_nb.runfiles import RunFileError
 
 log = logging.getLogger(__name__)
@@ -335,6 +335,22 @@ RUN_KINDS = {"train": "a training run", "baseline": "a classical-baseline run", 
              "fold_ensemble": "a fold ensemble (cross-validation)"}
 
 
+def held_by_another(folder: str | Path, own_mark: str) -> str | None:
+    """What `folder` holds when a command whose record is `own_mark` (sweep.json, tune.json) may not write there:
+    a run or fold ensemble (RunFolder.run_kind, or any summary.json / params.yaml) or another command's folder;
+    None for a new or empty folder, or one holding `own_mark`."""
+    folder = Path(folder)
+    if (folder / own_mark).is_file():
+        return None
+    run = RunFolder(folder)
+    kind = run.run_kind()
+    if kind is not None:
+        return RUN_KINDS[kind]
+    if run.file(RunFolder.SUMMARY).exists() or run.file(RunFolder.PARAMS).exists():
+        return "a run"
+    return command_folder_kind(folder)
+
+
 class RunFolder:
     """The one owner of a run folder's files: where each lives, and the only code that writes them.
 
@@ -468,8 +484,9 @@ class RunFolder:
         """Refuse to write a run of `kind` into a folder that holds a run of another kind (whose records the new
         run would overwrite): FileExistsError naming the folder, what it holds and the parameter."""
         found = self.run_kind()
-        if found is not None and found != kind:
-            raise FileExistsError(f"{parameter} {self.path}: holds {RUN_KINDS[found]}, not {RUN_KINDS[kind]}; its "
+        held = RUN_KINDS[found] if found is not None and found != kind else command_folder_kind(self.path)
+        if held is not None:
+            raise FileExistsError(f"{parameter} {self.path}: holds {held}, not {RUN_KINDS[kind]}; its "
                                   "records would be overwritten: choose another folder")
 
     def is_completed(self) -> bool:

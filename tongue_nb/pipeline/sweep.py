@@ -297,7 +297,7 @@ def run_sweep(data_dir: str | Path | None, backbones: Sequence[str], params_file
     _check_sweep_options(data, compare_options, cell_timeout, ensemble_k)
     _check_fold_cut(data, params_file, extra, n_folds, seeds_list)
     from tongue_nb.paths import check_folder, prepare_folder
-    from tongue_nb.runio import RunLock
+    from tongue_nb.runio import RunLock, held_by_another
 
     sweep_dir = Path(out_dir or f"runs/sweep-{_dt.date.today():%Y%m%d}").resolve()
     reports = Path(reports_dir).resolve()
@@ -306,6 +306,10 @@ def run_sweep(data_dir: str | Path | None, backbones: Sequence[str], params_file
             raise SweepError(f"run_sweep: {parameter} {folder} is inside the dataset {data}; a sweep never writes "
                              "into its dataset: choose a folder outside it")
         check_folder(folder, parameter)  # both checked before either is created
+    held = held_by_another(sweep_dir, "sweep.json")
+    if held:
+        raise SweepError(f"run_sweep: out_dir (--out) {sweep_dir} holds {held}, not a sweep; its records would mix "
+                         "with the sweep's: choose another folder")
     from tongue_nb.pipeline.executors import make_executor
 
     try:

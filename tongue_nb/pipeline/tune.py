@@ -132,6 +132,16 @@ def _check_trial_owned(options: TuneOptions) -> None:
             raise ParamError(f"--set {item}: {owned[key]}; it cannot be set for a tune")
 
 
+def _check_not_another_folder(folder: Path) -> None:
+    """The tune folder is new, empty or a tune's: not a run, fold ensemble or sweep (their records would mix)."""
+    from tongue_nb.runio import held_by_another
+
+    held = held_by_another(folder, RECORD)
+    if held:
+        raise ParamError(f"--out {folder}: holds {held}, not a tune; its records would mix with the study's: "
+                         "choose another folder")
+
+
 def check_options(options: TuneOptions) -> tuple[TrainParams, list[Dimension]]:
     """The recipe and the space, checked; ParamError (one line) on the first problem. Writes nothing."""
     for file in options.files:
@@ -156,6 +166,7 @@ def check_options(options: TuneOptions) -> tuple[TrainParams, list[Dimension]]:
         raise ParamError(f"--data: folder {options.data_dir} not found")
     _check_trial_owned(options)
     check_output_folder(options.folder, "--out")  # not in a dataset: its trials could not write their runs there
+    _check_not_another_folder(options.folder)
     base = base_params(options)
     from tongue_nb.train.trainer import check_split
 
