@@ -84,3 +84,26 @@ def test_an_empty_table_shows_as_a_note_not_a_quoted_string():
     assert note == "none found" and repr(note) == "none found"  # a str's repr would add quotes on the page
     assert note._repr_html_() == "<p><em>none found</em></p>"
     assert plots.show(None, empty="<no runs>")._repr_html_() == "<p><em>&lt;no runs&gt;</em></p>"
+
+
+def test_names_from_the_users_files_show_as_text_not_as_html():
+    """A label, task or image path from labels.csv / tasks.yaml reaches the report pages through these tables: it
+    must show as text there, not run as HTML (a label '<img src=x onerror=...>' did)."""
+    import json
+    import re
+    from pathlib import Path
+
+    hostile = "<img src=x onerror=alert(1)>"
+    table = pd.DataFrame({hostile: [hostile, "ok"], "n": [1.0, 2.5]}, index=[hostile, "<b>task</b>"])
+    page = plots.show(table).to_html()
+    assert "<img" not in page and "<b>task" not in page
+    assert page.count("&lt;img src=x onerror=alert(1)&gt;") == 3 and "&lt;b&gt;task&lt;/b&gt;" in page
+    assert "2.500" in page  # numbers keep their format
+    # The final report's Markdown verdicts carry task, backbone and folder names: each is escaped.
+    notebook = json.loads((Path(__file__).resolve().parents[1] / "notebooks" / "05_report.ipynb").read_text())
+    code = "".join("".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code")
+    calls = re.findall(r"Markdown\(f\"([^\"]*)\"", code)
+    assert len(calls) == 3 and "+ escape(index_page.sweep_provenance(sweep))" in code
+    for call in calls:
+        for expr in re.findall(r"\{([^{}]+)\}", call):
+            assert expr.startswith(("escape(", "len(")) or "'" in expr, expr

@@ -126,7 +126,10 @@ def show(table: pd.DataFrame, digits: int = 3, empty: str = "none found") -> Any
         values = table[col]
         if values.dtype.kind == "f" and values.dropna().map(float.is_integer).all() and values.notna().any():
             table[col] = values.astype("Int64")
-    styler = table.style.format(precision=digits, na_rep="-", thousands=",")
+    # Names in a table (tasks, labels, image paths, runs) come from the user's files: shown as text, never as HTML
+    # that a report page would run (a label "<img onerror=...>").
+    styler = (table.style.format(precision=digits, na_rep="-", thousands=",", escape="html")
+              .format_index(escape="html", axis=0).format_index(escape="html", axis=1))
     if isinstance(table.index, pd.RangeIndex):
         styler = styler.hide(axis="index")
     return styler
