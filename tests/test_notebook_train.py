@@ -143,3 +143,17 @@ def test_sweep_layers_the_backbones_own_file_then_the_recipe_then_the_users_valu
     assert got["stage2_epochs"] == 30 and got["precision"] == "bf16"  # the recipe over the backbone's file
     assert got["batch_size"] == 4  # the user's value over both
     assert sweep.recipe_files("resnet18", recipe) == [recipe.resolve()]  # no file of its own: the recipe alone
+
+
+def test_a_recipes_progress_is_not_replaced_by_the_sweeps_default(tmp_path):
+    """The sweep turns progress bars off in its notebooks unless the recipe (or --set) asks for them."""
+    from tongue_nb.pipeline import sweep
+    plain, asks = tmp_path / "plain.yaml", tmp_path / "asks.yaml"
+    plain.write_text("batch_size: 16\n")
+    asks.write_text("batch_size: 16\nprogress: true\n")
+    assert sweep.train_notebook_parameters("test_convnext", tmp_path, tmp_path / "run", plain, {})["progress"] is False
+    parameters = sweep.train_notebook_parameters("test_convnext", tmp_path, tmp_path / "run", asks, {})
+    assert "progress" not in parameters
+    assert _papermill_params(tmp_path, parameters)["progress"] is True
+    assert sweep.train_notebook_parameters("test_convnext", tmp_path, tmp_path / "run", plain,
+                                           {"progress": True})["progress"] is True

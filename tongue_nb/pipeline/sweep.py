@@ -203,9 +203,14 @@ def train_notebook_parameters(backbone: str, data: Path, run_dir: Path, recipe: 
     """Papermill parameters of one 03_train run: the notebook applies the recipe files in order, then every one
     of these (an override equal to a default included), so the run gets what
     `tongue-nb train -f own.yaml -f recipe --set ...` gets."""
+    from tongue_nb.train.params import file_places, read_params_file
+
     files = [recipe] if isinstance(recipe, (str, Path)) else list(recipe)
+    # No progress bars in an executed notebook, unless the recipe asks for them (its value is not replaced).
+    asked = any("progress" in values for f in files if str(f) for _, values in file_places(read_params_file(f)))
     return {"backbone": backbone, "data_dir": str(data), "out_dir": str(run_dir),
-            "params_file": ",".join(str(Path(f).resolve()) for f in files if str(f)), "progress": False, **extra}
+            "params_file": ",".join(str(Path(f).resolve()) for f in files if str(f)),
+            **({} if asked else {"progress": False}), **extra}
 
 
 def _safe_name(backbone: str) -> str:
