@@ -116,17 +116,17 @@ def dataset_around(path: str | Path) -> Path | None:
     return next((folder for folder in Path(path).resolve().parents if (folder / "labels.csv").is_file()), None)
 
 
-def _would_replace(path: Path) -> str | None:
+def _would_replace(path: Path, what: str = "file path") -> str | None:
     """Why writing `path` would damage what tongue_nb reads: inside a dataset, a tool folder's own file, or in a
-    run's checkpoints; None when it would not."""
+    run's checkpoints; None when it would not. `what` names the kind of path the user should choose instead."""
     target = path.resolve()
     data = dataset_around(target)
     if data is not None:
         return (f"is inside the dataset {data} (it holds labels.csv); nothing is written inside a dataset: "
-                "choose a file path outside it")
+                f"choose a {what} outside it")
     for folder in target.parents:
         if folder.name == "checkpoints" and (folder.parent / "params.yaml").is_file():
-            return f"is inside the run {folder.parent}'s checkpoints: choose a file path outside them"
+            return f"is inside the run {folder.parent}'s checkpoints: choose a {what} outside them"
     if target.name in TOOL_FILES and any((target.parent / mark).is_file() for mark in TOOL_FOLDER_MARKS):
         return (f"would replace the {target.name} of the tongue_nb folder {target.parent}, which is read back: "
                 "choose another file name")
@@ -135,9 +135,9 @@ def _would_replace(path: Path) -> str | None:
 
 def check_output_folder(folder: str | Path, parameter: str) -> Path:
     """check_folder, and FolderError when `folder` lies in a dataset or a run's checkpoints (`_would_replace`)."""
-    why = _would_replace(Path(folder) / "_")
+    why = _would_replace(Path(folder) / "_", what="folder")
     if why:
-        raise FolderError(f"parameter {parameter}: {folder} {why.replace('choose a file path', 'choose a folder')}")
+        raise FolderError(f"parameter {parameter}: {folder} {why}")
     return check_folder(folder, parameter)
 
 

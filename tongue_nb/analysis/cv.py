@@ -140,13 +140,17 @@ def _check_out(members: Sequence[str | Path], out: str | Path) -> None:
         if where:
             raise ValueError(f"write_fold_ensemble: out {out} is {where} run {m}; its files would overwrite or mix "
                              "with the run's: choose a folder of its own (the sweep uses <sweep>/cv/<backbone>)")
-    if (target / "summary.json").exists() and not is_fold_ensemble(target):
-        raise ValueError(f"write_fold_ensemble: out {out} holds another run (a summary.json without ensemble.json); "
+    from tongue_nb.paths import dataset_around
+    from tongue_nb.runio import held_by_another
+
+    held = held_by_another(target, ENSEMBLE_FILE)
+    if held:
+        raise ValueError(f"write_fold_ensemble: out {out} holds another run ({held}, without ensemble.json); "
                          "choose an empty folder or an earlier fold ensemble's")
-    for folder in (target, *target.parents):
-        if (folder / "labels.csv").is_file():
-            raise ValueError(f"write_fold_ensemble: out {out} is in the dataset {folder} (it holds labels.csv); a "
-                             "fold ensemble is never written into a dataset: choose a folder outside it")
+    data = target if (target / "labels.csv").is_file() else dataset_around(target)
+    if data is not None:
+        raise ValueError(f"write_fold_ensemble: out {out} is in the dataset {data} (it holds labels.csv); a "
+                         "fold ensemble is never written into a dataset: choose a folder outside it")
 
 
 def write_fold_ensemble(members: Sequence[str | Path], out: str | Path) -> dict:
