@@ -247,6 +247,25 @@ def test_a_fold_ensemble_whose_members_are_not_its_folds_is_named(trained, tmp_p
     assert str(file) in str(err.value)
 
 
+def test_a_fold_ensemble_whose_member_was_trained_again_after_gathering_is_named(trained, tmp_path):
+    """The fold ensemble's thresholds and scores come from its members' out-of-fold rows as gathered; a member
+    trained again afterwards (its summary.json rewritten) would be averaged under thresholds that are not its own."""
+    from tongue_nb.analysis.cv import _fingerprint
+
+    folder = _fold_ensemble(trained, tmp_path)
+    file = folder / "ensemble.json"
+    members = [tmp_path / "x-fold0", tmp_path / "x-fold1"]
+    file.write_text(json.dumps(dict(json.loads(file.read_text()), summaries=[_fingerprint(m) for m in members])))
+    assert fold_members(folder) == [m.resolve() for m in members]
+    summary = members[1] / "summary.json"
+    summary.write_text(json.dumps(dict(json.loads(summary.read_text()), best_epoch=99)))
+    with pytest.raises(RunFileError, match=r"member 1 \(.*x-fold1\) changed after the fold ensemble was gathered"):
+        fold_members(folder)
+    file.write_text(json.dumps(dict(json.loads(file.read_text()), summaries=["abc"])))
+    with pytest.raises(RunFileError, match="one summary fingerprint per member"):
+        fold_members(folder)
+
+
 # ------------------------------------------------------------------------------------------------ the commands
 
 

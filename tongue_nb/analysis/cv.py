@@ -63,6 +63,10 @@ def fold_members(folder: str | Path) -> list[Path]:
     if data["kind"] != KIND or not isinstance(members, list) or not all(isinstance(m, str) for m in members) \
             or isinstance(k, bool) or not isinstance(k, int) or k < 2 or len(members) != k:
         raise RunFileError(file, f"kind {data['kind']!r}, folds {k!r} with members {members!r}", expected)
+    stamps = data.get("summaries")
+    if stamps is not None and (not isinstance(stamps, list) or len(stamps) != k
+                               or not all(isinstance(s, str) for s in stamps)):
+        raise RunFileError(file, f"summaries {stamps!r}", f"{expected}, with one summary fingerprint per member")
     paths = [(folder / m).resolve() for m in members]
     for i, p in enumerate(paths):
         if not (p / "summary.json").is_file():
@@ -72,7 +76,20 @@ def fold_members(folder: str | Path) -> list[Path]:
         if got != (i, k):
             raise RunFileError(file, f"member {i} ({p}) is fold {got[0]!r} of {got[1]!r} folds, not fold {i} of {k}",
                                expected)
+        if stamps is not None and _fingerprint(p) != stamps[i]:
+            raise RunFileError(file, f"member {i} ({p}) changed after the fold ensemble was gathered (its "
+                               "summary.json is not the one gathered: trained again?), so the ensemble's thresholds "
+                               "and scores are not its own", "members as gathered: gather the fold ensemble again "
+                               "(a sweep started again with the same arguments does it, or cv.write_fold_ensemble)")
     return paths
+
+
+def _fingerprint(run_dir: Path) -> str:
+    """The SHA-256 of a member's summary.json: training writes it anew, so a member trained again after gathering
+    is told apart from the one whose out-of-fold rows the fold ensemble's thresholds were tuned on."""
+    import hashlib
+
+    return hashlib.sha256((Path(run_dir) / "summary.json").read_bytes()).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,7 +228,8 @@ def write_fold_ensemble(members: Sequence[str | Path], out: str | Path) -> dict:
                "cross_fitted": {"combined": cross_fitted["combined"], "tasks": cross_fitted["tasks"]}},
     }
     atomic_write_json(out / ENSEMBLE_FILE, {"kind": KIND, "folds": k,
-                                            "members": [_relative(r.path, out) for r in runs]})
+                                            "members": [_relative(r.path, out) for r in runs],
+                                            "summaries": [_fingerprint(r.path) for r in runs]})
     folder.write_summary(summary)
     return summary
 
