@@ -328,6 +328,28 @@ def test_same_folders_spelled_relative_and_absolute_resume(own_data, tmp_path, m
     assert summary["epochs_run"] == 2
 
 
+def test_a_run_without_a_name_resumes_on_a_later_day_under_its_first_name(own_data, tmp_path, monkeypatch):
+    """Without experiment_name a run is named '<date>-<backbone>-<size>' when it starts; resuming it another day
+    keeps that name (a sweep started again the next day resumes its killed runs) instead of refusing the resume
+    for a name the user never gave."""
+    import datetime as dt
+
+    from tongue_nb.train import params as params_mod
+
+    run = tmp_path / "run"
+    _interrupted(own_data, run)
+    first = yaml.safe_load((run / "params.yaml").read_text())["experiment_name"]
+
+    class Later(dt.date):
+        @classmethod
+        def today(cls):
+            return dt.date(2099, 1, 2)
+
+    monkeypatch.setattr(params_mod._dt, "date", Later)
+    summary = train(tiny(own_data, run, stage2_epochs=1, resume=True))
+    assert summary["epochs_run"] == 2 and summary["experiment_name"] == first and "2099" not in first
+
+
 @pytest.mark.parametrize("edit, named", [
     (lambda d: (d / "labels.csv").write_text((d / "labels.csv").read_text().replace(",greasy", ",rotten", 1)),
      r"labels\.csv: sha256 \w{12} then, \w{12} now"),

@@ -490,6 +490,11 @@ def _train_locked(params: TrainParams, rt: Runtime, data_dir: Path, labels: Labe
     ckpt = None
     if params.resume and folder.last.exists():
         ckpt = load_checkpoint(folder.last, map_location="cpu", keys=("progress", "model", "callbacks", "rng"))
+        saved_name = (ckpt.get("params") or {}).get("experiment_name")
+        if not params.experiment_name and isinstance(saved_name, str) and saved_name:
+            # No name given: the run keeps the one it got when it started (dated that day, not today).
+            experiment_name = saved_name
+            resolved = dataclasses.replace(resolved, experiment_name=saved_name)
         _check_resume_params(ckpt.get("params", {}), resolved, folder.last)
         _check_resume_data(ckpt.get("data"), fingerprint, folder.last, params.resume_changed_data)
     check_tracking(params)
