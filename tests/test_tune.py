@@ -218,6 +218,28 @@ def test_open_study_refuses_a_folder_that_is_not_a_tunes(finished, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tune.json"]
 
 
+def test_a_received_tune_record_never_makes_this_machine_write_or_connect_elsewhere(finished, tmp_path):
+    """tune.json names the study's storage; a folder from someone else could name an SQLite file anywhere (Optuna
+    would create it) or a database server. Neither is opened from the record alone, and a record with unknown keys
+    is named, not a traceback."""
+    from tongue_nb.pipeline.tune import open_study
+    from tongue_nb.runfiles import RunFileError
+
+    record = json.loads((finished["folder"] / "tune.json").read_text())
+    planted = tmp_path / "elsewhere" / "planted.db"
+    planted.parent.mkdir()
+    (tmp_path / "tune.json").write_text(json.dumps(dict(record, storage=f"sqlite:///{planted}")))
+    with pytest.raises(ParamError, match=r"no study file .*planted\.db"):
+        open_study(tmp_path)
+    assert not planted.exists()
+    (tmp_path / "tune.json").write_text(json.dumps(dict(record, storage="postgresql://someone@far.example/db")))
+    with pytest.raises(ParamError, match=r"kept in the database postgresql://.*open it with open_study\("):
+        open_study(tmp_path)
+    (tmp_path / "tune.json").write_text(json.dumps(dict(record, evil=1)))
+    with pytest.raises(RunFileError, match=r"tune\.json: unknown keys \['evil'\]"):
+        open_study(tmp_path)
+
+
 def test_a_spent_time_budget_starts_no_trial_and_says_so(inputs, tmp_path, capsys):
     root, data = inputs
     argv = ["tune", "--data", str(data), "-f", str(root / "recipe.yaml"), "--space", str(root / "space.yaml"),
@@ -320,3 +342,193 @@ def test_a_trial_is_never_pruned_after_its_last_epoch():
         callback.on_epoch_end(fit, {})
         assert fit.stop_fit is pruned and (callback.pruned_epoch == epoch) is pruned
     assert AlwaysPrune.reported == [2, 3]  # both epochs reported to the study
+
+
+# --------------------------------------------------------------------------- a study's recipe, best.yaml, GPUs, steps
+
+
+def _tree(folder):
+    """Every file under `folder` with its bytes and modification time (a refused command changes none)."""
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def one_trial(inputs, tmp_path_factory):
+    """A finished one-trial tune whose command sets a default-equal value (drop_rate 0.0) and a non-default seed."""
+    root, data = inputs
+    folder = tmp_path_factory.mktemp("one") / "tune"
+    argv = ["tune", "--data", str(data), "-f", str(root / "recipe.yaml"), "--space", str(root / "space.yaml"),
+            "--trials", "1", "--study", "s2", "--out", str(folder), "--pruner", "none", "--set", "drop_rate=0.0",
+            "--set", "seed=3"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli.main(argv) == 0
+    return folder, argv
+
+
+@pytest.mark.parametrize("change, words", [
+    (["--set", "stage2_epochs=2", "--set", "batch_size=4"],
+     ["batch_size: 8 then, 4 now", "stage2_epochs: 1 then, 2 now"]),
+    (["--backbone", "test_vit"], ["another search space or backbone"]),
+    (["--data", "OTHER"], ["data (labels.csv sha256): "]),
+    (["--space", "WIDER"], ["another search space or backbone"]),
+], ids=["recipe-values", "backbone", "data", "space"])
+def test_a_rerun_with_another_recipe_or_data_is_refused_naming_what_differs_and_changes_nothing(
+        one_trial, inputs, tmp_path, capsys, change, words):
+    folder, argv = one_trial
+    if "OTHER" in change:
+        change = ["--data", str(make_synthetic(tmp_path / "other", n=40, size=48, seed=2))]
+    if "WIDER" in change:
+        (tmp_path / "wider.yaml").write_text(yaml.safe_dump({**SPACE, "weight_decay": {"float": [0.0, 0.1]}}))
+        change = ["--space", str(tmp_path / "wider.yaml")]
+    before = _tree(folder)
+    code = cli.main(argv[:argv.index("--trials")] + ["--trials", "2"] + argv[argv.index("--trials") + 2:] + change)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("tongue-nb tune: error: --study s2: "), err
+    assert all(w in err for w in words) and "or name another --study" in err, err
+    assert _tree(folder) == before  # nothing written: no trial, no best.yaml, no tune.json, the study as it was
+
+
+def test_best_yaml_is_the_best_trials_own_values_and_a_sweep_layering_its_backbone_file_trains_them(
+        one_trial, inputs, tmp_path, monkeypatch):
+    """best.yaml pins every training value of the trial (drop_rate 0.0 too), so params/<backbone>.yaml layered under
+    it, as a sweep layers it (sweep.recipe_files), changes none; `tongue-nb train -f best.yaml` trains the same."""
+    from tongue_nb.pipeline import sweep
+    from tongue_nb.pipeline.tune_report import NOT_IN_RECIPE
+
+    folder, _ = one_trial
+    _, data = inputs
+    used = yaml.safe_load((folder / "trials" / "trial-0" / "params.yaml").read_text())
+    text = (folder / "best.yaml").read_text()
+    best = yaml.safe_load(text)
+    assert "seed" not in best and "the trial's seed was 3" in text and "--seeds 3" in text
+    assert best["split_seed"] == 3 and best["drop_rate"] == 0.0  # the trial's split; a default-equal value pinned
+    pinned = {k: v for k, v in used.items() if k not in NOT_IN_RECIPE and k not in ("seed", "split_seed")}
+    assert {k: best[k] for k in pinned} == pinned
+    own = tmp_path / "params"
+    own.mkdir()
+    (own / "test_convnext.yaml").write_text("backbone: test_convnext\ndrop_rate: 0.1\nbatch_size: 16\ncrop: none\n"
+                                            "weight_decay: 0.3\nimage_size: 48\n")
+    monkeypatch.setattr(sweep, "PARAMS_DIR", own)
+    layered = load_params(files=sweep.recipe_files("test_convnext", folder / "best.yaml"), seed=3).as_dict()
+    assert {k: layered[k] for k in pinned} == pinned and layered["split_seed"] == 3
+    out = tmp_path / "again"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli.main(["train", "-f", str(folder / "best.yaml"), "--data", str(data), "--out", str(out),
+                         "--set", "seed=3"]) == 0
+    again = yaml.safe_load((out / "params.yaml").read_text())
+    assert {k: again[k] for k in pinned} == pinned and (again["seed"], again["split_seed"]) == (3, 3)
+
+
+def test_best_yaml_comes_from_the_trials_run_folder_not_from_the_rerun(inputs, tmp_path):
+    """A study started before its recipe was recorded (only its space and backbone) still runs; best.yaml then
+    reads the best trial's params.yaml, whatever recipe the latest command gave."""
+    options = _options(inputs, tmp_path, trials=1, pruner="none")
+    base, space = check_options(options)
+    (tmp_path / "tune").mkdir()
+    old = load_study(options)  # what an older tongue-nb recorded: no base
+    old.set_user_attr("space", [d.as_dict() for d in space])
+    old.set_user_attr("backbone", base.backbone)
+    assert run_tune(options).complete == 1
+    rerun = run_tune(_options(inputs, tmp_path, trials=1, pruner="none", overrides=["batch_size=4"]))
+    assert rerun.ok and rerun.best_number == 0  # nothing to run: the study has its trial
+    best = yaml.safe_load((tmp_path / "tune" / "best.yaml").read_text())
+    assert best["batch_size"] == 8 == yaml.safe_load((tmp_path / "tune" / "trials" / "trial-0" / "params.yaml")
+                                                     .read_text())["batch_size"]
+
+
+def test_a_rerun_may_change_how_trials_run_and_goes_on(one_trial, tmp_path):
+    """Threads, device and tracking are not the recipe: a rerun with others goes on with the study."""
+    import shutil
+
+    folder, argv = one_trial
+    copy = tmp_path / "tune"
+    shutil.copytree(folder, copy)
+    argv = [copy.as_posix() if a == str(folder) else a for a in argv]
+    argv[argv.index("--trials") + 1] = "2"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli.main(argv + ["--set", "num_threads=2", "--set", "tracking=none", "--set", "device=auto"]) == 0
+    assert _states(TuneOptions(space="", trials=2, study="s2", out_dir=str(copy))) == [(0, "COMPLETE"), (1, "COMPLETE")]
+
+
+def test_tune_gpus_with_one_worker_runs_the_trials_on_that_gpu(inputs, tmp_path, monkeypatch):
+    """--gpus 1 with the default single worker: the worker is a process that sees only GPU 1 (not trials in this
+    process on GPU 0); a worker whose GPU is not there stops instead of training on the CPU."""
+    import torch
+
+    from tongue_nb.pipeline import tune
+
+    started = []
+
+    class Worker:
+        def __init__(self, argv, env, **kw):
+            started.append((argv, env["CUDA_VISIBLE_DEVICES"]))
+
+        def wait(self):
+            return 0
+
+    def in_process(*a, **kw):
+        raise AssertionError("a trial ran in this process, which sees every GPU")
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(tune.subprocess, "Popen", Worker)
+    monkeypatch.setattr(tune, "work", in_process)
+    monkeypatch.setattr(tune.time, "sleep", lambda s: None)
+    result = run_tune(_options(inputs, tmp_path, trials=1, gpus=["1"], overrides=["device=auto"]))
+    assert result.ok and [(argv[-3:], gpu) for argv, gpu in started] == \
+        [(["--worker", str((tmp_path / "tune" / "tune.json").resolve()), "0"], "1")]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # in the worker: CUDA_VISIBLE_DEVICES=7, no such GPU
+    with pytest.raises(RuntimeError, match="--gpus: GPU 7 is not visible to this worker .*expected the id"):
+        tune._check_worker_gpu(_options(inputs, tmp_path, gpus=["7"]), 0)
+
+
+@pytest.mark.parametrize("gpus, extra, words", [
+    ("0,1", [], ["--gpus 0,1: 2 GPUs for --workers 1", "GPU 1 would not be used", "expected --workers 2"]),
+    ("1", ["--set", "device=cpu"], ["--gpus 1: the recipe's device is 'cpu'", "expected device auto or cuda"]),
+    ("1", ["--set", "device=cuda:1"], ["device is 'cuda:1'", "each worker sees its GPU as cuda:0"]),
+    ("1", ["--set", "device=auto"], ["--gpus 1: no CUDA GPU is visible on this machine", "leave --gpus out"]),
+], ids=["more-gpus-than-workers", "cpu-device", "other-cuda-device", "no-gpu"])
+def test_gpus_that_cannot_be_honoured_are_refused_and_nothing_is_written(inputs, tmp_path, capsys, monkeypatch,
+                                                                          gpus, extra, words):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0 if words[0].endswith("machine") else 2)
+    root, data = inputs
+    argv = ["tune", "--data", str(data), "-f", str(root / "recipe.yaml"), "--space", str(root / "space.yaml"),
+            "--trials", "1", "--study", "s", "--out", str(tmp_path / "tune"), "--gpus", gpus]
+    code = cli.main(argv + extra)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("tongue-nb tune: error: --gpus "), err
+    assert all(w in err for w in words), err
+    assert not (tmp_path / "tune").exists()
+
+
+@pytest.mark.parametrize("spec, words", [
+    ({"image_size": {"int": [64, 100], "step": 32}},
+     ["image_size: got [64, 100] with step 32, which does not reach 100", "draws would stop at 96",
+      "expected a top the step reaches: 96 or 128"]),
+    ({"weight_decay": {"float": [0.0, 0.25], "step": 0.1}}, ["weight_decay", "does not reach 0.25", ": 0.2 or 0.3"]),
+    ({"drop_rate": {"float": [0.0, 0.95], "step": 0.1}}, ["drop_rate", "reaches: 0.9"]),  # 1.0 is no drop_rate
+], ids=["int", "float", "float-at-the-fields-bound"])
+def test_a_step_that_does_not_reach_the_top_is_refused_naming_the_tops_it_reaches(inputs, tmp_path, capsys, spec,
+                                                                                   words):
+    root, data = inputs
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(spec))
+    code = cli.main(["tune", "--data", str(data), "-f", str(root / "recipe.yaml"), "--space",
+                     str(tmp_path / "space.yaml"), "--trials", "2", "--study", "s", "--out", str(tmp_path / "tune")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("tongue-nb tune: error: search space "), err
+    assert all(w in err for w in words) and "1.0" not in err.split("reaches:")[-1], err
+    assert not (tmp_path / "tune").exists()
+
+
+def test_steps_that_reach_the_top_load_and_a_saved_space_with_an_unreached_top_is_the_same_space(inputs, tmp_path):
+    from tongue_nb.pipeline.tune_space import Dimension, load_space
+
+    spec = {"weight_decay": {"float": [0.0, 0.1], "step": 0.02}, "layer_decay": {"float": [0.7, 1.0], "step": 0.1},
+            "image_size": {"int": [96, 192], "step": 32}}  # README's example; 0.3 / 0.1 is 2.9999999999999996
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(spec))
+    space = load_space(tmp_path / "space.yaml", lambda values: load_params(**values))
+    assert sorted((d.name, d.low, d.high, d.step) for d in space) == [
+        ("image_size", 96, 192, 32), ("layer_decay", 0.7, 1.0, 0.1), ("weight_decay", 0.0, 0.1, 0.02)]
+    # A study saved by an older tongue-nb with image_size [64, 100] step 32 goes on with the top corrected to 96.
+    assert Dimension("image_size", "int", 64, 100, step=32).reached() == Dimension("image_size", "int", 64, 96, step=32)

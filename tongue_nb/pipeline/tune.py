@@ -10,14 +10,18 @@
 - Storage: SQLite ``<tune>/study.db`` by default, any SQLAlchemy URL (``--storage postgresql://...``), or Optuna's
   journal file (``--storage journal:PATH`` or a path ending .log / .journal) on a shared file system.
 - A time budget (``minutes``): no trial starts after it (one under way finishes); the result says it stopped short.
-- Resume and dead workers: the command run again goes on until `trials` trials are finished (complete or pruned).
+- Resume and dead workers: the command run again goes on until `trials` trials are finished (complete or pruned),
+  with the same space, recipe and data: a study records them at its first run (`base_record`) and a rerun with
+  others is refused before anything is written (`_check_same_study`).
   A trial whose worker died stops its heartbeat (Optuna's for a database; for the journal, a file
   ``<tune>/heartbeats/<trial>`` touched by the worker): after the grace period it is marked FAIL and queued again
   with the same values; the retry resumes the dead trial's run folder from its last.pt.
-- Workers: ``workers`` local processes share the study (one GPU each when there are GPUs); more machines run the
+- Workers: ``workers`` local processes share the study (one GPU each when there are GPUs; with ``--gpus`` even one
+  worker is a process that sees only its GPU, and a GPU without a worker is refused); more machines run the
   same command against the same storage and tune folder. Count and ask happen under a lock file in the tune folder,
   so the workers together finish exactly `trials` trials.
-- Output: ``best.yaml`` (the recipe with the best values, for `sweep -f`) and ``report.html``
+- Output: ``best.yaml`` (the best trial's own values from its params.yaml, every training value pinned, for
+  `sweep -f`) and ``report.html``
   (tongue_nb.pipeline.tune_report).
 """
 from __future__ import annotations
@@ -114,6 +118,14 @@ def base_params(options: TuneOptions, **values: Any) -> TrainParams:
 # What every trial's run is given by the tune itself (tune_trial.run_trial): a recipe's or a --set value of one of
 # these would be silently replaced.
 TRIAL_OWNED = ("out_dir", "experiment_name", "resume", "resume_changed_data", "progress")
+
+# What may differ between the runs of one study (`base_record`): the values the tune gives every trial, how a run is
+# carried out (threads, device, the image cache, the OOM retry, the evaluation batch) and where its logs go. A retried
+# trial resumes its run folder under the same rule (trainer._RESUME_FREE). Everything else the recipe resolves to
+# (its files, --set, --backbone) and the data (labels.csv and the task schema, by content) must be the same.
+RERUN_FREE = TRIAL_OWNED + ("num_threads", "device", "cache_dir", "oom_retry", "eval_batch_size", "tracking",
+                            "tracking_uri", "tracking_experiment")
+_DATA_KEYS = {"labels.csv": "data (labels.csv sha256)", "tasks": "data (task schema sha256)"}
 
 
 def _check_trial_owned(options: TuneOptions) -> None:
@@ -281,21 +293,83 @@ def load_study(options: TuneOptions, pruner: Any = None, seed: int = 0) -> Any:
                                load_if_exists=True)
 
 
-def _check_same_space(study: Any, space: list[Dimension], base: TrainParams) -> None:
-    """A study remembers its space and backbone: a rerun with others is refused (start another --study).
+def base_record(base: TrainParams) -> dict[str, Any]:
+    """What a study remembers of the recipe it was started with: every resolved value but RERUN_FREE, with the data
+    as the sha256 of its labels.csv and task schema (the dataset reached by another path, e.g. on another machine,
+    is the same data) and pretrained_path as a real path."""
+    from tongue_nb.train.trainer import data_fingerprint, resolve_data
 
-    A new study without trials gets the recipe's own values as its first trial (`_enqueue_recipe`).
+    record = {k: v for k, v in base.as_dict().items() if k not in RERUN_FREE and k not in ("data_dir", "tasks")}
+    if record["pretrained_path"]:
+        record["pretrained_path"] = os.path.realpath(os.path.expanduser(record["pretrained_path"]))
+    fingerprint = data_fingerprint(resolve_data(base)[0], base.tasks)
+    record.update({name: fingerprint[key] for key, name in _DATA_KEYS.items()})
+    return record
+
+
+def _base_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """'key: <then> then, <now> now' for each value that differs (a field newer than the study: when not default)."""
+    fields = TrainParams.__dataclass_fields__
+    out = []
+    for key, value in now.items():
+        then = saved.get(key, fields[key].default if key in fields else None)
+        if then != value:
+            shown = [str(v)[:12] if key in _DATA_KEYS.values() else repr(v) for v in (then, value)]
+            out.append(f"{key}: {shown[0]} then, {shown[1]} now")
+    return out
+
+
+def _check_same_study(study: Any, space: list[Dimension], base: TrainParams, record: dict[str, Any],
+                      first_run: bool = True) -> None:
+    """A study remembers its space and its base recipe (`base_record`): a rerun with others is refused, naming what
+    differs (start another --study). With `first_run` (under the ask lock) a new study records them and gets the
+    recipe's own values as its first trial (`_enqueue_recipe`); without, nothing is written.
+
+    A study started before the base was recorded is checked on its space and backbone only.
     """
     saved = study.user_attrs.get("space")
     now = [d.as_dict() for d in space]
     if saved is None:
-        study.set_user_attr("space", now)
-        study.set_user_attr("backbone", base.backbone)
-        if not study.get_trials(deepcopy=False):
-            _enqueue_recipe(study, space, base)
-    elif space_from_dicts(saved) != space_from_dicts(now) or study.user_attrs.get("backbone") != base.backbone:
+        if first_run:
+            study.set_user_attr("space", now)
+            study.set_user_attr("backbone", base.backbone)
+            study.set_user_attr("base", record)
+            if not study.get_trials(deepcopy=False):
+                _enqueue_recipe(study, space, base)
+        return
+    if [d.reached() for d in space_from_dicts(saved)] != [d.reached() for d in space_from_dicts(now)] \
+            or study.user_attrs.get("backbone") != base.backbone:
         raise ParamError(f"--study {study.study_name}: this study was started with another search space or "
                          "backbone; pass the same ones to go on, or name another --study")
+    if "base" not in study.user_attrs:
+        log.info("study %s records no base recipe (started by an older tongue-nb): the recipe is not compared",
+                 study.study_name)
+        return
+    differences = _base_differences(study.user_attrs["base"], record)
+    if differences:
+        raise ParamError(f"--study {study.study_name}: this study was started with another recipe or data "
+                         f"({'; '.join(differences)}); pass the same recipe (-f, --set, --backbone) and --data to go "
+                         "on, or name another --study")
+
+
+def _existing_study(options: TuneOptions) -> Any:
+    """The study when its storage already holds it (a rerun), opened without making a file or a study; else None."""
+    import optuna
+    from sqlalchemy.engine import make_url
+
+    kind, where = storage_spec(options)
+    if kind == "journal":
+        exists = Path(where).is_file()
+    else:
+        url = make_url(where)
+        exists = url.get_backend_name() != "sqlite" or Path(url.database or "").is_file()
+    if not exists:
+        return None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.load_study(study_name=options.study, storage=open_storage(kind, where, options))
+    except KeyError:
+        return None
 
 
 def _enqueue_recipe(study: Any, space: list[Dimension], base: TrainParams) -> None:
@@ -489,26 +563,34 @@ class TuneResult:
 def run_tune(options: TuneOptions, pruner: Any = None) -> TuneResult:
     """Check everything, make the tune folder and the study, run the workers, write best.yaml and report.html.
 
-    `pruner`: an Optuna pruner used instead of options.pruner (in-process workers only: workers == 1).
+    `pruner`: an Optuna pruner used instead of options.pruner (the in-process worker only: one worker, no --gpus).
+    With --gpus even a single worker is a process of its own that sees only its GPU (CUDA_VISIBLE_DEVICES).
     """
     from tongue_nb.pipeline.sweep import visible_gpus
     from tongue_nb.pipeline.tune_report import write_best, write_report
     from tongue_nb.runio import atomic_write_text
 
     base, space = check_options(options)
+    _check_gpus(options, base)
+    if pruner is not None and (options.workers > 1 or options.gpus):
+        raise ParamError("run_tune: pruner is used by the in-process worker only (workers 1, no gpus)")
     folder = options.folder
     if folder.exists() and not folder.is_dir():
         raise ParamError(f"--out: {folder} exists and is not a folder")
+    record = base_record(base)
+    existing = _existing_study(options)
+    if existing is not None:  # a rerun with another space, recipe or data is refused before anything is written
+        _check_same_study(existing, space, base, record, first_run=False)
     folder.mkdir(parents=True, exist_ok=True)
     study = load_study(options)
     with _ask_lock(folder):  # a first run on several machines at once: one records the space and queues the recipe
-        _check_same_space(study, space, base)
+        _check_same_study(study, space, base, record)
     if not options.gpus and options.workers > 1:
         options = dataclasses.replace(options, gpus=visible_gpus())
     options = dataclasses.replace(options, deadline=time.time() + 60 * options.minutes if options.minutes else 0.0)
     atomic_write_text(folder / RECORD, json.dumps(dataclasses.asdict(_recorded(options)), indent=2))
     errors: list[str] = []
-    if options.workers == 1:
+    if options.workers == 1 and not options.gpus:
         try:
             work(options, 0, pruner)
         except RuntimeError as exc:
@@ -516,6 +598,38 @@ def run_tune(options: TuneOptions, pruner: Any = None) -> TuneResult:
     else:
         errors += [f"worker {i} exited with {code}" for i, code in enumerate(_spawn_workers(options)) if code]
     return _finish(options, load_study(options), base, errors, write_best, write_report)
+
+
+def _check_gpus(options: TuneOptions, base: TrainParams) -> None:
+    """--gpus as given can be honoured: every GPU gets a worker, the recipe's device is one a worker that sees only
+    its GPU trains on, and this machine has a GPU. ParamError (one line) if not; writes nothing."""
+    if not options.gpus:
+        return
+    given = f"--gpus {','.join(options.gpus)}"
+    if options.workers < len(options.gpus):
+        raise ParamError(f"{given}: {len(options.gpus)} GPUs for --workers {options.workers}; each worker trains on "
+                         f"one GPU, so GPU {', '.join(options.gpus[options.workers:])} would not be used; expected "
+                         f"--workers {len(options.gpus)} (or more, shared round robin) or fewer GPUs")
+    if base.device not in ("auto", "cuda", "cuda:0"):
+        raise ParamError(f"{given}: the recipe's device is {base.device!r}, so the trials would not train on the given "
+                         "GPU; expected device auto or cuda (each worker sees its GPU as cuda:0), or leave --gpus out")
+    import torch
+
+    if torch.cuda.device_count() < 1:
+        raise ParamError(f"{given}: no CUDA GPU is visible on this machine (torch.cuda.device_count() is 0); expected "
+                         "the ids of this machine's GPUs (nvidia-smi -L), or leave --gpus out to train on the CPU")
+
+
+def _check_worker_gpu(options: TuneOptions, index: int) -> None:
+    """A worker started for a GPU (--gpus) sees one: an id this machine does not have would train on the CPU."""
+    if not options.gpus:
+        return
+    import torch
+
+    if torch.cuda.device_count() < 1:
+        raise RuntimeError(f"--gpus: GPU {options.gpus[index % len(options.gpus)]} is not visible to this worker "
+                           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}: torch sees no CUDA "
+                           "device); expected the id of one of this machine's GPUs (nvidia-smi -L)")
 
 
 def _recorded(options: TuneOptions) -> TuneOptions:
@@ -533,7 +647,12 @@ def _finish(options: TuneOptions, study: Any, base: TrainParams, errors: list[st
     count = {s: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = max(complete, key=lambda t: t.value) if complete else None
-    best_yaml = write_best(options.folder / "best.yaml", base, best, options) if best is not None else None
+    best_yaml = None
+    if best is not None:
+        try:  # from the best trial's own run folder (its params.yaml), not from this invocation's recipe
+            best_yaml = write_best(options.folder / "best.yaml", best, options.folder, options.study, base.folds)
+        except ValueError as exc:  # its params.yaml missing or damaged (RunFileError), or no valid recipe
+            errors = errors + [f"best.yaml not written: {exc}"]
     report = write_report(study, options.folder, best_yaml=best_yaml)
     out_of_time = bool(options.deadline) and time.time() >= options.deadline \
         and count[TrialState.COMPLETE] + count[TrialState.PRUNED] < options.trials
@@ -546,14 +665,24 @@ def read_record(folder: str | Path) -> TuneOptions:
     """A tune folder's options (tune.json), for a worker process and for `show_study`."""
     from tongue_nb import runfiles
 
-    data = runfiles.read_json(Path(folder) / RECORD, "a tune folder's record of its options (JSON object)")
-    return TuneOptions(**data)
+    file = Path(folder) / RECORD
+    expected = "a tune folder's record of its options (JSON object)"
+    data = runfiles.read_json(file, expected)
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(TuneOptions)})
+    if unknown:
+        raise runfiles.RunFileError(file, f"unknown keys {unknown}", f"{expected} with TuneOptions' keys")
+    try:
+        return TuneOptions(**data)
+    except (TypeError, ValueError) as exc:
+        raise runfiles.RunFileError(file, f"values it cannot hold ({exc})", expected) from None
 
 
-def open_study(folder: str | Path) -> Any:
+def open_study(folder: str | Path, storage: str | None = None) -> Any:
     """A finished (or running) tune's study, read from its folder's record and storage; never makes one.
 
-    A folder that is not a tune folder, or whose study is not in its storage, is a one-line ParamError.
+    A folder that is not a tune folder, or whose study is not in its storage, is a one-line ParamError. A study
+    kept in a database server is opened only when `storage` names that server: a folder from someone else would
+    otherwise have this machine connect wherever its tune.json says.
     """
     import optuna
 
@@ -565,6 +694,12 @@ def open_study(folder: str | Path) -> Any:
         file = Path(where)
     elif not options.storage.strip():
         file = options.folder / "study.db"
+    elif where.startswith("sqlite:///"):
+        file = Path(where[len("sqlite:///"):])  # checked before Optuna would create it
+    elif storage != options.storage:
+        raise ParamError(f"tune folder {folder}: its study is kept in the database {where}; open it with "
+                         f"open_study({str(folder)!r}, storage=<that URL>) if you trust it (a folder's record alone "
+                         "does not make this machine connect to a server)")
     if file is not None and not file.is_file():
         raise ParamError(f"tune folder {folder}: no study file {file}; expected the folder of a tune that has run")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -574,13 +709,14 @@ def open_study(folder: str | Path) -> Any:
         raise ParamError(f"tune folder {folder}: study {options.study!r} is not in its storage {where}") from None
 
 
-def show_study(folder: str | Path) -> pd.DataFrame:
-    """In a notebook: a tune's summary, history and importance figures and best recipe shown; its trials returned."""
+def show_study(folder: str | Path, storage: str | None = None) -> pd.DataFrame:
+    """In a notebook: a tune's summary, history and importance figures and best recipe shown; its trials returned
+    (`storage`: the database server URL of a study kept in one, as `open_study`)."""
     from IPython.display import display
 
     from tongue_nb.pipeline.tune_report import history_figure, importance_figure, importances, trials_table
 
-    study = open_study(folder)
+    study = open_study(folder, storage)
     table = trials_table(study)
     counts = table["state"].value_counts().to_dict() if len(table) else {}
     print(f"study {study.study_name}: {', '.join(f'{n} {s}' for s, n in counts.items()) or 'no trials'}")
@@ -611,8 +747,8 @@ def options_from_args(args: Any) -> TuneOptions:
 def _cmd_tune(args: Any) -> int:
     options = options_from_args(args)
     result = run_tune(options)
-    best = f"best trial {result.best_number}: validation combined {result.best_value:.4f}; recipe {result.best_yaml}" \
-        if result.best_number is not None else "no complete trial"
+    best = f"best trial {result.best_number}: validation combined {result.best_value:.4f}; recipe " \
+        f"{result.best_yaml or 'not written'}" if result.best_number is not None else "no complete trial"
     budget = f"; stopped by --minutes {options.minutes:g} before {options.trials} trials (run again to go on)" \
         if result.out_of_time else ""
     print(f"{result.folder}: {result.complete} complete, {result.pruned} pruned, {result.failed} failed; {best}; "
@@ -666,7 +802,9 @@ def _worker_main(argv: Sequence[str]) -> int:
                         datefmt="%H:%M:%S")
     record, index = Path(argv[1]), int(argv[2])
     try:
-        work(read_record(record.parent), index)
+        options = read_record(record.parent)
+        _check_worker_gpu(options, index)
+        work(options, index)
     except (RuntimeError, ValueError, OSError) as exc:
         print(f"tongue-nb tune worker {index}: error: {exc}", file=sys.stderr)
         return 1

@@ -17,25 +17,59 @@ from matplotlib.figure import Figure
 
 from tongue_nb.analysis.index_page import PAGE_CSS
 from tongue_nb.analysis.plots import figure_png
-from tongue_nb.train.params import TrainParams, load_params
+from tongue_nb.train.params import ParamError, load_params
 
-# Left out of best.yaml: the data, where runs go and the run control are the command's (sweep --data, --out).
+# Left out of best.yaml: the data, where runs go, the run control and where the logs go are the command's (sweep
+# --data, --out, --folds; the machine's tracking default). Every other value of the trial is pinned.
 NOT_IN_RECIPE = ("data_dir", "out_dir", "experiment_name", "resume", "resume_changed_data", "cache_dir", "folds",
-                 "fold", "progress")
+                 "fold", "progress", "tracking", "tracking_uri", "tracking_experiment")
+# Left out too: a sweep's --seeds gives each run its own seed (a recipe's would be replaced); best.yaml pins the
+# trial's split with split_seed instead and names the trial's seed in its header.
+SEED_KEYS = ("seed",)
 
 
-def write_best(path: Path, base: TrainParams, best: Any, options: Any) -> Path:
-    """The recipe (every value it sets, for its backbone) with the best trial's values, ready for `sweep -f`."""
+def trial_params(folder: Path, trial: Any) -> tuple[Path, dict[str, Any]]:
+    """The values a trial's run trained with: its run folder's params.yaml (fold 0's with folds), as the trainer
+    resolved them (image_size 0 as the model's size). A missing or damaged file is a RunFileError naming it."""
+    from tongue_nb import runfiles
+
+    run = Path(folder) / trial.user_attrs.get("run_dir", f"trials/trial-{trial.number}")
+    file = run / "params.yaml"
+    return file, runfiles.read_yaml(file, "the trial's run parameters (params.yaml written by tongue_nb)",
+                                    keys=("backbone", "seed", "split_seed"))
+
+
+def best_values(used: dict[str, Any]) -> dict[str, Any]:
+    """best.yaml's values from a trial's params.yaml: every training value (a default-equal one too, so that files
+    layered under best.yaml, such as a sweep's params/<backbone>.yaml, change none), less NOT_IN_RECIPE and the
+    seed; split_seed as the split the trial trained on."""
+    values = {k: v for k, v in used.items() if k not in NOT_IN_RECIPE and k not in SEED_KEYS}
+    values["split_seed"] = used["split_seed"] if used["split_seed"] >= 0 else used["seed"]
+    return values
+
+
+def write_best(path: Path, best: Any, folder: Path, study: str, folds: int = 0) -> Path:
+    """best.yaml: the best trial's own values (`trial_params`, `best_values`), ready for `sweep -f` and `train -f`.
+
+    Raises RunFileError when the trial's params.yaml cannot be read, ParamError when its values are not a recipe.
+    """
     from tongue_nb.runio import atomic_write_text
 
-    defaults = TrainParams.__dataclass_fields__
-    values = {k: v for k, v in base.as_dict().items()
-              if k not in NOT_IN_RECIPE and (k == "backbone" or v != defaults[k].default)}
-    values.update(best.params)
-    load_params(files=(), **values)  # the file is a valid recipe (the tune's own checks)
-    folds = f"; tuned with {base.folds}-fold cross-validation (sweep --folds {base.folds})" if base.folds else ""
-    head = (f"# tongue-nb tune, study {options.study}: trial {best.number}, validation combined score "
-            f"{best.value:.4f}{folds}\n# tuned: {', '.join(sorted(best.params))}\n")
+    file, used = trial_params(folder, best)
+    values = best_values(used)
+    try:
+        load_params(files=(), **values)  # the file is a valid recipe (the tune's own checks)
+    except ParamError as exc:
+        raise ParamError(f"{file}: not a recipe for best.yaml ({exc})") from None
+    cv = f"; tuned with {folds}-fold cross-validation (sweep --folds {folds})" if folds else ""
+    seed = used["seed"]
+    head = (f"# tongue-nb tune, study {study}: trial {best.number}, validation combined score {best.value:.4f}{cv}\n"
+            f"# tuned: {', '.join(sorted(best.params))}\n"
+            f"# Every training value of the trial ({file.relative_to(folder) if file.is_relative_to(folder) else file})"
+            " is pinned, so files layered under this\n# one (a sweep's params/<backbone>.yaml) change none. Left out: "
+            "the data, output and run control\n# (data_dir, out_dir, folds, tracking, ...) and seed, which a sweep's "
+            f"--seeds replaces: the trial's seed was {seed}\n# (sweep --seeds {seed} or train --set seed={seed} "
+            "repeats the trial). split_seed is the trial's split.\n")
     return atomic_write_text(path, head + yaml.safe_dump(values, sort_keys=False))
 
 
@@ -141,4 +175,4 @@ def write_report(study: Any, folder: Path, best_yaml: Path | None = None) -> Pat
     return atomic_write_text(folder / "report.html", "\n".join(parts))
 
 
-__all__ = ["write_best", "write_report", "trials_table", "history_figure", "importances", "importance_figure"]
+__all__ = ["write_best", "trial_params", "best_values", "NOT_IN_RECIPE", "write_report", "trials_table", "history_figure", "importances", "importance_figure"]

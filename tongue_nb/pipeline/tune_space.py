@@ -15,7 +15,7 @@ is one line: ``search space <file>: <field>: <what is wrong>; expected <what>`` 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -70,6 +70,13 @@ class Dimension:
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    def reached(self) -> Dimension:
+        """This dimension with its top on its step's grid: what Optuna draws up to (a study saved before a top the
+        step does not reach was refused may name one; the same draws with the top corrected are the same space)."""
+        if self.step is None or self.kind == "choice":
+            return self
+        return replace(self, high=grid_top(self.low, self.high, self.step, self.kind))
 
 
 def load_space(path: str | Path, check: Callable[[dict[str, Any]], TrainParams]) -> list[Dimension]:
@@ -146,7 +153,34 @@ def _range(name: str, kind: str, spec: dict, where: str, field_type: type, value
         if log or not step > 0 or (kind == "int" and not isinstance(step, int)):
             raise ParamError(f"{where}: {name}: got step {step!r}{' with log: true' if log else ''}; expected a step "
                              f"> 0{' (whole)' if kind == 'int' else ''} on a linear scale")
+        _check_step_reaches_top(name, kind, low, high, step, where, value)
     return Dimension(name, kind, low, high, log, step)
+
+
+def grid_top(low: float, high: float, step: float, kind: str) -> float:
+    """The highest value of the grid low, low + step, ... that is <= high (high itself when the step reaches it)."""
+    steps = (high - low) / step
+    whole = math.floor(steps + 1e-9 * max(1.0, steps))  # 0.3 / 0.1 is 2.9999999999999996 steps: 3
+    return low + whole * step if kind == "int" else float(f"{low + whole * step:.12g}")
+
+
+def _check_step_reaches_top(name: str, kind: str, low: Any, high: Any, step: Any, where: str,
+                            value: Callable[[Any], Any]) -> None:
+    """A range whose step does not reach its top is refused: Optuna would draw only up to the last grid point below
+    it while the space (and the study) says `high`. The message suggests the tops the step reaches."""
+    top = grid_top(low, high, step, kind)
+    if math.isclose(top, high, rel_tol=1e-9, abs_tol=1e-12):
+        return
+    above = top + step if kind == "int" else float(f"{top + step:.12g}")
+    tops = [top] if top > low else []
+    try:
+        value(above)  # the next grid point is a top only where the field allows it (drop_rate < 1.0)
+        tops.append(above)
+    except ParamError:
+        pass
+    raise ParamError(f"{where}: {name}: got [{low!r}, {high!r}] with step {step!r}, which does not reach {high!r} (the "
+                     f"draws would stop at {top!r}); expected a top the step reaches: "
+                     f"{' or '.join(repr(t) for t in tops) or 'a smaller step'}")
 
 
 def _number(v: Any, where: str) -> float:
@@ -164,4 +198,4 @@ def space_from_dicts(items: list[dict[str, Any]]) -> list[Dimension]:
     return [Dimension(**{**d, "choices": tuple(d.get("choices") or ())}) for d in items]
 
 
-__all__ = ["Dimension", "NOT_TUNABLE", "load_space", "space_from_dicts"]
+__all__ = ["Dimension", "NOT_TUNABLE", "load_space", "space_from_dicts", "grid_top"]
