@@ -171,6 +171,24 @@ def test_half_written_cache_is_not_used(tmp_path):
     assert build_cache(labels, 16, cache_dir=tmp_path / "cache").built
 
 
+@pytest.mark.parametrize("damage", [
+    [1, 2], {"bad": 5}, {"build_seconds": "x"}, {"empty_masks": 3}, {"bad": [{"index": 99, "image": "x", "reason": "r"}]},
+    {"build_seconds": True}, {"empty_masks": [1]}])
+def test_damaged_cache_metadata_is_warned_about_and_rebuilt(tmp_path, caplog, damage):
+    """The cache's .json is derived data: damaged, it is named in a warning and the cache rebuilt (no traceback)."""
+    labels = _dataset(tmp_path / "data", n=2)
+    c = build_cache(labels, 16, cache_dir=tmp_path / "cache")
+    meta_file = c.path.with_suffix(".json")
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps(damage if isinstance(damage, list) else {**meta, **damage}))
+    with caplog.at_level("WARNING", logger="tongue_nb.data.cache"):
+        again = build_cache(labels, 16, cache_dir=tmp_path / "cache")
+    assert again.built and again.valid.all()
+    assert f"its metadata {meta_file}" in caplog.text and "rebuilding it" in caplog.text
+    assert json.loads(meta_file.read_text())["key"] == c.key  # rewritten whole
+    assert not build_cache(labels, 16, cache_dir=tmp_path / "cache").built
+
+
 def test_refuses_cache_inside_dataset(tmp_path):
     labels = _dataset(tmp_path / "data", n=1)
     with pytest.raises(ValueError, match="inside the dataset folder"):

@@ -242,7 +242,7 @@ def test_notebook_06_predicts_shows_the_gallery_and_renders(runs, tmp_path):
     assert "mask_source" in html and "written:" in html
 
 
-def test_predict_with_a_per_task_selection(runs, tmp_path, capsys):
+def test_predict_with_a_per_task_selection(runs, tmp_path, capsys, monkeypatch):
     import json
 
     photos = predict.list_photos(_test_rows_csv(runs["data"], runs["a"]))
@@ -269,6 +269,14 @@ def test_predict_with_a_per_task_selection(runs, tmp_path, capsys):
                      str(_test_rows_csv(runs["data"], runs["a"])), "--out", str(tmp_path / "q.csv")]) == 2
     assert "task coat was chosen from 'classical-baseline'" in capsys.readouterr().err
     assert cli_main(["predict", "--images", str(runs["data"] / "images"), "--out", str(tmp_path / "q.csv")]) == 2
+    # a selection saved with runs relative to its own folder is applied from any working folder
+    from tongue_nb.analysis.selection import save_selection
+
+    sel["tasks"]["coat"] = {"source": "a", "runs": [str(runs["a"])], "thresholds": None}
+    file = save_selection({"choice": sel["tasks"], "rule": "best"}, tmp_path / "sub" / "selection.json")
+    monkeypatch.chdir(runs["data"])
+    assert cli_main(["predict", "--selection", str(file), "--images", str(_test_rows_csv(runs["data"], runs["a"])),
+                     "--out", str(tmp_path / "r.csv")]) == 0, capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -453,3 +461,58 @@ def test_bad_predict_options_are_refused_before_any_work(runs, tmp_path, capsys,
     with pytest.raises(ValueError, match=r"batch_size"):
         predict.predict_table(predict.Predictor.from_runs([runs["a"]]), predict.list_photos(runs["data"] / "images"),
                               batch_size=0)
+
+
+def _run_copy(runs, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(runs["a"], tmp_path / "run"))
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "-1e308", "1.5", "true", '"0.5"'])
+def test_thresholds_that_are_not_a_number_from_0_to_1_are_refused(runs, tmp_path, capsys, value):
+    """A NaN, infinite, out-of-range or boolean threshold in summary.json or selection.json turned every decision
+    into 0 or 1 without a word; it is named with the file, the task and the label."""
+    import json
+
+    run = _run_copy(runs, tmp_path)
+    text = (run / "summary.json").read_text()
+    summary = json.loads(text)
+    summary.setdefault("final_metrics_thresholded", {})["thresholds"] = {"shape": ["@", 0.5, 0.5]}
+    (run / "summary.json").write_text(json.dumps(summary).replace('"@"', value))
+    out = tmp_path / "p.csv"
+    argv = ["predict", "--run", str(run), "--images", str(runs["data"] / "images"), "--out", str(out)]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "summary.json: threshold of task 'shape', label 'spots' is" in err, err
+    assert "a number from 0 to 1" in err and not out.exists()
+    sel = {"kind": "per_task_selection", "tasks": {"shape": {"source": "a", "runs": [str(runs["a"])],
+                                                             "thresholds": ["@", 0.3, 0.3]}}}
+    (tmp_path / "selection.json").write_text(json.dumps(sel).replace('"@"', value))
+    assert cli_main(["predict", "--selection", str(tmp_path / "selection.json"), "--images",
+                     str(runs["data"] / "images"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "selection.json: threshold of task 'shape', position 1 is" in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("crop_margin", "abc", "key 'crop_margin': got 'abc' (str); expected a number"),
+    ("crop_margin", float("nan"), "key 'crop_margin': got nan; expected a finite number"),
+    ("crop_margin", -0.9, "key 'crop_margin': got -0.9; expected a number >= 0.0"),
+    ("image_size", "x", "key 'image_size': got 'x' (str); expected an integer"),
+    ("crop", "bogus", "key 'crop': got 'bogus'; expected one of ['none', 'crop', 'blank', 'crop_blank']"),
+    ("backbone", None, "key 'backbone' is empty")])
+def test_run_parameters_training_would_refuse_are_named_before_anything_is_written(runs, tmp_path, capsys, key,
+                                                                                    value, message):
+    """params.yaml read back for predict/export is checked as training checks it: a bad crop_margin failed every
+    photo (blamed on the photo) and export wrote an ONNX file anyway."""
+    import yaml
+
+    run = _run_copy(runs, tmp_path)
+    params = yaml.safe_load((run / "params.yaml").read_text())
+    (run / "params.yaml").write_text(yaml.safe_dump({**params, key: value}))
+    for argv in (["predict", "--run", str(run), "--images", str(runs["data"] / "images"), "--out",
+                  str(tmp_path / "p.csv")], ["export", "--run", str(run), "--out", str(tmp_path / "m.onnx")]):
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"params.yaml: {message}" in err, err
+    assert not (tmp_path / "p.csv").exists() and not (tmp_path / "m.onnx").exists()

@@ -117,6 +117,84 @@ def test_load_run_errors_name_the_file(tmp_path, sweep_dir):
         load_run(bad)
 
 
+def _edited_run(sweep_dir: Path, tmp_path: Path, name: str, edit) -> Path:
+    """A copy of the weak run whose predictions.csv table `edit` changed (text cells)."""
+    import shutil
+
+    run = Path(shutil.copytree(sweep_dir / "runs" / "weak", tmp_path / name))
+    table = pd.read_csv(run / "predictions.csv", dtype=str, keep_default_na=False)
+    edit(table)
+    table.to_csv(run / "predictions.csv", index=False)
+    return run
+
+
+@pytest.mark.parametrize("column, value, problem", [
+    ("image", "/etc/hostname", "absolute path '/etc/hostname'; paths must be relative to the dataset folder"),
+    ("image", "../secret/x.png", "path '../secret/x.png' leaves the dataset folder"),
+    ("image", "img/../../x.png", "path 'img/../../x.png' leaves the dataset folder"),
+    ("mask", "/tmp/m.png", "absolute path '/tmp/m.png'")])
+def test_predictions_image_paths_outside_the_dataset_are_refused(sweep_dir, tmp_path, column, value, problem):
+    """The galleries (notebook 04) open each row's image and embed it in the report: a path that is absolute or
+    leaves the dataset is refused as labels.csv's are, naming predictions.csv, the line and the column."""
+    def edit(table):
+        table[column] = table.get(column, table["image"])
+        table.loc[2, column] = value
+
+    run = _edited_run(sweep_dir, tmp_path, "outside", edit)
+    with pytest.raises(RunFileError, match=rf"predictions\.csv: line 4, column '{column}': {problem}"):
+        load_run(run)
+
+
+def test_galleries_refuse_an_image_path_leaving_the_dataset_in_a_run_built_in_memory(sweep_dir, tmp_path):
+    from tongue_nb.data.images import ImageError, read_sample
+
+    run = load_run(sweep_dir / "runs" / "weak")
+    run.predictions["image"] = str(tmp_path / "secret.png")
+    with pytest.raises(RunFileError, match=r"predictions\.csv: column 'image': absolute path"):
+        error_gallery(run, 4, split=None)
+    with pytest.raises(ImageError, match=r"image path '\.\./x\.png' leaves the dataset folder"):
+        read_sample("../x.png", "", [(16, "none", 0.1)], root=tmp_path)
+
+
+def test_galleries_name_a_damaged_labels_table(sweep_dir, data_dir, tmp_path):
+    """The masks come from the dataset's labels.csv, read by the checked labels reader: a damaged table or a mask
+    path leaving the folder is one line naming the file (no pandas ParserError)."""
+    import shutil
+
+    from tongue_nb.data.labels import LabelError
+
+    data = Path(shutil.copytree(data_dir, tmp_path / "data"))
+    run = load_run(sweep_dir / "runs" / "weak")
+    with (data / "labels.csv").open("a") as fh:
+        fh.write('img/x.png,"unclosed\n')
+    with pytest.raises(LabelError, match=r"labels\.csv: cannot parse as CSV"):
+        error_gallery(run, 4, data_dir=data)
+    text = (data_dir / "labels.csv").read_text().splitlines()
+    header = text[0].split(",")
+    assert "mask" in header
+    cells = text[1].split(",")
+    cells[header.index("mask")] = "../../outside.png"
+    (data / "labels.csv").write_text("\n".join([text[0], ",".join(cells)] + text[2:]) + "\n")
+    with pytest.raises(LabelError, match=r"labels\.csv: line 2, column 'mask': path '\.\./\.\./outside\.png' leaves"):
+        error_gallery(run, 4, data_dir=data)
+
+
+@pytest.mark.parametrize("value, problem", [("7", "is not a probability"), ("-3", "is not a probability"),
+                                            ("inf", "is not a probability"), ("-inf", "is not a probability"),
+                                            ("nan", "is not a number")])
+def test_probabilities_out_of_range_are_refused(sweep_dir, tmp_path, value, problem):
+    """A probability outside [0, 1] would silently change every metric (inf: a sklearn traceback)."""
+    def edit(table):
+        table.loc[5, "p:shape:teethmarks"] = value
+
+    run = _edited_run(sweep_dir, tmp_path, "range", edit)
+    with pytest.raises(RunFileError, match=rf"predictions\.csv: line 7, column 'p:shape:teethmarks': '{value}' {problem}"):
+        load_run(run)
+    run = _edited_run(sweep_dir, tmp_path, "range01", lambda t: t.__setitem__("true:shape:teethmarks", "2"))
+    with pytest.raises(RunFileError, match=r"column 'true:shape:teethmarks': '2' is not 0 or 1"):
+        load_run(run)
+
+
 def test_sweep_tables(sweep_dir):
     sweep = load_sweep(sweep_dir)
     assert sorted(sweep.runs) == ["good", "weak"]
@@ -281,7 +359,9 @@ def test_per_task_selection_chooses_on_validation_per_task(sweep_dir, tmp_path):
     table = run_table(sweep, ensemble_k=2, selection=True)
     assert "per-task selection" in set(table["run"]) and len(table) == 4
     saved = json.loads(save_selection(sel, tmp_path / "selection.json").read_text())
-    assert saved["tasks"]["coat"]["source"] == "b" and saved["tasks"]["coat"]["runs"] == [str(root / "runs" / "b")]
+    # the runs relative to the file: predict finds them from any working folder, and in a sweep moved as a whole
+    assert saved["runs_relative_to"] == "file" and saved["tasks"]["coat"]["source"] == "b"
+    assert (tmp_path / saved["tasks"]["coat"]["runs"][0]).resolve() == (root / "runs" / "b").resolve()
 
 
 def test_chance_rows_flags_and_verdict(sweep_dir, tmp_path):

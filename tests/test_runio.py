@@ -187,3 +187,28 @@ def test_each_commands_folder_is_kept_from_the_others(tmp_path):
         with pytest.raises(FileExistsError, match=f"out_dir {folder}: {held}.*, not a training run"):
             RunFolder(folder).check_kind("train", "out_dir")
     RunFolder(new).check_kind("train", "out_dir")
+
+
+def test_links_in_a_received_run_folder_never_lead_the_tool_to_write_or_read_elsewhere(tmp_path):
+    """A run folder from someone else may hold links: `.lock -> a file of yours` (taking the lock would overwrite
+    it), `checkpoints -> a folder of yours` (the weights would be written there), `params.yaml -> /dev/zero`
+    (reading it would take all the memory). Each is refused, naming the link."""
+    from tongue_nb.runfiles import RunFileError, read_yaml
+    from tongue_nb.runio import RunFolder
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").symlink_to(victim)
+    with pytest.raises(RunLockedError, match=r"its lock .*\.lock is a symbolic link \(to .*victim\.txt\)"):
+        RunLock(run).acquire()
+    assert victim.read_text() == "mine" and (run / ".lock").is_symlink()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (run / "checkpoints").symlink_to(elsewhere)
+    with pytest.raises(FileExistsError, match=r"out_dir \(--out\) .*run: checkpoints is a symbolic link to a folder"):
+        RunFolder(run).check_kind("train", "out_dir (--out)")
+    (run / "params.yaml").symlink_to("/dev/zero")
+    with pytest.raises(RunFileError, match=r"params\.yaml: not a regular file"):
+        read_yaml(run / "params.yaml", "the run's parameters")

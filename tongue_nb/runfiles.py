@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import pickle
+import stat
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -37,10 +38,23 @@ def _one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def read_bytes(path: str | Path, expected: str) -> bytes:
-    """The file's bytes; missing, a folder, unreadable or empty is a RunFileError."""
+# A record file (JSON, YAML, CSV) of a run, sweep or dataset is far smaller; beyond this it is not one (e.g. a
+# link to a disk image), and reading it would take the memory. Weights are not capped (a large backbone's last.pt
+# with its optimizer state holds several GB).
+MAX_TEXT_BYTES = 2 << 30
+
+
+def read_bytes(path: str | Path, expected: str, limit: int | None = None) -> bytes:
+    """The file's bytes; missing, a folder, not a regular file (a device such as /dev/zero, a pipe), over `limit`
+    bytes, unreadable or empty is a RunFileError."""
     path = Path(path)
     try:
+        info = path.stat()
+        if limit is not None and stat.S_ISREG(info.st_mode) and info.st_size > limit:
+            raise RunFileError(path, f"{info.st_size} bytes, more than the {limit} a record file (JSON, YAML, "
+                               "CSV) may hold", expected)
+        if not stat.S_ISREG(info.st_mode) and not stat.S_ISDIR(info.st_mode):
+            raise RunFileError(path, "not a regular file (a device, pipe or socket, or a link to one)", expected)
         data = path.read_bytes()
     except FileNotFoundError:
         raise RunFileError(path, "missing", expected) from None
@@ -55,7 +69,7 @@ def read_bytes(path: str | Path, expected: str) -> bytes:
 
 def read_text(path: str | Path, expected: str) -> str:
     """The file as UTF-8 text (a leading byte-order mark dropped); bytes that are not UTF-8 are a RunFileError."""
-    data = read_bytes(path, expected)
+    data = read_bytes(path, expected, limit=MAX_TEXT_BYTES)
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

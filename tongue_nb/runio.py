@@ -247,7 +247,15 @@ class RunLock:
             return self
         self.folder.mkdir(parents=True, exist_ok=True)
         for _ in range(20):
-            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+            try:  # never through a link: a received folder's `.lock -> ~/file` would have that file overwritten
+                fd = os.open(self.path, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o644)
+            except OSError as exc:
+                if self.path.is_symlink():
+                    raise RunLockedError(f"run folder {self.folder}: its lock {self.path} is a symbolic link (to "
+                                         f"{os.readlink(self.path)}); a lock is a plain file the tool writes: remove "
+                                         "the link") from None
+                raise RunLockedError(f"run folder {self.folder}: cannot open the lock {self.path} "
+                                     f"({exc.strerror or exc})") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -483,11 +491,23 @@ class RunFolder:
     def check_kind(self, kind: str, parameter: str) -> None:
         """Refuse to write a run of `kind` into a folder that holds a run of another kind (whose records the new
         run would overwrite): FileExistsError naming the folder, what it holds and the parameter."""
+        self.check_links(parameter)
         found = self.run_kind()
         held = RUN_KINDS[found] if found is not None and found != kind else command_folder_kind(self.path)
         if held is not None:
             raise FileExistsError(f"{parameter} {self.path}: holds {held}, not {RUN_KINDS[kind]}; its "
                                   "records would be overwritten: choose another folder")
+
+    def check_links(self, parameter: str) -> None:
+        """Refuse a folder inside the run folder that is a symbolic link (a received run's `checkpoints -> ~/x`):
+        the run's files would be written wherever it leads. The run folder itself may be a link (the user's)."""
+        if not self.path.is_dir():
+            return
+        for entry in sorted(self.path.iterdir()):
+            if entry.is_symlink() and entry.is_dir():
+                raise FileExistsError(f"{parameter} {self.path}: {entry.name} is a symbolic link to a folder "
+                                      f"({os.readlink(entry)}); the run's files would be written there: remove the "
+                                      "link or choose another folder")
 
     def is_completed(self) -> bool:
         """A finished run: a readable summary with status completed and test metrics. A damaged summary is

@@ -12,8 +12,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from tongue_nb.analysis.plots import figure_png, image_grid
-from tongue_nb.analysis.runs import RunData, check_count, split_rows
+from tongue_nb.analysis.runs import PREDICTIONS_EXPECTED, RunData, check_count, split_rows
+from tongue_nb.data.files import relative_path
 from tongue_nb.data.tasks import Task
+from tongue_nb.runfiles import RunFileError
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +89,22 @@ def _data_dir(run: RunData, data_dir: str | Path | None) -> Path | None:
 
 
 def _mask_map(root: Path) -> dict[str, str]:
-    """image -> mask path from the dataset's labels.csv (empty when it has no mask column)."""
-    file = root / "labels.csv"
-    if not file.exists():
+    """image -> mask path from the dataset's labels.csv, read by the checked labels reader (a damaged table, or a
+    path leaving the folder, is a LabelError naming the file and line); empty when there is no labels.csv."""
+    from tongue_nb.data.labels import load_image_masks
+
+    if not (root / "labels.csv").exists():
         return {}
-    table = pd.read_csv(file, dtype=str, keep_default_na=False)
-    if "mask" not in table or "image" not in table:
-        return {}
-    return dict(zip(table["image"], table["mask"]))
+    return load_image_masks(root)
+
+
+def _inside(run: RunData, rel: str) -> str:
+    """A sample's image path as the reports open it: relative to the dataset folder and inside it (load_run refuses
+    others; a RunData built elsewhere is held to the same rule), else a RunFileError naming predictions.csv."""
+    _, problem = relative_path(str(rel))
+    if problem:
+        raise RunFileError(run.path / "predictions.csv", f"column 'image': {problem}", PREDICTIONS_EXPECTED)
+    return str(rel)
 
 
 def _read_rgb(path: Path) -> np.ndarray:
@@ -116,7 +126,7 @@ def error_gallery(run: RunData, k: int = 12, data_dir: str | Path | None = None,
     masks = _mask_map(root) if root else {}
     for ax, (_, err) in zip(axes, worst.iterrows()):
         title = f"{err['task']}: true {err['true']}\npred {err['pred']} (p_true {err['p_true']:.2f})"
-        image_path = root / err["image"] if root else None
+        image_path = root / _inside(run, err["image"]) if root else None
         if image_path is None or not image_path.exists():
             ax.text(0.5, 0.5, f"{err['image']}\n(image not found: set data_dir)", ha="center", va="center", fontsize=7)
         else:
@@ -157,6 +167,7 @@ def cam_gallery(run: RunData, task: str, k: int = 6, per_class: int = 1, data_di
     from tongue_nb.data.images import read_sample
     from tongue_nb.analysis.explain import class_activation_maps, overlay
     from tongue_nb.model.backbones import load_run_model
+    from tongue_nb.model.run_params import read_run_params
     from tongue_nb.model.baseline import is_baseline_run
 
     t = run.schema[task]
@@ -183,8 +194,9 @@ def cam_gallery(run: RunData, task: str, k: int = 6, per_class: int = 1, data_di
         fig.suptitle(f"maps of {model_dir.name}, one of the fold ensemble's models", fontsize=9)
     model = load_run_model(model_dir)
     masks = _mask_map(root)
-    crop, margin = str(run.params.get("crop", "crop")), float(run.params.get("crop_margin", 0.1))
-    images = np.stack([read_sample(r["image"], masks.get(r["image"], ""), [(model.input_size, crop, margin)],
+    params = read_run_params(model_dir)  # checked: a bad crop_margin is named in params.yaml, not on each photo
+    crop, margin = str(params.get("crop", "crop")), float(params.get("crop_margin", 0.1))
+    images = np.stack([read_sample(_inside(run, r["image"]), masks.get(r["image"], ""), [(model.input_size, crop, margin)],
                                    root=root).pixels[0] for _, r in chosen.iterrows()])
     targets = [_mapped_index(t, str(r["pred"]), str(r["true"])) for _, r in chosen.iterrows()]
     cams = class_activation_maps(model, images, task, targets, model.mean, model.std)

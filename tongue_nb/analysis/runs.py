@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from tongue_nb.checks import check_int
+from tongue_nb.data.files import relative_path
 from tongue_nb.data.tasks import TaskSchema
 from tongue_nb import runfiles
 from tongue_nb.runfiles import RunFileError
@@ -71,17 +72,42 @@ def _read_predictions(path: Path, schema: TaskSchema) -> pd.DataFrame:
         for col in numeric:
             if col not in table.columns:
                 continue
-            values = pd.to_numeric(table[col].replace("", np.nan), errors="coerce")
-            bad = values.isna() & (table[col] != "")
-            if bad.any():
-                row = int(np.flatnonzero(bad.to_numpy())[0]) + 2  # header is line 1
-                raise RunFileError(path, f"line {row}, column {col!r}: {table[col].iloc[row - 2]!r} is not a number",
-                                   PREDICTIONS_EXPECTED)
-            table[col] = values
+            table[col] = _numbers(path, table, col)
     for col in ("image", "group"):
         if col not in table.columns:
             table[col] = table["id"]
+    _check_paths(path, table)
     return table
+
+
+def _numbers(path: Path, table: pd.DataFrame, col: str) -> pd.Series:
+    """A column of numbers ('' = missing); a probability (p:) or a 0/1 cell outside [0, 1], infinite or not a number
+    is a RunFileError naming the line and column: such a value would silently change every metric."""
+    values = pd.to_numeric(table[col].replace("", np.nan), errors="coerce")
+    bad = values.isna() & (table[col] != "")
+    what = "is not a number"
+    if not bad.any():
+        bad = values.notna() & ~values.between(0.0, 1.0)  # inf and -inf fall outside too
+        what = ("is not a probability (a finite number from 0 to 1)" if col.startswith("p:")
+                else "is not 0 or 1 (a finite number from 0 to 1)")
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0]) + 2  # header is line 1
+        raise RunFileError(path, f"line {row}, column {col!r}: {table[col].iloc[row - 2]!r} {what}",
+                           PREDICTIONS_EXPECTED)
+    return values
+
+
+def _check_paths(path: Path, table: pd.DataFrame) -> None:
+    """The image (and mask) of every row: relative to the dataset folder and inside it, as labels.csv's must be
+    (data/files.relative_path), since the reports open them and embed them in their pages."""
+    for col in ("image", "mask"):
+        if col not in table.columns:
+            continue
+        for i, value in enumerate(table[col]):
+            _, problem = relative_path(str(value))
+            if problem:
+                raise RunFileError(path, f"line {i + 2}, column {col!r}: {problem}",
+                                   f"{PREDICTIONS_EXPECTED}; image paths relative to the dataset folder")
 
 
 def load_run(run_dir: str | Path) -> RunData:

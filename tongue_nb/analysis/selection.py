@@ -188,11 +188,18 @@ def per_task_selection(sweep: SweepData, ensemble_k: int = 3, rule: str = "simpl
 
 
 def save_selection(selection: dict, path: str | Path) -> Path:
-    """Write a per-task selection's choices (task -> source, run folders, thresholds, scores) as JSON."""
+    """Write a per-task selection's choices (task -> source, run folders, thresholds, scores) as JSON; the run
+    folders relative to the file's own folder (`runs_relative_to: file`), so that `predict --selection` finds them
+    from any working folder, and in a sweep copied elsewhere as a whole."""
+    import os
+
     from tongue_nb.runio import atomic_write_json
 
+    home = Path(path).resolve().parent
+    tasks = {task: dict(choice, runs=[os.path.relpath(Path(r).resolve(), home) for r in choice.get("runs") or []])
+             for task, choice in selection["choice"].items()}
     return atomic_write_json(path, {"kind": "per_task_selection", "rule": selection.get("rule", "best"),
-                                    "tasks": selection["choice"]})
+                                    "runs_relative_to": "file", "tasks": tasks})
 
 
 def leave_one_fold_out(sweep: SweepData, ensemble_k: int = 3, rule: str = "simplest",

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -117,12 +118,39 @@ def _open_hit(npy: Path, meta_path: Path, key: str, n: int, size: int) -> ImageC
     except (OSError, ValueError) as exc:
         log.warning("ignoring unreadable image cache %s: %s", npy, exc)
         return None
+    problem = _meta_problem(meta, n)
+    if problem:
+        # Derived data: a damaged record is rebuilt from the photos, never trusted or raised.
+        log.warning("ignoring image cache %s: its metadata %s %s; rebuilding it", npy, meta_path, problem)
+        return None
     if meta.get("key") != key or images.shape != (n, size, size, 3) or images.dtype != np.uint8:
         log.warning("ignoring image cache %s: its metadata does not match its contents", npy)
         return None
     bad = pd.DataFrame(meta.get("bad", []), columns=BAD_COLUMNS)
     return ImageCache(images=images, path=npy, key=key, bad=bad, empty_masks=list(meta.get("empty_masks", [])),
                       built=False, build_seconds=float(meta.get("build_seconds", 0.0)))
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _meta_problem(meta: object, n: int) -> str | None:
+    """What is wrong with a cache's metadata as `_build` writes it (None: nothing): a JSON object whose `bad` lists
+    records (index of one of the n rows, image, reason), `empty_masks` image paths and `build_seconds` a number."""
+    if not isinstance(meta, dict):
+        return f"holds {type(meta).__name__}, not a JSON object"
+    bad, empty = meta.get("bad", []), meta.get("empty_masks", [])
+    if not isinstance(bad, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("index"), int) and not isinstance(r.get("index"), bool)
+            and 0 <= r["index"] < n and isinstance(r.get("image"), str) and isinstance(r.get("reason"), str)
+            for r in bad):
+        return f"has 'bad' {bad!r:.80}, expected a list of records (index of one of the {n} rows, image, reason)"
+    if not isinstance(empty, list) or not all(isinstance(x, str) for x in empty):
+        return f"has 'empty_masks' {empty!r:.80}, expected a list of image paths"
+    if not _is_number(meta.get("build_seconds", 0.0)):
+        return f"has 'build_seconds' {meta.get('build_seconds')!r:.80}, expected a number of seconds"
+    return None
 
 
 _ELSEWHERE = "set cache_dir (or $TONGUE_NB_CACHE) to a folder you can write to, with room"

@@ -31,6 +31,21 @@ def shown(path: str | Path) -> str:
     return f"{text[:80]}...{text[-60:]} ({len(text)} characters)"
 
 
+def relative_path(value: str) -> tuple[str, str | None]:
+    """A path written in a table cell, relative to the dataset folder: (normalised, '' when empty; None or what is
+    wrong). The one rule for every such path, in labels.csv and in the run files that copy it (predictions.csv):
+    an absolute path, or one whose '..' leaves the folder, is refused, so a table never reaches outside it."""
+    rel = value.strip().replace("\\", "/")
+    if not rel:
+        return "", None
+    p = Path(rel)
+    if p.is_absolute() or rel.startswith("/"):
+        return rel, f"absolute path {shown(value)!r}; paths must be relative to the dataset folder"
+    if ".." in p.parts:
+        return rel, f"path {shown(value)!r} leaves the dataset folder"
+    return p.as_posix(), None
+
+
 def os_reason(exc: OSError) -> str:
     """What the operating system refused, in words (the errno's own text when it is not a common case)."""
     return _REASONS.get(exc.errno, exc.strerror or str(exc))

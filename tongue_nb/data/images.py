@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from tongue_nb.data.files import file_problem, os_reason, shown
+from tongue_nb.data.files import file_problem, os_reason, relative_path, shown
 
 log = logging.getLogger(__name__)
 
@@ -294,6 +294,11 @@ def read_sample(image: str | Path, mask: str | Path | None, settings: Sequence[S
     if empty_mask not in EMPTY_MASK:
         raise ValueError(f"empty_mask must be one of {', '.join(EMPTY_MASK)}, got {empty_mask!r}")
     base = Path(root) if root is not None else Path()
+    if root is not None:  # paths from a table of the dataset (labels.csv, a run's files): never outside it
+        for column, rel in (("image", image), ("mask", mask or "")):
+            problem = relative_path(str(rel))[1]
+            if problem:
+                raise ImageError(f"{column} {problem} (of the dataset folder {base})")
     image_path = base / image
     img = read_image(image_path)
     if min(img.shape[:2]) < min_side:

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from tongue_nb.data.files import file_problem, shown
+from tongue_nb.data.files import file_problem, relative_path, shown
 from tongue_nb.data.tasks import FALSE_WORDS, NONE_WORDS, TRUE_WORDS, Task, TaskSchema, labelled_mask, load_schema
 
 log = logging.getLogger(__name__)
@@ -154,17 +154,10 @@ def _find_task_columns(r: _Reading) -> None:
 
 def _relative_path(r: _Reading, i: int, column: str) -> str:
     """The path in row i's cell, checked to stay inside the dataset folder and normalised ('' when empty)."""
-    value = r.df[column].iloc[i]
-    rel = value.strip().replace("\\", "/")
-    if not rel:
-        return ""
-    p = Path(rel)
-    if p.is_absolute() or rel.startswith("/"):
-        raise LabelError(f"{r.at(i, column)}: absolute path {shown(value)!r}; paths must be relative to the dataset "
-                         "folder")
-    if ".." in p.parts:
-        raise LabelError(f"{r.at(i, column)}: path {shown(value)!r} leaves the dataset folder")
-    return p.as_posix()
+    rel, problem = relative_path(r.df[column].iloc[i])
+    if problem:
+        raise LabelError(f"{r.at(i, column)}: {problem}")
+    return rel
 
 
 def _read_images(r: _Reading) -> None:
@@ -449,3 +442,19 @@ def load_labels(data_dir: str | Path, schema: TaskSchema | None = None, labels_f
     for step in READING_STEPS + (FILE_STEPS if check_files else ()):
         step(reading)
     return _result(reading, on_problem)
+
+
+def load_image_masks(data_dir: str | Path, labels_file: str = "labels.csv") -> dict[str, str]:
+    """image -> mask ('' = none) of a dataset's labels table, read and checked as `load_labels` reads those two
+    columns (a damaged table, or a path absolute or leaving the folder, is a LabelError naming the file, line and
+    column); the label columns are not read, so a table whose tasks changed still gives its masks."""
+    root = Path(data_dir)
+    path = root / labels_file
+    reason = file_problem(path)
+    if reason is not None:
+        raise LabelError(f"labels table {reason}: {path}")
+    # These steps read no label, so no schema is needed.
+    reading = _Reading(root=root, path=path, schema=None, df=_read_csv(path))  # type: ignore[arg-type]
+    for step in (_check_table, _read_images, _read_masks):
+        step(reading)
+    return dict(zip(reading.images, reading.masks))

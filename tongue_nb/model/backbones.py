@@ -385,7 +385,8 @@ def build_model(params: Mapping[str, Any] | Any, schema: TaskSchema, *, pretrain
 
 def load_run_model(run_dir: str | Path, map_location: str | torch.device = "cpu") -> MultiTaskBackbone:
     """Rebuild a trained run's model from params.yaml, tasks.yaml and checkpoints/best.safetensors (eval mode);
-    a missing or damaged file is a RunFileError naming it."""
+    a missing or damaged file is a RunFileError naming it (its callers check params.yaml's values first with
+    `model.run_params.read_run_params`, which this module cannot import: train.params imports it)."""
     from tongue_nb.runfiles import load_module_state
     from tongue_nb.runio import RunFolder, load_weights
 

@@ -70,6 +70,7 @@ class Predictor:
         models, averaged, and weighs as one run; its thresholds are the ones tuned on its out-of-fold images.
         """
         from tongue_nb.model.backbones import load_run_model
+        from tongue_nb.model.run_params import read_run_params
         from tongue_nb.model.ensemble import EnsembleMultiTaskModel
         from tongue_nb.model.baseline import is_baseline_run, load_baseline_model
         from tongue_nb.train.runtime import resolve_device
@@ -87,7 +88,7 @@ class Predictor:
                 baselines.append(load_baseline_model(run))
                 base_shares.append(share)
                 continue
-            params = RunFolder(run).read_yaml(RunFolder.PARAMS, keys=("backbone",))
+            params = read_run_params(run)  # checked as training checks them, before anything is built or written
             settings.append((str(params.get("crop", "crop")), float(params.get("crop_margin", 0.1))))
             nets.append(d)
             net_shares.append(share)
@@ -206,12 +207,24 @@ def _saved_thresholds(run: Path, schema: TaskSchema) -> dict[str, list[float]]:
         if t.kind == "multiclass":
             continue
         values = saved.get(t.name, [0.5] * t.n_outputs) if isinstance(saved, dict) else None
-        if not (isinstance(values, list) and len(values) == t.n_outputs
-                and all(isinstance(v, (int, float)) for v in values)):
-            raise RunFileError(folder.file(RunFolder.SUMMARY), f"thresholds of task {t.name!r} are {values!r}",
-                               f"final_metrics_thresholded.thresholds: {t.n_outputs} number(s) per task")
-        out[t.name] = [float(v) for v in values]
+        out[t.name] = check_thresholds(folder.file(RunFolder.SUMMARY), t.name, values, t.labels,
+                                       "final_metrics_thresholded.thresholds: ")
     return out
+
+
+def check_thresholds(path: Path, task: str, values: Any, labels: Sequence[str] | None, where: str = "") -> list[float]:
+    """A task's decision thresholds as read from a run file: one finite number from 0 to 1 per label (when `labels`
+    is given), never a boolean. Anything else (NaN, Infinity, -1e308, true) would turn every decision into 0 or 1
+    without a word, so it is a RunFileError naming the file, the task and the label."""
+    count = "" if labels is None else f"{len(labels)} "
+    expected = f"{where}per task a list of {count}threshold(s), one per label, each a number from 0 to 1"
+    if not isinstance(values, list) or (labels is not None and len(values) != len(labels)):
+        raise RunFileError(path, f"thresholds of task {task!r} are {values!r:.120}", expected)
+    for j, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0.0 <= float(v) <= 1.0):
+            label = f", label {labels[j]!r}" if labels is not None else f", position {j + 1}"
+            raise RunFileError(path, f"threshold of task {task!r}{label} is {v!r}", expected)
+    return [float(v) for v in values]
 
 
 def _ensemble_thresholds(run_dirs: Sequence[str | Path]) -> dict[str, list[float]]:
@@ -380,10 +393,13 @@ class Selection:
         groups: dict[tuple[str, ...], list[str]] = {}
         for task, choice in sel["tasks"].items():
             runs, chosen = choice.get("runs") or [], choice.get("thresholds")
-            if not (isinstance(runs, list) and all(isinstance(r, str) for r in runs)) or not (
-                    chosen is None or isinstance(chosen, list) and all(isinstance(v, (int, float)) for v in chosen)):
-                raise RunFileError(path, f"task {task}: runs {runs!r}, thresholds {chosen!r}",
+            if not (isinstance(runs, list) and all(isinstance(r, str) for r in runs)):
+                raise RunFileError(path, f"task {task}: runs {runs!r}",
                                    f"{expected}; each task's runs a list of folders, its thresholds numbers or null")
+            if chosen is not None:
+                check_thresholds(path, task, chosen, None, "tasks.<task>.thresholds: null or ")
+            if sel.get("runs_relative_to") == "file":  # as save_selection writes them (earlier files: as given)
+                runs = [str((path.parent / r).resolve()) for r in runs]
             runs = tuple(runs)
             if not runs:
                 raise ValueError(f"--selection {path}: task {task} names no run folder (source {choice.get('source')!r})")
@@ -403,7 +419,10 @@ class Selection:
                     raise ValueError(f"--selection {path}: task {task} is not one of its runs' tasks {pred.schema.names}")
                 chosen = sel["tasks"][task].get("thresholds")
                 if chosen is not None:
-                    pred.thresholds[task] = [float(v) for v in chosen]
+                    labels = pred.schema[task].labels
+                    if pred.schema[task].kind != "multiclass":
+                        pred.thresholds[task] = check_thresholds(path, task, chosen, labels,
+                                                                 "tasks.<task>.thresholds: null or ")
             parts.append((pred, tasks))
         schema = parts[0][0].schema
         for pred, tasks in parts[1:]:

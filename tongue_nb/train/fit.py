@@ -60,10 +60,7 @@ class Fit(FitState):
             self.optimizer, self.scheduler = make_optimizer(self.model, stage.lr_backbone, stage.lr_head,
                                                             cfg.weight_decay, total_steps, warmup,
                                                             layer_decay=cfg.layer_decay)
-            if self._resume_optim is not None:
-                self.optimizer.load_state_dict(self._resume_optim["optimizer"])
-                self.scheduler.load_state_dict(self._resume_optim["scheduler"])
-                self._resume_optim = None
+            self.restore_optimizer()
             train_model: nn.Module = self.model
             if rt.dist.enabled:
                 # Re-wrapped per stage: DDP registers the parameters that need gradients when it is built.
