@@ -225,3 +225,28 @@ def test_features_are_still_computed_where_the_cache_folder_cannot_be_written(tm
     cache = ImageCache(images=images, path=tmp_path / "a-file" / "c.npy", key="k")
     assert np.array_equal(features.cached_features(cache), extract_features(images))
     assert "not kept" in caplog.text
+
+
+def test_the_baseline_command_takes_the_crop_and_on_bad_image_it_is_given(tmp_path, capsys) -> None:
+    """`tongue-nb baseline --set crop=none` fits on uncropped images, and on_bad_image=skip skips an unreadable
+    photo (listed in the run folder) as a trained run does; without them the baseline blanks and refuses."""
+    import pandas as pd
+    import yaml
+
+    from tongue_nb.data.synth import make_synthetic
+    from tongue_nb.pipeline.cli import main as cli_main
+
+    data = make_synthetic(tmp_path / "data", n=60, size=48, seed=0)
+    first = pd.read_csv(data / "labels.csv")["image"][0]
+    (data / first).write_bytes(b"")
+    base = ["baseline", "--data", str(data), "--set", "image_size=32", "--set", f"cache_dir={tmp_path / 'cache'}"]
+    assert cli_main(base + ["--out", str(tmp_path / "refused")]) == 2
+    assert "on_bad_image" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+    assert cli_main(base + ["--out", str(tmp_path / "run"), "--set", "crop=none", "--set", "on_bad_image=skip"]) == 0
+    params = yaml.safe_load((tmp_path / "run" / "params.yaml").read_text())
+    assert params["crop"] == "none"
+    skipped = pd.read_csv(tmp_path / "run" / "skipped_images.csv")
+    assert list(skipped["image"]) == [first]
+    assert first not in set(pd.read_csv(tmp_path / "run" / "predictions.csv")["image"])
+    assert cli_main(base + ["--out", str(tmp_path / "blank"), "--set", "on_bad_image=skip"]) == 0
+    assert yaml.safe_load((tmp_path / "blank" / "params.yaml").read_text())["crop"] == "crop_blank"

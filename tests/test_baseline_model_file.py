@@ -159,6 +159,8 @@ def _rewrite(path: Path, change) -> None:
     (lambda a, m: m.__setitem__("estimator", {"__class__": "os.system"}), "not ColourTextureBaseline's"),
     (lambda a, m: m.__setitem__("n_features", 3), "fitted on 3 features"),
     (lambda a, m: m.__setitem__("format", "tongue_nb-baseline/1"), "no 'tongue_nb' metadata of that format"),
+    (lambda a, m: m.__setitem__("image_size", 200_000), "preparation image_size=200000"),  # would take the memory
+    (lambda a, m: m.__setitem__("image_size", True), "preparation image_size=True"),
 ])
 def test_a_malformed_model_file_is_refused_naming_it(fitted, tmp_path, change, message) -> None:
     """A file edited by hand (or crafted) cannot index out of range, loop, or name a class: a ValueError."""

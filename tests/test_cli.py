@@ -109,7 +109,7 @@ def test_train_takes_the_recipes_backbone_and_refuses_none(tmp_path, capsys):
     data = make_synthetic(tmp_path / "syn", n=24, size=32, seed=0)
     recipe = tmp_path / "r.yaml"
     recipe.write_text("backbone: test_convnext\npretrained: false\nimage_size: 32\nstage1_epochs: 0\nstage2_epochs: 1\n"
-                      "num_threads: 1\n")
+                      "num_threads: 1\nbatch_size: 8\n")
     assert cli.main(["train", "--data", str(data), "-f", str(recipe), "--out", str(tmp_path / "run")]) == 0
     assert "backbone: test_convnext" in (tmp_path / "run" / "params.yaml").read_text()
     capsys.readouterr()

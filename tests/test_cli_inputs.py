@@ -11,7 +11,7 @@ from tongue_nb.pipeline.cli import main as cli_main
 
 TINY = ["--backbone", "test_convnext", "--set", "pretrained=false", "--set", "stage1_epochs=0",
         "--set", "stage2_epochs=1", "--set", "max_steps_per_epoch=1", "--set", "image_size=32",
-        "--set", "num_threads=1"]
+        "--set", "num_threads=1", "--set", "batch_size=8"]
 
 
 @pytest.fixture(autouse=True)

@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from tongue_nb.pipeline import cli
-from tongue_nb.train.params import load_params
+from tongue_nb.train.params import ParamError, load_params
 from tongue_nb.runio import CheckpointError, load_checkpoint, load_weights
 from tongue_nb.data.synth import make_synthetic
 from tongue_nb.train.trainer import TrainingError, train
@@ -326,6 +326,8 @@ def test_same_folders_spelled_relative_and_absolute_resume(own_data, tmp_path, m
     monkeypatch.chdir(tmp_path)
     summary = train(tiny(Path("data"), Path("run"), stage2_epochs=1, resume=True))  # relative ones
     assert summary["epochs_run"] == 2
+    # recorded as the folder, wherever the reader stands (notebook 04 reads the photos from it)
+    assert summary["data_dir"] == str(own_data.resolve())
 
 
 def test_a_run_without_a_name_resumes_on_a_later_day_under_its_first_name(own_data, tmp_path, monkeypatch):
@@ -348,6 +350,20 @@ def test_a_run_without_a_name_resumes_on_a_later_day_under_its_first_name(own_da
     monkeypatch.setattr(params_mod._dt, "date", Later)
     summary = train(tiny(own_data, run, stage2_epochs=1, resume=True))
     assert summary["epochs_run"] == 2 and summary["experiment_name"] == first and "2099" not in first
+
+
+@pytest.mark.parametrize("values, says", [
+    ({"batch_size": 500}, r"parameter batch_size: 500 is more than the \d+ training images of .*; set batch_size <= "),
+    ({"compile": True}, r"parameter compile: torch.compile is applied on a CUDA device only \(got cpu\)"),
+], ids=["batch-over-train-split", "compile-on-cpu"])
+def test_values_a_run_could_not_honour_are_refused_before_writing(data, tmp_path, values, says):
+    """A batch larger than the training images (it became the split's size) and torch.compile on the CPU (it was
+    skipped) are refused, not silently replaced, and the refused run leaves no folder."""
+    with pytest.raises(TrainingError, match=says):
+        train(tiny(data, tmp_path / "run", device="cpu", **values))
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ParamError, match="color_jitter"):  # the jitter factor 1 - j must stay above 0
+        tiny(data, tmp_path / "run", color_jitter=1.0)
 
 
 @pytest.mark.parametrize("edit, named", [
@@ -423,3 +439,54 @@ def test_unusable_run_folder_is_one_line_naming_out(data, tmp_path, capsys, monk
     code, err = _cli_train(data, str(out), capsys)
     assert code == 2 and len(err.splitlines()) == 1 and expected in err, err
     assert (tmp_path / "afile").read_text() == "x" and not (tmp_path / "ro" / "run").exists()
+
+
+# ----------------------------------------------------------------------------------------------- a last.pt of wrong contents
+
+@pytest.fixture(scope="module")
+def interrupted_run(data, tmp_path_factory) -> Path:
+    """A run stopped once epoch 1 (the end of stage 1) is on disk: --resume goes on into stage 2."""
+    run = tmp_path_factory.mktemp("wrong_last") / "run"
+    with pytest.raises(_Stop):
+        train(tiny(data, run, stage2_epochs=1), on_epoch_end=_stop_after_first_epoch)
+    return run
+
+
+def _drop_a_weight(state: dict) -> None:
+    del state["model"][next(iter(state["model"]))]
+
+
+WRONG_LAST = {
+    "progress": (lambda s: s.update(progress={"bogus": 1}), r"'progress' has unknown entries \['bogus'\]"),
+    "progress_text": (lambda s: s.update(progress={k: ("x" if isinstance(v, int) else v)
+                                                   for k, v in s["progress"].items()}),
+                      r"'progress' entry 'stage_pos' is 'x', expected a whole number >= 0"),
+    "callbacks": (lambda s: s.update(callbacks=[1, 2]), r"'callbacks' holds \[1, 2\], not a mapping"),
+    "callback_state": (lambda s: s["callbacks"].update(history={"rows": 5}),
+                       r"the state of 'history' under 'callbacks' does not fit this run \(TypeError"),
+    "rng": (lambda s: s.update(rng={}), r"'rng' lacks 'python', 'torch', 'numpy'"),
+    "model": (_drop_a_weight, r"'model' holds weights that do not fit this model \(1 missing, first "),
+    "optim": (lambda s: s.update(optim={"optimizer": {"state": {}, "param_groups": []}, "scheduler": {}}),
+              r"the optimizer's state under 'optim' does not fit this run \(ValueError"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(WRONG_LAST))
+def test_resume_names_a_last_pt_of_the_wrong_contents(data, interrupted_run, tmp_path, damage):
+    """A readable last.pt whose parts are not what a run writes (a bad position, callbacks, RNG state, a weight
+    removed, optimizer state of another shape) is refused in one line naming last.pt and the part, not a
+    TypeError/KeyError/AttributeError traceback or a later failure blamed on something else."""
+    import shutil
+
+    run = Path(shutil.copytree(interrupted_run, tmp_path / "run"))
+    last = run / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    edit, message = WRONG_LAST[damage]
+    edit(state)
+    torch.save(state, last)
+    with pytest.raises((TrainingError, ValueError)) as info:
+        train(tiny(data, run, stage2_epochs=1, resume=True))
+    text = str(info.value)
+    assert len(text.splitlines()) == 1 and re.search(r"checkpoints/last\.pt: " + message, text), text
+    assert "expected a resumable checkpoint (last.pt)" in text
+    assert not (run / ".lock").exists()

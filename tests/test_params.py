@@ -145,6 +145,23 @@ def test_per_backbone_sections_apply_to_their_backbone_only(tmp_path):
         load_params(files=[bad])
 
 
+def test_per_backbone_sections_match_short_and_timm_names_and_refuse_unknown_ones(tmp_path):
+    """A section named by the timm name applies to the short name and back; a misspelt section (which no backbone
+    would ever read) and two sections for one backbone are refused, naming the file and the section."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("batch_size: 16\nper_backbone:\n  vit_base_patch16_224: {batch_size: 4}\n  swin_tiny: {batch_size: 8}\n")
+    assert load_params(files=[recipe], backbone="vit_base").batch_size == 4
+    assert load_params(files=[recipe], backbone="swin_tiny_patch4_window7_224").batch_size == 8
+    assert load_params(files=[recipe], backbone="test_convnext").batch_size == 16
+    recipe.write_text("batch_size: 16\nper_backbone:\n  test_convnxt: {batch_size: 2}\n")
+    with pytest.raises(ParamError, match=rf"{recipe}: per_backbone\.test_convnxt: unknown backbone.*did you mean "
+                                         "test_convnext"):
+        load_params(files=[recipe], backbone="test_convnext")
+    recipe.write_text("per_backbone:\n  vit_base: {batch_size: 2}\n  vit_base_patch16_224: {batch_size: 3}\n")
+    with pytest.raises(ParamError, match=r"sections \['vit_base', 'vit_base_patch16_224'\] for one backbone"):
+        load_params(files=[recipe], backbone="vit_base")
+
+
 def test_every_numeric_parameter_declares_its_range():
     """A number field with no bound accepts anything (a negative seed reached numpy as 'expected non-negative
     integer'); every parameters class (the notebooks' too) declares each number's range, so the one field checker

@@ -282,6 +282,75 @@ def test_sweep_over_seeds_keeps_one_split_and_reports_the_spread(tmp_path, tiny_
         sweep.run_sweep(tiny_data, ["test_convnext"], seeds=[1, 1], out_dir=tmp_path / "x", reports_dir=tmp_path / "r")
 
 
+def test_a_sweep_started_again_with_other_settings_is_refused_before_writing(tmp_path, tiny_data):
+    """A sweep started again keeps its finished runs; with another --set, recipe or dataset they would be reported
+    as trained with the new settings, so the sweep is refused, naming the run and the values, and writes nothing."""
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text("pretrained: false\nimage_size: 32\nbatch_size: 8\nstage1_epochs: 0\nstage2_epochs: 1\n"
+                      "num_threads: 1\n")
+    out, reports = tmp_path / "sweep", tmp_path / "reports"
+    kw = dict(params_file=recipe, out_dir=out, reports_dir=reports, compare=False, ensemble_k=0)
+    assert sweep.run_sweep(tiny_data, ["test_convnext"], **kw).ok
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(sweep.SweepError, match=r"runs/test_convnext finished with other parameters than this sweep "
+                                               r"gives it \(batch_size: run 8, now 4; stage2_epochs: run 1, now 2\)"):
+        sweep.run_sweep(tiny_data, ["test_convnext"], overrides=["stage2_epochs=2", "batch_size=4"], **kw)
+    recipe.write_text(recipe.read_text().replace("batch_size: 8", "batch_size: 4"))
+    with pytest.raises(sweep.SweepError, match=r"test_convnext finished with other parameters.*batch_size: run 8, now 4"):
+        sweep.run_sweep(tiny_data, ["test_convnext"], **kw)
+    with pytest.raises(sweep.SweepError, match=r"classical-baseline finished with other parameters than this sweep "
+                                               r"gives it \(split_seed: run 0, now 7\)"):  # test_vit: not trained yet
+        sweep.run_sweep(tiny_data, ["test_vit"], overrides=["split_seed=7"], **kw)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("recipe, seeds, says", [
+    ("seed: 7\nsplit_seed: 3\n", [0], r"seed 7: the sweep's seeds \(\[0\]\) set each run's seed"),
+    ("per_backbone:\n  test_convnext: {seed: 7}\n", [0, 1], r"per_backbone\.test_convnext\.seed 7"),
+    ("per_backbone:\n  test_convnext: {split_seed: 5}\n", None, r"per_backbone\.test_convnext\.split_seed: the sweep "
+     r"compares its backbones \(and the baseline\) on one split"),
+    ("per_backbone:\n  test_vit: {val_fraction: 0.3}\n", None, r"per_backbone\.test_vit\.val_fraction"),
+])
+def test_a_sweep_refuses_recipe_seeds_and_split_values_it_would_replace(tmp_path, tiny_data, recipe, seeds, says):
+    """With --seeds each run's seed is one of them and the split's is the recipe's general one: a recipe seed that
+    would be used nowhere, or a per_backbone value of the shared split, is refused before anything is written."""
+    file = tmp_path / "r.yaml"
+    file.write_text("pretrained: false\nimage_size: 32\n" + recipe)
+    with pytest.raises(ParamError, match=says):
+        sweep.run_sweep(tiny_data, ["test_convnext", "test_vit"], params_file=file, seeds=seeds,
+                        out_dir=tmp_path / "sweep", reports_dir=tmp_path / "reports", compare=False)
+    assert not (tmp_path / "sweep").exists() and not (tmp_path / "reports").exists()
+
+
+def test_a_sweep_names_its_tracking_experiment_unless_the_recipe_does_for_that_backbone(tmp_path):
+    file = tmp_path / "r.yaml"
+    file.write_text("per_backbone:\n  test_convnext: {tracking_experiment: mine}\n")
+    assert sweep._tracking_experiment(file, {}, 0, tmp_path / "sw", "test_convnext") == {}
+    assert sweep._tracking_experiment(file, {}, 0, tmp_path / "sw", "test_vit") == {"tracking_experiment": "sw"}
+    assert sweep._tracking_experiment(file, {"tracking_experiment": "x"}, 0, tmp_path / "sw", "test_vit") == {}
+
+
+def test_the_sweeps_data_review_and_screen_see_the_recipes_tasks_and_split(tmp_path):
+    """01 reviews, and 02 screens, the task schema and split seed the runs train with (before: the dataset's own
+    tasks.yaml and seed 0, whatever the recipe said)."""
+    file = tmp_path / "r.yaml"
+    file.write_text("tasks: /x/tasks2.yaml\nseed: 4\nsplit_seed: 3\non_problem: drop\nimage_size: 64\n")
+    review = sweep._review_parameters(tmp_path / "data", file, {}, 0)
+    assert review == {"data_dir": str(tmp_path / "data"), "tasks": "/x/tasks2.yaml", "seed": 3}
+    screen = sweep._screen_settings(file, {"split_seed": 5}, 0)
+    assert (screen["tasks"], screen["seed"], screen["on_problem"], screen["image_size"]) == ("/x/tasks2.yaml", 5, "drop", 64)
+
+
+def test_sweep_keywords_it_could_not_honour_are_refused(tmp_path, tiny_data):
+    with pytest.raises(sweep.SweepError, match=r"compare_options steps=50 and compare_steps=10 disagree"):
+        sweep.run_sweep(tiny_data, ["test_convnext"], compare_options={"steps": 50}, out_dir=tmp_path / "s",
+                        reports_dir=tmp_path / "r")
+    with pytest.raises(sweep.SweepError, match=r"gpus \['1'\] with executor 'local'"):
+        sweep.run_sweep(tiny_data, ["test_convnext"], gpus=["1"], executor="local", out_dir=tmp_path / "s",
+                        reports_dir=tmp_path / "r")
+    assert not (tmp_path / "s").exists() and not (tmp_path / "r").exists()
+
+
 def test_a_resumed_sweep_refits_a_baseline_that_keeps_no_model(tmp_path, tiny_data):
     """A baseline finished before baselines kept their model is fitted again (its selection must be appliable);
     one that keeps its model is left as it is."""
@@ -311,5 +380,6 @@ def test_the_cost_screen_measures_the_recipes_training_setting(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("image_size: 48\nbatch_size: 4\ncrop: crop_blank\nnum_threads: 1\n")
     assert sweep._screen_settings(recipe, {"batch_size": 6}, 0) == {
-        "image_size": 48, "batch_size": 6, "crop": "crop_blank", "device": "auto", "num_threads": 1}
+        "image_size": 48, "batch_size": 6, "crop": "crop_blank", "device": "auto", "num_threads": 1, "tasks": "",
+        "seed": 0, "on_problem": "error"}
     assert sweep._screen_settings(None, {"folds": 3}, 3)["image_size"] == 224

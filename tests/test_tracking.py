@@ -111,11 +111,11 @@ def test_a_sweep_names_one_experiment_for_its_runs(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("stage1_epochs: 1\n")
     extra = sweep_mod._parse_overrides(["tracking=mlflow"])
-    assert sweep_mod._tracking_experiment(recipe, extra, 0, tmp_path / "sweep-x") == {"tracking_experiment": "sweep-x"}
+    assert sweep_mod._tracking_experiment(recipe, extra, 0, tmp_path / "sweep-x", "test_convnext") == {"tracking_experiment": "sweep-x"}
     named = sweep_mod._parse_overrides(["tracking_experiment=mine"])
-    assert sweep_mod._tracking_experiment(recipe, named, 0, tmp_path / "sweep-x") == {}
+    assert sweep_mod._tracking_experiment(recipe, named, 0, tmp_path / "sweep-x", "test_convnext") == {}
     recipe.write_text("tracking_experiment: lab\n")
-    assert sweep_mod._tracking_experiment(recipe, extra, 0, tmp_path / "sweep-x") == {}
+    assert sweep_mod._tracking_experiment(recipe, extra, 0, tmp_path / "sweep-x", "test_convnext") == {}
     assert sweep_mod._parse_overrides(["tracking=none"]) == {"tracking": "none"}
 
 

@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from tongue_nb.train.params import TrainParams
 
 log = logging.getLogger(__name__)
+MAX_IMAGE_SIZE = 4096  # as TrainParams.image_size: a larger one in a received file would take the memory
 
 BACKBONE_NAME = "classical-baseline"
 
@@ -250,7 +251,8 @@ def _baseline_from_data(file: Path, text: str | None, tensors: Mapping[str, np.n
     if not isinstance(params, dict) or not set(params) <= set(ColourTextureBaseline().get_params()):
         raise bad(f"estimator parameters {params!r} are not ColourTextureBaseline's")
     image_size, crop, margin = meta.get("image_size"), meta.get("crop"), meta.get("margin")
-    if not (isinstance(image_size, int) and image_size > 0 and crop in CROP_MODES
+    if not (isinstance(image_size, int) and not isinstance(image_size, bool) and 0 < image_size <= MAX_IMAGE_SIZE
+            and crop in CROP_MODES
             and isinstance(margin, (int, float)) and 0 <= margin < float("inf")):
         raise bad(f"preparation image_size={image_size!r}, crop={crop!r}, margin={margin!r}")
     kinds = meta.get("models")
@@ -301,6 +303,16 @@ def _split_indices(params: "TrainParams", labels) -> dict[str, np.ndarray]:
 
     split = run_split(params, labels)
     return {name: np.flatnonzero(split == name) for name in ("train", "val", "test")}
+
+
+def _readable_rows(idx: dict[str, np.ndarray], valid: np.ndarray, data_dir: Path) -> dict[str, np.ndarray]:
+    """Each split's rows whose image could be read (on_bad_image=skip leaves the others out, listed in the run)."""
+    idx = {name: rows[valid[rows]] for name, rows in idx.items()}
+    for name in ("train", "val", "test"):
+        if len(idx[name]) == 0:
+            raise ValueError(f"{data_dir}: every image of the {name} split is unreadable (skipped); the baseline "
+                             "needs train, val and test samples")
+    return idx
 
 
 def fit_baseline_run(params: "TrainParams", out_dir: str | Path | None = None, *, crop: str = "crop_blank",
@@ -356,8 +368,9 @@ def _fit_baseline_run(params: "TrainParams", out: Path, crop: str, class_weight:
     check_train_weights(labels, idx["train"])
     t0 = time.perf_counter()
     img_cache = cache.build_cache(labels, image_size, crop=crop, margin=params.crop_margin,
-                                  cache_dir=params.cache_dir or None)
+                                  cache_dir=params.cache_dir or None, on_bad_image=params.on_bad_image)
     t_cache = time.perf_counter() - t0
+    idx = _readable_rows(idx, img_cache.valid, data_dir)
     # Features once for every sample (and kept for the other folds); blanked background (crop_blank)
     # marks the tongue region, and without blanking the whole (cropped) image is the region.
     t0 = time.perf_counter()
@@ -383,7 +396,7 @@ def _fit_baseline_run(params: "TrainParams", out: Path, crop: str, class_weight:
     name = params.experiment_name or f"{time.strftime('%Y%m%d')}-{BACKBONE_NAME}-{image_size}"
     folder = RunFolder(out)
     out.mkdir(parents=True, exist_ok=True)
-    run_params = {"backbone": BACKBONE_NAME, "data_dir": str(data_dir), "tasks": str(params.tasks or ""),
+    run_params = {"backbone": BACKBONE_NAME, "data_dir": str(data_dir.resolve()), "tasks": str(params.tasks or ""),
                   "task_weights": params.task_weights, "image_size": image_size, "crop": crop,
                   "crop_margin": params.crop_margin, "seed": params.seed,
                   "split_seed": params.effective_split_seed, "val_fraction": params.val_fraction,
@@ -396,6 +409,9 @@ def _fit_baseline_run(params: "TrainParams", out: Path, crop: str, class_weight:
     for split_name, rows in idx.items():
         split_col[rows] = split_name
     folder.write_split(labels.table["id"].to_numpy(), split_col)
+    if len(img_cache.bad):
+        folder.write_table(RunFolder.SKIPPED, img_cache.bad, float_format=None)
+        log.warning("%d unreadable image(s) skipped; listed in %s", len(img_cache.bad), folder.file(RunFolder.SKIPPED))
     folder.write_predictions([predictions_table(schema, labels.table.iloc[idx[s]], probs[s], sub[s], thresholds, s)
                               for s in ("val", "test")])
     n_eval = len(idx["val"]) + len(idx["test"])

@@ -340,7 +340,7 @@ def _finish(folder: RunFolder, params: SegParams, weights_info: dict, rows: pd.D
     test = _scores(test_probs, masks[idx["test"]]) if len(idx["test"]) else {}
     val = _scores(_predict_probs(seg.net, images[idx["val"]], seg.mean, seg.std), masks[idx["val"]])
     summary = {"kind": "segmenter", "status": "completed", "encoder": params.encoder, "image_size": params.image_size,
-               "pretrained": weights_info, "data_dir": str(Path(params.data_dir)), "run_dir": str(folder.path),
+               "pretrained": weights_info, "data_dir": str(Path(params.data_dir).resolve()), "run_dir": str(folder.path),
                "counts": {s: int(len(v)) for s, v in idx.items()},
                "best_epoch": int(max(history, key=lambda r: r["val_iou"])["epoch"]),
                "val": val, "test": test, "train_seconds": float(sum(r["seconds"] for r in history))}

@@ -85,7 +85,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _cmd_baseline(args: argparse.Namespace) -> int:
     from tongue_nb.model.baseline import fit_baseline_run
-    from tongue_nb.train.params import load_params
+    from tongue_nb.train.params import load_params, read_params_file, split_overrides
 
     values: dict = {"out_dir": args.out}
     if _data_arg(args.data) is not None:
@@ -96,7 +96,10 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
         values["seed"] = args.seed
     # The same recipe files and --set values as `train`: the baseline shares the runs' split and task weights.
     params = load_params(files=args.file or (), overrides=args.set or (), **values)
-    summary = fit_baseline_run(params)
+    # Its crop is its own (crop_blank: its features are statistics of the tongue region) unless one is given.
+    given = any("crop" in read_params_file(f) for f in args.file or ()) \
+        or any(key == "crop" for key, _, _ in split_overrides(args.set or ()))
+    summary = fit_baseline_run(params, **({"crop": params.crop} if given else {}))
     print(f"{args.out}: test combined score {summary['final_metrics_fixed']['combined_score']:.4f} (fixed), "
           f"{summary['final_metrics_thresholded']['combined_score']:.4f} (thresholded)")
     return 0

@@ -71,7 +71,7 @@ class ComparisonNotebookParams(NotebookParams):
 
     shared: ClassVar[tuple[str, ...]] = ("data_dir", "tasks", "steps", "warmup_steps", "batch_size", "image_size", "lr",
                                          "seed", "pretrained", "device", "crop", "eval_batches", "infer_steps",
-                                         "isolate", "num_threads")
+                                         "isolate", "num_threads", "on_problem")
 
     backbones: str = param("convnext_tiny,swin_tiny,vit_base", "comma-separated names (or a YAML list with -y)")
     synth_n: int = param(120, "images in the synthetic set when data_dir is empty", ge=1)

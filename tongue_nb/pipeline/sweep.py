@@ -104,6 +104,10 @@ SWEEP_OWNED = {"data_dir": "use --data", "out_dir": "runs go to <sweep>/runs/<ba
                "backbone": "use --backbones", "fold": "with --folds K the sweep trains every fold 0 .. K-1"}
 
 
+# What cuts the split (and the folds): one value for all of a sweep's runs, never a per_backbone one.
+SPLIT_KEYS = ("split_seed", "val_fraction", "test_fraction", "folds")
+
+
 def _parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     """'key=value' strings into typed notebook parameters, checked by tongue_nb.train.params (errors name the override)."""
     from tongue_nb.train.params import ParamError, check_value, split_overrides
@@ -133,6 +137,9 @@ def _recipe_data_dir(params_file: str | Path | None) -> str | None:
             if key in SWEEP_OWNED and (key in ("out_dir", "fold") or (where and key == "data_dir")):
                 raise ParamError(f"recipe {params_file}: {where}{key}: the sweep sets {key} for every run "
                                  f"({SWEEP_OWNED[key]}); remove it from the recipe")
+            if where and key in SPLIT_KEYS:
+                raise ParamError(f"recipe {params_file}: {where}{key}: the sweep compares its backbones (and the "
+                                 f"baseline) on one split, cut by the recipe's general values; set {key} there")
     value = data.get("data_dir")
     if value is not None and (not isinstance(value, str) or not value.strip()):
         raise ParamError(f"recipe {params_file}: data_dir: got {value!r}, expected a dataset folder; leave it out "
@@ -169,6 +176,15 @@ def _check_seeds(seeds: Sequence[int] | None, extra: dict, params_file: str | Pa
         raise ParamError(f"seeds: got {list(seeds)!r}, each seed once")
     if "seed" in extra:
         raise ParamError("override 'seed': give the seeds with --seeds (or the recipe's seeds:), not --set seed")
+    if params_file:
+        from tongue_nb.train.params import file_places, read_params_file
+
+        for where, values in file_places(read_params_file(params_file)):
+            if "seed" in values and (where or ("split_seed" in values and values["split_seed"] != -1)
+                                     or "split_seed" in extra):
+                raise ParamError(f"recipe {params_file}: {where}seed {values['seed']!r}: the sweep's seeds ({list(seeds)}) "
+                                 "set each run's seed, and the split's seed is split_seed, so this one would be used "
+                                 "nowhere; remove it (a general seed: without split_seed is the shared split's seed)")
     return list(seeds)
 
 
@@ -298,6 +314,12 @@ def run_sweep(data_dir: str | Path | None, backbones: Sequence[str], params_file
     data = Path(data_dir).resolve()
     if not (data / "labels.csv").exists():
         raise SweepError(f"run_sweep: data_dir {data} has no labels.csv")
+    if compare_options and "steps" in compare_options and compare_options["steps"] != compare_steps:
+        raise SweepError(f"run_sweep: compare_options steps={compare_options['steps']!r} and compare_steps="
+                         f"{compare_steps!r} disagree; give the screen's steps once, as compare_steps")
+    if gpus is not None and executor not in ("auto", "gpus"):
+        raise SweepError(f"run_sweep: gpus {gpus!r} with executor {executor!r}: only the 'auto' and 'gpus' executors "
+                         "place runs on the GPUs given (Slurm's come from slurm={'gpus_per_job': ...})")
     compare_options = dict(compare_options or {}, steps=compare_steps) if compare else None
     _check_sweep_options(data, compare_options, cell_timeout, ensemble_k)
     _check_fold_cut(data, params_file, extra, n_folds, seeds_list)
@@ -315,6 +337,7 @@ def run_sweep(data_dir: str | Path | None, backbones: Sequence[str], params_file
     if held:
         raise SweepError(f"run_sweep: out_dir (--out) {sweep_dir} holds {held}, not a sweep; its records would mix "
                          "with the sweep's: choose another folder")
+    _check_finished_runs(data, backbones, params_file, extra, sweep_dir, seeds_list, n_folds, baseline)
     from tongue_nb.pipeline.executors import make_executor
 
     try:
@@ -345,11 +368,11 @@ def _sweep(data: Path, backbones: list[str], params_file: str | Path | None, ext
     _write_json(sweep_dir / "sweep.json", {"data_dir": str(data), "backbones": backbones, "params_file": str(params_file or ""),
                                            "overrides": extra, "seeds": seeds, "folds": folds,
                                            "started": _dt.datetime.now().isoformat(timespec="seconds")})
-    extra = dict(extra, **_tracking_experiment(params_file, extra, folds, sweep_dir))
     # The data review comes first: what the runs are trained on, in the same report folder.
     review_nb = sweep_dir / "notebooks" / "01_data_review.ipynb"
     if (NOTEBOOKS / "01_data_review.ipynb").exists() and _run_stage(
-            "data_review", None, "01_data_review", review_nb, {"data_dir": str(data)}, kernel, result):
+            "data_review", None, "01_data_review", review_nb, _review_parameters(data, params_file, extra, folds),
+            kernel, result):
         _render(review_nb, reports / "01_data_review.html", None, result)
     if compare is not None:
         compare = dict(_screen_settings(params_file, extra, folds), **compare)
@@ -373,11 +396,8 @@ def _sweep(data: Path, backbones: list[str], params_file: str | Path | None, ext
             log.info("skipping %s: %s already completed", label, run_dir)
             outcomes[label] = RunOutcome(label, str(run_dir), str(output_nb), status="skipped")
             continue
-        parameters = train_notebook_parameters(backbone, data, run_dir, recipe_files(backbone, params_file), extra)
-        if seed is not None:
-            parameters.update(seed=seed, split_seed=split_seed)
-        if fold is not None:
-            parameters["fold"] = fold
+        parameters = _run_parameters(backbone, seed, fold, data, run_dir, params_file, extra, split_seed)
+        parameters.update(_tracking_experiment(params_file, extra, folds, sweep_dir, backbone))
         if (run_dir / "checkpoints" / "last.pt").exists():
             parameters["resume"] = True  # an interrupted run continues from its last finished epoch
         (run_dir / "failure.json").unlink(missing_ok=True)
@@ -422,6 +442,59 @@ def _sweep(data: Path, backbones: list[str], params_file: str | Path | None, ext
                                                   "errors": result.errors, "index": str(result.index)})
     log.info("%s", result.describe())
     return result
+
+
+def _run_parameters(backbone: str, seed: int | None, fold: int | None, data: Path, run_dir: Path,
+                    params_file: str | Path | None, extra: dict, split_seed: int | None) -> dict:
+    """The papermill parameters of one training run of the sweep."""
+    parameters = train_notebook_parameters(backbone, data, run_dir, recipe_files(backbone, params_file), extra)
+    if seed is not None:
+        parameters.update(seed=seed, split_seed=split_seed)
+    if fold is not None:
+        parameters["fold"] = fold
+    return parameters
+
+
+def _auto_free(expected: dict) -> dict:
+    """Expected values with those a run resolves itself left out: image_size 0 (the model's own) and an empty
+    experiment_name (dated when the run starts)."""
+    return {k: v for k, v in expected.items()
+            if not ((k == "image_size" and v == 0) or (k == "experiment_name" and v == ""))}
+
+
+def _check_finished_runs(data: Path, backbones: Sequence[str], params_file: str | Path | None, extra: dict,
+                         sweep_dir: Path, seeds: list[int] | None, folds: int, baseline: bool) -> None:
+    """A sweep started again keeps its finished runs: refuse, before anything is written, when one of them was
+    trained with other parameters than the sweep now gives it (another recipe, --set, --data or seeds), which
+    the reports would otherwise show as trained with the new ones."""
+    from tongue_nb.runio import RunFolder
+    from tongue_nb.train.params import load_params
+    from tongue_nb.train.trainer import params_differences
+
+    split_seed = _recipe_params(params_file, extra, folds).effective_split_seed if seeds else None
+    runs = [(label, b, seed, fold) for b in backbones for label, seed, fold in _plan([b], seeds, folds)]
+    runs += [(label, None, seed, fold) for label, seed, fold in (_plan([BASELINE_RUN], seeds, folds) if baseline else [])]
+    for label, backbone, seed, fold in runs:
+        run_dir = sweep_dir / "runs" / _safe_name(label)
+        if not is_completed(run_dir):
+            continue
+        if backbone is None:  # the baseline: the recipe's split and seeds (its model settings are its own)
+            values = dict(extra, **({"seed": seed, "split_seed": split_seed} if seed is not None else {}),
+                          **({"fold": fold} if fold is not None else {}))
+            recipe = _recipe_params(params_file, values, 0, data_dir=str(data))
+            now = {k: v for k, v in recipe.as_dict().items() if k not in ("backbone", "crop", "image_size")}
+            now["split_seed"] = recipe.effective_split_seed  # as the baseline records it
+        else:
+            parameters = _run_parameters(backbone, seed, fold, data, run_dir, params_file, extra, split_seed)
+            files = [f for f in str(parameters.pop("params_file")).split(",") if f]
+            now = load_params(files, **parameters).as_dict()
+        saved = RunFolder(run_dir).read_yaml(RunFolder.PARAMS) if RunFolder(run_dir).file(RunFolder.PARAMS).is_file() else {}
+        diff = params_differences(saved, _auto_free(now), then="run")
+        if diff:
+            raise SweepError(f"run_sweep: {run_dir} finished with other parameters than this sweep gives it "
+                             f"({'; '.join(diff)}); a sweep started again keeps its finished runs, and its reports "
+                             "would show them as trained with these: give the earlier recipe and options to go on, "
+                             "choose another --out for the new ones, or remove that run folder to train it again")
 
 
 def _plan(names: Sequence[str], seeds: list[int] | None, folds: int) -> list[tuple[str, int | None, int | None]]:
@@ -473,16 +546,26 @@ def _recipe_params(params_file: str | Path | None, extra: dict, folds: int, **va
 
 def _screen_settings(params_file: str | Path | None, extra: dict, folds: int) -> dict:
     """What the recipe decides of the cost screen (02): its image size (0, each model's own: 224) and batch, crop,
-    device and threads, so that the screen measures the training the sweep runs; compare options given to the
-    sweep still win."""
+    device and threads, so that the screen measures the training the sweep runs, and its tasks, split seed and
+    label handling, so that it screens the same task heads on the same split; compare options given to the sweep
+    still win. Pretraining stays the screen's own (off): a cost screen needs no weights."""
     recipe = _recipe_params(params_file, extra, folds)
     return {"image_size": recipe.image_size or 224, "batch_size": recipe.batch_size, "crop": recipe.crop,
-            "device": recipe.device, "num_threads": recipe.num_threads}
+            "device": recipe.device, "num_threads": recipe.num_threads, "tasks": recipe.tasks,
+            "seed": recipe.effective_split_seed, "on_problem": recipe.on_problem}
 
 
-def _tracking_experiment(params_file: str | Path | None, extra: dict, folds: int, sweep_dir: Path) -> dict:
-    """The sweep's runs are one MLflow experiment named after the sweep folder, unless --set or the recipe names one."""
-    if extra.get("tracking_experiment") or _recipe_params(params_file, extra, folds).tracking_experiment:
+def _review_parameters(data: Path, params_file: str | Path | None, extra: dict, folds: int) -> dict:
+    """The data review (01) of what the runs train on: the dataset, the recipe's task schema and split seed."""
+    recipe = _recipe_params(params_file, extra, folds)
+    return {"data_dir": str(data), "tasks": recipe.tasks, "seed": recipe.effective_split_seed}
+
+
+def _tracking_experiment(params_file: str | Path | None, extra: dict, folds: int, sweep_dir: Path,
+                         backbone: str) -> dict:
+    """The sweep's runs are one MLflow experiment named after the sweep folder, unless --set or the recipe (its
+    general values or the backbone's per_backbone section) names one."""
+    if extra.get("tracking_experiment") or _recipe_params(params_file, extra, folds, backbone=backbone).tracking_experiment:
         return {}
     return {"tracking_experiment": sweep_dir.name}
 
@@ -544,7 +627,11 @@ def _baseline(data: Path, params_file: str | Path | None, extra: dict, run_dir: 
         return
 
     try:
-        fit_baseline_run(_recipe_params(params_file, extra, 0, data_dir=str(data), out_dir=str(run_dir)))
+        params = _recipe_params(params_file, extra, 0, data_dir=str(data), out_dir=str(run_dir))
+        if params.crop != "crop_blank":  # the recipe's crop is the networks'
+            log.info("classical baseline: crop_blank (its features are statistics of the tongue region), not the "
+                     "recipe's crop %s", params.crop)
+        fit_baseline_run(params)
     except Exception as exc:  # the baseline is a reference row; the trained runs go on without it
         result.errors.append(failure_record(BASELINE_RUN, exc, None, stage="baseline"))
         log.error("classical baseline failed: %s", exc)

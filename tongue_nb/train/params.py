@@ -75,7 +75,7 @@ class TrainParams:
     out_dir: str = param("", "run folder; empty: runs/<experiment_name>")
     experiment_name: str = param("", "run name; empty: <date>-<backbone>-<image_size>")
     # --- images
-    image_size: int = param(0, "square input size in px; 0: the model's pretrained default", ge=0)
+    image_size: int = param(0, "square input size in px; 0: the model's pretrained default", ge=0, le=4096)
     crop: str = param("crop", "tongue mask use: none, crop (bbox+margin), blank (background), crop_blank",
                    choices=CROPS)
     crop_margin: float = param(0.1, "margin around the mask bounding box, fraction of its size", ge=0.0)
@@ -107,7 +107,8 @@ class TrainParams:
     early_stopping_patience: int = param(5, "epochs without val improvement before a stage stops; 0: off", ge=0)
     min_delta: float = param(0.0, "smallest val combined-score gain that counts as improvement", ge=0.0)
     ema_decay: float = param(0.0, "moving average of the weights, evaluated and saved in their place; 0: off "
-                             "(e.g. 0.998)", ge=0.0, lt=1.0)
+                             "(e.g. 0.998); after n steps the decay used is min(ema_decay, (1 + n) / (10 + n)), so "
+                             "the first steps' weights fade", ge=0.0, lt=1.0)
     # --- loss and imbalance
     task_weights: str = param("", "per-task loss weight, also its share of the combined score that picks the best "
                                "epoch, e.g. coat_color:2, body_color:2; unnamed tasks keep the schema weight")
@@ -120,7 +121,8 @@ class TrainParams:
     augment: bool = param(True, "flip + small affine/scale augmentation on training batches")
     augment_strength: float = param(1.0, "scales the rotation, zoom and shift ranges (1: +-10 deg, 0.9-1.1x, +-5%; "
                                       "0: flips only)", ge=0.0, le=4.0)
-    color_jitter: float = param(0.0, "brightness/contrast jitter strength; 0: off (colour is a label)", ge=0.0)
+    color_jitter: float = param(0.0, "brightness/contrast jitter strength (factor drawn in 1 +- it); 0: off "
+                                "(colour is a label)", ge=0.0, lt=1.0)
     # --- speed / hardware
     precision: str = param("auto", "auto (bf16 on CUDA if supported, else fp32), fp32, bf16, fp16",
                         choices=PRECISIONS)
@@ -369,7 +371,33 @@ def _split_sections(data: dict[str, Any], path: Path) -> tuple[dict[str, Any], d
     for name, values in sections.items():
         if "backbone" in values:
             raise ParamError(f"parameter file {path}: {PER_BACKBONE_KEY}.{name} may not set backbone")
+    if sections:
+        from tongue_nb.model.backbones import resolve_backbone
+
+        for name in sections:
+            try:  # a misspelt name would be a section no backbone ever reads
+                resolve_backbone(str(name))
+            except ValueError as exc:
+                raise ParamError(f"parameter file {path}: {PER_BACKBONE_KEY}.{name}: {exc}") from None
     return data, {str(k): v for k, v in sections.items()}
+
+
+def _section(sections: dict[str, dict[str, Any]], backbone: str, source: str) -> tuple[str, dict[str, Any]]:
+    """The per_backbone section of one file that applies to `backbone`, by its short or timm name alike
+    (`vit_base` and `vit_base_patch16_224` are one backbone); two sections for one backbone are refused."""
+    if not sections:
+        return backbone, {}
+    from tongue_nb.model.backbones import resolve_backbone
+
+    try:
+        target = resolve_backbone(backbone)
+    except ValueError:  # an unknown backbone is refused where the model is built, naming it
+        return backbone, sections.get(backbone, {})
+    found = [name for name in sections if resolve_backbone(name) == target]
+    if len(found) > 1:
+        raise ParamError(f"parameter file {source}: {PER_BACKBONE_KEY} has sections {found} for one backbone "
+                         f"({target}); keep one")
+    return (found[0], sections[found[0]]) if found else (backbone, {})
 
 
 def file_places(data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -431,9 +459,9 @@ def load_params(files: Iterable[str | Path] = (), overrides: Iterable[str] = (),
         backbone = raw if key == "backbone" else backbone
     merged: dict[str, Any] = {}
     for i, (source, layer) in enumerate(layers):
-        section = sections[i][1].get(backbone, {}) if i < len(sections) else {}
+        name, section = _section(sections[i][1], backbone, source) if i < len(sections) else (backbone, {})
         for key, value in list(layer.items()) + list(section.items()):
-            where = source if key in layer or source == "value" else f"{source} ({PER_BACKBONE_KEY}.{backbone})"
+            where = source if key in layer or source == "value" else f"{source} ({PER_BACKBONE_KEY}.{name})"
             merged[str(key)] = _coerce(_field_for(str(key), where), value, where)
     for key, raw, where in parsed:
         merged[key] = _coerce(_field_for(key, where), raw, where)

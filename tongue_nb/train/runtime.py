@@ -204,6 +204,9 @@ class Runtime:
             # Fixed input sizes: let cuDNN pick its fastest convolution algorithms once, on the first batches.
             torch.backends.cudnn.benchmark = True
         amp = resolve_amp(params.precision, device)
+        if getattr(params, "compile", False) and device.type != "cuda":
+            raise TrainingError(f"parameter compile: torch.compile is applied on a CUDA device only (got {device}); "
+                                "set compile=false here")
         return cls(device=device, amp_dtype=amp, channels_last=bool(params.channels_last),
                    scaler=torch.amp.GradScaler("cuda") if amp == torch.float16 else None, dist=info,
                    progress=bool(getattr(params, "progress", False)) and info.is_main and progress_allowed())

@@ -32,6 +32,7 @@ from tongue_nb.model.backbones import MultiTaskBackbone, build_model
 from tongue_nb.model.losses import MultiTaskLoss, class_weights_from_targets
 from tongue_nb.paths import OUT_DIR_PARAMETER, check_outside_dataset, file_sha256, prepare_folder
 from tongue_nb.runio import RunFolder, RunLock, load_checkpoint, load_weights, predictions_table, to_jsonable
+from tongue_nb.runfiles import RunFileError
 from tongue_nb.train.callbacks import (BestTracker, EarlyStopping, EpochHook, History, LastCheckpoint, LogEpoch,
                                        WeightAveraging, WeightEMA)
 from tongue_nb.train.fit import Fit
@@ -319,6 +320,15 @@ def _write_run_inputs(folder: RunFolder, resolved: TrainParams, labels: Labels, 
                     folder.file(RunFolder.SKIPPED))
 
 
+def _check_batch_fits(params: TrainParams, n_train: int, world_size: int, data_dir: Path) -> None:
+    """A batch larger than the training images (per process) would train on fewer than asked each step."""
+    per_process = n_train // world_size
+    if params.batch_size > per_process:
+        raise TrainingError(f"parameter batch_size: {params.batch_size} is more than the {per_process} training images "
+                            f"{'per process ' if world_size > 1 else ''}of {data_dir}; set batch_size <= {per_process} "
+                            "(and accumulation_steps for a larger effective batch)")
+
+
 def _make_loaders(params: TrainParams, rt: Runtime, images: np.ndarray, labels: Labels,
                   idx: Mapping[str, np.ndarray], model: MultiTaskBackbone) -> tuple[BatchLoader, BatchLoader, BatchLoader]:
     """Train (shuffled, augmented, optionally class-balanced) and val/test loaders, sharded per DDP rank."""
@@ -362,14 +372,34 @@ def _same(key: str, saved: Any, now: Any) -> bool:
     return saved == now
 
 
+def params_differences(saved: Mapping[str, Any], now: Mapping[str, Any], then: str = "checkpoint") -> list[str]:
+    """'key: <then> old, now new' for each parameter that changes the training itself (not run control such as
+    threads, device or tracking), among those both sides record; paths compare as the file they name."""
+    return [f"{k}: {then} {saved.get(k)!r}, now {now[k]!r}" for k in now
+            if k not in _RESUME_FREE and k in saved and not _same(k, saved[k], now[k])]
+
+
 def _check_resume_params(saved: Mapping[str, Any], resolved: TrainParams, path: Path) -> None:
     """Refuse to resume with parameters that change the training itself (the result would match neither run)."""
-    now = resolved.as_dict()
-    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in now
-            if k not in _RESUME_FREE and k in saved and not _same(k, saved[k], now[k])]
+    diff = params_differences(saved, resolved.as_dict())
     if diff:
         raise TrainingError(f"cannot resume from {path}: parameters differ from the interrupted run ({'; '.join(diff)}); "
                             "resume with the same parameters or start a new run folder")
+
+
+def _resume_checkpoint(params: TrainParams, folder: RunFolder, resolved: TrainParams,
+                       fingerprint: dict[str, str]) -> tuple[dict | None, TrainParams]:
+    """The checkpoint to resume from (None: a fresh start), checked against the run's parameters and data, and
+    the resolved parameters: a run given no name keeps the one it got when it started (dated that day)."""
+    if not (params.resume and folder.last.exists()):
+        return None, resolved
+    ckpt = load_checkpoint(folder.last, map_location="cpu", keys=("progress", "model", "callbacks", "rng"))
+    saved_name = (ckpt.get("params") or {}).get("experiment_name")
+    if not params.experiment_name and isinstance(saved_name, str) and saved_name:
+        resolved = dataclasses.replace(resolved, experiment_name=saved_name)
+    _check_resume_params(ckpt.get("params", {}), resolved, folder.last)
+    _check_resume_data(ckpt.get("data"), fingerprint, folder.last, params.resume_changed_data)
+    return ckpt, resolved
 
 
 def data_fingerprint(data_dir: Path, tasks: str = "") -> dict[str, str]:
@@ -442,7 +472,9 @@ def _run_fit(params: TrainParams, rt: Runtime, model: MultiTaskBackbone, train_l
     f = Fit(model, stages_from_params(params), train_loader, val_loader, loss_fn, rt, callbacks, config)
     if ckpt is not None:
         try:
-            f.load_checkpoint_state(ckpt)
+            f.load_checkpoint_state(ckpt, folder.last)
+        except RunFileError:
+            raise  # names last.pt itself
         except ValueError as exc:
             raise TrainingError(f"cannot resume from {folder.last}: {exc}") from None
         log.info("resumed %s after epoch %d", folder.path, f.position.epoch)
@@ -487,16 +519,8 @@ def _train_locked(params: TrainParams, rt: Runtime, data_dir: Path, labels: Labe
                                    resume_changed_data=False)
     fingerprint = data_fingerprint(data_dir, params.tasks)
     # Everything a resume is checked against comes before the first write: a refused resume changes nothing.
-    ckpt = None
-    if params.resume and folder.last.exists():
-        ckpt = load_checkpoint(folder.last, map_location="cpu", keys=("progress", "model", "callbacks", "rng"))
-        saved_name = (ckpt.get("params") or {}).get("experiment_name")
-        if not params.experiment_name and isinstance(saved_name, str) and saved_name:
-            # No name given: the run keeps the one it got when it started (dated that day, not today).
-            experiment_name = saved_name
-            resolved = dataclasses.replace(resolved, experiment_name=saved_name)
-        _check_resume_params(ckpt.get("params", {}), resolved, folder.last)
-        _check_resume_data(ckpt.get("data"), fingerprint, folder.last, params.resume_changed_data)
+    ckpt, resolved = _resume_checkpoint(params, folder, resolved, fingerprint)
+    experiment_name = resolved.experiment_name
     check_tracking(params)
 
     img_cache, cache_seconds = _open_cache(params, labels, image_size, rt)
@@ -506,6 +530,7 @@ def _train_locked(params: TrainParams, rt: Runtime, data_dir: Path, labels: Labe
             raise TrainingError(f"{data_dir}: the {name} split is empty; training needs train, val and test samples "
                                 "(check the split column or val_fraction/test_fraction)")
     splits_mod.check_train_weights(labels, idx["train"])
+    _check_batch_fits(params, len(idx["train"]), rt.dist.world_size, data_dir)
     if rt.dist.is_main:
         _write_run_inputs(folder, resolved, labels, split, img_cache, fingerprint)
     train_loader, val_loader, test_loader = _make_loaders(params, rt, img_cache.images, labels, idx, model)
@@ -534,7 +559,7 @@ def _train_locked(params: TrainParams, rt: Runtime, data_dir: Path, labels: Labe
         "trainable_params_m": counts_model["trainable_params_m"],
         "image_size": image_size,
         "pretrained": _weights_record(model),
-        "data_dir": str(data_dir),
+        "data_dir": str(data_dir.resolve()),
         "run_dir": str(out_dir),
         "counts": _counts(labels, split, np.flatnonzero(img_cache.valid)),
         "skipped_images": int(len(img_cache.bad)),
@@ -588,4 +613,4 @@ def _augment(params: TrainParams):
 
     k = params.augment_strength  # 0..4, checked by TrainParams; 1 = Augment's defaults
     return Augment(rotate=10.0 * k, scale=(1.0 - 0.1 * k, 1.0 + 0.1 * k), translate=0.05 * k,
-                   brightness=min(params.color_jitter, 0.99), contrast=min(params.color_jitter, 0.99))
+                   brightness=params.color_jitter, contrast=params.color_jitter)  # < 1 (TrainParams)
