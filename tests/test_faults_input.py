@@ -209,6 +209,13 @@ def test_problem_rows_can_be_dropped_or_reported_instead(syn, tmp_path):
     assert len(dropped.table) == 38 and list(dropped.problems["row"]) == [3, 7]
     reported = load_labels(data, on_problem="report")
     assert len(reported.table) == 40 and reported.targets["coat"][1] == -1  # never relabelled
+    # A run records each of them (line, column, reason) in its folder: nothing is left out without a record.
+    from tongue_nb.runio import RunFolder
+    from tongue_nb.train.trainer import write_label_problems
+
+    write_label_problems(RunFolder(tmp_path / "run"), dropped, "drop")
+    listed = pd.read_csv(tmp_path / "run" / "label_problems.csv")
+    assert list(listed["row"]) == [3, 7] and list(listed.columns) == ["row", "image", "column", "problem"]
 
 
 # ----------------------------------------------------------------------------------------------- images
@@ -345,6 +352,12 @@ def test_skip_bad_images_trains_and_lists_them_in_the_run_folder(syn, tmp_path, 
     predicted = set(pd.read_csv(tmp_path / "run" / "predictions.csv")["id"])
     assert not predicted & set(skipped["image"])
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["skipped_images"] == len(bad)
+    # split.csv and split_stats.csv count what summary.json counts: the skipped rows are in no split
+    split = pd.read_csv(tmp_path / "run" / "split.csv")
+    assert (split["split"] == "skipped").sum() == len(bad)
+    for s in ("train", "val", "test"):
+        assert (split["split"] == s).sum() == summary["counts"][s]["samples"], s
+    assert set(pd.read_csv(tmp_path / "run" / "split_stats.csv")["split"]) <= {"train", "val", "test"}
 
     # The same cache, read back (a hit): odd formats decoded, the black mask recorded, not skipped.
     labels = load_labels(data, on_problem="report")

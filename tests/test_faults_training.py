@@ -200,7 +200,7 @@ def test_nan_loss_via_cli_names_epoch_step_task_and_keeps_best(data, tmp_path, c
     err = capsys.readouterr().err.strip()
     assert code == 1 and len(err.splitlines()) == 1, err
     m = re.fullmatch(r"tongue-nb train: error: loss is NaN/inf at epoch (\d+) \(stage 2\), step (\d+), "
-                     r"task\(s\) ([a-z, ()]+); .*best checkpoint so far is kept.*", err)
+                     r"task\(s\) ([a-z, ()]+); .*epochs finished before it keep their checkpoints.*", err)
     assert m, err
     epoch, step = int(m.group(1)), int(m.group(2))
     assert epoch >= 2 and step >= 1 and set(m.group(3).split(", ")) <= {"shape", "coat", "(total)"}
@@ -350,6 +350,15 @@ def test_a_run_without_a_name_resumes_on_a_later_day_under_its_first_name(own_da
     monkeypatch.setattr(params_mod._dt, "date", Later)
     summary = train(tiny(own_data, run, stage2_epochs=1, resume=True))
     assert summary["epochs_run"] == 2 and summary["experiment_name"] == first and "2099" not in first
+
+
+def test_a_task_without_any_label_is_said_not_silent(own_data, tmp_path, caplog):
+    table = pd.read_csv(own_data / "labels.csv", dtype=str, keep_default_na=False)
+    table["coat"] = ""
+    table.to_csv(own_data / "labels.csv", index=False)
+    with caplog.at_level("WARNING"):
+        train(tiny(own_data, tmp_path / "run", stage1_epochs=0, stage2_epochs=1))
+    assert "task coat has no labelled sample in the train/val/test split(s): its head learns nothing" in caplog.text
 
 
 @pytest.mark.parametrize("values, says", [

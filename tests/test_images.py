@@ -212,6 +212,24 @@ def test_empty_and_full_masks(tmp_path):
     assert read_mask(tmp_path / "full.png").all()
 
 
+def test_a_0_1_label_map_stored_as_jpeg_is_read_by_meaning(tmp_path):
+    """A 0/1 map saved as JPEG (values 0, 1 and a little noise) was read against 0/255 ends: an empty mask, and the
+    photo trained uncropped."""
+    truth = _tongue()
+    Image.fromarray(truth.astype(np.uint8), "L").save(tmp_path / "m.jpg", quality=95)
+    out = read_mask(tmp_path / "m.jpg", truth.shape)
+    assert (out != truth).mean() < 0.05 and out.sum() > 0.8 * truth.sum()  # JPEG's blocks move a few edge pixels
+
+
+def test_a_0_1_label_map_with_a_few_void_pixels_is_ambiguous(tmp_path):
+    """0 background, 1 tongue and a row of 255 ("void"): read by its ends, only the 255 pixels were tongue."""
+    m = _tongue().astype(np.uint8)
+    m[0, :] = 255
+    Image.fromarray(m, "L").save(tmp_path / "void.png")
+    with pytest.raises(ImageError, match=r"void\.png is ambiguous: 3 different values \(0, 1, 255\)"):
+        read_mask(tmp_path / "void.png")
+
+
 @pytest.mark.parametrize("values", [[0, 1, 2], [0, 85, 170, 255]])
 def test_an_ambiguous_many_valued_mask_is_an_error_naming_the_file(tmp_path, values):
     # A label map of three classes, or a grey picture: which pixels are tongue cannot be told.

@@ -139,3 +139,27 @@ def test_bad_options_and_output_inside_source(tmp_path):
     with pytest.raises(ValueError, match="inside the dataset .*mine"):
         import_tonguexpert(db, tmp_path / "mine" / "te")
     assert not (tmp_path / "mine" / "te").exists()
+
+
+def test_an_import_never_replaces_another_dataset_and_names_unreadable_label_files(tmp_path):
+    """Importing into a folder that holds a dataset of the user's would replace its labels.csv and tasks.yaml;
+    an earlier import (import.json) is imported again. A field over the csv module's limit and a column named twice
+    are one-line errors naming the file."""
+    from tongue_nb.data.importers import DatasetImportError
+    from tongue_nb.data.synth import make_synthetic
+
+    db = _fake_db(tmp_path / "src", [["TE1", "white", "NA", "NA", "NA"]])
+    mine = make_synthetic(tmp_path / "mine", n=8, size=32, seed=0)
+    before = (mine / "labels.csv").read_bytes()
+    with pytest.raises(FileExistsError, match=r"already holds a dataset \(labels\.csv, tasks\.yaml, images\)"):
+        import_tonguexpert(db, mine)
+    assert (mine / "labels.csv").read_bytes() == before
+    out = import_tonguexpert(db, tmp_path / "te")
+    assert import_tonguexpert(db, out) == out  # an earlier import is imported again
+    big = _fake_db(tmp_path / "big", [["TE1", "w" * 200_000, "NA", "NA", "NA"]])
+    with pytest.raises(DatasetImportError, match=r"L1_Labels_Manual\.txt: line \d+: not a readable tab-separated row"):
+        import_tonguexpert(big, tmp_path / "te2")
+    twice = _fake_db(tmp_path / "twice", [["TE1", "white", "NA", "NA", "NA", "NA"]],
+                     header=("SID", "labels_tai", "labels_zhi", "labels_fissure", "labels_tooth_mk", "labels_tai"))
+    with pytest.raises(DatasetImportError, match=r"\['labels_tai'\] appear twice"):
+        import_tonguexpert(twice, tmp_path / "te3")

@@ -94,7 +94,8 @@ def check_outside_dataset(folder: str | Path, data_dir: str | Path, parameter: s
 # The files that tongue_nb's run, fold-ensemble, sweep and tune folders hold and read back (runio.RunFolder's among
 # them), and the files that mark such a folder: an output file the user names never replaces one of them.
 TOOL_FILES = frozenset({
-    "params.yaml", "tasks.yaml", "split.csv", "split_stats.csv", "skipped_images.csv", "data_fingerprint.json",
+    "params.yaml", "tasks.yaml", "split.csv", "split_stats.csv", "skipped_images.csv", "label_problems.csv",
+    "data_fingerprint.json",
     "history.csv", "predictions.csv", "summary.json", "baseline_model.safetensors", "baseline_model.pkl",
     "report.html", "ensemble.json", "selection.json", "sweep.json", "failures.json", "comparison.csv",
     "comparison.json", "tune.json", "study.db", "best.yaml",

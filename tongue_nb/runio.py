@@ -371,6 +371,7 @@ class RunFolder:
     SPLIT = "split.csv"
     SPLIT_STATS = "split_stats.csv"
     SKIPPED = "skipped_images.csv"
+    LABEL_PROBLEMS = "label_problems.csv"  # on_problem drop/report: each row left out or label blanked, and why
     FINGERPRINT = "data_fingerprint.json"
     HISTORY = "history.csv"
     PREDICTIONS = "predictions.csv"

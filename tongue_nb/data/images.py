@@ -162,9 +162,18 @@ def tongue_pixels(values: np.ndarray, path: str | Path, lossy: bool = False) -> 
     levels, counts = _levels(values)
     if not lossy and len(levels) <= 2:
         return values > levels[0] if len(levels) == 2 else values != 0
-    lo, hi = (0.0, 255.0) if lossy else (float(levels[0]), float(levels[-1]))
+    if lossy and float(levels[-1]) < 128:
+        # A small label map (tongue 1, or 2, ...) stored as JPEG: its ends are 0 and its commonest non-zero value.
+        nonzero = levels > 0
+        if not nonzero.any():
+            return values != 0
+        lo, hi = 0.0, float(levels[nonzero][np.argmax(counts[nonzero])])
+    else:
+        lo, hi = (0.0, 255.0) if lossy else (float(levels[0]), float(levels[-1]))
     quarter = (hi - lo) / 4
     middle = float(counts[(levels > lo + quarter) & (levels < hi - quarter)].sum()) / float(counts.sum())
+    if not lossy:  # an exact file: its pixels off the two ends (edges) must be few, wherever they lie
+        middle = max(middle, float(counts[(levels != levels[0]) & (levels != levels[-1])].sum()) / float(counts.sum()))
     if middle > MASK_MIDDLE_SHARE:
         shown_levels = ", ".join(f"{v:g}" for v in levels[:6]) + (", ..." if len(levels) > 6 else "")
         raise ImageError(f"mask {path} is ambiguous: {len(levels)} different values ({shown_levels}) and {middle:.0%} "

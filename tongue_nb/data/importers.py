@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+from typing import Any
 from pathlib import Path
 
 from tongue_nb.data.tasks import Task, TaskSchema
@@ -79,6 +80,14 @@ def _read_label_file(path: Path, labels: str) -> list[dict[str, str]]:
     except UnicodeDecodeError as exc:
         raise DatasetImportError(f"{path}: not UTF-8 text ({exc})") from None
     reader = csv.reader(text.splitlines(), delimiter="\t")
+    try:
+        return _label_rows(path, reader, labels)
+    except csv.Error as exc:  # e.g. a field over the csv module's size limit
+        raise DatasetImportError(f"{path}: line {reader.line_num}: not a readable tab-separated row ({exc})") from None
+
+
+def _label_rows(path: Path, reader: Any, labels: str) -> list[dict[str, str]]:
+    """The rows of an L1/L2 file's reader, every value checked."""
     header = next(reader, None)
     if not header:
         raise DatasetImportError(f"{path}: the file is empty; expected a tab-separated header starting with SID")
@@ -87,6 +96,9 @@ def _read_label_file(path: Path, labels: str) -> list[dict[str, str]]:
     absent = [c for c in wanted if c not in header]
     if absent:
         raise DatasetImportError(f"{path}: column(s) {absent} absent; the header is {header}")
+    twice = sorted({c for c in wanted if header.count(c) > 1})
+    if twice:
+        raise DatasetImportError(f"{path}: column(s) {twice} appear twice in the header {header}; expected each once")
     pos = {c: header.index(c) for c in wanted}
     rows: list[dict[str, str]] = []
     seen: dict[str, int] = {}
@@ -154,6 +166,11 @@ def import_tonguexpert(db_dir: str | Path, out_dir: str | Path, labels: str = "m
         raise ValueError(f"out_dir {out} is inside the dataset {around} (it holds labels.csv); nothing is written "
                          "inside a dataset: choose a folder outside it")
     check_folder(out, "out_dir (import out)")
+    held = [n for n in ("labels.csv", "tasks.yaml", "images") if (out / n).exists()]
+    if held and not (out / "import.json").is_file():  # an earlier import (import.json) is imported again
+        raise FileExistsError(f"out_dir {out} already holds a dataset ({', '.join(held)}) that is not an earlier "
+                              "TonguExpert import; importing would replace its labels.csv and tasks.yaml: choose an "
+                              "empty folder")
     rows = _read_label_file(db / LABEL_FILES[labels], labels)
 
     missing = [r["SID"] for r in rows if not (db / IMAGE_DIR / f"{r['SID']}.jpg").is_file()]

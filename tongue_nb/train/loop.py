@@ -40,7 +40,7 @@ class NonFiniteLossError(TrainingError):
         self.epoch, self.step, self.tasks, self.stage = epoch, step, list(tasks), stage
         super().__init__(f"loss is NaN/inf at epoch {epoch} (stage {stage}), step {step}, task(s) "
                          f"{', '.join(self.tasks)}; lower the learning rate, turn on grad_clip, or use "
-                         "precision=fp32/bf16; the best checkpoint so far is kept")
+                         "precision=fp32/bf16; the epochs finished before it keep their checkpoints (none in the first epoch)")
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:

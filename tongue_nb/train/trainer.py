@@ -310,6 +310,9 @@ def _write_run_inputs(folder: RunFolder, resolved: TrainParams, labels: Labels, 
     folder.path.mkdir(parents=True, exist_ok=True)
     resolved.to_yaml(folder.file(RunFolder.PARAMS))
     labels.schema.to_yaml(folder.file(RunFolder.TASKS))
+    # An unreadable image skipped (on_bad_image=skip) trains in no split: recorded as such, and left out of the
+    # counts, as summary.json counts it.
+    split = np.where(np.asarray(img_cache.valid, dtype=bool), np.asarray(split, dtype=object), "skipped")
     folder.write_split(labels.table["id"].to_numpy(), split)
     stats = splits_mod.split_stats(labels.table, labels.targets, labels.schema, split)
     folder.write_table(RunFolder.SPLIT_STATS, pd.DataFrame(stats), float_format=None)
@@ -318,6 +321,27 @@ def _write_run_inputs(folder: RunFolder, resolved: TrainParams, labels: Labels, 
         folder.write_table(RunFolder.SKIPPED, img_cache.bad, float_format=None)
         log.warning("%d unreadable image(s) skipped; listed in %s", len(img_cache.bad),
                     folder.file(RunFolder.SKIPPED))
+    write_label_problems(folder, labels, resolved.on_problem)
+
+
+def write_label_problems(folder: RunFolder, labels: Labels, on_problem: str) -> None:
+    """With on_problem drop or report, the rows left out (or labels made missing) and why, in the run folder:
+    nothing the user gave is lost without a record."""
+    if len(labels.problems):
+        folder.write_table(RunFolder.LABEL_PROBLEMS, labels.problems, float_format=None)
+        what = "rows left out" if on_problem == "drop" else "labels made missing"
+        log.warning("%d label problem(s) (on_problem=%s: %s); each with its line, column and reason in %s",
+                    len(labels.problems), on_problem, what, folder.file(RunFolder.LABEL_PROBLEMS))
+
+
+def _warn_unlabelled_tasks(labels: Labels, idx: Mapping[str, np.ndarray]) -> None:
+    """A task with no label in a split trains nothing (train) or is scored on nothing (val, test): said, not silent."""
+    for task in labels.schema:
+        empty = [name for name, rows in idx.items()
+                 if not labelled_mask(task, np.asarray(labels.targets[task.name])[rows]).any()]
+        if empty:
+            log.warning("task %s has no labelled sample in the %s split(s): %s", task.name, "/".join(empty),
+                        "its head learns nothing" if "train" in empty else "it has no score there")
 
 
 def _check_batch_fits(params: TrainParams, n_train: int, world_size: int, data_dir: Path) -> None:
@@ -531,6 +555,7 @@ def _train_locked(params: TrainParams, rt: Runtime, data_dir: Path, labels: Labe
                                 "(check the split column or val_fraction/test_fraction)")
     splits_mod.check_train_weights(labels, idx["train"])
     _check_batch_fits(params, len(idx["train"]), rt.dist.world_size, data_dir)
+    _warn_unlabelled_tasks(labels, idx)
     if rt.dist.is_main:
         _write_run_inputs(folder, resolved, labels, split, img_cache, fingerprint)
     train_loader, val_loader, test_loader = _make_loaders(params, rt, img_cache.images, labels, idx, model)
