@@ -113,6 +113,42 @@ def test_image_path_the_os_refuses_exits_2_naming_row_and_path(syn, tmp_path, ca
     assert not (tmp_path / "run").exists()
 
 
+def test_the_image_cache_names_the_files_line_after_blank_lines_and_a_multiline_cell(syn, tmp_path, capsys):
+    # Audit D: the cache's "labels table line N" was row + 2, wrong after a blank line or a cell over two lines.
+    data = _copy(syn, tmp_path / "data")
+    expected = _ambiguous_mask(data)
+    lines = (data / "labels.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    header.insert(1, "note")
+    rows = [row.split(",") for row in lines[1:]]
+    for row in rows:
+        row.insert(1, "")
+    rows[0][1] = '"seen twice:\nleft eye, right eye"'  # one cell over two lines
+    text = "\n".join([",".join(header), ",".join(rows[0]), ""] + [",".join(r) for r in rows[1:]]) + "\n"
+    (data / "labels.csv").write_text(text)  # ROW now starts 2 lines further down: a blank line and the 2-line cell
+    expected = expected.replace(f"labels table line {ROW + 2};", f"labels table line {ROW + 4};")
+    code, err = _train_cli(capsys, data, tmp_path / "run")
+    assert code == 2 and re.search(expected, _one_line_reason(err)), err
+
+
+@pytest.mark.parametrize("header, expected", [
+    ("Group", r"line 1, column 'Group': reserved column names are lowercase: rename it 'group'"),
+    ("short-row", r"line 5: 3 field\(s\) but the header \(line 1\) has 5 columns"),
+])
+def test_a_misspelt_reserved_column_or_a_short_row_exits_2_naming_it(syn, tmp_path, capsys, header, expected):
+    data = _copy(syn, tmp_path / "data")
+    lines = (data / "labels.csv").read_text().splitlines()
+    assert lines[0] == "image,mask,group,shape,coat", lines[0]
+    if header == "short-row":
+        lines[ROW + 1] = ",".join(lines[ROW + 1].split(",")[:3])
+    else:
+        lines[0] = lines[0].replace("group", header)
+    (data / "labels.csv").write_text("\n".join(lines) + "\n")
+    code, err = _train_cli(capsys, data, tmp_path / "run")
+    assert code == 2 and re.search(r"labels\.csv: " + expected, _one_line_reason(err)), err
+    assert not (tmp_path / "run").exists()
+
+
 # ----------------------------------------------------------------------------------------------- the notebook
 
 

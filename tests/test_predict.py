@@ -125,6 +125,13 @@ def test_bad_input_is_one_clear_error(runs, tmp_path, capsys):
     csv.write_text("image,label\nx.jpg,1\n")
     assert cli_main(["predict", "--run", str(runs["a"]), "--images", str(csv), "--out", str(tmp_path / "o.csv")]) == 2
     assert "unknown: label" in capsys.readouterr().err
+    # the list is read as labels.csv is: a short row, a BOM-only file and a line after a blank one are named
+    for text, says in (("image,mask\nx.jpg\n", r"list\.csv: line 2: 1 field\(s\) but the header"),
+                       ("\ufeff", r"list\.csv: the file is empty"),
+                       ("image,mask\n\nx.jpg,m.png,extra\n", r"list\.csv: line 3: 3 fields")):
+        csv.write_text(text, encoding="utf-8")
+        with pytest.raises(ValueError, match=says):
+            predict.list_photos(csv)
     assert cli_main(["predict", "--run", str(tmp_path / "nope"), "--images", str(runs["data"] / "images"),
                      "--out", str(tmp_path / "o.csv")]) == 2
     assert "no such folder" in capsys.readouterr().err

@@ -195,3 +195,33 @@ def test_every_column_labels_csv_reads_besides_the_tasks_is_reserved():
     from tongue_nb.data.labels import META_COLUMNS
     from tongue_nb.data.tasks import RESERVED_COLUMNS
     assert set(META_COLUMNS) <= set(RESERVED_COLUMNS)
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("labels: [no, yes, maybe]", "task 'coat': label #1 was read by YAML as bool false, not as text"),
+    ("labels: [a, on]", "task 'coat': label #2 was read by YAML as bool true, not as text"),
+    ("labels: [010, 020]", "task 'coat': label #1 was read by YAML as int 8, not as text"),
+    ("labels: [a, 1.0]", "task 'coat': label #2 was read by YAML as float 1.0, not as text"),
+    ("labels: [a, ~]", "task 'coat': label #2 is empty (YAML null); expected a name"),
+])
+def test_class_names_yaml_does_not_read_as_text_are_refused_asking_to_quote_them(tmp_path, yaml_text, message):
+    # Before: [no, yes, maybe] silently became ['False', 'True', 'maybe'] and [010, 020] ['8', '16']; labels.csv's
+    # 'no' was then blamed as an unknown label.
+    path = tmp_path / "tasks.yaml"
+    path.write_text(f"tasks:\n- name: coat\n  kind: multiclass\n  {yaml_text}\n")
+    with pytest.raises(SchemaError) as info:
+        load_schema(path)
+    assert str(info.value).startswith(f"{path}: {message}"), info.value
+    if "null" not in message:
+        assert "quote it in tasks.yaml, e.g. 'no' or '010'" in str(info.value)
+    path.write_text("tasks:\n- name: coat\n  kind: multiclass\n  labels: ['no', 'yes', '010']\n")
+    assert load_schema(path)["coat"].labels == ("no", "yes", "010")
+
+
+@pytest.mark.parametrize("name, shown", [("yes", "bool true"), ("010", "int 8"), ("1.5", "float 1.5")])
+def test_a_task_name_yaml_does_not_read_as_text_is_refused(tmp_path, name, shown):
+    path = tmp_path / "tasks.yaml"
+    path.write_text(f"tasks:\n- name: {name}\n  kind: binary\n")
+    with pytest.raises(SchemaError, match=rf"tasks\.yaml: task #1: the name was read by YAML as {shown}, not as text.*"
+                                          r"quote it in tasks\.yaml"):
+        load_schema(path)

@@ -15,13 +15,18 @@ import numpy as np
 import pandas as pd
 
 from tongue_nb.data.files import file_problem, relative_path, shown
-from tongue_nb.data.tasks import FALSE_WORDS, NONE_WORDS, TRUE_WORDS, Task, TaskSchema, labelled_mask, load_schema
+from tongue_nb.data.tasks import (FALSE_WORDS, NONE_WORDS, RESERVED_COLUMNS, TRUE_WORDS, Task, TaskSchema,
+                                  labelled_mask, load_schema)
 
 log = logging.getLogger(__name__)
 
 META_COLUMNS = ("image", "mask", "group", "split", "fold", "weight")
 SPLITS = ("train", "val", "test")
 ON_PROBLEM = ("error", "drop", "report")
+# Cells that mark a value as unknown (pandas' missing-value spellings and the usual marks by hand): as a patient id
+# they would make every such row one patient; in a label cell they name no label.
+MISSING_MARKS = {"na", "n/a", "n.a.", "#n/a", "#na", "nan", "-nan", "none", "null", "nil", "<na>", "-", "--", "?",
+                 "unknown", "missing"}
 
 
 class LabelError(ValueError):
@@ -52,28 +57,96 @@ class Labels:
         return {name: int(labelled_mask(self.schema[name], t).sum()) for name, t in self.targets.items()}
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
+@dataclass
+class _Table:
+    """labels.csv as read: the cells as text, and the line of the file each row starts on (a quoted cell may span
+    lines, and blank lines hold no row, so row i is not simply line i + 2)."""
+
+    df: pd.DataFrame
+    lines: list[int]
+
+
+def _decode(path: Path) -> str:
+    """The file's text (UTF-8, with or without a byte-order mark); an empty one is refused."""
     raw = path.read_bytes()
-    if not raw.strip():
-        raise LabelError(f"{path}: the file is empty; expected a header with at least an 'image' column")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise LabelError(f"{path}: line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
                          "save the table as UTF-8") from None
+    if not text.strip():
+        what = "empty" if not raw else "empty (nothing but whitespace or a byte-order mark)"
+        raise LabelError(f"{path}: the file is {what}; expected a header with at least an 'image' column")
+    return text
+
+
+def _records(path: Path, text: str) -> list[tuple[int, list[str]]]:
+    """(the line each record starts on, its fields); blank lines (nothing, or only spaces) hold no record.
+    Quoting is read strictly: a quoted cell never closed, or text after a closing quote, is refused."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    records: list[tuple[int, list[str]]] = []
+    start = 1
     try:
-        # Everything as text: an empty cell must stay distinguishable from a real value.
-        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_filter=False)
-    except (pd.errors.ParserError, csv.Error) as exc:
-        raise LabelError(f"{path}: cannot parse as CSV: {exc}") from None
-    header = [c.strip() for c in next(csv.reader(io.StringIO(text)), [])]
+        for fields in reader:
+            if fields and not (len(fields) == 1 and not fields[0].strip()):
+                records.append((start, fields))
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        reason = ("a quoted cell that starts on this line is never closed (a '\"' is missing)"
+                  if "unexpected end of data" in str(exc) else
+                  f"{exc} (a quoted cell ends with '\"' just before the next ',' or the end of the line; a '\"' "
+                  "inside a quoted cell is written '\"\"')")
+        raise LabelError(f"{path}: cannot parse as CSV: line {start}: {reason}") from None
+    return records
+
+
+def _check_header(path: Path, line: int, header: list[str]) -> None:
+    """The header names each column once, has an 'image' column and spells the reserved columns in lowercase."""
     repeated = sorted({c for c in header if header.count(c) > 1})
     if repeated:
-        raise LabelError(f"{path}: line 1: column(s) {', '.join(map(repr, repeated))} appear more than once in the "
-                         "header; which one holds the labels is ambiguous: keep one column per name")
-    df.columns = [str(c).strip() for c in df.columns]
-    return df
+        raise LabelError(f"{path}: line {line}: column(s) {', '.join(map(repr, repeated))} appear more than once in "
+                         "the header; which one holds the labels is ambiguous: keep one column per name")
+    for column in header:
+        if column.lower() in META_COLUMNS and column != column.lower():
+            raise LabelError(f"{path}: line {line}, column {column!r}: reserved column names are lowercase: rename "
+                             f"it {column.lower()!r} (the column meaning {RESERVED_COLUMNS[column.lower()]}); "
+                             f"spelled {column!r} it would be ignored")
+    if "image" not in header:
+        sep = next((c for c in (";", "\t", "|") if len(header) == 1 and c in header[0]), None)
+        hint = f" (the header looks separated by {sep!r}: labels.csv is comma-separated)" if sep else ""
+        raise LabelError(f"{path}: no 'image' column; columns are {header}{hint}")
+
+
+def _read_csv(path: Path) -> _Table:
+    """Every cell as text (an empty cell stays distinguishable from a value), each row with its line; a row with
+    more or fewer fields than the header is refused (its cells would land in the wrong columns or go missing)."""
+    records = _records(path, _decode(path))
+    if not records:
+        raise LabelError(f"{path}: the file is empty (nothing but blank lines); expected a header with at least an "
+                         "'image' column")
+    header_line, fields = records[0]
+    header = [c.strip() for c in fields]
+    _check_header(path, header_line, header)
+    for line, fields in records[1:]:
+        if len(fields) < len(header):
+            absent = ", ".join(map(repr, header[len(fields):]))
+            raise LabelError(f"{path}: line {line}: {len(fields)} field(s) but the header (line {header_line}) has "
+                             f"{len(header)} columns: the row ends before column(s) {absent}; expected one field "
+                             "per column (an empty cell is written as nothing between two commas)")
+        if len(fields) > len(header):
+            extra = fields[len(header):]
+            raise LabelError(f"{path}: line {line}: {len(fields)} fields but the header (line {header_line}) has "
+                             f"{len(header)} columns: {extra!r} belong(s) to no column; expected one field per column "
+                             "(a cell holding a ',' is quoted: \"a,b\")")
+    df = pd.DataFrame([f for _, f in records[1:]], columns=header, dtype=object)
+    return _Table(df=df, lines=[line for line, _ in records[1:]])
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """A comma-separated list of photos (an 'image' column) read as labels.csv is, every cell as text: for the
+    photo lists of `tongue-nb predict --images`. A LabelError names the file and line."""
+    return _read_csv(Path(path)).df.fillna("")
 
 
 # --------------------------------------------------------------------------- the reading steps
@@ -83,13 +156,14 @@ def _read_csv(path: Path) -> pd.DataFrame:
 class _Reading:
     """What the reading steps share: the raw table, and what each step has read from it so far.
 
-    Row `i` of the table is line `i + 2` of the file (the header is line 1).
+    Row `i` of the table starts on line `lines[i]` of the file.
     """
 
     root: Path
     path: Path
     schema: TaskSchema
     df: pd.DataFrame
+    lines: list[int]
     sources: dict[str, str | dict[str, str]] = field(default_factory=dict)
     images: list[str] = field(default_factory=list)
     masks: list[str] = field(default_factory=list)
@@ -107,21 +181,16 @@ class _Reading:
 
     def at(self, i: int, column: str) -> str:
         """'<file>: line L, column C' for row i, the start of every message about a cell."""
-        return f"{self.path}: line {i + 2}, column {column!r}"
+        return f"{self.path}: line {self.lines[i]}, column {column!r}"
 
     def problem(self, i: int, column: str, text: str) -> None:
         """Record a problem of row i (listed, then raised, dropped or kept as on_problem says)."""
-        self.problems.append(dict(row=i + 2, image=self.images[i], column=column, problem=text))
+        self.problems.append(dict(row=self.lines[i], image=self.images[i], column=column, problem=text))
         self.bad_rows.add(i)
 
 
 def _check_table(r: _Reading) -> None:
-    """The table has an 'image' column (a header separated by ';' or tab is named as such) and at least one row."""
-    if "image" not in r.df.columns:
-        columns = list(r.df.columns)
-        sep = next((c for c in (";", "\t", "|") if len(columns) == 1 and c in columns[0]), None)
-        hint = f" (the header looks separated by {sep!r}: labels.csv is comma-separated)" if sep else ""
-        raise LabelError(f"{r.path}: no 'image' column; columns are {columns}{hint}")
+    """The table has at least one row (its header was checked as it was read: `_check_header`)."""
     if r.n == 0:
         raise LabelError(f"{r.path}: the table has a header but no rows")
 
@@ -168,9 +237,9 @@ def _read_images(r: _Reading) -> None:
         if not rel:
             raise LabelError(f"{r.at(i, 'image')}: empty image path")
         if rel in seen:
-            raise LabelError(f"{r.path}: line {i + 2}: image {shown(rel)!r} is listed twice (first on line "
+            raise LabelError(f"{r.path}: line {r.lines[i]}: image {shown(rel)!r} is listed twice (first on line "
                              f"{seen[rel]}); one row per image")
-        seen[rel] = i + 2
+        seen[rel] = r.lines[i]
         r.images.append(rel)
 
 
@@ -181,11 +250,17 @@ def _read_masks(r: _Reading) -> None:
 
 
 def _read_groups(r: _Reading) -> None:
-    """Groups (patients); a row without one is its own group (its image path)."""
-    if "group" in r.df.columns:
-        r.groups = [g.strip() or img for g, img in zip(r.df["group"], r.images)]
-    else:
+    """Groups (patients); a row without one (an empty cell) is its own group (its image path). A mark for an unknown
+    patient ('NA', 'nan', '-', '?', ...) is refused: every row carrying it would become one patient."""
+    if "group" not in r.df.columns:
         r.groups = list(r.images)
+        return
+    for i, g in enumerate(r.df["group"]):
+        if g.strip().lower() in MISSING_MARKS:
+            raise LabelError(f"{r.at(i, 'group')}: {g!r} marks an unknown patient, but as a group id every row "
+                             "carrying it would be one patient; expected the patient id, or an empty cell (the "
+                             "photo is then its own group)")
+    r.groups = [g.strip() or img for g, img in zip(r.df["group"], r.images)]
 
 
 def _read_splits(r: _Reading) -> None:
@@ -253,9 +328,12 @@ def _empty_target(task: Task, n: int) -> np.ndarray:
 
 
 def _per_label_targets(r: _Reading, task: Task, columns: dict[str, str]) -> np.ndarray:
-    """One 0/1 column per label; a multiclass row with two classes marked is a problem (left missing)."""
+    """One 0/1 column per label; a multiclass row with two classes marked, or with cells but no class marked, is a
+    problem (left missing)."""
     out = _empty_target(task, r.n)
     conflicts: set[int] = set()
+    if task.kind == "multiclass":
+        _no_class_marked(r, task, columns, conflicts)
     for j, lab in enumerate(task.labels):
         col = columns[lab]
         for i, cell in enumerate(r.df[col]):
@@ -274,6 +352,18 @@ def _per_label_targets(r: _Reading, task: Task, columns: dict[str, str]) -> np.n
     if conflicts:
         out[sorted(conflicts)] = -1
     return out
+
+
+def _no_class_marked(r: _Reading, task: Task, columns: dict[str, str], conflicts: set[int]) -> None:
+    """A multiclass row whose per-label cells are filled but hold no 1 is a problem (all empty = missing)."""
+    names = list(columns.values())
+    for i, row in enumerate(zip(*(r.df[name] for name in names))):
+        values = [c.strip() for c in row]
+        if any(values) and not any(_parse_bool(v) == 1.0 for v in values if v):
+            zero = "0" if all(values) else "0 or empty"
+            r.problem(i, names[0], f"task {task.name!r}: no class marked (every one of {names} is {zero}); expected "
+                                   "exactly one 1 (all empty = missing)")
+            conflicts.add(i)
 
 
 def _cell_targets(r: _Reading, task: Task, column: str) -> np.ndarray:
@@ -310,8 +400,12 @@ def _cell_parts(r: _Reading, task: Task, column: str, i: int, cell: str) -> tupl
     says_none = task.kind == "multilabel" and any(p.lower() in NONE_WORDS and p.lower() not in lookup for p in parts)
     unknown = [p for p in parts if p.lower() not in lookup and not (says_none and p.lower() in NONE_WORDS)]
     if unknown:
+        mark = ""
+        if unknown[0].lower() in MISSING_MARKS:
+            mark = (f" ({unknown[0]!r} is not read as a missing label: leave the cell empty for one"
+                    + (", or write 'none' when no label applies)" if task.kind == "multilabel" else ")"))
         raise LabelError(f"{r.at(i, column)}: unknown label {unknown[0]!r} for {task.kind} task {task.name!r}; "
-                         f"{expected}")
+                         f"{expected}{mark}")
     return parts, sorted({lookup[p.lower()] for p in parts if p.lower() in lookup}), says_none
 
 
@@ -392,7 +486,7 @@ FILE_STEPS = (_check_files,)
 def _result(r: _Reading, on_problem: str) -> Labels:
     """The Labels of what was read, after the problems were raised (error), their rows dropped (drop) or kept."""
     problems = sorted(r.problems, key=lambda p: p["row"])
-    lines = np.arange(r.n, dtype=np.int64) + 2
+    lines = np.asarray(r.lines, dtype=np.int64)
     table = pd.DataFrame({"id": r.images, "image": r.images, "mask": r.masks, "group": r.groups, "split": r.splits,
                           "weight": r.weights, "row": lines})
     if r.folds is not None:
@@ -438,7 +532,8 @@ def load_labels(data_dir: str | Path, schema: TaskSchema | None = None, labels_f
         raise LabelError(f"labels table not found: {path}")
     if schema is None:
         schema = load_schema(root / "tasks.yaml")
-    reading = _Reading(root=root, path=path, schema=schema, df=_read_csv(path))
+    table = _read_csv(path)
+    reading = _Reading(root=root, path=path, schema=schema, df=table.df, lines=table.lines)
     for step in READING_STEPS + (FILE_STEPS if check_files else ()):
         step(reading)
     return _result(reading, on_problem)
@@ -454,7 +549,8 @@ def load_image_masks(data_dir: str | Path, labels_file: str = "labels.csv") -> d
     if reason is not None:
         raise LabelError(f"labels table {reason}: {path}")
     # These steps read no label, so no schema is needed.
-    reading = _Reading(root=root, path=path, schema=None, df=_read_csv(path))  # type: ignore[arg-type]
+    table = _read_csv(path)
+    reading = _Reading(root=root, path=path, schema=None, df=table.df, lines=table.lines)  # type: ignore[arg-type]
     for step in (_check_table, _read_images, _read_masks):
         step(reading)
     return dict(zip(reading.images, reading.masks))

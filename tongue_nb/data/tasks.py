@@ -16,8 +16,9 @@ KINDS = ("binary", "multiclass", "multilabel")
 # Cell spellings accepted for a binary (or per-label multilabel) column.
 TRUE_WORDS = {"1", "1.0", "true", "yes", "y", "positive", "pos"}
 FALSE_WORDS = {"0", "0.0", "false", "no", "n", "negative", "neg"}
-# A multilabel cell that says "no label of this task applies" (an empty cell means "not annotated").
-NONE_WORDS = {"none", "-"}
+# A multilabel cell that says "no label of this task applies" (an empty cell means "not annotated"). Only the word:
+# a '-' is as often written for "unknown", so it is refused rather than read as "none".
+NONE_WORDS = {"none"}
 # Columns of labels.csv (and of the run's split.csv and predictions.csv) that are not labels, with what they mean.
 # No task may read a column of these names (compared ignoring case): its labels would be taken for this meaning.
 RESERVED_COLUMNS = {
@@ -163,6 +164,7 @@ class TaskSchema:
             if not isinstance(entry, Mapping):
                 raise SchemaError(f"{source}: task #{i} must be a mapping with name, kind, labels")
             name = entry.get("name", f"#{i}")
+            _check_text(source, f"task #{i}: the name", name)
             unknown = set(entry) - {"name", "kind", "labels", "weight"}
             if unknown:
                 raise SchemaError(f"{source}: task {name!r}: unknown key(s) {sorted(unknown)}; expected name, kind, labels, weight")
@@ -171,12 +173,27 @@ class TaskSchema:
                 labels = [str(name)]
             if not isinstance(labels, list):
                 raise SchemaError(f"{source}: task {name!r}: 'labels' must be a list of names")
+            for k, label in enumerate(labels, start=1):
+                _check_text(source, f"task {name!r}: label #{k}", label)
             try:
                 tasks.append(Task(name=entry.get("name"), kind=entry.get("kind"),
-                                  labels=tuple(str(x) for x in labels), weight=float(entry.get("weight", 1.0))))
+                                  labels=tuple(labels), weight=float(entry.get("weight", 1.0))))
             except (TypeError, ValueError) as exc:
                 raise SchemaError(f"{source}: {exc}") from None
         return cls(tuple(tasks))
+
+
+def _check_text(source: str, what: str, value: object) -> None:
+    """A name YAML read as something other than text (`no` -> false, `010` -> 8, `~` -> null, `1.0` -> 1.0) is
+    refused: turned back into text it would no longer be the name written, and labels.csv would be blamed."""
+    if isinstance(value, str):
+        return
+    if value is None:
+        raise SchemaError(f"{source}: {what} is empty (YAML null); expected a name")
+    shown = str(value).lower() if isinstance(value, bool) else repr(value)
+    raise SchemaError(f"{source}: {what} was read by YAML as {type(value).__name__} {shown}, not as text (YAML reads "
+                      "yes/no/on/off as true/false, 010 as the number 8, 1.0 as a number); quote it in tasks.yaml, "
+                      "e.g. 'no' or '010'")
 
 
 def parse_task_weights(spec: str, source: str = "task_weights") -> dict[str, float]:

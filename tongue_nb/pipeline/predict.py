@@ -267,10 +267,12 @@ def list_photos(images: str | Path) -> pd.DataFrame:
         raise FileNotFoundError(f"--images {src}: no such folder or CSV file")
     if src.suffix.lower() != ".csv":
         raise ValueError(f"--images {src}: expected a folder of photos or a .csv list, got a {src.suffix or 'plain'} file")
-    try:
-        table = pd.read_csv(src, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
-        raise ValueError(f"--images {src}: not a readable CSV ({exc})") from None
+    from tongue_nb.data.labels import LabelError, read_table
+
+    try:  # labels.csv's reader: real line numbers, short or long rows and an empty file refused
+        table = read_table(src)
+    except LabelError as exc:
+        raise ValueError(f"--images {exc}") from None
     unknown = [c for c in table.columns if c not in CSV_COLUMNS]
     if unknown or "image" not in table.columns:
         raise ValueError(f"--images {src}: columns {list(table.columns)}; expected image, and optionally mask and id"
