@@ -128,7 +128,9 @@ def test_bad_input_is_one_clear_error(runs, tmp_path, capsys):
     # the list is read as labels.csv is: a short row, a BOM-only file and a line after a blank one are named
     for text, says in (("image,mask\nx.jpg\n", r"list\.csv: line 2: 1 field\(s\) but the header"),
                        ("\ufeff", r"list\.csv: the file is empty"),
-                       ("image,mask\n\nx.jpg,m.png,extra\n", r"list\.csv: line 3: 3 fields")):
+                       ("image,mask\n\nx.jpg,m.png,extra\n", r"list\.csv: line 3: 3 fields"),
+                       ("image\na.jpg\n\na.jpg\n", r"list\.csv: line 4, column 'image': 'a.jpg' is already on line 2"),
+                       ("image,id\na.jpg,p\nb.jpg,p\n", r"line 3, column 'id': 'p' is already on line 2")):
         csv.write_text(text, encoding="utf-8")
         with pytest.raises(ValueError, match=says):
             predict.list_photos(csv)
@@ -424,6 +426,7 @@ def test_predict_and_export_never_write_over_a_dataset_a_run_or_their_own_input(
                 (predict + [str(net / "summary.json")], "would replace the summary.json of the tongue_nb folder"),
                 (predict + [str(net / "checkpoints" / "p.csv")], "checkpoints: choose a file path outside them"),
                 (predict + [str(photos)], "is the --images list itself"),
+                (["export", "--run", str(net), "--out", str(tmp_path / "ex") + "/"], "ex/ ends with '/', a folder"),
                 (predict + [str(tmp_path / "p.csv"), "--explain", str(data / "cam")], "explain (--explain): "),
                 (["export", "--run", str(net), "--out", str(data / "labels.csv")], "is inside the dataset"),
                 (["export", "--run", str(net), "--out", str(net / "predictions.csv")], "would replace the predictions.csv")]

@@ -114,6 +114,8 @@ def test_bad_segmenter_input_is_refused(tmp_path):
         segment.SegParams(data_dir="d", out_dir="o", lr=float("inf"))
     with pytest.raises(ParamError, match="data_dir and out_dir"):
         segment.SegParams(data_dir="", out_dir="o")
+    with pytest.raises(ParamError, match="image_size"):  # an image of 100000 px a side took all the memory
+        segment.SegParams(data_dir="d", out_dir="o", image_size=100_000)
     data = make_synthetic(tmp_path / "d", n=12, size=48, seed=0)
     lab = pd.read_csv(data / "labels.csv", dtype=str, keep_default_na=False).drop(columns=["mask"])
     lab.to_csv(data / "labels.csv", index=False)
@@ -121,6 +123,21 @@ def test_bad_segmenter_input_is_refused(tmp_path):
     assert cli_main(["train-segmenter", "--data", str(data), "--out", str(data / "inside")]) == 2
     assert cli_main(["train-segmenter", "--data", str(data), "--out", str(tmp_path / "s"), "--set", "epoch=3"]) == 2
     assert not (tmp_path / "s").exists()  # refused before anything was written
+
+
+def test_a_segmenter_run_with_an_unusable_image_size_is_named(seg_run, tmp_path):
+    import shutil
+
+    import yaml
+
+    from tongue_nb.runfiles import RunFileError
+
+    run = Path(shutil.copytree(seg_run["out"], tmp_path / "seg"))
+    params = yaml.safe_load((run / "params.yaml").read_text())
+    for bad in (200_000, True, "x"):
+        (run / "params.yaml").write_text(yaml.safe_dump(dict(params, image_size=bad)))
+        with pytest.raises(RunFileError, match=r"params\.yaml: image_size"):
+            segment.Segmenter.from_run(run)
 
 
 def test_mask_acceptance_bench_scores_given_and_predicted_masks(seg_run, tmp_path):

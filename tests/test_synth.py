@@ -151,7 +151,7 @@ def test_a_failed_generation_leaves_the_folder_as_it_was_and_can_be_rerun(monkey
 
 def test_refuses_to_overwrite(small):
     before = sorted(p.relative_to(small) for p in small.rglob("*"))
-    with pytest.raises(FileExistsError, match="already holds a dataset"):
+    with pytest.raises(FileExistsError, match="already holds images, masks, labels.csv, tasks.yaml"):
         synth.make_synthetic(small, n=4, size=32)
     for inside in (small / "more", small / "images" / "more"):  # nor a dataset within a dataset
         with pytest.raises(FileExistsError, match=f"inside the dataset {small.resolve()}"):
@@ -171,3 +171,20 @@ def test_ensure_synthetic_builds_once_in_the_cache(monkeypatch, tmp_path):
     assert not [p for p in where.parent.iterdir() if p.name.startswith(".")]  # no temporary left over
     with pytest.raises(FileExistsError, match="other settings"):
         synth.ensure_synthetic(n=9, size=32, seed=2, out_dir=first)
+
+
+@pytest.mark.parametrize("held", ["masks/keep.png", "tasks.yaml", "masks/"])
+def test_a_folder_holding_any_name_the_dataset_moves_in_is_refused_and_left_as_it_was(tmp_path, held):
+    """A masks/ of the user's made the move fail half-way (images/ in, labels.csv not: a folder no later run could
+    use), and a tasks.yaml of the user's was replaced without a word."""
+    out = tmp_path / "d"
+    target = out / held
+    if held.endswith("/"):
+        target.mkdir(parents=True)
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("mine")
+    before = {p: (p.read_bytes() if p.is_file() else None) for p in out.rglob("*")}
+    with pytest.raises(FileExistsError, match=rf"already holds {held.split('/')[0]}; a synthetic dataset is written"):
+        synth.make_synthetic(out, n=4, size=32)
+    assert {p: (p.read_bytes() if p.is_file() else None) for p in out.rglob("*")} == before

@@ -225,3 +225,18 @@ def test_a_task_name_yaml_does_not_read_as_text_is_refused(tmp_path, name, shown
     with pytest.raises(SchemaError, match=rf"tasks\.yaml: task #1: the name was read by YAML as {shown}, not as text.*"
                                           r"quote it in tasks\.yaml"):
         load_schema(path)
+
+
+@pytest.mark.parametrize("tasks, says", [
+    ("- {name: a, kind: binary}\n- {name: a, kind: binary}\n", "task names must be unique; repeated: a"),
+    ("[]\n", "the schema has no tasks"),
+    ("- {name: a, kind: binary, weight: 0}\n", "at least one task needs a weight > 0"),
+    ("- {name: shape, kind: binary, weight: heavy}\n", r"task 'shape': weight: got 'heavy', expected a finite number"),
+    ("- {name: shape, kind: binary, weight: [1]}\n", r"task 'shape': weight: got \[1\]"),
+])
+def test_every_schema_error_names_the_file_and_the_task(tmp_path, tasks, says):
+    file = tmp_path / "tasks.yaml"
+    file.write_text("tasks:\n" + "".join(f"  {line}\n" for line in tasks.splitlines()) if tasks != "[]\n"
+                    else "tasks: []\n")
+    with pytest.raises(SchemaError, match=rf"^{file}: {says}"):
+        load_schema(file)

@@ -146,6 +146,9 @@ def check_file_target(path: str | Path, parameter: str, instead: str = "choose a
     """Without writing anything: FolderError naming the parameter when a file could not or may not be written at
     `path`: it is a folder, a file stands on its parent path, the nearest existing folder is not writable, or it
     lies inside a dataset, a run's checkpoints, or is one of a tongue_nb folder's own files (`_would_replace`)."""
+    if str(path).endswith(("/", os.sep)):  # Path() drops the slash that says "a folder"
+        raise FolderError(f"parameter {parameter}: {path} ends with '/', a folder; expected a file path (e.g. "
+                          f"{path}<name>); {instead}")
     path = Path(path)
     if path.is_dir():
         raise FolderError(f"parameter {parameter}: {path} is a folder, expected a file path; {instead}")

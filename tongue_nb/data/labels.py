@@ -143,10 +143,11 @@ def _read_csv(path: Path) -> _Table:
     return _Table(df=df, lines=[line for line, _ in records[1:]])
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
-    """A comma-separated list of photos (an 'image' column) read as labels.csv is, every cell as text: for the
-    photo lists of `tongue-nb predict --images`. A LabelError names the file and line."""
-    return _read_csv(Path(path)).df.fillna("")
+def read_table(path: str | Path) -> tuple[pd.DataFrame, list[int]]:
+    """A comma-separated list of photos (an 'image' column) read as labels.csv is, every cell as text, and the line
+    of each row: for the photo lists of `tongue-nb predict --images`. A LabelError names the file and line."""
+    table = _read_csv(Path(path))
+    return table.df.fillna(""), list(table.lines)
 
 
 # --------------------------------------------------------------------------- the reading steps

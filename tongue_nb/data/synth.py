@@ -285,10 +285,12 @@ def make_synthetic(out_dir: str | Path, n: int = 500, size: int = 128, seed: int
     from tongue_nb.paths import check_folder, dataset_around
 
     out = check_folder(Path(out_dir), "out_dir (synth out)")
-    if (out / "labels.csv").exists() or (out / "images").exists():
-        # Refuse to mix two generations in one folder: stale images would stay listed nowhere.
-        raise FileExistsError(f"make_synthetic: {out} already holds a dataset (labels.csv or images/); "
-                              "choose an empty folder")
+    held = [name for name in SYNTH_FILES if (out / name).exists()]
+    if held:
+        # Refuse to mix two generations in one folder (stale images would stay listed nowhere), or to replace a
+        # tasks.yaml or masks/ of the user's: every name the dataset moves in is checked before anything is written.
+        raise FileExistsError(f"make_synthetic: {out} already holds {', '.join(held)}; a synthetic dataset is "
+                              f"written as {', '.join(SYNTH_FILES)}: choose an empty folder")
     around = dataset_around(out)
     if around is not None:
         raise FileExistsError(f"make_synthetic: {out} is inside the dataset {around} (it holds labels.csv); nothing "
@@ -301,7 +303,7 @@ def make_synthetic(out_dir: str | Path, n: int = 500, size: int = 128, seed: int
     stage = Path(tempfile.mkdtemp(prefix=".synth-partial-", dir=out))
     try:
         n_pat = _write_dataset(stage, n, size, seed, missing)
-        for name in ("images", "masks", "labels.csv", "tasks.yaml"):
+        for name in SYNTH_FILES:
             os.replace(stage / name, out / name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -310,6 +312,9 @@ def make_synthetic(out_dir: str | Path, n: int = 500, size: int = 128, seed: int
     log.info("synthetic dataset: %d images (%d patients) at %d px in %.1f s -> %s",
              n, n_pat, size, time.perf_counter() - t0, out)
     return out
+
+
+SYNTH_FILES = ("images", "masks", "labels.csv", "tasks.yaml")  # what make_synthetic moves into its folder
 
 
 def _write_dataset(out: Path, n: int, size: int, seed: int, missing: float) -> int:

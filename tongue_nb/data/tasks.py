@@ -175,12 +175,18 @@ class TaskSchema:
                 raise SchemaError(f"{source}: task {name!r}: 'labels' must be a list of names")
             for k, label in enumerate(labels, start=1):
                 _check_text(source, f"task {name!r}: label #{k}", label)
+            weight = entry.get("weight", 1.0)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                raise SchemaError(f"{source}: task {name!r}: weight: got {weight!r}, expected a finite number >= 0")
             try:
                 tasks.append(Task(name=entry.get("name"), kind=entry.get("kind"),
-                                  labels=tuple(labels), weight=float(entry.get("weight", 1.0))))
+                                  labels=tuple(labels), weight=float(weight)))
             except (TypeError, ValueError) as exc:
                 raise SchemaError(f"{source}: {exc}") from None
-        return cls(tuple(tasks))
+        try:  # the checks across tasks (unique names, a weight > 0, any task at all) name the file too
+            return cls(tuple(tasks))
+        except SchemaError as exc:
+            raise SchemaError(f"{source}: {exc}") from None
 
 
 def _check_text(source: str, what: str, value: object) -> None:

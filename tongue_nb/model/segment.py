@@ -49,7 +49,7 @@ class SegParams:
     encoder: str = param("tf_efficientnet_lite0", "timm encoder of the U-Net")
     pretrained: bool = param(True, "seed the encoder with ImageNet weights (tongue_nb.model.weights)")
     pretrained_path: str = param("", "encoder weights file; empty: hub cache, weights package, hub")
-    image_size: int = param(160, "square input side (the whole photo, letterboxed)", gt=31)
+    image_size: int = param(160, "square input side (the whole photo, letterboxed)", gt=31, le=4096)
     batch_size: int = param(16, "samples per step", gt=0)
     epochs: int = param(12, "epochs", gt=0)
     max_steps_per_epoch: int = param(0, "cap on steps per epoch; 0: all", ge=0)
@@ -417,13 +417,19 @@ class Segmenter:
         run, weights = folder.path, folder.best
         saved = folder.read_yaml(RunFolder.PARAMS, keys=("encoder",), expected="a segmenter run's parameters (with "
                                  "its encoder), as tongue-nb train-segmenter writes them; is it a classification run?")
+        size = saved.get("image_size", 160)
+        if isinstance(size, bool) or not isinstance(size, int) or not 32 <= size <= 4096:
+            from tongue_nb.runfiles import RunFileError
+
+            raise RunFileError(folder.file(RunFolder.PARAMS), f"image_size {size!r}",
+                               "a segmenter run's parameters: image_size a whole number from 32 to 4096")
         net, _ = build_unet(str(saved["encoder"]), pretrained=False)
         state, _ = load_weights(weights)
         load_module_state(net, state, weights, f"the weights of a U-Net with encoder {saved['encoder']!r}")
         cfg = getattr(net.encoder.model, "pretrained_cfg", None) or {}
         mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1)
         std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1)
-        return cls(net, int(saved.get("image_size", 160)), mean, std, str(run))
+        return cls(net, size, mean, std, str(run))
 
     def predict(self, images: Sequence[np.ndarray]) -> list[np.ndarray | None]:
         """Cleaned masks (bool, each photo's own size) for uint8 RGB photos; None where no tongue is found."""

@@ -59,7 +59,7 @@ class CompareParams:
     steps: int = param(20, "optimizer steps per backbone: the identical short training budget", gt=0)
     warmup_steps: int = param(3, "first steps left out of the speed timing", ge=0)
     batch_size: int = param(8, "samples per step, the same for every backbone", gt=0)
-    image_size: int = param(128, "square input size in px, the same for every backbone", ge=8)
+    image_size: int = param(128, "square input size in px, the same for every backbone", ge=8, le=4096)
     lr: float = param(1e-4, "AdamW learning rate during the budget", gt=0.0)
     seed: int = param(0, "split, initialisation and batch order", ge=0)
     pretrained: bool = param(False, "start from pretrained weights (tongue_nb.model.weights)")

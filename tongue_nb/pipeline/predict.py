@@ -270,9 +270,17 @@ def list_photos(images: str | Path) -> pd.DataFrame:
     from tongue_nb.data.labels import LabelError, read_table
 
     try:  # labels.csv's reader: real line numbers, short or long rows and an empty file refused
-        table = read_table(src)
+        table, lines = read_table(src)
     except LabelError as exc:
         raise ValueError(f"--images {exc}") from None
+    for column in ("image", "id"):  # one row per photo: the output is joined on id
+        if column in table.columns:
+            seen: dict[str, int] = {}
+            for line, value in zip(lines, table[column]):
+                if value and value in seen:
+                    raise ValueError(f"--images {src}: line {line}, column {column!r}: {value!r} is already on line "
+                                     f"{seen[value]}; expected each photo (and id) once")
+                seen.setdefault(value, line)
     unknown = [c for c in table.columns if c not in CSV_COLUMNS]
     if unknown or "image" not in table.columns:
         raise ValueError(f"--images {src}: columns {list(table.columns)}; expected image, and optionally mask and id"
