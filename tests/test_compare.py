@@ -198,3 +198,15 @@ def test_compare_params_take_the_shared_fields_of_a_training_recipe(synth_dir: P
     assert p.steps == 5 and CompareParams.from_recipe(TrainParams(image_size=0)).image_size == 224
     with pytest.raises(ParamError, match="device"):
         CompareParams(device="gpu0")
+
+
+def test_the_comparison_never_writes_into_a_run_or_sweep_folder(synth_dir: Path, tmp_path: Path) -> None:
+    """02 with out_dir a training run's folder put comparison.csv/json among the run's records."""
+    from tongue_nb.pipeline.compare import CompareError, CompareParams, compare_backbones
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text("{}")
+    with pytest.raises(CompareError, match=r"parameter out_dir: .*run holds a run"):
+        compare_backbones(CompareParams(data_dir=str(synth_dir), steps=2, warmup_steps=1), ["test_vit"], out_dir=run)
+    assert sorted(p.name for p in run.iterdir()) == ["summary.json"]

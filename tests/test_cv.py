@@ -135,6 +135,7 @@ def test_reports_of_a_cross_validated_sweep(cv_sweep):
                 choose(s, **kwargs)
     page = (reports / "05_report.html").read_text()
     assert "Cross-validation" in page and "corrected resampled t-test" in page
+    assert "combined_mean" in page and "oof_combined" in page  # the CV table itself, not only its figure
     for k in range(3):
         assert (reports / f"03_train-test_convnext-fold{k}.html").exists()
     assert (reports / "04_error_analysis-test_convnext.html").exists()

@@ -51,6 +51,8 @@ def test_each_notebook_checks_exactly_its_parameters_cell(stem):
     (ReportParams, {"sweep_dir": "s", "seed": -1}, "parameter seed"),
     (ReportParams, {"sweep_dir": "s", "n_boot": 2.5}, "parameter n_boot"),
     (ReportParams, {}, "parameter sweep_dir"),
+    (ReportParams, {"sweep_dir": "."}, r"sweep_dir: \. is not a sweep folder \(no sweep.json, no runs/\)"),
+    (ErrorAnalysisParams, {"run_dir": "r", "data_dir": "nope"}, "parameter data_dir: nope is not a folder"),
     (ComparisonNotebookParams, {"synth_n": 0}, "parameter synth_n"),
     (ComparisonNotebookParams, {"out_dir": ""}, "parameter out_dir"),
     (PredictNotebookParams, {"runs": "r", "images": "i", "n_gallery": -1}, "parameter n_gallery: got -1"),

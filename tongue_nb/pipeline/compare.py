@@ -428,8 +428,13 @@ def compare_backbones(params: CompareParams, backbones: str | Sequence[str],
     _resolve_device(params.device)  # fail now, not once per backbone
     if out_dir is not None:  # a folder it cannot write is refused before the comparison, not after it
         from tongue_nb.paths import check_outside_dataset
+        from tongue_nb.runio import held_by_another
 
         check_outside_dataset(out_dir, params.data_dir)
+        held = held_by_another(out_dir, "comparison.json")
+        if held:  # a run's or sweep's folder keeps its own records (a sweep's comparison goes to <sweep>/comparison)
+            raise CompareError(f"parameter out_dir: {out_dir} holds {held}; the comparison's files would mix with "
+                               "its records: choose a folder of its own")
 
     cfg = {"data_dir": str(params.data_dir), "tasks": params.tasks, "steps": params.steps,
            "warmup_steps": params.warmup_steps, "batch_size": params.batch_size, "image_size": params.image_size,

@@ -98,6 +98,12 @@ class ErrorAnalysisParams(NotebookParams):
     calibration_bins: int = param(10, "bins of the reliability diagram", ge=2, le=100)
     required: ClassVar[dict[str, str]] = {"run_dir": "a run folder, e.g. -p run_dir runs/sweep-x/runs/convnext_tiny"}
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.data_dir and not Path(self.data_dir).is_dir():
+            raise ParamError(f"notebook parameter data_dir: {self.data_dir} is not a folder; expected the dataset "
+                             "folder of the run's photos, or empty for the run's own data_dir")
+
 
 @dataclass
 class ReportParams(NotebookParams):
@@ -108,6 +114,13 @@ class ReportParams(NotebookParams):
     n_boot: int = param(1000, "bootstrap resamples for the 95% confidence intervals", ge=1)
     seed: int = param(0, "bootstrap seed", ge=0)
     required: ClassVar[dict[str, str]] = {"sweep_dir": "a sweep folder, e.g. -p sweep_dir runs/sweep-20250101"}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        folder = Path(self.sweep_dir)
+        if not ((folder / "sweep.json").is_file() or (folder / "runs").is_dir() or (folder / "cv").is_dir()):
+            raise ParamError(f"notebook parameter sweep_dir: {folder} is not a sweep folder (no sweep.json, no runs/); "
+                             "expected the folder `tongue-nb sweep --out` wrote (a run folder goes to 04_error_analysis)")
 
 
 @dataclass
