@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 from sklearn.base import BaseEstimator
@@ -315,17 +315,6 @@ def _readable_rows(idx: dict[str, np.ndarray], valid: np.ndarray, data_dir: Path
     return idx
 
 
-def _write_left_out(folder: "RunFolder", labels: Any, img_cache: Any, on_problem: str) -> None:
-    """The label problems (on_problem drop/report) and the skipped images, each listed in the run folder."""
-    from tongue_nb.runio import RunFolder
-    from tongue_nb.train.trainer import write_label_problems
-
-    write_label_problems(folder, labels, on_problem)
-    if len(img_cache.bad):
-        folder.write_table(RunFolder.SKIPPED, img_cache.bad, float_format=None)
-        log.warning("%d unreadable image(s) skipped; listed in %s", len(img_cache.bad), folder.file(RunFolder.SKIPPED))
-
-
 def fit_baseline_run(params: "TrainParams", out_dir: str | Path | None = None, *, crop: str = "crop_blank",
                      class_weight: str | None = "balanced", max_iter: int = 200) -> dict:
     """Fit the baseline on a recipe's train split and write a run folder like a trained run's; return the summary.
@@ -420,7 +409,9 @@ def _fit_baseline_run(params: "TrainParams", out: Path, crop: str, class_weight:
     for split_name, rows in idx.items():
         split_col[rows] = split_name
     folder.write_split(labels.table["id"].to_numpy(), split_col)
-    _write_left_out(folder, labels, img_cache, params.on_problem)
+    from tongue_nb.train.trainer import write_left_out
+
+    write_left_out(folder, labels, img_cache, params.on_problem)
     folder.write_predictions([predictions_table(schema, labels.table.iloc[idx[s]], probs[s], sub[s], thresholds, s)
                               for s in ("val", "test")])
     n_eval = len(idx["val"]) + len(idx["test"])

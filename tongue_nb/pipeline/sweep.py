@@ -380,9 +380,8 @@ def _sweep(data: Path, backbones: list[str], params_file: str | Path | None, ext
     split_seed = _recipe_params(params_file, extra, folds).effective_split_seed if seeds else None
     if baseline:
         for label, seed, fold in _plan([BASELINE_RUN], seeds, folds):
-            run_params = dict(extra, **({"seed": seed, "split_seed": split_seed} if seed is not None else {}),
-                              **({"fold": fold} if fold is not None else {}))
-            _baseline(data, params_file, run_params, sweep_dir / "runs" / _safe_name(label), result)
+            _baseline(data, params_file, _baseline_values(extra, seed, fold, split_seed),
+                      sweep_dir / "runs" / _safe_name(label), result)
 
     # One run per backbone, per backbone and seed (named <backbone>-seed<k>) on one shared split, and with folds
     # per fold too (<backbone>[-seed<k>]-fold<f>).
@@ -455,6 +454,13 @@ def _run_parameters(backbone: str, seed: int | None, fold: int | None, data: Pat
     return parameters
 
 
+def _baseline_values(extra: dict, seed: int | None, fold: int | None, split_seed: int | None) -> dict:
+    """The values the baseline's run of one seed and fold gets on top of the recipe: the sweep's overrides, its
+    seed and the shared split seed, its fold."""
+    return dict(extra, **({"seed": seed, "split_seed": split_seed} if seed is not None else {}),
+                **({"fold": fold} if fold is not None else {}))
+
+
 def _auto_free(expected: dict) -> dict:
     """Expected values with those a run resolves itself left out: image_size 0 (the model's own) and an empty
     experiment_name (dated when the run starts)."""
@@ -479,15 +485,13 @@ def _check_finished_runs(data: Path, backbones: Sequence[str], params_file: str 
         if not is_completed(run_dir):
             continue
         if backbone is None:  # the baseline: the recipe's split and seeds (its model settings are its own)
-            values = dict(extra, **({"seed": seed, "split_seed": split_seed} if seed is not None else {}),
-                          **({"fold": fold} if fold is not None else {}))
-            recipe = _recipe_params(params_file, values, 0, data_dir=str(data))
+            recipe = _recipe_params(params_file, _baseline_values(extra, seed, fold, split_seed), 0, data_dir=str(data))
             now = {k: v for k, v in recipe.as_dict().items() if k not in ("backbone", "crop", "image_size")}
             now["split_seed"] = recipe.effective_split_seed  # as the baseline records it
         else:
             parameters = _run_parameters(backbone, seed, fold, data, run_dir, params_file, extra, split_seed)
-            files = [f for f in str(parameters.pop("params_file")).split(",") if f]
-            now = load_params(files, **parameters).as_dict()
+            del parameters["params_file"]  # the notebook's: the same files as recipe_files gives
+            now = load_params(recipe_files(backbone, params_file), **parameters).as_dict()
         saved = RunFolder(run_dir).read_yaml(RunFolder.PARAMS) if RunFolder(run_dir).file(RunFolder.PARAMS).is_file() else {}
         diff = params_differences(saved, _auto_free(now), then="run")
         if diff:

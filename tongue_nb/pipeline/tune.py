@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 from tongue_nb.paths import check_output_folder
 from tongue_nb.pipeline.tune_space import NOT_TUNABLE, Dimension, load_space, space_from_dicts
-from tongue_nb.train.params import (ParamError, TrainParams, file_places, load_params, read_params_file,
+from tongue_nb.train.params import (RUN_CONTROL, ParamError, TrainParams, file_places, load_params, read_params_file,
                                     split_overrides)
 
 log = logging.getLogger(__name__)
@@ -121,10 +121,9 @@ TRIAL_OWNED = ("out_dir", "experiment_name", "resume", "resume_changed_data", "p
 
 # What may differ between the runs of one study (`base_record`): the values the tune gives every trial, how a run is
 # carried out (threads, device, the image cache, the OOM retry, the evaluation batch) and where its logs go. A retried
-# trial resumes its run folder under the same rule (trainer._RESUME_FREE). Everything else the recipe resolves to
+# trial resumes its run folder under the same rule (params.RUN_CONTROL). Everything else the recipe resolves to
 # (its files, --set, --backbone) and the data (labels.csv and the task schema, by content) must be the same.
-RERUN_FREE = TRIAL_OWNED + ("num_threads", "device", "cache_dir", "oom_retry", "eval_batch_size", "tracking",
-                            "tracking_uri", "tracking_experiment")
+RERUN_FREE = frozenset(TRIAL_OWNED) | RUN_CONTROL
 _DATA_KEYS = {"labels.csv": "data (labels.csv sha256)", "tasks": "data (task schema sha256)"}
 
 

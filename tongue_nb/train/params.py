@@ -268,6 +268,11 @@ def check_value(key: str, raw: Any, source: str) -> Any:
 
 
 _FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in fields(TrainParams)}
+# How a run is carried out rather than what it trains: resuming, progress, threads, device, the image cache, the OOM
+# retry, the evaluation batch, where it writes and logs. A resumed run, a sweep started again and a tune run again
+# may change these; every other value must be the one the run was trained with.
+RUN_CONTROL = frozenset({"resume", "resume_changed_data", "progress", "num_threads", "device", "cache_dir", "oom_retry",
+                         "eval_batch_size", "out_dir", "tracking", "tracking_uri", "tracking_experiment"})
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 

@@ -38,7 +38,7 @@ from tongue_nb.train.callbacks import (BestTracker, EarlyStopping, EpochHook, Hi
 from tongue_nb.train.fit import Fit
 from tongue_nb.train.fit_state import Callback, FitConfig, stages_from_params
 from tongue_nb.train.loop import EpochStats, NonFiniteLossError, evaluate, make_optimizer, train_one_epoch, warmup_cosine
-from tongue_nb.train.params import TrainParams
+from tongue_nb.train.params import RUN_CONTROL, TrainParams
 from tongue_nb.train.runtime import DistInfo, Runtime, TrainingError, peak_memory_mb, progress_allowed
 from tongue_nb.train.tracking import check_tracking, make_trackers
 
@@ -317,11 +317,17 @@ def _write_run_inputs(folder: RunFolder, resolved: TrainParams, labels: Labels, 
     stats = splits_mod.split_stats(labels.table, labels.targets, labels.schema, split)
     folder.write_table(RunFolder.SPLIT_STATS, pd.DataFrame(stats), float_format=None)
     folder.write_json(RunFolder.FINGERPRINT, fingerprint)
+    write_left_out(folder, labels, img_cache, resolved.on_problem)
+
+
+def write_left_out(folder: RunFolder, labels: Labels, img_cache: Any, on_problem: str) -> None:
+    """What a run (trained or the baseline) leaves out, each listed in its folder: the unreadable images skipped
+    (on_bad_image=skip) and the label problems (on_problem drop/report)."""
     if len(img_cache.bad):
         folder.write_table(RunFolder.SKIPPED, img_cache.bad, float_format=None)
         log.warning("%d unreadable image(s) skipped; listed in %s", len(img_cache.bad),
                     folder.file(RunFolder.SKIPPED))
-    write_label_problems(folder, labels, resolved.on_problem)
+    write_label_problems(folder, labels, on_problem)
 
 
 def write_label_problems(folder: RunFolder, labels: Labels, on_problem: str) -> None:
@@ -385,8 +391,7 @@ def make_loss(params: TrainParams, labels: Labels, train_rows: np.ndarray) -> Mu
 
 
 # out_dir: the checkpoint is read from it, so it is the run's folder however it is spelled (or wherever it moved).
-_RESUME_FREE = {"resume", "resume_changed_data", "progress", "num_threads", "device", "cache_dir", "oom_retry",
-                "eval_batch_size", "out_dir", "tracking", "tracking_uri", "tracking_experiment"}
+_RESUME_FREE = RUN_CONTROL
 _PATH_PARAMS = {"data_dir", "tasks", "pretrained_path"}  # the same file or folder, spelled relative or absolute
 
 
